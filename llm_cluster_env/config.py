@@ -1,0 +1,309 @@
+"""Typed, validated configuration of the cluster, its replicas, the workload and the reward.
+
+Every field is reachable as a keyword argument of ``gym.make("LLMCluster-v0", ...)`` (nested
+dataclasses as nested dicts) and from YAML ``env_kwargs``. Build configs with
+:func:`EnvConfig.from_kwargs`, which also resolves a named ``scenario`` as the base layer.
+Errors name the dotted field path and the offending value (see :mod:`llm_cluster_env.validation`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from llm_cluster_env.validation import ConfigError, deep_merge, from_dict, require
+
+
+@dataclass(frozen=True)
+class ReplicaConfig:
+    """One model replica: a vLLM-style engine serving one model on ``tensor_parallel`` GPUs.
+
+    :param model: model name from :data:`llm_cluster_env.sim.hardware.MODELS`
+        (e.g. ``"llama-2-7b"``, ``"llama-3-8b"``).
+    :param gpu: GPU name from :data:`llm_cluster_env.sim.hardware.GPUS` (``"a100"``, ``"h100"``).
+    :param tensor_parallel: GPUs per replica (tensor-parallel degree).
+    :param max_batch_size: cap on requests in the running batch (vLLM ``max_num_seqs``).
+    :param block_size: tokens per KV-cache block (vLLM paged attention).
+    :param watermark: fraction of KV blocks that admission keeps free (vLLM ``watermark``).
+    :param gpu_memory_utilization: fraction of GPU memory the engine may use (weights, KV cache
+        and an activation reserve); the KV cache gets what remains after weights and reserve.
+    :param max_num_batched_tokens: per-iteration token budget. Without chunked prefill it caps the
+        prompt tokens admitted in one iteration (a longer prompt still runs alone); with chunked
+        prefill it caps decode + prefill-chunk tokens (Sarathi). ``None``: the model's context
+        length without chunking, 512 with chunking.
+    :param chunked_prefill: split prompts into chunks that share iterations with decodes.
+    :param num_kv_blocks: override the KV capacity derived from memory (blocks); for tests.
+    :param iteration_overhead_s: override the fitted per-iteration CPU overhead (seconds).
+    """
+
+    model: str = "llama-2-7b"
+    gpu: str = "a100"
+    tensor_parallel: int = 1
+    max_batch_size: int = 128
+    block_size: int = 16
+    watermark: float = 0.01
+    gpu_memory_utilization: float = 0.9
+    max_num_batched_tokens: int | None = None
+    chunked_prefill: bool = False
+    num_kv_blocks: int | None = None
+    iteration_overhead_s: float | None = None
+
+    def __post_init__(self) -> None:
+        from llm_cluster_env.sim.hardware import GPUS, MODELS
+
+        require(self.model in MODELS, "model", self.model, f"unknown model (known: {sorted(MODELS)})")
+        require(self.gpu in GPUS, "gpu", self.gpu, f"unknown GPU (known: {sorted(GPUS)})")
+        require(self.tensor_parallel in (1, 2, 4, 8), "tensor_parallel", self.tensor_parallel,
+                "must be 1, 2, 4 or 8")
+        require(self.max_batch_size >= 1, "max_batch_size", self.max_batch_size, "must be >= 1")
+        require(self.block_size >= 1, "block_size", self.block_size, "must be >= 1 token")
+        require(0.0 <= self.watermark < 0.5, "watermark", self.watermark, "must be in [0, 0.5)")
+        require(0.1 <= self.gpu_memory_utilization <= 1.0, "gpu_memory_utilization",
+                self.gpu_memory_utilization, "must be in [0.1, 1]")
+        if self.max_num_batched_tokens is not None:
+            require(self.max_num_batched_tokens >= 16, "max_num_batched_tokens",
+                    self.max_num_batched_tokens, "must be >= 16 tokens")
+        if self.num_kv_blocks is not None:
+            require(self.num_kv_blocks >= 1, "num_kv_blocks", self.num_kv_blocks, "must be >= 1")
+        if self.iteration_overhead_s is not None:
+            require(self.iteration_overhead_s >= 0, "iteration_overhead_s",
+                    self.iteration_overhead_s, "must be >= 0 seconds")
+
+
+@dataclass(frozen=True)
+class PhaseConfig:
+    """One load phase of a piecewise arrival process.
+
+    :param duration_s: length of the phase (seconds).
+    :param qps: mean arrival rate during the phase (requests per second).
+    """
+
+    duration_s: float
+    qps: float
+
+    def __post_init__(self) -> None:
+        require(self.duration_s > 0, "duration_s", self.duration_s, "must be > 0 seconds")
+        require(self.qps > 0, "qps", self.qps, "must be > 0 requests/s")
+
+
+@dataclass(frozen=True)
+class WorkloadConfig:
+    """Request arrivals and lengths for one episode.
+
+    :param arrival: ``"poisson"`` (exponential gaps at ``qps``), ``"gamma"`` (gamma gaps with mean
+        ``1/qps`` and coefficient of variation ``cv``: bursty when ``cv > 1``), ``"phases"`` (the
+        ``phases`` list repeated cyclically, gamma gaps with ``cv`` inside each phase) or
+        ``"trace"`` (arrival times replayed from ``trace_path``).
+    :param qps: mean arrival rate (requests per second) for ``poisson`` and ``gamma``.
+    :param cv: coefficient of variation of inter-arrival gaps (``gamma`` and ``phases``).
+    :param phases: load phases for ``arrival="phases"``, cycled until the episode ends.
+    :param lengths: ``"fixed"`` (``prompt_tokens``/``output_tokens``), ``"uniform"`` (integers
+        drawn from the inclusive ranges), ``"empirical"`` (joint samples from the packaged summary
+        named by ``empirical``) or ``"trace"`` (rows of ``trace_path``; in order when
+        ``arrival="trace"``, sampled with replacement otherwise).
+    :param prompt_tokens: prompt length for fixed lengths (tokens).
+    :param output_tokens: output length for fixed lengths (tokens).
+    :param prompt_tokens_range: inclusive range for uniform prompt lengths (tokens).
+    :param output_tokens_range: inclusive range for uniform output lengths (tokens).
+    :param empirical: name of a packaged length summary (``llm_cluster_env/data/<name>.json``).
+    :param trace_path: CSV with columns ``arrived_at,num_prefill_tokens,num_decode_tokens``.
+    :param trace_qps: rescale replayed arrival times to this mean rate; ``None`` keeps the
+        trace's own timing.
+    :param trace_start: first trace row of an episode; ``None`` draws a random start per episode.
+    :param max_total_tokens: cap on prompt + output tokens; ``None`` uses the smallest context
+        length and KV capacity among the replicas, so every request fits on every replica.
+    :param oversize_policy: what happens to a request over the cap: ``"clip"`` (shorten the
+        output to at most the cap minus one, then the prompt; counted in the episode metrics),
+        ``"reject"`` (drop it before routing; counted as rejected) or ``"error"`` (fail, naming
+        the request).
+    """
+
+    arrival: Literal["poisson", "gamma", "phases", "trace"] = "poisson"
+    qps: float = 5.0
+    cv: float = 1.0
+    phases: tuple[PhaseConfig, ...] = ()
+    lengths: Literal["fixed", "uniform", "empirical", "trace"] = "empirical"
+    prompt_tokens: int = 1024
+    output_tokens: int = 128
+    prompt_tokens_range: tuple[int, int] = (128, 2048)
+    output_tokens_range: tuple[int, int] = (16, 512)
+    empirical: str = "splitwise_conv"
+    trace_path: str | None = None
+    trace_qps: float | None = None
+    trace_start: int | None = None
+    max_total_tokens: int | None = None
+    oversize_policy: Literal["clip", "reject", "error"] = "clip"
+
+    def __post_init__(self) -> None:
+        require(self.qps > 0 and math.isfinite(self.qps), "qps", self.qps,
+                "must be a finite rate > 0 requests/s")
+        require(self.cv > 0 and math.isfinite(self.cv), "cv", self.cv, "must be > 0")
+        if self.arrival == "phases":
+            require(len(self.phases) > 0, "phases", self.phases,
+                    "arrival='phases' needs at least one {duration_s, qps} phase")
+        if "trace" in (self.arrival, self.lengths):
+            require(self.trace_path is not None, "trace_path", self.trace_path,
+                    f"arrival={self.arrival!r}, lengths={self.lengths!r} needs a trace CSV path")
+        if self.arrival == "trace":
+            require(self.lengths == "trace", "lengths", self.lengths,
+                    "arrival='trace' replays the trace's own lengths: set lengths='trace'")
+        require(self.prompt_tokens >= 1, "prompt_tokens", self.prompt_tokens, "must be >= 1")
+        require(self.output_tokens >= 1, "output_tokens", self.output_tokens, "must be >= 1")
+        for name in ("prompt_tokens_range", "output_tokens_range"):
+            lo, hi = getattr(self, name)
+            require(1 <= lo <= hi, name, (lo, hi), "must satisfy 1 <= low <= high")
+        if self.trace_qps is not None:
+            require(self.trace_qps > 0, "trace_qps", self.trace_qps, "must be > 0 requests/s")
+        if self.trace_start is not None:
+            require(self.trace_start >= 0, "trace_start", self.trace_start, "must be >= 0")
+        if self.max_total_tokens is not None:
+            require(self.max_total_tokens >= 2, "max_total_tokens", self.max_total_tokens,
+                    "must be >= 2 tokens")
+
+
+@dataclass(frozen=True)
+class SLOConfig:
+    """Latency targets for SLO attainment (and the optional SLO reward term).
+
+    :param ttft_s: time-to-first-token target (seconds).
+    :param tpot_s: time-per-output-token target (seconds per token after the first).
+    """
+
+    ttft_s: float = 2.0
+    tpot_s: float = 0.1
+
+    def __post_init__(self) -> None:
+        require(self.ttft_s > 0, "ttft_s", self.ttft_s, "must be > 0 seconds")
+        require(self.tpot_s > 0, "tpot_s", self.tpot_s, "must be > 0 seconds")
+
+
+@dataclass(frozen=True)
+class ObservationConfig:
+    """What the router sees (see :mod:`llm_cluster_env.observation` for the feature table).
+
+    :param history_window: number of recent routing decisions included as one-hot vectors.
+    :param dispatch_share_window: number of recent dispatches over which each replica's
+        dispatch share is measured (requests).
+    :param arrival_rate_timescale_s: time constant of the exponentially decayed arrival-rate
+        estimate (seconds).
+    :param output_length_oracle: expose each request's true remaining output tokens. ``False``
+        (deployable) estimates them from the workload's mean output length instead.
+    """
+
+    history_window: int = 0
+    dispatch_share_window: int = 64
+    arrival_rate_timescale_s: float = 10.0
+    output_length_oracle: bool = False
+
+    def __post_init__(self) -> None:
+        require(0 <= self.history_window <= 64, "history_window", self.history_window,
+                "must be in [0, 64] decisions")
+        require(self.dispatch_share_window >= 1, "dispatch_share_window",
+                self.dispatch_share_window, "must be >= 1 request")
+        require(self.arrival_rate_timescale_s > 0, "arrival_rate_timescale_s",
+                self.arrival_rate_timescale_s, "must be > 0 seconds")
+
+
+@dataclass(frozen=True)
+class RewardConfig:
+    """Reward terms, summed each step (see :mod:`llm_cluster_env.reward`).
+
+    :param latency_weight: weight of minus the time-integral of requests in the system over the
+        step (request-seconds), so an episode's return is ``-latency_weight * sum(E2E latency)``.
+    :param slo_violation_penalty: subtracted per request completed in the step that missed its
+        TTFT or TPOT target.
+    :param imbalance_penalty: weight of ``1 - balance`` of the recent dispatch shares.
+    :param scale: every term is multiplied by this (keeps returns in a range PPO likes).
+    """
+
+    latency_weight: float = 1.0
+    slo_violation_penalty: float = 0.0
+    imbalance_penalty: float = 0.0
+    scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        for name in ("latency_weight", "slo_violation_penalty", "imbalance_penalty"):
+            value = getattr(self, name)
+            require(value >= 0 and math.isfinite(value), name, value, "must be a finite number >= 0")
+        require(self.scale > 0, "scale", self.scale, "must be > 0")
+
+
+@dataclass(frozen=True)
+class EnvConfig:
+    """Everything ``LLMCluster-v0`` needs.
+
+    :param name: scenario name, reported in episode metrics.
+    :param num_replicas: number of identical replicas built from ``replica``.
+    :param replica: template for identical replicas.
+    :param replicas: explicit per-replica configs (heterogeneous cluster); overrides
+        ``num_replicas`` and ``replica`` when non-empty.
+    :param workload: arrivals and lengths.
+    :param observation: observation features.
+    :param reward: reward terms.
+    :param slo: latency targets.
+    :param episode_requests: requests per episode; after the last one the cluster drains.
+    :param simulation_mode: ``"jump"`` advances pure-decode stretches in closed form;
+        ``"iteration"`` simulates every iteration. Both give the same timestamps (to 1e-9 s).
+    :param check_invariants: verify KV-block and clock invariants after every event (slower).
+    """
+
+    name: str = "custom"
+    num_replicas: int = 4
+    replica: ReplicaConfig = field(default_factory=ReplicaConfig)
+    replicas: tuple[ReplicaConfig, ...] = ()
+    workload: WorkloadConfig = field(default_factory=WorkloadConfig)
+    observation: ObservationConfig = field(default_factory=ObservationConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    slo: SLOConfig = field(default_factory=SLOConfig)
+    episode_requests: int = 2000
+    simulation_mode: Literal["jump", "iteration"] = "jump"
+    check_invariants: bool = False
+
+    def __post_init__(self) -> None:
+        require(1 <= self.num_replicas <= 1024, "num_replicas", self.num_replicas,
+                "must be in [1, 1024]")
+        require(self.episode_requests >= 1, "episode_requests", self.episode_requests,
+                "must be >= 1 request")
+        if self.replicas:  # keep num_replicas truthful for heterogeneous clusters
+            object.__setattr__(self, "num_replicas", len(self.replicas))
+
+    @property
+    def replica_configs(self) -> tuple[ReplicaConfig, ...]:
+        """The per-replica configs: ``replicas`` if given, else ``num_replicas`` copies."""
+        return self.replicas if self.replicas else (self.replica,) * self.num_replicas
+
+    @classmethod
+    def from_kwargs(cls, scenario: str | None = None, **kwargs: Any) -> EnvConfig:
+        """Build a config from keyword arguments, layered over a named scenario if given.
+
+        :param scenario: a packaged scenario name or a path to a scenario YAML file.
+        :param kwargs: fields of :class:`EnvConfig`; nested configs as dicts (merged key by
+            key into the scenario's).
+        """
+        base: Mapping[str, Any] = {}
+        if scenario is not None:
+            from llm_cluster_env.scenarios import load_scenario_dict
+
+            base = load_scenario_dict(scenario)
+        merged = deep_merge(base, kwargs)
+        explicit = merged.get("replicas") or ()
+        if explicit and "num_replicas" in merged and merged["num_replicas"] != len(explicit):
+            raise ConfigError(
+                f"num_replicas={merged['num_replicas']!r}: conflicts with the {len(explicit)} "
+                "entries of 'replicas' (pass replicas=[] to build identical replicas instead)"
+            )
+        return from_dict(cls, merged)
+
+
+__all__ = [
+    "ConfigError",
+    "EnvConfig",
+    "ObservationConfig",
+    "PhaseConfig",
+    "ReplicaConfig",
+    "RewardConfig",
+    "SLOConfig",
+    "WorkloadConfig",
+]

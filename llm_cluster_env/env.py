@@ -1,0 +1,170 @@
+"""``LLMCluster-v0``: route each arriving request of an LLM serving cluster to a replica."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+from gymnasium import spaces
+
+from llm_cluster_env.config import EnvConfig
+from llm_cluster_env.observation import ClusterView, ObservationBuilder, ObservationLayout
+from llm_cluster_env.reward import RewardFunction
+from llm_cluster_env.sim.cluster import Cluster
+from llm_cluster_env.sim.metrics import RequestLatencies, episode_metrics
+from llm_cluster_env.sim.request import Request
+from llm_cluster_env.workload import Workload, WorkloadGenerator
+
+
+class LLMClusterEnv(gym.Env):
+    """Request routing for a cluster of LLM replicas with continuous batching.
+
+    ## Description
+    A stream of inference requests (prompt and output lengths, arrival times) reaches a router
+    in front of ``N`` model replicas. Each replica runs vLLM-style continuous batching over a
+    paged KV cache, with iteration times calibrated on GPU kernel profiles (see
+    :mod:`llm_cluster_env.sim`). At every arrival the agent picks the replica that serves the
+    request; the simulator then runs until the next arrival.
+
+    ## Action Space
+    ``Discrete(N)``: the index of the replica that receives the pending request.
+
+    ## Observation Space
+    ``Box(0, inf, (D,), float32)``; per-replica load (queued and running requests, KV usage,
+    outstanding prefill and decode tokens, recent dispatch share, static speed and capacity),
+    the pending request's prompt length, the recent arrival rate and optionally a window of
+    recent decisions. ``env.unwrapped.layout.names`` lists all ``D`` features; the table is in
+    :mod:`llm_cluster_env.observation`.
+
+    ## Rewards
+    By default minus the time-integral of the number of requests in the system over the step
+    (request-seconds): an episode's return is minus the sum of all requests' end-to-end
+    latencies. Optional SLO-violation and imbalance terms: :mod:`llm_cluster_env.reward`.
+
+    ## Starting State
+    An empty cluster at the first arrival of a workload drawn from ``np_random`` (or replayed
+    from a trace).
+
+    ## Episode End
+    Terminates after ``episode_requests`` requests have been routed; the last step drains the
+    cluster, and its ``info["metrics"]`` holds the episode statistics (latency percentiles,
+    throughput, SLO attainment, utilisation, dispatch balance; see
+    :mod:`llm_cluster_env.sim.metrics`). Never truncated.
+
+    ## Arguments
+    ``gym.make("LLMCluster-v0", scenario=None, **kwargs)``: ``scenario`` names a packaged
+    scenario (or a YAML path) used as the base; every field of
+    :class:`~llm_cluster_env.config.EnvConfig` is a keyword argument, nested configs as dicts.
+    """
+
+    metadata = {"render_modes": []}
+
+    def __init__(self, scenario: str | None = None, **kwargs: Any) -> None:
+        self.config = EnvConfig.from_kwargs(scenario=scenario, **kwargs)
+        cfg = self.config
+        self.cluster = Cluster.from_configs(
+            cfg.replica_configs, jump=cfg.simulation_mode == "jump",
+            check_invariants=cfg.check_invariants)
+        self.num_replicas = len(self.cluster.replicas)
+        max_total = cfg.workload.max_total_tokens or self.cluster.max_request_tokens
+        self.workload = WorkloadGenerator(cfg.workload, max_total)
+        self.layout = ObservationLayout(self.num_replicas, cfg.observation)
+        self.builder = ObservationBuilder(self.layout, self.cluster.replicas,
+                                          self.workload.mean_output_tokens)
+        self.reward_function = RewardFunction(cfg.reward, cfg.slo)
+        self.action_space = spaces.Discrete(self.num_replicas)
+        self.observation_space = spaces.Box(0.0, np.inf, shape=(self.layout.size,),
+                                            dtype=np.float32)
+        self._pending: Request | None = None
+        self._episode: Workload | None = None
+        self._obs = np.zeros(self.layout.size, dtype=np.float32)
+        self.dispatch_counts = [0] * self.num_replicas
+
+    # ------------------------------------------------------------------ gym API
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        super().reset(seed=seed)
+        episode = self.workload.sample(self.config.episode_requests, self.np_random)
+        if len(episode) == 0:
+            raise ValueError("the workload has no request left after oversize_policy='reject'")
+        self._episode = episode
+        requests = [
+            Request(i, t, p, o)
+            for i, (t, p, o) in enumerate(zip(episode.arrival_times.tolist(),
+                                              episode.prompt_tokens.tolist(),
+                                              episode.output_tokens.tolist()))
+        ]
+        self.cluster.reset(requests)
+        self.builder.reset()
+        self.reward_function.reset()
+        self.dispatch_counts = [0] * self.num_replicas
+        self._pending = self.cluster.next_arrival()
+        self._obs = self._observe()
+        return self._obs, {}
+
+    def step(self, action):
+        request = self._pending
+        if request is None:
+            raise RuntimeError("step() called after the episode ended (or before reset())")
+        replica = int(action)
+        if not 0 <= replica < self.num_replicas:
+            raise ValueError(f"action={action!r}: must be a replica index in "
+                             f"[0, {self.num_replicas - 1}]")
+        cluster = self.cluster
+        area_before = cluster.area
+        finished_before = len(cluster.finished)
+        cluster.dispatch(request, replica)
+        self.builder.record_dispatch(replica)
+        self.dispatch_counts[replica] += 1
+        self._pending = cluster.next_arrival()
+        terminated = self._pending is None
+        if terminated:
+            cluster.drain()
+        reward = self.reward_function(
+            cluster.area - area_before, cluster.finished[finished_before:],
+            self.builder.recent_counts)
+        self._obs = self._observe()
+        info: dict[str, Any] = {}
+        if terminated:
+            info["metrics"] = self.episode_metrics()
+        return self._obs, reward, terminated, False, info
+
+    # ----------------------------------------------------------------- helpers
+    def _observe(self) -> np.ndarray:
+        request = self._pending
+        if request is None:
+            return self.builder.build(self.cluster.now, 0, 0)
+        self.builder.record_arrival(request.arrival_time)
+        return self.builder.build(self.cluster.now, request.prompt_tokens,
+                                  request.output_tokens)
+
+    @property
+    def view(self) -> ClusterView:
+        """Named view of the current observation, for heuristic routers."""
+        return self.layout.view(self._obs)
+
+    @property
+    def pending_request(self) -> Request | None:
+        """The request the next action routes (``None`` once the episode has ended)."""
+        return self._pending
+
+    def episode_metrics(self) -> dict[str, float]:
+        """Statistics of the requests finished so far (the whole episode once it has ended)."""
+        cluster = self.cluster
+        latencies = RequestLatencies.from_requests(cluster.requests)
+        first_arrival = cluster.requests[0].arrival_time if cluster.requests else 0.0
+        makespan = (latencies.finish_time.max() - first_arrival) if latencies.e2e.size else 0.0
+        metrics = episode_metrics(
+            latencies,
+            dispatch_counts=self.dispatch_counts,
+            busy_time=[r.busy_time for r in cluster.replicas],
+            makespan_s=float(makespan),
+            ttft_slo_s=self.config.slo.ttft_s,
+            tpot_slo_s=self.config.slo.tpot_s,
+            num_rejected=self._episode.num_rejected if self._episode else 0,
+            num_clipped=self._episode.num_clipped if self._episode else 0,
+        )
+        for term, total in self.reward_function.totals.items():
+            metrics[f"reward_{term}"] = total
+        metrics["preemptions_total"] = float(sum(r.num_preemptions for r in cluster.replicas))
+        return metrics

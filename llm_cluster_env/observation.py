@@ -1,0 +1,265 @@
+"""The one observation builder used by heuristic routers, demonstrations and agents.
+
+The observation is a flat ``float32`` vector. Its layout (see :class:`ObservationLayout`,
+``layout.names`` gives every feature's name):
+
+==========================  =====================================================  ==========
+feature                     meaning                                                unit
+==========================  =====================================================  ==========
+``r{i}/queued``             requests waiting in replica *i*'s queue                requests
+``r{i}/running``            requests in replica *i*'s batch (prefilling+decoding)  requests
+``r{i}/kv_usage``           KV-cache blocks in use / capacity                      fraction
+``r{i}/prefill_tokens_k``   prompt (and recompute) tokens not yet prefilled        1k tokens
+``r{i}/decode_tokens_k``    output tokens still to generate (see below)            1k tokens
+``r{i}/dispatch_share``     share of the last ``dispatch_share_window`` requests   fraction
+``r{i}/speed_k``            decode throughput at a reference batch (static)        1k tok/s
+``r{i}/kv_capacity_k``      KV-cache capacity (static)                             1k tokens
+``req/prompt_tokens_k``     prompt length of the request being routed              1k tokens
+``req/output_tokens_k``     its output length (only with ``output_length_oracle``) 1k tokens
+``global/arrival_rate``     exponentially decayed arrival rate                     requests/s
+``hist/t-{k}/r{i}``         one-hot of the decision ``k`` steps ago (optional)     0/1
+==========================  =====================================================  ==========
+
+Per-replica features come first, replica-major (all of replica 0, then replica 1, ...).
+``decode_tokens_k`` is exact with ``output_length_oracle=True``; otherwise it is the deployable
+estimate ``max(0, active requests * mean output length - tokens already generated)``, using the
+workload's mean output length as the prior. The reference batch for ``speed_k`` is 32 requests
+with 1,024 context tokens each.
+
+A heuristic router sees the same numbers through :class:`ClusterView`, which names the columns
+of the per-replica block; ``ObservationLayout.view(obs)`` rebuilds that view from any flat
+observation, so a heuristic acting on an agent's observation vector makes the same decision.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Sequence
+
+import numpy as np
+
+from llm_cluster_env.config import ObservationConfig
+
+REPLICA_FEATURES = (
+    "queued",
+    "running",
+    "kv_usage",
+    "prefill_tokens_k",
+    "decode_tokens_k",
+    "dispatch_share",
+    "speed_k",
+    "kv_capacity_k",
+)
+QUEUED, RUNNING, KV_USAGE, PREFILL_K, DECODE_K, SHARE, SPEED_K, KV_CAPACITY_K = range(
+    len(REPLICA_FEATURES))
+REFERENCE_BATCH = 32
+REFERENCE_CONTEXT = 1024
+
+
+class ObservationLayout:
+    """Where each feature sits in the flat observation.
+
+    :param num_replicas: number of replicas.
+    :param config: observation options.
+    """
+
+    def __init__(self, num_replicas: int, config: ObservationConfig) -> None:
+        self.num_replicas = num_replicas
+        self.config = config
+        self.num_replica_features = len(REPLICA_FEATURES)
+        self.replica_block = num_replicas * self.num_replica_features
+        names = [f"r{i}/{f}" for i in range(num_replicas) for f in REPLICA_FEATURES]
+        names.append("req/prompt_tokens_k")
+        if config.output_length_oracle:
+            names.append("req/output_tokens_k")
+        names.append("global/arrival_rate")
+        self.history_offset = len(names)
+        names += [f"hist/t-{k + 1}/r{i}" for k in range(config.history_window)
+                  for i in range(num_replicas)]
+        self.names: tuple[str, ...] = tuple(names)
+        self.size = len(names)
+        self.prompt_index = self.replica_block
+
+    def schema(self) -> dict:
+        """A JSON-able description, stored with checkpoints to detect mismatched envs."""
+        return {
+            "num_replicas": self.num_replicas,
+            "replica_features": list(REPLICA_FEATURES),
+            "feature_names": list(self.names),
+            "history_window": self.config.history_window,
+            "output_length_oracle": self.config.output_length_oracle,
+        }
+
+    def view(self, obs: np.ndarray) -> ClusterView:
+        """The named view of a flat observation (``obs`` is not copied)."""
+        return ClusterView(np.asarray(obs), self)
+
+
+class ClusterView:
+    """Named access to an observation: per-replica columns and the pending request."""
+
+    __slots__ = ("obs", "layout", "replicas")
+
+    def __init__(self, obs: np.ndarray, layout: ObservationLayout) -> None:
+        self.obs = obs
+        self.layout = layout
+        self.replicas = obs[: layout.replica_block].reshape(
+            layout.num_replicas, layout.num_replica_features)
+
+    @property
+    def num_replicas(self) -> int:
+        return self.layout.num_replicas
+
+    @property
+    def queued(self) -> np.ndarray:
+        return self.replicas[:, QUEUED]
+
+    @property
+    def running(self) -> np.ndarray:
+        return self.replicas[:, RUNNING]
+
+    @property
+    def outstanding_requests(self) -> np.ndarray:
+        return self.replicas[:, QUEUED] + self.replicas[:, RUNNING]
+
+    @property
+    def kv_usage(self) -> np.ndarray:
+        return self.replicas[:, KV_USAGE]
+
+    @property
+    def outstanding_tokens_k(self) -> np.ndarray:
+        """Work left: prefill plus (estimated) decode tokens, thousands."""
+        return self.replicas[:, PREFILL_K] + self.replicas[:, DECODE_K]
+
+    @property
+    def dispatch_share(self) -> np.ndarray:
+        return self.replicas[:, SHARE]
+
+    @property
+    def speed_k(self) -> np.ndarray:
+        return self.replicas[:, SPEED_K]
+
+    @property
+    def kv_capacity_k(self) -> np.ndarray:
+        return self.replicas[:, KV_CAPACITY_K]
+
+    @property
+    def prompt_tokens_k(self) -> float:
+        return float(self.obs[self.layout.prompt_index])
+
+
+class ObservationBuilder:
+    """Encodes the cluster at a decision point into the flat observation.
+
+    :param layout: the feature layout.
+    :param replicas: the simulator's replicas (read-only use).
+    :param mean_output_tokens: prior for a request's output length (tokens), used by the
+        deployable ``decode_tokens_k`` estimate.
+    """
+
+    def __init__(self, layout: ObservationLayout, replicas: Sequence, mean_output_tokens: float
+                 ) -> None:
+        self.layout = layout
+        self.replicas = list(replicas)
+        self.mean_output_tokens = float(mean_output_tokens)
+        self.oracle = layout.config.output_length_oracle
+        self._tau = layout.config.arrival_rate_timescale_s
+        self._share_window = layout.config.dispatch_share_window
+        self._static = [
+            (reference_decode_throughput(r.latency) / 1000.0,
+             r.num_blocks * r.block_size / 1000.0)
+            for r in self.replicas
+        ]
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget dispatch history and arrival-rate state (start of an episode)."""
+        n = self.layout.num_replicas
+        self._recent: deque[int] = deque()
+        self._recent_counts = [0] * n
+        self._history: deque[int] = deque(maxlen=max(self.layout.config.history_window, 1))
+        self._decayed_arrivals = 0.0
+        self._first_arrival: float | None = None
+        self._last_arrival = 0.0
+
+    def record_arrival(self, t: float) -> None:
+        """Update the arrival-rate estimate with an arrival at ``t`` (seconds)."""
+        if self._first_arrival is None:
+            self._first_arrival = t
+        else:
+            self._decayed_arrivals *= math.exp(-(t - self._last_arrival) / self._tau)
+        self._decayed_arrivals += 1.0
+        self._last_arrival = t
+
+    def record_dispatch(self, replica_id: int) -> None:
+        """Update dispatch shares and the decision history."""
+        self._recent.append(replica_id)
+        self._recent_counts[replica_id] += 1
+        if len(self._recent) > self._share_window:
+            self._recent_counts[self._recent.popleft()] -= 1
+        if self.layout.config.history_window:
+            self._history.appendleft(replica_id)
+
+    def arrival_rate(self) -> float:
+        """Arrival-rate estimate (requests/s) as of the last recorded arrival."""
+        if self._first_arrival is None:
+            return 0.0
+        elapsed = self._last_arrival - self._first_arrival
+        if elapsed <= 0.0:
+            return 0.0
+        return self._decayed_arrivals / (self._tau * -math.expm1(-elapsed / self._tau))
+
+    @property
+    def recent_counts(self) -> list[int]:
+        """Dispatches per replica over the recent window (the builder's own list: do not modify)."""
+        return self._recent_counts
+
+    def build(self, now: float, prompt_tokens: int, output_tokens: int) -> np.ndarray:
+        """The observation at ``now`` for a request with these lengths (tokens; 0 = none)."""
+        values: list[float] = []
+        extend = values.extend
+        share_den = max(len(self._recent), 1)
+        mean_out = self.mean_output_tokens
+        oracle = self.oracle
+        counts = self._recent_counts
+        for rep, (speed_k, capacity_k) in zip(self.replicas, self._static):
+            clock = rep.clock_at(now) if rep.busy else rep.clock
+            queued = len(rep.waiting)
+            running = len(rep.running)
+            generated = rep.generated_tokens_active(clock)
+            if oracle:
+                decode = rep.active_output_tokens - generated
+            else:
+                decode = (queued + running) * mean_out - generated
+                if decode < 0.0:
+                    decode = 0.0
+            extend((
+                queued,
+                running,
+                (rep.decode_blocks(clock) + rep.prefill_blocks) / rep.num_blocks,
+                rep.pending_prefill_tokens * 0.001,
+                decode * 0.001,
+                counts[rep.id] / share_den,
+                speed_k,
+                capacity_k,
+            ))
+        values.append(prompt_tokens * 0.001)
+        if oracle:
+            values.append(output_tokens * 0.001)
+        values.append(self.arrival_rate())
+        window = self.layout.config.history_window
+        obs = np.zeros(self.layout.size, dtype=np.float32)
+        obs[: len(values)] = values
+        if window:
+            base = self.layout.history_offset
+            n = self.layout.num_replicas
+            for k, replica_id in enumerate(self._history):
+                obs[base + k * n + replica_id] = 1.0
+        return obs
+
+
+def reference_decode_throughput(latency) -> float:
+    """Decode tokens per second of a replica at the reference batch (32 requests, 1k context)."""
+    seconds = latency.iteration_time(REFERENCE_BATCH, REFERENCE_BATCH * REFERENCE_CONTEXT)
+    return REFERENCE_BATCH / seconds

@@ -1,0 +1,130 @@
+"""Per-request latency records and episode statistics.
+
+Per request (seconds): **TTFT** (arrival to first output token), **TPOT** (time per output token
+after the first: ``(finish - first token) / (output tokens - 1)``, undefined for one-token
+outputs), **E2E** (arrival to last token), **queueing delay** (arrival to first admission into a
+batch) and the number of **preemptions**.
+
+Per episode: mean/p50/p90/p99 of each, throughput, SLO attainment, per-replica utilisation
+(busy fraction of the episode), dispatch shares and the balance score ``1 - std(shares)`` of
+the design documents (1 is perfectly even).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from llm_cluster_env.sim.request import Request, RequestState
+
+PERCENTILES = (50, 90, 99)
+
+
+@dataclass(frozen=True)
+class RequestLatencies:
+    """Latency arrays (seconds) of finished requests, in request-id order."""
+
+    e2e: np.ndarray
+    ttft: np.ndarray
+    tpot: np.ndarray  # NaN for one-token outputs
+    queueing: np.ndarray
+    preemptions: np.ndarray
+    prompt_tokens: np.ndarray
+    output_tokens: np.ndarray
+    replica: np.ndarray
+    finish_time: np.ndarray
+
+    @classmethod
+    def from_requests(cls, requests: Sequence[Request]) -> RequestLatencies:
+        done = sorted((r for r in requests if r.state == RequestState.FINISHED), key=lambda r: r.id)
+        arrival = np.array([r.arrival_time for r in done], dtype=np.float64)
+        first = np.array([r.first_token_time for r in done], dtype=np.float64)
+        finish = np.array([r.finish_time for r in done], dtype=np.float64)
+        out = np.array([r.output_tokens for r in done], dtype=np.int64)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            tpot = np.where(out > 1, (finish - first) / np.maximum(out - 1, 1), np.nan)
+        return cls(
+            e2e=finish - arrival,
+            ttft=first - arrival,
+            tpot=tpot,
+            queueing=np.array([r.first_scheduled_time for r in done]) - arrival,
+            preemptions=np.array([r.num_preemptions for r in done], dtype=np.int64),
+            prompt_tokens=np.array([r.prompt_tokens for r in done], dtype=np.int64),
+            output_tokens=out,
+            replica=np.array([r.replica_id for r in done], dtype=np.int64),
+            finish_time=finish,
+        )
+
+
+def balance_score(counts: Sequence[float] | np.ndarray) -> float:
+    """``1 - std(shares)`` of a dispatch-count vector (1.0 = perfectly even, 0 requests -> 1)."""
+    counts = np.asarray(counts, dtype=np.float64)
+    total = counts.sum()
+    if total <= 0:
+        return 1.0
+    return float(1.0 - np.std(counts / total))
+
+
+def _stats(prefix: str, values: np.ndarray, out: dict[str, float]) -> None:
+    values = values[~np.isnan(values)] if values.dtype.kind == "f" else values
+    if values.size == 0:
+        out[f"{prefix}_mean"] = float("nan")
+        for p in PERCENTILES:
+            out[f"{prefix}_p{p}"] = float("nan")
+        return
+    out[f"{prefix}_mean"] = float(values.mean())
+    for p, v in zip(PERCENTILES, np.percentile(values, PERCENTILES)):
+        out[f"{prefix}_p{p}"] = float(v)
+
+
+def episode_metrics(
+    latencies: RequestLatencies,
+    *,
+    dispatch_counts: Sequence[int],
+    busy_time: Sequence[float],
+    makespan_s: float,
+    ttft_slo_s: float,
+    tpot_slo_s: float,
+    num_rejected: int = 0,
+    num_clipped: int = 0,
+) -> dict[str, float]:
+    """Summary statistics of one episode as a flat ``name -> float`` dict.
+
+    :param latencies: the finished requests.
+    :param dispatch_counts: requests routed to each replica.
+    :param busy_time: seconds each replica spent running iterations.
+    :param makespan_s: time from the first arrival to the last completion (seconds).
+    :param ttft_slo_s: TTFT target (seconds). :param tpot_slo_s: TPOT target (seconds).
+    :param num_rejected: requests dropped before routing. :param num_clipped: requests shortened.
+    """
+    out: dict[str, float] = {}
+    _stats("e2e", latencies.e2e, out)
+    _stats("ttft", latencies.ttft, out)
+    _stats("tpot", latencies.tpot, out)
+    _stats("queueing", latencies.queueing, out)
+    n = latencies.e2e.size
+    out["num_requests"] = float(n)
+    out["num_rejected"] = float(num_rejected)
+    out["num_clipped"] = float(num_clipped)
+    out["preemptions_mean"] = float(latencies.preemptions.mean()) if n else 0.0
+    out["preempted_fraction"] = float((latencies.preemptions > 0).mean()) if n else 0.0
+    span = max(makespan_s, 1e-12)
+    out["makespan_s"] = float(makespan_s)
+    out["throughput_rps"] = n / span
+    out["throughput_tps"] = float(latencies.output_tokens.sum()) / span
+    ttft_ok = latencies.ttft <= ttft_slo_s
+    tpot_ok = np.isnan(latencies.tpot) | (latencies.tpot <= tpot_slo_s)
+    out["slo_ttft_attainment"] = float(ttft_ok.mean()) if n else 1.0
+    out["slo_tpot_attainment"] = float(tpot_ok.mean()) if n else 1.0
+    out["slo_attainment"] = float((ttft_ok & tpot_ok).mean()) if n else 1.0
+    counts = np.asarray(dispatch_counts, dtype=np.float64)
+    shares = counts / max(counts.sum(), 1.0)
+    out["balance"] = balance_score(counts)
+    busy = np.asarray(busy_time, dtype=np.float64) / span
+    out["utilization_mean"] = float(busy.mean())
+    for i, (share, util) in enumerate(zip(shares, busy)):
+        out[f"dispatch_share_{i}"] = float(share)
+        out[f"utilization_{i}"] = float(util)
+    return out

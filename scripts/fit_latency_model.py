@@ -1,0 +1,630 @@
+"""Refit the per-iteration latency coefficients from Vidur's public GPU profiling CSVs.
+
+Reads the raw data (never copied into the project) from ``--data-dir`` (default
+``../shared/data/vidur`` next to the checkout) and writes one JSON file per shipped
+(model, GPU, tensor-parallel) combination to ``--out-dir`` (default
+``llm_cluster_env/sim/coefficients``). ``--check`` only prints the MAPE table and whether the
+shipped files match a fresh fit.
+
+The model itself, its units and every assumption are described in
+:mod:`llm_cluster_env.sim.latency` and ``docs/latency_calibration.md``. This script uses only
+the standard library and numpy, so the tests can import it and call :func:`fit_combination`.
+
+Usage::
+
+    python scripts/fit_latency_model.py            # refit and rewrite the JSON files
+    python scripts/fit_latency_model.py --check    # report MAPE, write nothing
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as dt
+import json
+import os
+import sys
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+try:
+    from llm_cluster_env.sim.hardware import GPUS, MODELS, GPUSpec, ModelSpec
+except ImportError:  # run as a plain script from a checkout that is not installed
+    sys.path.insert(0, str(REPO_ROOT))
+    from llm_cluster_env.sim.hardware import GPUS, MODELS, GPUSpec, ModelSpec
+
+#: Same convention as tests/conftest.py: ``$LLM_CLUSTER_VIDUR_DATA`` or ../shared/data/vidur.
+DEFAULT_DATA_DIR = Path(os.environ.get("LLM_CLUSTER_VIDUR_DATA") or REPO_ROOT.parent / "shared" / "data" / "vidur")
+DEFAULT_OUT_DIR = REPO_ROOT / "llm_cluster_env" / "sim" / "coefficients"
+
+SCHEMA_VERSION = 1
+VIDUR_REPOSITORY = "https://github.com/microsoft/vidur"
+VIDUR_COMMIT = "7d47513363ec447a741ac5e47241580b47724fbf"  # from the data README
+
+#: (model, gpu, tensor_parallel) combinations that are fitted and shipped.
+SHIPPED: tuple[tuple[str, str, int], ...] = (
+    ("llama-2-7b", "a100", 1),
+    ("llama-2-7b", "a100", 2),
+    ("llama-2-7b", "h100", 1),
+    ("llama-2-7b", "h100", 2),
+    ("llama-2-7b", "a40", 1),
+    ("llama-3-8b", "a100", 1),
+    ("llama-3-8b", "a100", 2),
+    ("llama-2-70b", "a100", 4),
+    ("llama-2-70b", "a100", 8),
+    ("llama-2-70b", "h100", 4),
+    ("llama-2-70b", "h100", 8),
+)
+
+#: Registry name -> Hugging Face id used as Vidur's profiling folder.
+HF_IDS = {
+    "llama-2-7b": "meta-llama/Llama-2-7b-hf",
+    "llama-3-8b": "meta-llama/Meta-Llama-3-8B",
+    "llama-2-70b": "meta-llama/Llama-2-70b-hf",
+}
+#: GPU -> network profile folder: the SXM parts sit in NVSwitch (DGX/HGX) nodes. (The A40
+#: data has no all-reduce profile, so A40 ships at TP1 only.)
+NETWORK_NODES = {"a100": "a100_dgx", "h100": "h100_dgx"}
+
+#: Attention kernels were profiled only for this combination; all others are scaled from it.
+REFERENCE = ("llama-2-7b", "a100", 1)
+ATTENTION_DIR = "profiling/compute/a100/meta-llama/Llama-2-7b-hf"
+ATTENTION_FILES = ("attention_rows_tp1.csv", "attention_sampled.csv")
+
+#: mlp.csv operations run once per transformer layer (Vidur's own sum: both norms, the attention
+#: projections and RoPE, the gated MLP, and one residual ``add``).
+PER_LAYER_OPS = (
+    "input_layernorm",
+    "attn_pre_proj",
+    "attn_rope",
+    "attn_post_proj",
+    "post_attention_layernorm",
+    "mlp_up_proj",
+    "mlp_act",
+    "mlp_down_proj",
+    "add",
+)
+#: Once per iteration: the token embedding lookup and the final RMSNorm (timed as one more
+#: ``input_layernorm``). The LM head is added separately (see :func:`fit_non_attention`).
+ONCE_PER_ITERATION_OPS = ("emb", "input_layernorm")
+
+#: CPU-side work per iteration (scheduling, input preparation, sampling), not in these CSVs.
+#: Rounded from a least-squares line through Vidur's own CPU profile of Llama-2-7B, TP1, A100
+#: (microsoft/vidur ``data/profiling/a100/cpu_overheads.csv``, older commit, batch 8..64):
+#: SCHEDULE + SAMPLER_E2E + PREPARE_INPUTS_E2E medians = 1.04 ms + 37.6 us per request.
+#: PROCESS_MODEL_OUTPUTS (detokenisation, ~60 us/request there) is left out because vLLM >= 0.6
+#: overlaps it with the next GPU step. An assumption: override with ``overhead_s``.
+CPU_OVERHEAD_PER_ITERATION_S = 1.0e-3
+CPU_OVERHEAD_PER_REQUEST_S = 3.8e-5
+
+#: Tables are extrapolated past their last point with the least-squares slope of the points at
+#: or above this fraction of the last num_tokens (a single last segment is too noisy).
+EXTRAPOLATION_TAIL_FRACTION = 0.5
+
+
+# --------------------------------------------------------------------------- raw data
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def _is_true(text: str) -> bool:
+    return text.strip().lower() in {"true", "1"}
+
+
+@dataclass(frozen=True)
+class AttentionRow:
+    """One distinct attention measurement of the reference profile."""
+
+    tensor_parallel: int
+    is_prefill: bool
+    batch_size: int
+    prefill_chunk_size: int
+    kv_cache_size: int
+    time_ms: float  # per layer
+
+
+class VidurData:
+    """Lazy, cached access to the raw CSVs under one data directory."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = Path(data_dir)
+        if not self.data_dir.is_dir():
+            raise FileNotFoundError(f"Vidur data directory not found: {self.data_dir}")
+        self._mlp: dict[tuple[str, str], list[dict[str, str]]] = {}
+        self._network: dict[str, list[dict[str, str]]] = {}
+
+    def mlp_path(self, model: str, gpu: str) -> Path:
+        return self.data_dir / "profiling" / "compute" / gpu / HF_IDS[model] / "mlp.csv"
+
+    def network_path(self, gpu: str) -> Path:
+        return self.data_dir / "profiling" / "network" / NETWORK_NODES[gpu] / "all_reduce.csv"
+
+    def mlp(self, model: str, gpu: str) -> list[dict[str, str]]:
+        key = (model, gpu)
+        if key not in self._mlp:
+            self._mlp[key] = read_csv(self.mlp_path(model, gpu))
+        return self._mlp[key]
+
+    def all_reduce(self, gpu: str) -> list[dict[str, str]]:
+        if gpu not in self._network:
+            self._network[gpu] = read_csv(self.network_path(gpu))
+        return self._network[gpu]
+
+    @cached_property
+    def attention(self) -> list[AttentionRow]:
+        """Every attention row of the reference profile, one per distinct key.
+
+        The two files overlap; the README reports that overlapping keys agree (one key was
+        measured twice in the original): duplicates are averaged.
+        """
+        grouped: dict[tuple, list[float]] = defaultdict(list)
+        for name in ATTENTION_FILES:
+            for row in read_csv(self.data_dir / ATTENTION_DIR / name):
+                prefill = _is_true(row["is_prefill"])
+                column = "time_stats.attn_prefill.median" if prefill else "time_stats.attn_decode.median"
+                key = (
+                    int(row["num_tensor_parallel_workers"]),
+                    prefill,
+                    int(row["batch_size"]),
+                    int(row["prefill_chunk_size"]),
+                    int(row["kv_cache_size"]),
+                )
+                grouped[key].append(float(row[column]))
+        return [
+            AttentionRow(tp, prefill, batch, chunk, kv, float(np.mean(times)))
+            for (tp, prefill, batch, chunk, kv), times in sorted(grouped.items())
+        ]
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def isotonic_increasing(values: Iterable[float]) -> np.ndarray:
+    """Least-squares non-decreasing fit (pool-adjacent-violators, equal weights)."""
+    means: list[float] = []
+    counts: list[int] = []
+    for value in values:
+        means.append(float(value))
+        counts.append(1)
+        while len(means) > 1 and means[-2] > means[-1]:
+            m2, c2 = means.pop(), counts.pop()
+            m1, c1 = means.pop(), counts.pop()
+            means.append((m1 * c1 + m2 * c2) / (c1 + c2))
+            counts.append(c1 + c2)
+    return np.repeat(np.array(means), counts)
+
+
+def tail_slope(x: np.ndarray, y: np.ndarray) -> float:
+    """Least-squares slope of the points with x >= EXTRAPOLATION_TAIL_FRACTION * max(x)."""
+    tail = x >= EXTRAPOLATION_TAIL_FRACTION * x[-1]
+    return float(np.polyfit(x[tail].astype(float), y[tail], 1)[0])
+
+
+def interp_extrap(x: np.ndarray, grid: np.ndarray, values: np.ndarray, slope: float) -> np.ndarray:
+    """Piecewise-linear on ``grid``, constant below it, linear with ``slope`` above it."""
+    x = np.asarray(x, dtype=float)
+    inside = np.interp(x, grid, values)
+    return np.where(x > grid[-1], values[-1] + slope * (x - grid[-1]), inside)
+
+
+def mape_percent(predicted: np.ndarray, measured: np.ndarray) -> float:
+    predicted, measured = np.asarray(predicted, float), np.asarray(measured, float)
+    return float(np.mean(np.abs(predicted - measured) / measured) * 100.0)
+
+
+def relative_least_squares(design: np.ndarray, measured: np.ndarray) -> np.ndarray:
+    """Coefficients minimising the summed squared *relative* error (rows weighted by 1/y)."""
+    weights = 1.0 / measured
+    coefficients, *_ = np.linalg.lstsq(design * weights[:, None], measured * weights, rcond=None)
+    return coefficients
+
+
+def check_shape(rows: list[dict[str, str]], spec: ModelSpec, path: Path) -> None:
+    """The profiled shape must be the registry's (vocab differs: Vidur pads it to 32768)."""
+    row = rows[0]
+    profiled = (int(row["n_head"]), int(row["n_kv_head"]), int(row["n_embd"]), int(row["n_expanded_embd"]))
+    expected = (spec.num_q_heads, spec.num_kv_heads, spec.hidden_size, spec.intermediate_size)
+    if profiled != expected:
+        raise ValueError(f"{path}: shape {profiled} != registry {spec.name} {expected}")
+
+
+# --------------------------------------------------------------------------- fits
+
+
+def fit_non_attention(rows: list[dict[str, str]], spec: ModelSpec, tensor_parallel: int) -> dict:
+    """Per-iteration non-attention time (ms) at each profiled num_tokens, made non-decreasing.
+
+    total(n) = num_layers * sum(PER_LAYER_OPS medians) + sum(ONCE_PER_ITERATION_OPS medians).
+    Duplicate num_tokens rows are averaged; the table is the isotonic (least-squares
+    non-decreasing) projection of the totals, so a bigger batch is never faster.
+
+    LM head (not profiled): a GEMM of the same [tokens x hidden] input as ``mlp_up_proj`` with
+    ``vocab / up_width`` times as many output columns (both split across TP), so its table is
+    the (isotonic) ``mlp_up_proj`` table times that ratio, evaluated at the number of logit
+    rows (one per scheduled request) rather than at num_tokens.
+    """
+    tp_rows = [r for r in rows if int(r["num_tensor_parallel_workers"]) == tensor_parallel]
+    if not tp_rows:
+        raise ValueError(f"no mlp.csv rows for TP{tensor_parallel}")
+    totals: dict[int, list[float]] = defaultdict(list)
+    up_proj: dict[int, list[float]] = defaultdict(list)
+    for r in tp_rows:
+        n = int(r["num_tokens"])
+        per_layer = sum(float(r[f"time_stats.{op}.median"]) for op in PER_LAYER_OPS)
+        once = sum(float(r[f"time_stats.{op}.median"]) for op in ONCE_PER_ITERATION_OPS)
+        totals[n].append(spec.num_layers * per_layer + once)
+        up_proj[n].append(float(r["time_stats.mlp_up_proj.median"]))
+    grid = np.array(sorted(totals))
+    raw = np.array([np.mean(totals[n]) for n in grid])
+    table = isotonic_increasing(raw)
+    slope = tail_slope(grid, table)
+
+    gated = _is_true(tp_rows[0]["use_gated_mlp"])
+    up_width = spec.intermediate_size * (2 if gated else 1)
+    lm_ratio = spec.vocab_size / up_width
+    lm_table = isotonic_increasing([np.mean(up_proj[n]) for n in grid]) * lm_ratio
+    lm_slope = tail_slope(grid, lm_table)
+
+    # MAPE on every profiling row (duplicates included) of the table actually shipped, and a
+    # leave-one-out check of the piecewise-linear interpolation itself.
+    row_total = np.array([t for n in sorted(totals) for t in totals[n]])
+    row_n = np.array([n for n in sorted(totals) for _ in totals[n]])
+    in_sample = mape_percent(interp_extrap(row_n, grid, table, slope), row_total)
+    loo_pred = [np.interp(grid[i], np.delete(grid, i), np.delete(raw, i)) for i in range(1, len(grid) - 1)]
+    leave_one_out = mape_percent(loo_pred, raw[1:-1])
+    return {
+        "num_tokens": grid.tolist(),
+        "per_iteration_ms": table.tolist(),
+        "extrapolation_slope_ms_per_token": slope,
+        "lm_head_per_iteration_ms": lm_table.tolist(),
+        "lm_head_extrapolation_slope_ms_per_row": lm_slope,
+        "lm_head_over_mlp_up_proj": lm_ratio,
+        "_mape": {"non_attention": in_sample, "non_attention_leave_one_out": leave_one_out},
+    }
+
+
+def fit_all_reduce(rows: list[dict[str, str]], tensor_parallel: int, spec: ModelSpec, grid: np.ndarray) -> dict:
+    """Per-iteration tensor-parallel communication (ms) at each num_tokens of ``grid``.
+
+    One all-reduce of ``tokens * hidden * 2`` bytes after attention and one after the MLP in
+    every layer, plus one after the vocab-parallel embedding: ``2 * num_layers + 1`` per
+    iteration. Single-node rows (``devices_per_node == num_workers``); the medians are noisy
+    and bimodal below ~1 MB, so the curve is their isotonic (non-decreasing) fit, interpolated
+    linearly in bytes and extrapolated past 64 MiB with the slope of its upper half.
+    """
+    selected = sorted(
+        (int(r["size"]), float(r["time_stats.all_reduce.median"]))
+        for r in rows
+        if int(r["num_workers"]) == tensor_parallel and int(r["devices_per_node"]) == tensor_parallel
+    )
+    if not selected:
+        raise ValueError(f"no single-node all_reduce rows for {tensor_parallel} workers")
+    sizes = np.array([s for s, _ in selected], dtype=float)
+    measured = np.array([t for _, t in selected])
+    curve = isotonic_increasing(measured)
+    slope = tail_slope(sizes, curve)
+    bytes_per_token = spec.hidden_size * spec.dtype_bytes
+    per_call = interp_extrap(grid * bytes_per_token, sizes, curve, slope)
+    count = 2 * spec.num_layers + 1
+    table = count * per_call
+    used = sizes <= grid[-1] * bytes_per_token
+    return {
+        "all_reduces_per_iteration": count,
+        "per_iteration_ms": table.tolist(),
+        "extrapolation_slope_ms_per_token": count * slope * bytes_per_token,
+        "_mape": {"all_reduce": mape_percent(interp_extrap(sizes[used], sizes, curve, slope), measured[used])},
+    }
+
+
+def decode_design(batch: np.ndarray, kv: np.ndarray) -> np.ndarray:
+    """Columns of ``d0 + d1 * batch + d2 * total_context_tokens`` (per layer)."""
+    return np.c_[np.ones_like(batch), batch, batch * kv]
+
+
+def prefill_design(chunk: np.ndarray, prior: np.ndarray) -> np.ndarray:
+    """Columns of ``e0 + e1*c + e2*c*p + e3*c*c/2 + e4*p`` (per layer, one chunk)."""
+    return np.c_[np.ones_like(chunk), chunk, chunk * prior, chunk * chunk / 2.0, prior]
+
+
+def _rows_arrays(rows: list[AttentionRow]) -> tuple[np.ndarray, ...]:
+    return (
+        np.array([r.batch_size for r in rows], float),
+        np.array([r.prefill_chunk_size for r in rows], float),
+        np.array([r.kv_cache_size for r in rows], float),
+        np.array([r.time_ms for r in rows], float),
+    )
+
+
+def fit_reference_attention(rows: list[AttentionRow]) -> dict:
+    """Fit decode and prefill attention (ms per layer) on the TP1 Llama-2-7B A100 rows."""
+    decode = [r for r in rows if r.tensor_parallel == 1 and not r.is_prefill]
+    prefill = [r for r in rows if r.tensor_parallel == 1 and r.is_prefill]
+    batch, _, kv, y = _rows_arrays(decode)
+    d = relative_least_squares(decode_design(batch, kv), y)
+    decode_mape = mape_percent(decode_design(batch, kv) @ d, y)
+    _, chunk, prior, y = _rows_arrays(prefill)
+    e = relative_least_squares(prefill_design(chunk, prior), y)
+    prefill_mape = mape_percent(prefill_design(chunk, prior) @ e, y)
+    return {
+        "decode": {"intercept": d[0], "per_request": d[1], "per_context_token": d[2]},
+        "prefill": {
+            "intercept": e[0],
+            "per_chunk_token": e[1],
+            "per_chunk_prior_token_pair": e[2],
+            "per_chunk_causal_pair": e[3],
+            "per_prior_token": e[4],
+        },
+        "_mape": {"decode_attention": decode_mape, "prefill_attention": prefill_mape},
+        "_rows": {"decode": len(decode), "prefill": len(prefill)},
+    }
+
+
+def scaling_factors(spec: ModelSpec, gpu: GPUSpec, tensor_parallel: int) -> dict[str, float]:
+    """Multipliers that carry the reference attention fit to another model, GPU or TP degree.
+
+    * ``kv_read``: decode per-context-token term and prefill per-prior-token term are memory
+      bound: KV bytes per token on one GPU (kv_heads_per_gpu * head_dim) and HBM bandwidth.
+    * ``decode_per_request``: per-request decode work (query/output rows, block tables) is
+      memory bound and grows with the query heads on one GPU.
+    * ``prefill_flops``: prefill attention is compute bound: query heads per GPU * head_dim
+      (the attention FLOPs per token pair) and dense BF16 peak.
+    Intercepts (kernel launches) are kept.
+    """
+    ref_model, ref_gpu = MODELS[REFERENCE[0]], GPUS[REFERENCE[1]]
+    ref_q = ref_model.num_q_heads * ref_model.head_dim
+    ref_kv = ref_model.num_kv_heads * ref_model.head_dim
+    q_per_gpu = spec.num_q_heads / tensor_parallel * spec.head_dim
+    kv_per_gpu = max(1, spec.num_kv_heads // tensor_parallel) * spec.head_dim
+    bandwidth = ref_gpu.memory_bandwidth / gpu.memory_bandwidth
+    flops = ref_gpu.peak_flops / gpu.peak_flops
+    return {
+        "kv_read": kv_per_gpu / ref_kv * bandwidth,
+        "decode_per_request": q_per_gpu / ref_q * bandwidth,
+        "prefill_flops": q_per_gpu / ref_q * flops,
+    }
+
+
+def scale_attention(reference: dict, factors: dict[str, float]) -> tuple[dict, dict]:
+    dec, pre = reference["decode"], reference["prefill"]
+    decode = {
+        "intercept": dec["intercept"],
+        "per_request": dec["per_request"] * factors["decode_per_request"],
+        "per_context_token": dec["per_context_token"] * factors["kv_read"],
+    }
+    prefill = {
+        "intercept": pre["intercept"],
+        "per_chunk_token": pre["per_chunk_token"] * factors["prefill_flops"],
+        "per_chunk_prior_token_pair": pre["per_chunk_prior_token_pair"] * factors["prefill_flops"],
+        "per_chunk_causal_pair": pre["per_chunk_causal_pair"] * factors["prefill_flops"],
+        "per_prior_token": pre["per_prior_token"] * factors["kv_read"],
+    }
+    return decode, prefill
+
+
+def attention_validation(rows: list[AttentionRow], tensor_parallel: int, decode: dict, prefill: dict) -> dict:
+    """MAPE of scaled coefficients on the sampled rows measured at this TP degree, if any."""
+    out: dict[str, float | int | None] = {}
+    dec = [r for r in rows if r.tensor_parallel == tensor_parallel and not r.is_prefill]
+    pre = [r for r in rows if r.tensor_parallel == tensor_parallel and r.is_prefill]
+    d = np.array([decode["intercept"], decode["per_request"], decode["per_context_token"]])
+    e = np.array([prefill[k] for k in (
+        "intercept", "per_chunk_token", "per_chunk_prior_token_pair", "per_chunk_causal_pair", "per_prior_token")])
+    if dec:
+        batch, _, kv, y = _rows_arrays(dec)
+        out["decode_attention"] = mape_percent(decode_design(batch, kv) @ d, y)
+    if pre:
+        _, chunk, prior, y = _rows_arrays(pre)
+        out["prefill_attention"] = mape_percent(prefill_design(chunk, prior) @ e, y)
+    out["decode_rows"], out["prefill_rows"] = len(dec), len(pre)
+    return out
+
+
+def tp_scaling_validation(data: VidurData) -> dict[int, dict]:
+    """For every TP degree > 1 in the reference attention profile: MAPE of the heads-per-GPU
+    scaled TP1 fit on the sampled rows at that degree (evidence for the TP scaling rule)."""
+    reference = fit_reference_attention(data.attention)
+    spec, gpu = MODELS[REFERENCE[0]], GPUS[REFERENCE[1]]
+    degrees = sorted({r.tensor_parallel for r in data.attention} - {1})
+    out = {}
+    for tp in degrees:
+        decode, prefill = scale_attention(reference, scaling_factors(spec, gpu, tp))
+        out[tp] = attention_validation(data.attention, tp, decode, prefill)
+    return out
+
+
+# --------------------------------------------------------------------------- assembly
+
+
+def fit_combination(data: VidurData, model: str, gpu: str, tensor_parallel: int, fit_date: str | None = None) -> dict:
+    """The full JSON document for one combination (what the package ships)."""
+    spec, gpu_spec = MODELS[model], GPUS[gpu]
+    mlp_rows = data.mlp(model, gpu)
+    check_shape(mlp_rows, spec, data.mlp_path(model, gpu))
+    non_attn = fit_non_attention(mlp_rows, spec, tensor_parallel)
+    grid = np.array(non_attn["num_tokens"])
+    mape: dict[str, float | None] = dict(non_attn.pop("_mape"))
+    files = [
+        str(data.mlp_path(model, gpu).relative_to(data.data_dir)),
+        *(f"{ATTENTION_DIR}/{name}" for name in ATTENTION_FILES),
+    ]
+
+    if tensor_parallel > 1:
+        comm = fit_all_reduce(data.all_reduce(gpu), tensor_parallel, spec, grid)
+        mape.update(comm.pop("_mape"))
+        comm["node"] = NETWORK_NODES[gpu]
+        files.append(str(data.network_path(gpu).relative_to(data.data_dir)))
+    else:
+        comm = None
+        mape["all_reduce"] = None
+
+    reference = fit_reference_attention(data.attention)
+    factors = scaling_factors(spec, gpu_spec, tensor_parallel)
+    decode, prefill = scale_attention(reference, factors)
+    is_reference = (model, gpu, tensor_parallel) == REFERENCE
+    validation = attention_validation(data.attention, tensor_parallel, decode, prefill)
+    if is_reference:
+        mape.update(reference["_mape"])
+        attention_note = (
+            f"fitted on {reference['_rows']['decode']} decode and "
+            f"{reference['_rows']['prefill']} prefill TP1 rows"
+        )
+    elif model == REFERENCE[0] and gpu == REFERENCE[1] and (validation["decode_rows"] or validation["prefill_rows"]):
+        mape["decode_attention"] = validation.get("decode_attention")
+        mape["prefill_attention"] = validation.get("prefill_attention")
+        attention_note = (
+            f"scaled from the TP1 fit; MAPE is a validation on the {validation['decode_rows']} "
+            f"decode and {validation['prefill_rows']} prefill sampled TP{tensor_parallel} rows"
+        )
+    else:
+        mape["decode_attention"] = None
+        mape["prefill_attention"] = None
+        attention_note = "scaled from the reference fit; no attention measurements to compare with"
+    mape["reference_decode_attention"] = reference["_mape"]["decode_attention"]
+    mape["reference_prefill_attention"] = reference["_mape"]["prefill_attention"]
+
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "model": model,
+        "gpu": gpu,
+        "tensor_parallel": tensor_parallel,
+        "num_layers": spec.num_layers,
+        "units": (
+            "Coefficients and tables in milliseconds as in the Vidur CSVs: *_per_layer_ms per "
+            "transformer layer, per_iteration_ms per engine iteration (all layers); cpu_overhead "
+            "in seconds; token counts in tokens."
+        ),
+        "non_attention": non_attn,
+        "tp_all_reduce": comm,
+        "decode_attention_per_layer_ms": decode,
+        "prefill_attention_per_layer_ms": prefill,
+        "cpu_overhead": {
+            "per_iteration_s": CPU_OVERHEAD_PER_ITERATION_S,
+            "per_request_s": CPU_OVERHEAD_PER_REQUEST_S,
+            "assumption": (
+                "Not in these CSVs. Rounded from a line through Vidur's CPU profile of "
+                "Llama-2-7B TP1 on A100 (data/profiling/a100/cpu_overheads.csv: schedule + "
+                "sampler + prepare-inputs medians, batch 8-64, 1.04 ms + 37.6 us/request); "
+                "output processing excluded (overlapped by vLLM >= 0.6). Same for every GPU/TP."
+            ),
+        },
+        "scaling": {
+            "attention_reference": "{}/{}/tp{}".format(*REFERENCE),
+            "is_reference": is_reference,
+            "factors": factors,
+            "attention_note": attention_note,
+            "rules": [
+                "decode per-context-token and prefill per-prior-token terms x (kv_heads_per_gpu*head_dim)/(32*128) x (2.039 TB/s / HBM bandwidth)",
+                "decode per-request term x (q_heads_per_gpu*head_dim)/(32*128) x (2.039 TB/s / HBM bandwidth)",
+                "prefill per-token and token-pair (FLOP) terms x (q_heads_per_gpu*head_dim)/(32*128) x (312 TFLOP/s / peak BF16)",
+                "attention intercepts (kernel launch) unchanged",
+                "non-attention ops and all-reduce measured for this exact model/GPU/TP (no scaling)",
+            ],
+        },
+        "mape_percent": mape,
+        "provenance": {
+            "source": f"{VIDUR_REPOSITORY} data/ (MIT licence), commit {VIDUR_COMMIT}",
+            "vidur_commit": VIDUR_COMMIT,
+            "files": files,
+            "statistic": "time_stats.<op>.median",
+            "fit_script": "scripts/fit_latency_model.py",
+            "fit_date": fit_date or dt.date.today().isoformat(),
+        },
+    }
+
+
+def coefficient_path(out_dir: Path, model: str, gpu: str, tensor_parallel: int) -> Path:
+    return Path(out_dir) / f"{model}__{gpu}__tp{tensor_parallel}.json"
+
+
+def strip_volatile(document: dict) -> dict:
+    """The document without fields that legitimately change between refits (the date)."""
+    out = json.loads(json.dumps(document))
+    out["provenance"].pop("fit_date", None)
+    return out
+
+
+MAPE_COLUMNS = (
+    ("non_attention", "non-attention"),
+    ("non_attention_leave_one_out", "non-attn LOO"),
+    ("all_reduce", "all-reduce"),
+    ("decode_attention", "decode attn"),
+    ("prefill_attention", "prefill attn"),
+)
+
+
+def mape_table(documents: list[dict]) -> str:
+    """Markdown table of MAPE (%) per operation group per combination."""
+    header = "| combination | " + " | ".join(label for _, label in MAPE_COLUMNS) + " |"
+    lines = [header, "|" + "---|" * (len(MAPE_COLUMNS) + 1)]
+    for doc in documents:
+        cells = []
+        for key, _ in MAPE_COLUMNS:
+            value = doc["mape_percent"].get(key)
+            cells.append("n/a" if value is None else f"{value:.1f}")
+        name = f"{doc['model']} / {doc['gpu']} / TP{doc['tensor_parallel']}"
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def dumps(document: dict, indent: int = 1) -> str:
+    """JSON with one key per line and lists of numbers kept on one line (readable diffs)."""
+
+    def render(value: object, depth: int) -> str:
+        pad, inner = " " * (indent * depth), " " * (indent * (depth + 1))
+        if isinstance(value, dict):
+            if not value:
+                return "{}"
+            items = [f"{inner}{json.dumps(k)}: {render(v, depth + 1)}" for k, v in value.items()]
+            return "{\n" + ",\n".join(items) + "\n" + pad + "}"
+        if isinstance(value, list) and any(isinstance(v, (dict, list)) for v in value):
+            items = [f"{inner}{render(v, depth + 1)}" for v in value]
+            return "[\n" + ",\n".join(items) + "\n" + pad + "]"
+        return json.dumps(value)
+
+    return render(document, 0) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
+    parser.add_argument("--out-dir", type=Path, default=DEFAULT_OUT_DIR)
+    parser.add_argument("--check", action="store_true", help="report MAPE only; write nothing")
+    args = parser.parse_args(argv)
+
+    data = VidurData(args.data_dir)
+    documents = [fit_combination(data, *combo) for combo in SHIPPED]
+    print(mape_table(documents))
+    for tp, result in tp_scaling_validation(data).items():
+        cells = ", ".join(
+            f"{kind} {result[kind]:.1f}% on {result[kind.split('_')[0] + '_rows']} rows"
+            for kind in ("decode_attention", "prefill_attention")
+            if kind in result
+        )
+        print(f"Llama-2-7B/A100 attention scaled TP1 -> TP{tp}: {cells}")
+    if args.check:
+        stale = []
+        for doc in documents:
+            path = coefficient_path(args.out_dir, doc["model"], doc["gpu"], doc["tensor_parallel"])
+            if not path.exists() or strip_volatile(json.loads(path.read_text())) != strip_volatile(doc):
+                stale.append(path.name)
+        print("shipped coefficients match a fresh fit" if not stale else f"differ from a fresh fit: {stale}")
+        return 1 if stale else 0
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    for doc in documents:
+        path = coefficient_path(args.out_dir, doc["model"], doc["gpu"], doc["tensor_parallel"])
+        path.write_text(dumps(doc))
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,43 @@
+"""Shared fixtures: an explicit RNG, the location of the raw Vidur data, one torch thread."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def vidur_data_dir() -> Path:
+    """``../shared/data/vidur`` next to the checkout, or ``$LLM_CLUSTER_VIDUR_DATA``."""
+    override = os.environ.get("LLM_CLUSTER_VIDUR_DATA")
+    return Path(override) if override else REPO_ROOT.parent / "shared" / "data" / "vidur"
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(12345)
+
+
+@pytest.fixture
+def vidur_data() -> Path:
+    """The raw Vidur profiling data and traces; skips the test when they are not present."""
+    path = vidur_data_dir()
+    if not path.is_dir():
+        pytest.skip(f"raw Vidur data not found at {path}")
+    return path
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread():
+    """Torch threads on 2 busy cores slowed a train step 100x: tests use one."""
+    try:
+        import torch
+    except ImportError:
+        yield
+        return
+    torch.set_num_threads(1)
+    yield
