@@ -60,7 +60,12 @@ class LLMClusterEnv(gym.Env):
 
     metadata = {"render_modes": []}
 
-    def __init__(self, scenario: str | None = None, **kwargs: Any) -> None:
+    def __init__(self, scenario: str | None = None, render_mode: str | None = None,
+                 **kwargs: Any) -> None:
+        if render_mode is not None:
+            # TypeError, like an unexpected keyword: SB3's make_vec_env then retries without it
+            raise TypeError(f"render_mode={render_mode!r}: LLMCluster-v0 does not render")
+        self.render_mode = None
         self.config = EnvConfig.from_kwargs(scenario=scenario, **kwargs)
         cfg = self.config
         self.cluster = Cluster.from_configs(
@@ -158,6 +163,7 @@ class LLMClusterEnv(gym.Env):
             latencies,
             dispatch_counts=self.dispatch_counts,
             busy_time=[r.busy_time for r in cluster.replicas],
+            batch_time=[r.batch_time for r in cluster.replicas],
             makespan_s=float(makespan),
             ttft_slo_s=self.config.slo.ttft_s,
             tpot_slo_s=self.config.slo.tpot_s,

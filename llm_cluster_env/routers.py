@@ -21,6 +21,8 @@ name                rule
                     scaled across replicas, equal weights
 ``least_work_time``  outstanding tokens plus this prompt, divided by the replica's decode
                     throughput: the estimated drain time, aware of heterogeneous hardware
+``weighted_lor``    Envoy's weighted LEAST_REQUEST: the highest ``weight / (outstanding + 1)
+                    ** bias`` with the replica's decode throughput as its weight (bias 1)
 ==================  =======================================================================
 """
 
@@ -164,10 +166,29 @@ class LeastWorkTimeRouter(Router):
         return _all_min(self._drain_time(view))
 
 
+class WeightedLeastRequestRouter(Router):
+    """Envoy-style weighted least request, weights = decode throughput (``speed_k``)."""
+
+    name = "weighted_lor"
+
+    def __init__(self, bias: float = 1.0) -> None:
+        self.bias = bias
+
+    def _cost(self, view: ClusterView) -> np.ndarray:
+        return (view.outstanding_requests + 1.0) ** self.bias / view.speed_k
+
+    def select(self, view: ClusterView) -> int:
+        return _argmin(self._cost(view))
+
+    def tied_choices(self, view: ClusterView) -> np.ndarray:
+        return _all_min(self._cost(view))
+
+
 ROUTERS: MappingProxyType[str, type[Router]] = MappingProxyType({
     cls.name: cls
     for cls in (RoundRobinRouter, RandomRouter, LeastOutstandingRequestsRouter, PowerOfTwoRouter,
-                LeastKVRouter, LeastOutstandingTokensRouter, LLMDRouter, LeastWorkTimeRouter)
+                LeastKVRouter, LeastOutstandingTokensRouter, LLMDRouter, LeastWorkTimeRouter,
+                WeightedLeastRequestRouter)
 })
 
 

@@ -46,7 +46,6 @@ from bisect import bisect_right
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import MappingProxyType
 from typing import Any
 
 COEFFICIENTS_DIR = Path(__file__).resolve().parent / "coefficients"
@@ -110,8 +109,8 @@ class LatencyCoefficients:
     prefill: PrefillAttention
     cpu_overhead_s: float
     cpu_overhead_per_request_s: float
-    mape_percent: Mapping[str, float | None] = field(default_factory=dict, compare=False)  # read-only
-    provenance: Mapping[str, Any] = field(default_factory=dict, compare=False)  # read-only
+    mape_percent: Mapping[str, float | None] = field(default_factory=dict, compare=False)  # treat as read-only (a plain dict, so models pickle)
+    provenance: Mapping[str, Any] = field(default_factory=dict, compare=False)  # treat as read-only (a plain dict, so models pickle)
 
     @classmethod
     def from_dict(cls, doc: Mapping[str, Any]) -> LatencyCoefficients:
@@ -136,8 +135,8 @@ class LatencyCoefficients:
             prefill=PrefillAttention(**doc["prefill_attention_per_layer_ms"]),
             cpu_overhead_s=float(doc["cpu_overhead"]["per_iteration_s"]),
             cpu_overhead_per_request_s=float(doc["cpu_overhead"]["per_request_s"]),
-            mape_percent=MappingProxyType(dict(doc.get("mape_percent", {}))),
-            provenance=MappingProxyType(dict(doc.get("provenance", {}))),
+            mape_percent=dict(doc.get("mape_percent", {})),
+            provenance=dict(doc.get("provenance", {})),
         )
 
     @classmethod

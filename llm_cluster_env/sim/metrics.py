@@ -6,8 +6,10 @@ outputs), **E2E** (arrival to last token), **queueing delay** (arrival to first 
 batch) and the number of **preemptions**.
 
 Per episode: mean/p50/p90/p99 of each, throughput, SLO attainment, per-replica utilisation
-(busy fraction of the episode), dispatch shares and the balance score ``1 - std(shares)`` of
-the design documents (1 is perfectly even).
+(busy fraction of the episode; with continuous batching a replica is busy whenever it holds a
+request, so this saturates near 1 well below capacity) and time-averaged running batch size
+(the better load indicator), dispatch shares and the balance score ``1 - std(shares)`` of the
+design documents (1 is perfectly even).
 """
 
 from __future__ import annotations
@@ -85,6 +87,7 @@ def episode_metrics(
     dispatch_counts: Sequence[int],
     busy_time: Sequence[float],
     makespan_s: float,
+    batch_time: Sequence[float] | None = None,
     ttft_slo_s: float,
     tpot_slo_s: float,
     num_rejected: int = 0,
@@ -96,6 +99,8 @@ def episode_metrics(
     :param dispatch_counts: requests routed to each replica.
     :param busy_time: seconds each replica spent running iterations.
     :param makespan_s: time from the first arrival to the last completion (seconds).
+    :param batch_time: per replica, the integral of the batch size over its busy time
+        (request-seconds); gives the time-averaged running batch size.
     :param ttft_slo_s: TTFT target (seconds). :param tpot_slo_s: TPOT target (seconds).
     :param num_rejected: requests dropped before routing. :param num_clipped: requests shortened.
     """
@@ -122,9 +127,15 @@ def episode_metrics(
     counts = np.asarray(dispatch_counts, dtype=np.float64)
     shares = counts / max(counts.sum(), 1.0)
     out["balance"] = balance_score(counts)
-    busy = np.asarray(busy_time, dtype=np.float64) / span
+    busy_s = np.asarray(busy_time, dtype=np.float64)
+    busy = busy_s / span
     out["utilization_mean"] = float(busy.mean())
     for i, (share, util) in enumerate(zip(shares, busy)):
         out[f"dispatch_share_{i}"] = float(share)
         out[f"utilization_{i}"] = float(util)
+    if batch_time is not None:
+        mean_batch = np.asarray(batch_time, dtype=np.float64) / np.maximum(busy_s, 1e-12)
+        out["batch_size_mean"] = float(np.sum(batch_time) / max(busy_s.sum(), 1e-12))
+        for i, b in enumerate(mean_batch):
+            out[f"batch_size_mean_{i}"] = float(b)
     return out

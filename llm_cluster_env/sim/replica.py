@@ -121,6 +121,8 @@ class Replica:
         self.event_version = 0
         # statistics
         self.busy_time = 0.0
+        self.batch_time = 0.0  # integral of batch size over busy time (request-seconds)
+        self._batch_size = 0
         self.num_iterations = 0
         self.num_preemptions = 0
         self.num_dispatched = 0
@@ -356,6 +358,7 @@ class Replica:
         self.busy = True
         self.batch_start = now
         self._batch_chunks = chunks
+        self._batch_size = batch + len(chunks)
         if chunks:
             self._batch_pure = False
             self.batch_iterations = 1
@@ -382,6 +385,7 @@ class Replica:
         self.busy = False
         iterations = self.batch_iterations
         self.busy_time += now - self.batch_start
+        self.batch_time += (now - self.batch_start) * self._batch_size
         self.num_iterations += iterations
         self.tokens_generated += iterations * self.num_decoding
         self.clock += iterations

@@ -1,0 +1,116 @@
+"""Env steps per second with the ``lor`` router, and jump mode vs iteration-by-iteration mode.
+
+Prints, from one run on this machine (ratios are what to compare across machines):
+
+1. ``LLMCluster-v0`` steps/s at ~80% load for 4 and 16 replicas, raw env and through
+   ``gym.make`` wrappers, with the ``lor`` router;
+2. the jump/iteration speed-up across loads, for the whole env step and for the simulator core
+   alone (cluster events, no observation building), plus iterations simulated per event.
+
+Usage: ``python benchmarks/env_speed.py [--requests 20000] [--repeats 3]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import gymnasium as gym
+import numpy as np
+
+import llm_cluster_env  # noqa: F401  (registers the env)
+from benchmarks._common import A100_7B_CAPACITY_RPS, best_of, time_episode
+from llm_cluster_env.env import LLMClusterEnv
+from llm_cluster_env.sim.cluster import Cluster
+from llm_cluster_env.sim.request import Request
+
+
+def env_kwargs(replicas: int, load: float, requests: int, mode: str = "jump") -> dict:
+    return dict(scenario="a100x4_conv_70", num_replicas=replicas, episode_requests=requests,
+                simulation_mode=mode,
+                workload={"qps": load * replicas * A100_7B_CAPACITY_RPS})
+
+
+def steps_per_second(replicas: int, load: float, requests: int, repeats: int,
+                     wrapped: bool = False, mode: str = "jump") -> float:
+    kwargs = env_kwargs(replicas, load, requests, mode)
+    env = gym.make("LLMCluster-v0", **kwargs) if wrapped else LLMClusterEnv(**kwargs)
+    steps = requests
+
+    def run() -> float:
+        seconds, n = time_episode(env.unwrapped if not wrapped else _WrappedTimer(env), "lor")
+        assert n == steps
+        return seconds
+
+    return steps / best_of(repeats, run)
+
+
+class _WrappedTimer:
+    """Drives a ``gym.make`` env (with its wrappers) through ``time_episode``'s interface."""
+
+    def __init__(self, env):
+        self._env = env
+        self.num_replicas = env.unwrapped.num_replicas
+
+    def reset(self, seed):
+        self._obs, _ = self._env.reset(seed=seed)
+
+    @property
+    def view(self):
+        return self._env.unwrapped.layout.view(self._obs)
+
+    def step(self, action):
+        out = self._env.step(action)
+        self._obs = out[0]
+        return out
+
+
+def core_seconds(replicas: int, load: float, requests: int, jump: bool) -> tuple[float, int, int]:
+    """Simulator core alone: route by least outstanding requests straight on the replicas."""
+    env = LLMClusterEnv(**env_kwargs(replicas, load, requests))
+    episode = env.workload.sample(requests, np.random.default_rng(0))
+    cluster = Cluster.from_configs(env.config.replica_configs, jump=jump)
+    reqs = [Request(i, t, p, o) for i, (t, p, o) in enumerate(zip(
+        episode.arrival_times.tolist(), episode.prompt_tokens.tolist(),
+        episode.output_tokens.tolist()))]
+    start = time.perf_counter()
+    cluster.reset(reqs)
+    reps = cluster.replicas
+    while (req := cluster.next_arrival()) is not None:
+        loads = [len(r.waiting) + len(r.running) for r in reps]
+        cluster.dispatch(req, loads.index(min(loads)))
+    cluster.drain()
+    seconds = time.perf_counter() - start
+    return seconds, cluster.num_events, sum(r.num_iterations for r in reps)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=20000)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+
+    print(f"1) env steps/s, lor router, ~80% load (best of {args.repeats})")
+    print(f"{'replicas':>8}  {'raw env':>10}  {'gym.make':>10}")
+    for replicas in (4, 16):
+        raw = steps_per_second(replicas, 0.8, args.requests, args.repeats)
+        wrapped = steps_per_second(replicas, 0.8, args.requests, args.repeats, wrapped=True)
+        print(f"{replicas:>8}  {raw:>10,.0f}  {wrapped:>10,.0f}")
+
+    print("\n2) jump vs iteration-by-iteration, 4 replicas, same workload and decisions")
+    print(f"{'load':>5}  {'env x':>6}  {'core x':>6}  {'iters/req':>9}  {'events/req':>10}  "
+          f"{'core jump req/s':>15}")
+    for load in (0.1, 0.3, 0.5, 0.7, 0.9):
+        n = args.requests // 2
+        env_jump = steps_per_second(4, load, n, args.repeats)
+        env_iter = steps_per_second(4, load, n, args.repeats, mode="iteration")
+        jump = min((core_seconds(4, load, n, True) for _ in range(args.repeats)),
+                   key=lambda r: r[0])
+        it = min((core_seconds(4, load, n, False) for _ in range(args.repeats)),
+                 key=lambda r: r[0])
+        print(f"{load:>5.1f}  {env_jump / env_iter:>6.1f}  {it[0] / jump[0]:>6.1f}  "
+              f"{it[2] / n:>9.1f}  {jump[1] / n:>10.2f}  {n / jump[0]:>15,.0f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,268 @@
+"""LLMCluster-v0: spaces, checkers, determinism, reward identity, vector envs, config errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import gymnasium as gym
+import numpy as np
+import pytest
+
+import llm_cluster_env
+from llm_cluster_env import ConfigError
+from llm_cluster_env.env import LLMClusterEnv
+from llm_cluster_env.evaluation import run_episode
+from llm_cluster_env.routers import make_router
+
+SMALL = dict(scenario="a100x4_conv_70", episode_requests=200)
+
+
+def rollout(env, seed, policy="lor"):
+    """Observations, rewards and final info of one episode routed by a heuristic."""
+    obs, _ = env.reset(seed=seed)
+    router = make_router(policy)
+    router.reset(env.unwrapped.num_replicas, np.random.default_rng(seed))
+    observations, rewards = [obs], []
+    done = False
+    while not done:
+        obs, reward, done, truncated, info = env.step(router.select(env.unwrapped.layout.view(obs)))
+        assert not truncated
+        observations.append(obs)
+        rewards.append(reward)
+    return np.array(observations), np.array(rewards), info
+
+
+def test_registered_and_spaces():
+    env = gym.make(llm_cluster_env.ENV_ID, **SMALL)
+    assert env.action_space == gym.spaces.Discrete(4)
+    obs, info = env.reset(seed=0)
+    assert obs.dtype == np.float32 and obs.shape == env.observation_space.shape
+    assert env.observation_space.contains(obs)
+    names = env.unwrapped.layout.names
+    assert len(names) == obs.size and len(set(names)) == len(names)
+    assert names[:3] == ("r0/queued", "r0/running", "r0/kv_usage")
+
+
+def test_passes_gymnasium_and_sb3_env_checkers():
+    from gymnasium.utils.env_checker import check_env
+
+    check_env(gym.make(llm_cluster_env.ENV_ID, episode_requests=40).unwrapped, skip_render_check=True)
+    sb3_checker = pytest.importorskip("stable_baselines3.common.env_checker")
+    sb3_checker.check_env(LLMClusterEnv(episode_requests=40), warn=True)
+
+
+def test_seeded_runs_are_identical_and_seeds_differ():
+    a = rollout(gym.make(llm_cluster_env.ENV_ID, **SMALL), seed=3)
+    b = rollout(gym.make(llm_cluster_env.ENV_ID, **SMALL), seed=3)
+    c = rollout(gym.make(llm_cluster_env.ENV_ID, **SMALL), seed=4)
+    np.testing.assert_array_equal(a[0], b[0])
+    np.testing.assert_array_equal(a[1], b[1])
+    assert a[2]["metrics"] == b[2]["metrics"]
+    assert not np.array_equal(a[1], c[1])
+
+
+def test_episode_return_is_minus_sum_of_latencies():
+    env = LLMClusterEnv(**SMALL)
+    _, rewards, info = rollout(env, seed=1)
+    e2e = [r.finish_time - r.arrival_time for r in env.cluster.requests]
+    assert rewards.sum() == pytest.approx(-sum(e2e), rel=1e-9)
+    assert info["metrics"]["e2e_mean"] == pytest.approx(np.mean(e2e))
+    assert len(rewards) == 200 and info["metrics"]["num_requests"] == 200
+
+
+def test_reward_terms_scale_and_penalties():
+    env = LLMClusterEnv(**SMALL, reward={"scale": 0.1, "slo_violation_penalty": 2.0,
+                                         "imbalance_penalty": 1.0}, slo={"ttft_s": 0.05})
+    _, rewards, info = rollout(env, seed=1)
+    m = info["metrics"]
+    assert rewards.sum() == pytest.approx(m["reward_latency"] + m["reward_slo"]
+                                          + m["reward_imbalance"], rel=1e-9)
+    e2e = sum(r.finish_time - r.arrival_time for r in env.cluster.requests)
+    assert m["reward_latency"] == pytest.approx(-0.1 * e2e, rel=1e-9)
+    violations = sum((r.first_token_time - r.arrival_time) > 0.05 or (
+        r.output_tokens > 1 and (r.finish_time - r.first_token_time) / (r.output_tokens - 1) > 0.1)
+        for r in env.cluster.requests)
+    assert violations > 0
+    assert m["reward_slo"] == pytest.approx(-0.1 * 2.0 * violations)
+    assert m["reward_imbalance"] < 0
+
+
+def test_observation_features_match_cluster_state():
+    env = LLMClusterEnv(**SMALL, observation={"history_window": 2, "output_length_oracle": True})
+    obs, _ = env.reset(seed=5)
+    for step in range(60):
+        obs, *_ = env.step(step % 4)
+    view = env.layout.view(obs)
+    for i, rep in enumerate(env.cluster.replicas):
+        assert view.queued[i] == len(rep.waiting)
+        assert view.running[i] == len(rep.running)
+        clock = rep.clock_at(env.cluster.now)
+        active = list(rep.waiting) + list(rep.running.values())
+        generated = sum((clock - r.decode_offset) if r.state == 3 else r.generated for r in active)
+        remaining = sum(r.output_tokens for r in active) - generated
+        assert view.replicas[i, 4] == pytest.approx(remaining / 1000, rel=1e-5)
+        assert 0.0 <= view.kv_usage[i] <= 1.0
+    req = env.pending_request
+    assert view.prompt_tokens_k == pytest.approx(req.prompt_tokens / 1000, rel=1e-6)
+    names = env.layout.names
+    hist = obs[names.index("hist/t-1/r0"): names.index("hist/t-1/r0") + 8].reshape(2, 4)
+    np.testing.assert_array_equal(hist, [[0, 0, 0, 1], [0, 0, 1, 0]])  # last: 59 % 4, then 58 % 4
+    shares = view.dispatch_share
+    assert shares.sum() == pytest.approx(1.0, abs=1e-6)
+
+
+def test_arrival_rate_feature_tracks_qps():
+    env = LLMClusterEnv(**dict(SMALL, episode_requests=3000), observation={
+        "arrival_rate_timescale_s": 20.0})
+    obs, _ = env.reset(seed=2)
+    rates = []
+    for step in range(2999):
+        obs, *_ = env.step(step % 4)
+        if step > 1000:
+            rates.append(obs[env.layout.names.index("global/arrival_rate")])
+    assert np.mean(rates) == pytest.approx(13.9, rel=0.08)
+
+
+def test_heuristic_from_observation_equals_heuristic_on_view():
+    """A heuristic acting on the flat observation makes the decisions it makes on env.view."""
+    env = LLMClusterEnv(**SMALL)
+    obs, _ = env.reset(seed=0)
+    router = make_router("least_work_time")
+    router.reset(4)
+    for _ in range(100):
+        a = router.select(env.layout.view(obs.copy()))
+        assert a == router.select(env.view)
+        obs, *_ = env.step(a)
+
+
+def test_invalid_action_and_step_after_end():
+    env = LLMClusterEnv(**dict(SMALL, episode_requests=3))
+    env.reset(seed=0)
+    with pytest.raises(ValueError, match="action=7"):
+        env.step(7)
+    for _ in range(3):
+        _, _, done, _, info = env.step(0)
+    assert done and "metrics" in info
+    with pytest.raises(RuntimeError, match="after the episode ended"):
+        env.step(0)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(num_replicas=0), "num_replicas=0"),
+    (dict(workload={"qps": "fast"}), "workload.qps='fast': expected a number"),
+    (dict(workload={"arrival": "weibull"}), "workload.arrival='weibull'"),
+    (dict(replica={"gpu": "v100"}), "replica.gpu='v100': unknown GPU"),
+    (dict(replicas=[{"model": "gpt-5"}]), "replicas[0].model='gpt-5'"),
+    (dict(reward={"latency_weightt": 1}), "reward.latency_weightt: unknown key"),
+    (dict(scenario="nope"), "scenario='nope': unknown scenario"),
+    (dict(scenario="heterogeneous", num_replicas=8), "num_replicas=8: conflicts"),
+    (dict(workload={"arrival": "phases"}), "workload.phases=()"),
+    (dict(episode_requests=True), "episode_requests=True: expected an integer"),
+])
+def test_config_errors_name_field_and_value(kwargs, message):
+    with pytest.raises(ConfigError) as err:
+        LLMClusterEnv(**kwargs)
+    assert message in str(err.value)
+
+
+def test_every_packaged_scenario_runs():
+    from llm_cluster_env.scenarios import available_scenarios
+
+    names = available_scenarios()
+    assert {"a100x4_conv_70", "a100x4_conv_90", "bursty", "heterogeneous", "phases",
+            "a100x16"} <= set(names)
+    for name in names:
+        env = LLMClusterEnv(scenario=name, episode_requests=100)
+        metrics, _ = run_episode(env, make_router("lor"), seed=0)
+        assert metrics["num_requests"] == 100
+        assert metrics["e2e_mean"] > 0
+    het = LLMClusterEnv(scenario="heterogeneous")
+    speeds = het.layout.view(het.reset(seed=0)[0]).speed_k
+    assert speeds[2] > 1.4 * speeds[0]  # H100 replicas are faster
+
+
+def test_heterogeneous_routing_matters():
+    """Round robin overloads the A100s of the heterogeneous scenario; lor adapts."""
+    env = LLMClusterEnv(scenario="heterogeneous", episode_requests=1500)
+    rr, _ = run_episode(env, make_router("round_robin"), seed=0)
+    lor, _ = run_episode(env, make_router("lor"), seed=0)
+    assert rr["e2e_mean"] > 1.3 * lor["e2e_mean"]
+    assert lor["dispatch_share_2"] > lor["dispatch_share_0"]
+
+
+def test_routers_are_deterministic_given_seed():
+    env = LLMClusterEnv(**SMALL)
+    for name in ("random", "power_of_two"):
+        a, _ = run_episode(env, make_router(name), seed=9)
+        b, _ = run_episode(env, make_router(name), seed=9)
+        assert a == b
+
+
+def test_vector_envs():
+    from gymnasium.vector import AsyncVectorEnv, SyncVectorEnv
+
+    def make(seed_offset=0):
+        return lambda: gym.make(llm_cluster_env.ENV_ID, episode_requests=20)
+
+    for cls in (SyncVectorEnv, AsyncVectorEnv):
+        venv = cls([make(), make()])
+        obs, _ = venv.reset(seed=[1, 2])
+        assert obs.shape[0] == 2
+        saw_metrics = False
+        for _ in range(25):
+            obs, rew, term, trunc, info = venv.step(np.array([0, 1]))
+            if term.any():  # gymnasium 1.x: info itself; 0.29: info["final_info"]
+                finals = [f for f in info.get("final_info", []) if f]
+                saw_metrics = saw_metrics or "metrics" in info or any(
+                    "metrics" in f for f in finals)
+        venv.close()
+        assert saw_metrics
+
+
+@pytest.mark.train
+def test_sb3_make_vec_env_and_render_mode():
+    env_util = pytest.importorskip("stable_baselines3.common.env_util")
+    venv = env_util.make_vec_env(llm_cluster_env.ENV_ID, n_envs=2, seed=0,
+                                 env_kwargs={"episode_requests": 10})
+    assert venv.reset().shape == (2, venv.observation_space.shape[0])
+    with pytest.raises(TypeError, match="render_mode='human'"):
+        LLMClusterEnv(render_mode="human")
+
+
+@pytest.mark.train
+def test_sb3_subproc_vec_env():
+    vec_env = pytest.importorskip("stable_baselines3.common.vec_env")
+    venv = vec_env.SubprocVecEnv([lambda: LLMClusterEnv(episode_requests=20)] * 2)
+    venv.seed(0)
+    venv.reset()
+    episode_infos = []
+    for _ in range(21):
+        _, _, dones, infos = venv.step(np.array([0, 1]))
+        episode_infos += [i["metrics"] for i, d in zip(infos, dones) if d]
+    venv.close()
+    assert len(episode_infos) == 2 and all(m["num_requests"] == 20 for m in episode_infos)
+
+
+def test_env_works_without_pyyaml():
+    code = (
+        "import sys; sys.modules['yaml'] = None\n"
+        "import gymnasium as gym, llm_cluster_env\n"
+        "env = gym.make('LLMCluster-v0', episode_requests=10, workload={'qps': 5.0})\n"
+        "env.reset(seed=0); print(env.step(0)[1] <= 0)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "True"
+
+
+def test_env_is_picklable_mid_episode():
+    import pickle
+
+    env = LLMClusterEnv(**SMALL)
+    env.reset(seed=0)
+    for i in range(50):
+        env.step(i % 4)
+    clone = pickle.loads(pickle.dumps(env))
+    rewards = [env.step(i % 4)[1] for i in range(50)]
+    rewards_clone = [clone.step(i % 4)[1] for i in range(50)]
+    assert rewards == rewards_clone

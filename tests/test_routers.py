@@ -1,0 +1,89 @@
+"""Heuristic routers: each rule on hand-made views, ties, determinism, the registry."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from llm_cluster_env.config import ObservationConfig
+from llm_cluster_env.observation import REPLICA_FEATURES, ObservationLayout
+from llm_cluster_env.routers import ROUTERS, make_router
+
+
+def view(prompt_k=1.0, **columns):
+    """A view of 4 replicas with the given per-replica feature columns (others zero)."""
+    layout = ObservationLayout(4, ObservationConfig())
+    obs = np.zeros(layout.size, dtype=np.float32)
+    block = obs[: layout.replica_block].reshape(4, len(REPLICA_FEATURES))
+    block[:, REPLICA_FEATURES.index("speed_k")] = 1.0
+    for name, values in columns.items():
+        block[:, REPLICA_FEATURES.index(name)] = values
+    obs[layout.prompt_index] = prompt_k
+    return layout.view(obs)
+
+
+def router(name, seed=0):
+    r = make_router(name)
+    r.reset(4, np.random.default_rng(seed))
+    return r
+
+
+def test_lor_picks_fewest_outstanding_and_breaks_ties_low():
+    v = view(queued=[2, 0, 1, 0], running=[3, 4, 2, 3])
+    assert router("lor").select(v) == 2  # 5, 4, 3, 3 -> first of the tied minima
+    np.testing.assert_array_equal(router("lor").tied_choices(v), [2, 3])
+
+
+def test_round_robin_cycles():
+    r = router("round_robin")
+    assert [r.select(view()) for _ in range(6)] == [0, 1, 2, 3, 0, 1]
+    assert r.tied_choices(view()) is None
+
+
+def test_least_kv_then_outstanding():
+    v = view(kv_usage=[0.5, 0.2, 0.2, 0.9], running=[1, 5, 3, 0])
+    assert router("least_kv").select(v) == 2
+
+
+def test_least_tokens_and_least_work_time_use_speed():
+    v = view(prefill_tokens_k=[1.0, 0.0, 2.0, 3.0], decode_tokens_k=[1.0, 3.0, 2.0, 0.5],
+             speed_k=[1.0, 1.0, 2.0, 2.0])
+    assert router("least_tokens").select(v) == 0  # 2, 3, 4, 3.5 k tokens
+    # drain time with the 1k-token prompt: 3, 4, 2.5, 2.25 -> replica 3 (fast GPU)
+    assert router("least_work_time").select(v) == 3
+
+
+def test_weighted_lor_prefers_fast_replicas():
+    v = view(running=[1, 1, 3, 3], speed_k=[1.0, 1.0, 2.0, 2.5])
+    # (n + 1) / speed: 2, 2, 2, 1.6 -> replica 3
+    assert router("weighted_lor").select(v) == 3
+    v = view(running=[1, 2, 3, 3], speed_k=[1.0, 1.0, 2.0, 2.0])  # 2, 3, 2, 2
+    np.testing.assert_array_equal(router("weighted_lor").tied_choices(v), [0, 2, 3])
+
+
+def test_llm_d_blends_queue_and_kv():
+    v = view(running=[10, 0, 5, 5], kv_usage=[0.0, 1.0, 0.4, 0.6])
+    # scaled queue 1, 0, .5, .5; scaled kv 0, 1, .4, .6 -> sums 1, 1, .9, 1.1
+    assert router("llm_d").select(v) == 2
+
+
+def test_power_of_two_compares_two_random_replicas():
+    v = view(running=[0, 1, 2, 3])
+    r = router("power_of_two", seed=3)
+    picks = [r.select(v) for _ in range(2000)]
+    counts = np.bincount(picks, minlength=4) / 2000
+    # replica i wins when sampled with any higher-loaded one: P = (3 - i) / 6
+    np.testing.assert_allclose(counts, [3 / 6, 2 / 6, 1 / 6, 0.0], atol=0.03)
+
+
+@pytest.mark.parametrize("name", sorted(ROUTERS))
+def test_deterministic_given_seed(name):
+    rng = np.random.default_rng(0)
+    views = [view(running=rng.integers(0, 5, 4), kv_usage=rng.random(4)) for _ in range(50)]
+    a, b = router(name, seed=7), router(name, seed=7)
+    assert [a.select(v) for v in views] == [b.select(v) for v in views]
+
+
+def test_unknown_router_lists_names():
+    with pytest.raises(ValueError, match="router='fastest': unknown router"):
+        make_router("fastest")
