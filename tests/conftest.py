@@ -29,6 +29,19 @@ def vidur_data_dir() -> Path:
     return Path(override) if override else REPO_ROOT.parent / "shared" / "data" / "vidur"
 
 
+def load_script(name: str):
+    """Import ``train/<name>.py`` (a script, not a package module) for its ``main``."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location(f"train_{name}", REPO_ROOT / "train" /
+                                                  f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(12345)

@@ -245,13 +245,7 @@ def run(args: Args, command: Sequence[str]) -> PretrainResult:
     from imitation.data import serialize
 
     import llm_cluster_env
-    from sb3_warmstart.bc import (
-        RouterTies,
-        SequenceBC,
-        fit_obs_normalizer,
-        fit_return_normalizer,
-    )
-    from sb3_warmstart.policy_io import build_model, save_pretrained
+    from sb3_warmstart.policy_io import save_pretrained
 
     torch.set_num_threads(1)
     started = time.perf_counter()
@@ -281,75 +275,38 @@ def run(args: Args, command: Sequence[str]) -> PretrainResult:
         _fail(f"--demo={args.demo!r}: observations have {width} features, the env "
               f"({env_kwargs}) has {layout.size}; pass the env the demos came from")
 
-    preset = PRESETS[args.mode]
-    recurrent = args.policy_type == "lstm"
-    training = preset.training_kwargs()
-    for key, value in (("epochs", args.epochs), ("batch_size", args.batch_size),
-                       ("learning_rate", args.lr), ("sequence_length", args.sequence_length)):
-        if value is not None:
-            training[key] = value
-    if training["lr_schedule"] == "cosine":
-        training["min_learning_rate"] = min(training["min_learning_rate"],
-                                            training["learning_rate"])
-    model = build_model("MlpLstmPolicy" if recurrent else "MlpPolicy", env.observation_space,
-                        env.action_space, recurrent=recurrent,
-                        policy_kwargs=preset.policy_kwargs(recurrent), seed=args.seed,
-                        algorithm_kwargs={"gamma": args.gamma})
-    obs_rms = fit_obs_normalizer(trajectories)
-    value_pretraining = args.value_pretraining and all(
-        getattr(t, "rews", None) is not None for t in trajectories)
-    returns = (fit_return_normalizer(trajectories, args.gamma)
-               if value_pretraining and args.norm_reward else None)
-    tied = None
-    if args.expert is not None and make_router(args.expert).tied_choices(
-            layout.view(np.asarray(trajectories[0].obs)[0])) is not None:
-        tied = RouterTies(make_router(args.expert), layout)
+    from sb3_warmstart.cloning import clone_demonstrations
+
     logger = None
     if args.tensorboard:
         from stable_baselines3.common.logger import configure
 
         logger = configure(args.tensorboard, ["tensorboard", "csv"])
-    bc = SequenceBC(policy=model.policy, trajectories=trajectories,
-                    rng=np.random.default_rng(args.seed), obs_normalizer=obs_rms,
-                    validation_fraction=args.val_fraction, value_pretraining=value_pretraining,
-                    gamma=args.gamma, return_normalizer=returns, tied_choices=tied,
-                    progress=args.progress, logger=logger, **training)
     print(f"BC: {len(trajectories)} trajectories, {sum(len(t.acts) for t in trajectories)} "
-          f"steps ({len(bc.train_data.lengths)} train / "
-          f"{len(bc.val_data.lengths) if bc.val_data else 0} val), policy "
-          f"{type(model.policy).__name__} {preset.policy_kwargs(recurrent)}, {training}")
-    history = bc.train()
-    final = history[-1]
-    summary: dict[str, Any] = {
-        "epochs": len(history),
-        "train_accuracy": final.train_accuracy,
-        "val_accuracy": final.val.accuracy if final.val else float("nan"),
-        "val_tie_accuracy": final.val.tie_accuracy if final.val else float("nan"),
-        "val_nll": final.val.nll if final.val else float("nan"),
-        "val_value_loss": final.val.value_loss if final.val else float("nan"),
-        "predicted_share": list(final.val.predicted_share) if final.val else None,
-        "expert_share": list(final.val.expert_share) if final.val else None,
-        "bc_seconds": sum(m.wall_time_s for m in history),
-    }
+          f"steps, preset {args.mode}, policy {args.policy_type}")
+    clone = clone_demonstrations(
+        trajectories, env=env, preset=args.mode, recurrent=args.policy_type == "lstm",
+        seed=args.seed, gamma=args.gamma,
+        overrides={"epochs": args.epochs, "batch_size": args.batch_size,
+                   "learning_rate": args.lr, "sequence_length": args.sequence_length},
+        validation_fraction=args.val_fraction, value_pretraining=args.value_pretraining,
+        norm_reward=args.norm_reward, expert=args.expert, logger=logger,
+        progress=args.progress)
+    model, obs_rms, returns, summary = (clone.model, clone.obs_rms, clone.return_normalizer,
+                                        clone.summary)
     if args.eval_episodes:
         summary["eval"] = evaluate_clone(model, obs_rms, env.unwrapped, args.expert,
                                          args.eval_episodes, args.seed)
-    metadata = {
-        "bc_metrics": {"final": summary, "history": [m.as_dict() for m in history],
-                       "train_trajectories": bc.train_data.trajectory_ids,
-                       "val_trajectories": bc.val_data.trajectory_ids if bc.val_data else []},
-        "demos": {"path": str(demo.resolve()), "trajectories": len(trajectories),
-                  "steps": int(sum(len(t.acts) for t in trajectories)),
-                  "expert": args.expert,
-                  "stats": {k: stats.get(k) for k in ("format", "seed", "weights",
-                                                      "episode_requests", "total_steps")}
-                  if stats is not None else None},
-        "env_kwargs": env_kwargs,
-        "pretrain_args": dataclasses.asdict(args),
-        "training_kwargs": training,
-        "policy_kwargs": preset.policy_kwargs(recurrent),
-        "command": list(command),
-    }
+    metadata = clone.metadata(
+        demos={"path": str(demo.resolve()), "trajectories": len(trajectories),
+               "steps": int(sum(len(t.acts) for t in trajectories)), "expert": args.expert,
+               "stats": {k: stats.get(k) for k in ("format", "seed", "weights",
+                                                   "episode_requests", "total_steps")}
+               if stats is not None else None},
+        env_kwargs=env_kwargs,
+        pretrain_args=dataclasses.asdict(args),
+        command=list(command),
+    )
     path = save_pretrained(args.output, model.policy, metadata, obs_rms,
                            observation_schema=schema, return_normalizer=returns,
                            algorithm_kwargs={"gamma": args.gamma})

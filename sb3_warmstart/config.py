@@ -1,0 +1,461 @@
+"""Typed configuration of the warm-start training pipeline (``train/warmstart.py``).
+
+The YAML file follows rl-baselines3-zoo: a top-level key per env id, and under it a ``default``
+block plus optional named profiles that are merged over ``default``::
+
+    LLMCluster-v0:
+      default:
+        seed: 0
+        env_kwargs: {scenario: a100x4_conv_70, episode_requests: 512}
+        total_requests: 24576
+        ppo: {n_envs: 4, n_steps: 128, ...}
+        warm_start: {demo_policies: {lor: 1.0}, demo_steps: 8192, ...}
+      heterogeneous:
+        env_kwargs: {scenario: heterogeneous}
+
+Every section is a frozen dataclass below; the dataclass defaults ARE the embedded default
+config (``configs/warmstart.yaml`` restates them, and a test keeps the two equal). Unknown keys
+and wrong types fail before any work, naming the dotted key (see
+:mod:`llm_cluster_env.validation`). ``env_kwargs`` is validated by building the env config.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
+
+from llm_cluster_env.config import EnvConfig
+from llm_cluster_env.routers import ROUTERS
+from llm_cluster_env.validation import ConfigError, deep_merge, from_dict, require, to_dict
+
+ENV_ID = "LLMCluster-v0"
+DEFAULT_PROFILE = "default"
+
+
+@dataclass(frozen=True)
+class PPOConfig:
+    """The PPO algorithm and its policy network.
+
+    :param algorithm: ``recurrent_ppo`` (KLRecurrentPPO, LSTM policy) or ``ppo`` (KLPPO, MLP
+        policy; ~10x faster per step).
+    :param n_envs: parallel environments (DummyVecEnv).
+    :param n_steps: steps per environment per rollout.
+    :param batch_size: minibatch size (steps; sequences are cut to fit for recurrent PPO).
+    :param n_epochs: passes over each rollout.
+    :param learning_rate: Adam step size (base value of the optional LR schedule).
+    :param gamma: discount. :param gae_lambda: GAE lambda. :param clip_range: PPO clip.
+    :param ent_coef: entropy coefficient after the warm-up.
+    :param vf_coef: value-loss coefficient. :param max_grad_norm: global gradient-norm clip.
+    :param target_kl: KL monitoring threshold (see ``kl.target_kl_early_stop``).
+    :param net_arch: hidden layers of the actor and critic heads.
+    :param lstm_hidden_size: LSTM units (recurrent). :param n_lstm_layers: stacked LSTMs.
+    :param norm_reward: normalise rewards with VecNormalize.
+    """
+
+    algorithm: Literal["recurrent_ppo", "ppo"] = "recurrent_ppo"
+    n_envs: int = 4
+    n_steps: int = 128
+    batch_size: int = 128
+    n_epochs: int = 4
+    learning_rate: float = 3e-4
+    gamma: float = 0.99
+    gae_lambda: float = 0.95
+    clip_range: float = 0.2
+    ent_coef: float = 0.0
+    vf_coef: float = 0.5
+    max_grad_norm: float = 0.5
+    target_kl: float | None = 0.05
+    net_arch: tuple[int, ...] = (64, 64)
+    lstm_hidden_size: int = 64
+    n_lstm_layers: int = 1
+    norm_reward: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("n_envs", "n_steps", "n_epochs", "lstm_hidden_size", "n_lstm_layers"):
+            require(getattr(self, name) >= 1, name, getattr(self, name), "must be >= 1")
+        require(self.batch_size >= 2, "batch_size", self.batch_size, "must be >= 2")
+        require(self.learning_rate > 0, "learning_rate", self.learning_rate, "must be > 0")
+        require(0 < self.gamma <= 1, "gamma", self.gamma, "must be in (0, 1]")
+        require(0 <= self.gae_lambda <= 1, "gae_lambda", self.gae_lambda, "must be in [0, 1]")
+        require(self.clip_range > 0, "clip_range", self.clip_range, "must be > 0")
+        require(all(w >= 1 for w in self.net_arch), "net_arch", self.net_arch,
+                "layer widths must be >= 1")
+
+    @property
+    def recurrent(self) -> bool:
+        return self.algorithm == "recurrent_ppo"
+
+    @property
+    def rollout_steps(self) -> int:
+        """Env steps per rollout (all environments)."""
+        return self.n_envs * self.n_steps
+
+
+@dataclass(frozen=True)
+class KLConfig:
+    """KL regularisation and entropy safeguards (see ``KLRegularisedMixin``).
+
+    :param kl_ref_coef_initial: weight of KL(pi || pi_ref) at optimiser step 0.
+    :param kl_ref_coef_final: weight after ``kl_ref_decay_steps`` optimiser (minibatch) steps.
+    :param kl_ref_decay_steps: linear decay length, optimiser steps.
+    :param kl_coef: instant KL penalty against the rollout policy.
+    :param target_kl_early_stop: stop an update's epochs when approx_kl > 1.5 * target_kl.
+    :param entropy_warmup_coef: entropy coefficient during the first ``warmup_steps``.
+    :param warmup_steps: entropy warm-up length, optimiser steps.
+    :param entropy_min: entropy floor (nats); ``None`` = no floor.
+    :param entropy_floor_coef: weight of the hinge below the floor.
+    """
+
+    kl_ref_coef_initial: float = 0.5
+    kl_ref_coef_final: float = 0.0
+    kl_ref_decay_steps: int = 1500
+    kl_coef: float = 0.1
+    target_kl_early_stop: bool = False
+    entropy_warmup_coef: float | None = 0.01
+    warmup_steps: int = 200
+    entropy_min: float | None = None
+    entropy_floor_coef: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("kl_ref_coef_initial", "kl_ref_coef_final", "kl_coef",
+                     "entropy_floor_coef", "kl_ref_decay_steps", "warmup_steps"):
+            require(getattr(self, name) >= 0, name, getattr(self, name), "must be >= 0")
+
+
+@dataclass(frozen=True)
+class WarmStartConfig:
+    """Demonstrations and behaviour cloning before PPO.
+
+    :param enabled: warm start at all (False = cold-start PPO, no reference policy).
+    :param demo_policies: router name -> weight of its share of the demonstrations.
+    :param demo_steps: demonstration transitions (env steps) to collect.
+    :param demo_episode_requests: episode length of the demonstration runs (requests).
+    :param imbalance: also collect under alternating high/low load phases.
+    :param bc_mode: BC training preset (``standard``, or ``enhanced``: more epochs, cosine
+        learning rate, weight decay). The network architecture always comes from the ``ppo``
+        section, so the clone's weights are exactly PPO's policy; for high capacity, raise
+        ``ppo.net_arch``/``ppo.lstm_hidden_size`` too (the ``enhanced`` profile of
+        ``configs/warmstart.yaml`` does both).
+    :param bc_epochs: override the preset's epochs. :param bc_batch_size: sequences per step.
+    :param bc_learning_rate: override. :param bc_sequence_length: truncated-BPTT length.
+    :param validation_fraction: share of demo trajectories held out.
+    :param value_pretraining: fit the critic on demo returns too.
+    :param external_pretrain: a pretrained checkpoint (``sb3_warmstart.policy_io`` zip) to use
+        instead of cloning from scratch; validated against the env, copied into the run folder.
+    :param skip_bc_training: with ``external_pretrain``: use it as is (else BC fine-tunes it on
+        fresh demos).
+    """
+
+    enabled: bool = True
+    demo_policies: dict[str, float] = field(default_factory=lambda: {"lor": 1.0})
+    demo_steps: int = 8192
+    demo_episode_requests: int = 256
+    imbalance: bool = False
+    bc_mode: Literal["standard", "enhanced"] = "standard"
+    bc_epochs: int | None = 30
+    bc_batch_size: int | None = None
+    bc_learning_rate: float | None = 2e-3
+    bc_sequence_length: int | None = None
+    validation_fraction: float = 0.2
+    value_pretraining: bool = True
+    external_pretrain: str | None = None
+    skip_bc_training: bool = False
+
+    def __post_init__(self) -> None:
+        require(bool(self.demo_policies), "demo_policies", self.demo_policies,
+                "needs at least one router")
+        for name, weight in self.demo_policies.items():
+            require(name in ROUTERS, "demo_policies", name,
+                    f"unknown router (known: {', '.join(ROUTERS)})")
+            require(weight > 0 and math.isfinite(weight), f"demo_policies.{name}", weight,
+                    "weight must be > 0")
+        require(self.demo_steps >= 1, "demo_steps", self.demo_steps, "must be >= 1")
+        require(self.demo_episode_requests >= 8, "demo_episode_requests",
+                self.demo_episode_requests, "must be >= 8")
+        require(0.0 <= self.validation_fraction < 1.0, "validation_fraction",
+                self.validation_fraction, "must be in [0, 1)")
+        if self.bc_epochs is not None:
+            require(self.bc_epochs >= 1, "bc_epochs", self.bc_epochs, "must be >= 1")
+        if self.skip_bc_training:
+            require(self.external_pretrain is not None, "skip_bc_training", True,
+                    "needs external_pretrain (there is nothing to skip BC for)")
+
+
+@dataclass(frozen=True)
+class TemperatureConfig:
+    """Temperature control (``sb3_warmstart.callbacks.TemperatureController``).
+
+    :param enabled: use the controller. Other fields: its keyword arguments.
+    """
+
+    enabled: bool = True
+    target_entropy: float | None = None
+    target_balance: float = 0.95
+    adaptation_rate: float = 0.1
+    ema_decay: float = 0.9
+    initial_temperature: float = 1.0
+    min_temperature: float = 0.5
+    max_temperature: float = 3.0
+    collapse_balance: float = 0.7
+    pulse_temperature: float = 5.0
+    pulse_rollouts: int = 3
+
+    def __post_init__(self) -> None:
+        require(0 < self.min_temperature <= self.initial_temperature <= self.max_temperature,
+                "initial_temperature", self.initial_temperature,
+                "must satisfy 0 < min_temperature <= initial_temperature <= max_temperature")
+
+    def controller_kwargs(self) -> dict[str, Any]:
+        return {k: v for k, v in to_dict(self).items() if k != "enabled"}
+
+
+@dataclass(frozen=True)
+class StabilizationConfig:
+    """Normaliser stabilisation before any gradient step.
+
+    :param stabilization_steps: env steps acted by a uniform-random router while VecNormalize
+        statistics settle; optimiser updates are deferred until then (rounded up to rollouts).
+    :param update_obs_stats: let observation statistics move. ``None``: yes for a cold start;
+        no when warm-started, so the clone's inputs keep the meaning they had in BC.
+    """
+
+    stabilization_steps: int = 1024
+    update_obs_stats: bool | None = None
+
+    def __post_init__(self) -> None:
+        require(self.stabilization_steps >= 0, "stabilization_steps", self.stabilization_steps,
+                "must be >= 0")
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    """Full-state checkpoints.
+
+    :param checkpoint_interval: env steps between checkpoints (taken at rollout boundaries).
+    :param max_checkpoints: newest checkpoints kept.
+    """
+
+    checkpoint_interval: int = 4096
+    max_checkpoints: int = 3
+
+    def __post_init__(self) -> None:
+        require(self.checkpoint_interval >= 1, "checkpoint_interval", self.checkpoint_interval,
+                "must be >= 1 step")
+        require(self.max_checkpoints >= 1, "max_checkpoints", self.max_checkpoints,
+                "must be >= 1")
+
+
+@dataclass(frozen=True)
+class LearningRateScheduleConfig:
+    """``advanced_optimization.learning_rate_schedule``.
+
+    :param type: ``constant`` or ``cosine_annealing_with_warmup`` (linear warm-up, then cosine
+        with warm restarts, stepped per optimiser step; torch's schedulers).
+    :param warmup_steps: warm-up optimiser steps. :param min_lr_ratio: floor as a fraction of
+        the base rate. :param restart_period: optimiser steps per cosine cycle.
+    :param period_multiplier: growth of the period after each restart.
+    """
+
+    type: Literal["constant", "cosine_annealing_with_warmup"] = "constant"
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.1
+    restart_period: int = 1000
+    period_multiplier: int = 1
+
+    def __post_init__(self) -> None:
+        require(0.0 <= self.min_lr_ratio <= 1.0, "min_lr_ratio", self.min_lr_ratio,
+                "must be in [0, 1]")
+        require(self.restart_period >= 1, "restart_period", self.restart_period, "must be >= 1")
+        require(self.warmup_steps >= 0, "warmup_steps", self.warmup_steps, "must be >= 0")
+        require(self.period_multiplier >= 1, "period_multiplier", self.period_multiplier,
+                "must be >= 1")
+
+
+@dataclass(frozen=True)
+class AdaptiveBatchSizeConfig:
+    """``advanced_optimization.adaptive_batch_size``: minibatch size from the previous update's
+    gradient norm (see ``KLRegularisedMixin``)."""
+
+    enable: bool = False
+    min_batch_size: int = 64
+    max_batch_size: int = 256
+    adaptation_rate: float = 0.1
+
+    def __post_init__(self) -> None:
+        require(2 <= self.min_batch_size <= self.max_batch_size, "min_batch_size",
+                self.min_batch_size, f"must satisfy 2 <= min <= max_batch_size={self.max_batch_size}")
+        require(0.0 <= self.adaptation_rate <= 1.0, "adaptation_rate", self.adaptation_rate,
+                "must be in [0, 1]")
+
+
+@dataclass(frozen=True)
+class GradientOptimizationConfig:
+    """``advanced_optimization.gradient_optimization``.
+
+    :param accumulation_steps: minibatches averaged into one optimiser step.
+    :param clip_by_global_norm: clip the accumulated gradient's global norm to
+        ``ppo.max_grad_norm`` (False disables clipping).
+    """
+
+    accumulation_steps: int = 1
+    clip_by_global_norm: bool = True
+
+    def __post_init__(self) -> None:
+        require(self.accumulation_steps >= 1, "accumulation_steps", self.accumulation_steps,
+                "must be >= 1")
+
+
+@dataclass(frozen=True)
+class AdvancedOptimizationConfig:
+    learning_rate_schedule: LearningRateScheduleConfig = field(
+        default_factory=LearningRateScheduleConfig)
+    adaptive_batch_size: AdaptiveBatchSizeConfig = field(default_factory=AdaptiveBatchSizeConfig)
+    gradient_optimization: GradientOptimizationConfig = field(
+        default_factory=GradientOptimizationConfig)
+
+
+@dataclass(frozen=True)
+class EvaluationConfig:
+    """The final report: the trained policy against every heuristic on held-out seeds.
+
+    :param episodes: episodes per router. :param seed: first held-out seed (training uses
+        others). :param routers: heuristics to compare (empty = all).
+    :param episode_requests: episode length for evaluation (None = the scenario's).
+    """
+
+    episodes: int = 3
+    seed: int = 100_000
+    routers: tuple[str, ...] = ()
+    episode_requests: int | None = 2000
+
+    def __post_init__(self) -> None:
+        require(self.episodes >= 1, "episodes", self.episodes, "must be >= 1")
+        for name in self.routers:
+            require(name in ROUTERS, "routers", name,
+                    f"unknown router (known: {', '.join(ROUTERS)})")
+
+    @property
+    def router_names(self) -> tuple[str, ...]:
+        return self.routers or tuple(ROUTERS)
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """Everything ``train/warmstart.py`` runs.
+
+    :param seed: seeds demos, BC, PPO and the environments.
+    :param env_kwargs: ``LLMCluster-v0`` keyword arguments for training.
+    :param total_requests: PPO budget in env steps (routed requests), all environments.
+    """
+
+    seed: int = 0
+    env_kwargs: dict[str, Any] = field(default_factory=lambda: {
+        "scenario": "a100x4_conv_70", "episode_requests": 512})
+    total_requests: int = 24576
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    kl: KLConfig = field(default_factory=KLConfig)
+    warm_start: WarmStartConfig = field(default_factory=WarmStartConfig)
+    temperature: TemperatureConfig = field(default_factory=TemperatureConfig)
+    stabilization: StabilizationConfig = field(default_factory=StabilizationConfig)
+    checkpointing: CheckpointConfig = field(default_factory=CheckpointConfig)
+    advanced_optimization: AdvancedOptimizationConfig = field(
+        default_factory=AdvancedOptimizationConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+
+    def __post_init__(self) -> None:
+        require(self.total_requests >= 1, "total_requests", self.total_requests,
+                "must be >= 1 step")
+        try:
+            EnvConfig.from_kwargs(**self.env_kwargs)
+        except ConfigError as err:
+            raise ConfigError(f"env_kwargs.{err}") from None
+        except TypeError as err:
+            raise ConfigError(f"env_kwargs={self.env_kwargs!r}: {err}") from None
+
+    def env_config(self) -> EnvConfig:
+        return EnvConfig.from_kwargs(**self.env_kwargs)
+
+    def with_overrides(self, overrides: Mapping[str, Any]) -> TrainingConfig:
+        """A copy with ``overrides`` (nested dict) merged in and validated again."""
+        return from_dict(TrainingConfig, merge_layer(to_dict(self), overrides), path="config")
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_dict(self)
+
+
+#: Free-form maps that a layer replaces rather than merges into (a profile naming its demo
+#: policies means exactly those policies).
+REPLACED_MAPS = (("warm_start", "demo_policies"),)
+
+
+def merge_layer(base: Mapping[str, Any], layer: Mapping[str, Any]) -> dict[str, Any]:
+    """``layer`` merged over ``base`` key by key (sections and ``env_kwargs`` merge; the maps in
+    :data:`REPLACED_MAPS` and all lists are replaced)."""
+    merged = deep_merge(base, layer)
+    for section, key in REPLACED_MAPS:
+        block = layer.get(section)
+        if isinstance(block, Mapping) and key in block:
+            merged[section] = {**merged[section], key: block[key]}
+    return merged
+
+
+def _yaml():
+    import yaml
+
+    return yaml
+
+
+def load_config(path: str | Path | None = None, profile: str = DEFAULT_PROFILE,
+                overrides: Mapping[str, Any] | None = None) -> TrainingConfig:
+    """The config of ``profile`` in the YAML at ``path`` (``None``: the embedded defaults),
+    merged over its ``default`` block, then ``overrides`` merged on top; validated.
+
+    Layers, each merged over the previous one: the embedded defaults, the file's ``default``
+    block, the profile, the overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"--config={str(path)!r}: no such file")
+        try:
+            document = _yaml().safe_load(path.read_text()) or {}
+        except _yaml().YAMLError as err:
+            raise ConfigError(f"--config={str(path)!r}: not valid YAML: {err}") from None
+        if not isinstance(document, dict) or ENV_ID not in document:
+            raise ConfigError(f"--config={str(path)!r}: expected a top-level '{ENV_ID}:' key "
+                              f"(found: {list(document) if isinstance(document, dict) else document!r})")
+        unknown = [k for k in document if k != ENV_ID]
+        if unknown:
+            raise ConfigError(f"{unknown[0]}: unknown env id (this pipeline trains {ENV_ID})")
+        profiles = document[ENV_ID] or {}
+        if not isinstance(profiles, dict):
+            raise ConfigError(f"{ENV_ID}: expected a mapping of profiles")
+        if profile not in profiles and profile != DEFAULT_PROFILE:
+            raise ConfigError(f"--profile={profile!r}: not in {path} "
+                              f"(profiles: {', '.join(profiles)})")
+        for name in (DEFAULT_PROFILE, profile):
+            block = profiles.get(name) or {}
+            if not isinstance(block, dict):
+                raise ConfigError(f"{ENV_ID}.{name}: expected a mapping of settings")
+            # validate each layer on its own first, so errors name the block they come from
+            from_dict(TrainingConfig, merge_layer(to_dict(TrainingConfig()), block),
+                      path=f"{ENV_ID}.{name}")
+            data = merge_layer(data, block)
+    if overrides:
+        data = merge_layer(data, overrides)
+    return from_dict(TrainingConfig, merge_layer(to_dict(TrainingConfig()), data),
+                     path=f"{ENV_ID}.{profile}")
+
+
+def dump_config(config: TrainingConfig, path: str | Path, profile: str = DEFAULT_PROFILE) -> None:
+    """Write the resolved config as a loadable YAML document (atomically)."""
+    from sb3_warmstart.atomic import atomic_write_text
+
+    text = _yaml().safe_dump({ENV_ID: {profile: to_dict(config)}}, sort_keys=False)
+    atomic_write_text(path, text)
+
+
+__all__ = ["ConfigError", "TrainingConfig", "dump_config", "load_config", "replace"]

@@ -1,0 +1,226 @@
+"""train/warmstart.py end to end: smoke run, exact chunked resume, resume decisions, bad input."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+pytestmark = pytest.mark.train
+
+from conftest import load_script  # noqa: E402
+
+warmstart = load_script("warmstart")
+
+TINY = [
+    "--ppo-requests", "512", "--demo-steps", "512", "--bc-epochs", "2", "--no-progress",
+    "--set", "warm_start.demo_episode_requests=64", "--set", "env_kwargs.episode_requests=64",
+    "--set", "evaluation.episodes=1", "--set", "evaluation.episode_requests=80",
+    "--set", "evaluation.routers=[lor, round_robin]",
+    "--set", "stabilization.stabilization_steps=128", "--set", "ppo.n_steps=64",
+    "--set", "ppo.batch_size=64", "--set", "ppo.n_envs=2", "--set", "ppo.lstm_hidden_size=16",
+    "--set", "ppo.net_arch=[16]", "--set", "checkpointing.checkpoint_interval=128",
+    "--set", "checkpointing.max_checkpoints=2", "--set", "kl.kl_ref_decay_steps=10",
+]
+
+
+def run(out: Path, *extra: str, **hooks):
+    return warmstart.main([*TINY, "--output-dir", str(out), *extra], **hooks)
+
+
+def policy_params(run_dir: Path) -> dict[str, torch.Tensor]:
+    with zipfile.ZipFile(run_dir / "final_model.zip") as z:
+        return torch.load(io.BytesIO(z.read("policy.pth")), weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("smoke") / "run"
+    run(out)
+    return out
+
+
+def test_smoke_run_writes_everything(finished_run):
+    out = finished_run
+    for name in ("config.yaml", "command.txt", "ppo_training.log", "progress.csv",
+                 "training_history.csv", "training_progress.json", "final_model.zip",
+                 "final_vecnormalize.pkl", "demos/stats.json", "pretrained/bc_policy.zip",
+                 "checkpoints/latest.json", "report/report.md", "report/results.csv",
+                 "report/learning_curve.png", "report/dispatch_distribution.png",
+                 "report/latency_cdf.png"):
+        assert (out / name).exists(), name
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    summary = json.loads((out / "report" / "summary.json").read_text())
+    assert set(summary["routers"]) == {"ppo", "bc_clone", "lor", "round_robin"}
+    for metrics in summary["routers"].values():
+        assert metrics["num_requests"] == 80 and 0 < metrics["e2e_mean"] < 100
+    assert summary["comparison"]["best_heuristic"] in ("lor", "round_robin")
+    progress = json.loads((out / "training_progress.json").read_text())
+    assert progress["status"] == "finished" and progress["num_timesteps"] == 512
+    latest = json.loads((out / "checkpoints" / "latest.json").read_text())
+    assert latest["num_timesteps"] == 512
+    assert len(list((out / "checkpoints").glob("step_*"))) == 2  # max_checkpoints
+    log = (out / "ppo_training.log").read_text()
+    assert "start: warmstart" in log and "BC (from scratch)" in log
+    assert "| train/" in log and "kl_ref" in log
+    # the resolved config reloads to the same config
+    from sb3_warmstart.config import load_config
+
+    document = yaml.safe_load((out / "config.yaml").read_text())
+    assert document["LLMCluster-v0"]["default"]["total_requests"] == 512
+    assert load_config(out / "config.yaml").ppo.n_envs == 2
+
+
+def test_rerun_of_finished_run_resumes_without_training(finished_run, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(finished_run, out)
+    before = policy_params(out)
+    summary = run(out)
+    assert summary["finished"]
+    log = (out / "ppo_training.log").read_text()
+    assert "[Resume] continuing from" in log and log.count("start: warmstart") == 1
+    after = policy_params(out)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_chunked_run_with_resume_equals_uninterrupted_run(tmp_path):
+    extra = ["--set", "advanced_optimization.learning_rate_schedule.type="
+             "cosine_annealing_with_warmup",
+             "--set", "advanced_optimization.learning_rate_schedule.warmup_steps=3",
+             "--set", "advanced_optimization.learning_rate_schedule.restart_period=5",
+             "--set", "checkpointing.checkpoint_interval=10000"]
+    whole, chunked = tmp_path / "whole", tmp_path / "chunked"
+    run(whole, *extra)
+    first = run(chunked, *extra, "--chunk-mode", "--chunk-size", "256", "--max-chunks", "1")
+    assert first == {"finished": False, "num_timesteps": 256}
+    progress = json.loads((chunked / "training_progress.json").read_text())
+    assert [c["index"] for c in progress["chunks"]] == [0]
+    run(chunked, *extra, "--chunk-mode", "--chunk-size", "256")  # same command again
+    progress = json.loads((chunked / "training_progress.json").read_text())
+    assert [c["index"] for c in progress["chunks"]] == [0, 1]
+    a, b = policy_params(whole), policy_params(chunked)
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+    history_a = (whole / "training_history.csv").read_text()
+    history_b = (chunked / "training_history.csv").read_text()
+    assert history_a == history_b  # same episodes, same latencies, same dispatch shares
+    ra = json.loads((whole / "report" / "results.json").read_text())["routers"]["ppo"]
+    rb = json.loads((chunked / "report" / "results.json").read_text())["routers"]["ppo"]
+    assert ra["e2e_mean"] == rb["e2e_mean"]
+
+
+def test_ask_refuses_without_terminal_and_prompts_with_one(finished_run, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(finished_run, out)
+    external = str(finished_run / "pretrained" / "bc_policy.zip")
+    with pytest.raises(SystemExit) as exit_info:
+        run(out, "--external-pretrain", external, interactive=lambda: False)
+    assert exit_info.value.code == 2
+    questions = []
+
+    def answer(text):
+        questions.append(text)
+        return "1"
+
+    summary = run(out, "--external-pretrain", external, interactive=lambda: True, prompt=answer)
+    assert summary["finished"] and "[1] resume the checkpoint" in questions[0]
+    assert "[Resume]" in (out / "ppo_training.log").read_text()
+
+
+def test_resume_external_archives_checkpoints_and_validates(finished_run, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(finished_run, out)
+    external = str(finished_run / "pretrained" / "bc_policy.zip")
+    run(out, "--external-pretrain", external, "--skip-bc-training", "--resume", "external")
+    assert (out / "pretrained" / "external.zip").is_file()
+    assert list(out.glob("checkpoints.previous-*/step_*"))  # earlier checkpoints kept
+    assert "external checkpoint" in (out / "ppo_training.log").read_text()
+
+
+def test_external_checkpoint_that_does_not_fit_is_refused(finished_run, tmp_path, capsys):
+    external = str(finished_run / "pretrained" / "bc_policy.zip")
+    with pytest.raises(SystemExit) as exit_info:
+        run(tmp_path / "run", "--replicas", "5", "--external-pretrain", external,
+            "--skip-bc-training")
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "num_replicas: checkpoint 4, env 5" in err
+    assert not (tmp_path / "run").exists()  # refused before the run folder was created
+
+
+def test_corrupt_latest_checkpoint_is_reported_and_previous_used(finished_run, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(finished_run, out)
+    latest = json.loads((out / "checkpoints" / "latest.json").read_text())["checkpoint"]
+    state = out / "checkpoints" / latest / "state.pkl"
+    state.write_bytes(state.read_bytes()[:100])  # truncated
+    run(out)
+    log = (out / "ppo_training.log").read_text()
+    assert "state.pkl does not match its checksum" in log
+    assert "[Resume] continuing from" in log and "step_000000000384" in log
+
+
+def test_checkpoint_of_another_env_starts_fresh_or_fails_strict(finished_run, tmp_path, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(finished_run, out)
+    with pytest.raises(SystemExit):
+        run(out, "--set", "ppo.lstm_hidden_size=8", "--strict-resume")
+    assert "lstm: checkpoint [16, 1], this run [8, 1]" in capsys.readouterr().err
+    run(out, "--set", "ppo.lstm_hidden_size=8")
+    log = (out / "ppo_training.log").read_text()
+    assert "continuing with a fresh training state" in log
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--ppo-requests", "0"], "--ppo-requests=0: must be >= 1"),
+    (["--qps", "-3"], "--qps=-3.0: must be > 0"),
+    (["--chunk-size", "100"], "--chunk-size=100: needs --chunk-mode"),
+    (["--skip-bc-training"], "--skip-bc-training: needs --external-pretrain"),
+    (["--external-pretrain", "/nonexistent.zip"], "no such file"),
+    (["--set", "ppo.n_stepz=5"], "LLMCluster-v0.default.ppo.n_stepz: unknown key"),
+    (["--set", "ppo.n_steps=many"], "ppo.n_steps='many': expected an integer"),
+    (["--set", "warm_start.demo_policies={fastest: 1}"], "demo_policies='fastest'"),
+    (["--set", "env_kwargs.workload.arrival=weibull"], "env_kwargs.workload.arrival='weibull'"),
+    (["--set", "noequals"], "expected KEY=VALUE"),
+    (["--ppo-requests", "10", "--total-requests", "20"], "disagree"),
+])
+def test_bad_cli_values_fail_before_work(argv, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        warmstart.main([*argv, "--output-dir", str(tmp_path / "run")])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()  # nothing was started
+
+
+@pytest.mark.parametrize("text, message", [
+    ("LLMCluster-v0:\n  default:\n    ppo: {n_envs: two}\n",
+     "LLMCluster-v0.default.ppo.n_envs='two': expected an integer"),
+    ("LLMCluster-v0:\n  default:\n    kl: {kl_ref_coeff: 1}\n", "kl.kl_ref_coeff: unknown key"),
+    ("CartPole-v1:\n  default: {}\n", "expected a top-level 'LLMCluster-v0:' key"),
+    ("LLMCluster-v0: [1, 2\n", "not valid YAML"),
+    ("LLMCluster-v0:\n  default: {}\n  other:\n    total_requests: -5\n",
+     "LLMCluster-v0.other"),
+])
+def test_bad_yaml_fails_naming_the_key(text, message, tmp_path, capsys):
+    config = tmp_path / "bad.yaml"
+    config.write_text(text)
+    profile = "other" if "other" in text else "default"
+    with pytest.raises(SystemExit):
+        warmstart.main(["--config", str(config), "--profile", profile,
+                        "--output-dir", str(tmp_path / "run")])
+    assert message in capsys.readouterr().err
+
+
+def test_yaml_default_profile_equals_embedded_defaults():
+    from sb3_warmstart.config import TrainingConfig, load_config
+
+    repo = Path(__file__).resolve().parents[1]
+    assert load_config(repo / "configs" / "warmstart.yaml") == TrainingConfig()
+    document = yaml.safe_load((repo / "configs" / "warmstart.yaml").read_text())
+    for profile in document["LLMCluster-v0"]:
+        load_config(repo / "configs" / "warmstart.yaml", profile)  # every profile is valid

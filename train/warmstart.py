@@ -1,0 +1,187 @@
+"""The main job: heuristic demos -> behaviour cloning -> KL-regularised PPO -> report.
+
+With no arguments it runs the embedded default configuration (:class:`TrainingConfig`'s
+defaults, restated in ``configs/warmstart.yaml``) on ``a100x4_conv_70`` in ``runs/default`` and
+prints the trained router against every heuristic. Running the same command again resumes from
+the latest checkpoint; with ``--chunk-mode`` it continues with the next chunk.
+
+Examples::
+
+    python train/warmstart.py
+    python train/warmstart.py --config configs/warmstart.yaml --profile heterogeneous
+    python train/warmstart.py --replicas 8 --qps 30 --ppo-requests 50000
+    python train/warmstart.py --chunk-mode --chunk-size 8192 --total-requests 32768
+    python train/warmstart.py --external-pretrain runs/bc.zip --skip-bc-training
+    python train/warmstart.py --set kl.kl_ref_coef_initial=0.8 --set ppo.n_epochs=6
+
+Every value is checked before any work starts; a bad one exits with status 2 and a message
+naming the flag or key and the value.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:  # run as a script from a checkout
+    sys.path.insert(0, str(REPO_ROOT))
+
+from llm_cluster_env.validation import ConfigError, deep_merge  # noqa: E402
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="train/warmstart.py", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="YAML file keyed by env id (default: embedded defaults)")
+    p.add_argument("--profile", default="default",
+                   help="profile under LLMCluster-v0 in --config, merged over 'default'")
+    p.add_argument("--output-dir", help="run folder (default: runs/<profile>)")
+    g = p.add_argument_group("environment")
+    g.add_argument("--scenario", help="packaged scenario name or YAML path")
+    g.add_argument("--replicas", type=int, help="number of replicas")
+    g.add_argument("--qps", type=float, help="arrival rate, requests/s")
+    g.add_argument("--seed", type=int, help="seed of demos, BC, PPO and environments")
+    g = p.add_argument_group("budgets")
+    g.add_argument("--ppo-requests", type=int, help="PPO budget in routed requests (env steps)")
+    g.add_argument("--total-requests", type=int, help="same as --ppo-requests (chunk mode)")
+    g.add_argument("--demo-steps", type=int, help="demonstration transitions to collect")
+    g.add_argument("--bc-epochs", type=int, help="behaviour-cloning epochs")
+    g.add_argument("--algorithm", choices=["recurrent_ppo", "ppo"],
+                   help="LSTM RecurrentPPO (default) or feed-forward PPO (faster)")
+    g = p.add_argument_group("warm start")
+    g.add_argument("--no-warmstart", action="store_true", help="cold-start PPO (no demos/BC/KL)")
+    g.add_argument("--external-pretrain", metavar="PATH",
+                   help="pretrained checkpoint (policy_io zip) to start from; validated first")
+    g.add_argument("--skip-bc-training", action="store_true",
+                   help="use --external-pretrain as is (else BC fine-tunes it on fresh demos)")
+    g.add_argument("--force-warmstart", action="store_true",
+                   help="collect demos and clone again even if the run folder has them")
+    g = p.add_argument_group("resume and chunks")
+    g.add_argument("--resume", choices=["ask", "checkpoint", "warmstart", "external"],
+                   default="ask", help="when a checkpoint exists: ask (only if an external model "
+                   "exists too; needs a terminal), or decide")
+    g.add_argument("--strict-resume", action="store_true",
+                   help="fail instead of starting fresh when the checkpoint does not fit")
+    g.add_argument("--chunk-mode", action="store_true",
+                   help="train in chunks, checkpointing after each; rerun to continue")
+    g.add_argument("--chunk-size", type=int, help="env steps per chunk (with --chunk-mode)")
+    g.add_argument("--max-chunks", type=int,
+                   help="stop after this many chunks; rerun the same command to continue")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any config key, dotted (value parsed as YAML)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
+
+
+def _set_dotted(target: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    for part in parts[:-1]:
+        target = target.setdefault(part, {})
+        if not isinstance(target, dict):
+            raise ConfigError(f"--set {key}: {part!r} is not a section")
+    target[parts[-1]] = value
+
+
+def overrides_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser
+                        ) -> dict[str, Any]:
+    """The config overrides the flags ask for (flag errors exit with status 2)."""
+    import yaml
+
+    out: dict[str, Any] = {}
+    for flag, value in (("--replicas", args.replicas), ("--ppo-requests", args.ppo_requests),
+                        ("--total-requests", args.total_requests),
+                        ("--demo-steps", args.demo_steps), ("--bc-epochs", args.bc_epochs),
+                        ("--chunk-size", args.chunk_size), ("--max-chunks", args.max_chunks)):
+        if value is not None and value < 1:
+            parser.error(f"{flag}={value}: must be >= 1")
+    if args.qps is not None and not args.qps > 0:
+        parser.error(f"--qps={args.qps}: must be > 0 requests/s")
+    if (args.ppo_requests and args.total_requests and args.ppo_requests != args.total_requests):
+        parser.error(f"--ppo-requests={args.ppo_requests} and --total-requests="
+                     f"{args.total_requests} disagree (they are the same budget)")
+    for flag, value in (("--chunk-size", args.chunk_size), ("--max-chunks", args.max_chunks)):
+        if value is not None and not args.chunk_mode:
+            parser.error(f"{flag}={value}: needs --chunk-mode")
+    if args.skip_bc_training and not args.external_pretrain:
+        parser.error("--skip-bc-training: needs --external-pretrain PATH")
+    if args.external_pretrain and not Path(args.external_pretrain).is_file():
+        parser.error(f"--external-pretrain={args.external_pretrain!r}: no such file")
+    if args.no_warmstart and (args.external_pretrain or args.force_warmstart):
+        parser.error("--no-warmstart: conflicts with --external-pretrain/--force-warmstart")
+    env: dict[str, Any] = {}
+    if args.scenario:
+        env["scenario"] = args.scenario
+    if args.replicas is not None:
+        env["num_replicas"] = args.replicas
+    if args.qps is not None:
+        env["workload"] = {"qps": args.qps}
+    if env:
+        out["env_kwargs"] = env
+    if args.seed is not None:
+        out["seed"] = args.seed
+    budget = args.ppo_requests or args.total_requests
+    if budget:
+        out["total_requests"] = budget
+    if args.algorithm:
+        out.setdefault("ppo", {})["algorithm"] = args.algorithm
+    ws: dict[str, Any] = {}
+    if args.demo_steps:
+        ws["demo_steps"] = args.demo_steps
+    if args.bc_epochs:
+        ws["bc_epochs"] = args.bc_epochs
+    if args.external_pretrain:
+        ws["external_pretrain"] = args.external_pretrain
+    if args.skip_bc_training:
+        ws["skip_bc_training"] = True
+    if args.no_warmstart:
+        ws["enabled"] = False
+    if ws:
+        out["warm_start"] = ws
+    for item in args.set:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            parser.error(f"--set {item!r}: expected KEY=VALUE")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            parser.error(f"--set {item!r}: value is not valid YAML: {err}")
+        patch: dict[str, Any] = {}
+        _set_dotted(patch, key, value)
+        out = deep_merge(out, patch)
+    return out
+
+
+def main(argv: list[str] | None = None, **pipeline_hooks: Any) -> dict[str, Any]:
+    """Run the job; returns the report summary. ``pipeline_hooks`` (``prompt``,
+    ``interactive``) let tests answer the resume question."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from sb3_warmstart.config import load_config
+
+    try:
+        overrides = overrides_from_args(args, parser)
+        config = load_config(args.config, args.profile, overrides)
+    except ConfigError as err:
+        parser.error(str(err))
+    from sb3_warmstart.pipeline import PipelineError, RunOptions, WarmStartPipeline
+
+    command = [Path(sys.argv[0]).name if argv is None else "train/warmstart.py",
+               *(sys.argv[1:] if argv is None else argv)]
+    options = RunOptions(
+        output_dir=Path(args.output_dir or f"runs/{args.profile}"), resume=args.resume,
+        strict_resume=args.strict_resume, force_warmstart=args.force_warmstart,
+        chunk_mode=args.chunk_mode, chunk_size=args.chunk_size, max_chunks=args.max_chunks,
+        progress=not args.no_progress,
+        command=command, **pipeline_hooks)
+    try:
+        return WarmStartPipeline(config, options).run()
+    except PipelineError as err:
+        print(f"warmstart.py: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()
