@@ -23,9 +23,9 @@ Python values).
 from __future__ import annotations
 
 import csv
+import io
 import math
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -36,6 +36,7 @@ from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.vec_env import VecNormalize
 
 from llm_cluster_env.sim.metrics import balance_score
+from sb3_warmstart.atomic import atomic_write_text
 from sb3_warmstart.normalize import freeze_obs_stats, obs_stats_frozen
 
 EPISODE_METRICS = ("e2e_mean", "e2e_p99", "ttft_mean", "tpot_mean", "slo_attainment",
@@ -575,20 +576,11 @@ class TrainingMonitor(BaseCallback):
         columns: dict[str, None] = {"kind": None, "num_timesteps": None}
         for row in rows:
             columns.update(dict.fromkeys(row))
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", newline="") as handle:
-                writer = csv.DictWriter(handle, fieldnames=list(columns), restval="")
-                writer.writeheader()
-                writer.writerows(rows)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
-        return path
+        buffer = io.StringIO(newline="")
+        writer = csv.DictWriter(buffer, fieldnames=list(columns), restval="")
+        writer.writeheader()
+        writer.writerows(rows)
+        return atomic_write_text(path, buffer.getvalue())
 
     def state_dict(self) -> dict[str, Any]:
         """History and counters as plain Python values."""

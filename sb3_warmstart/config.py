@@ -7,7 +7,7 @@ block plus optional named profiles that are merged over ``default``::
       default:
         seed: 0
         env_kwargs: {scenario: a100x4_conv_70, episode_requests: 512}
-        total_requests: 24576
+        total_requests: 98304
         ppo: {n_envs: 4, n_steps: 128, ...}
         warm_start: {demo_policies: {lor: 1.0}, demo_steps: 8192, ...}
       heterogeneous:
@@ -110,7 +110,7 @@ class KLConfig:
     """
 
     kl_ref_coef_initial: float = 0.5
-    kl_ref_coef_final: float = 0.0
+    kl_ref_coef_final: float = 0.05
     kl_ref_decay_steps: int = 1500
     kl_coef: float = 0.1
     target_kl_early_stop: bool = False
@@ -141,6 +141,8 @@ class WarmStartConfig:
         ``configs/warmstart.yaml`` does both).
     :param bc_epochs: override the preset's epochs. :param bc_batch_size: sequences per step.
     :param bc_learning_rate: override. :param bc_sequence_length: truncated-BPTT length.
+    :param bc_lr_schedule: override the preset's schedule (``cosine`` anneals to 1e-5; on the
+        default scenario it took lor's clone from 98.5% to 99.6% validation accuracy).
     :param validation_fraction: share of demo trajectories held out.
     :param value_pretraining: fit the critic on demo returns too.
     :param external_pretrain: a pretrained checkpoint (``sb3_warmstart.policy_io`` zip) to use
@@ -151,13 +153,14 @@ class WarmStartConfig:
 
     enabled: bool = True
     demo_policies: dict[str, float] = field(default_factory=lambda: {"lor": 1.0})
-    demo_steps: int = 8192
+    demo_steps: int = 16384
     demo_episode_requests: int = 256
     imbalance: bool = False
     bc_mode: Literal["standard", "enhanced"] = "standard"
-    bc_epochs: int | None = 30
+    bc_epochs: int | None = 60
     bc_batch_size: int | None = None
     bc_learning_rate: float | None = 2e-3
+    bc_lr_schedule: Literal["constant", "cosine"] | None = "cosine"
     bc_sequence_length: int | None = None
     validation_fraction: float = 0.2
     value_pretraining: bool = True
@@ -189,16 +192,20 @@ class TemperatureConfig:
     """Temperature control (``sb3_warmstart.callbacks.TemperatureController``).
 
     :param enabled: use the controller. Other fields: its keyword arguments.
+    :param target_entropy: policy entropy the controller steers rollouts toward (nats). A good
+        router is nearly deterministic given the state (a clone of ``lor`` has ~0.06 nats), so
+        the default asks for a little exploration only; ``None`` = the controller's
+        ``0.5 * ln(num_replicas)``, which drove a clone's rollouts to the temperature ceiling.
     """
 
     enabled: bool = True
-    target_entropy: float | None = None
+    target_entropy: float | None = 0.15
     target_balance: float = 0.95
     adaptation_rate: float = 0.1
     ema_decay: float = 0.9
     initial_temperature: float = 1.0
     min_temperature: float = 0.5
-    max_temperature: float = 3.0
+    max_temperature: float = 2.0
     collapse_balance: float = 0.7
     pulse_temperature: float = 5.0
     pulse_rollouts: int = 3
@@ -354,7 +361,7 @@ class TrainingConfig:
     seed: int = 0
     env_kwargs: dict[str, Any] = field(default_factory=lambda: {
         "scenario": "a100x4_conv_70", "episode_requests": 512})
-    total_requests: int = 24576
+    total_requests: int = 98304
     ppo: PPOConfig = field(default_factory=PPOConfig)
     kl: KLConfig = field(default_factory=KLConfig)
     warm_start: WarmStartConfig = field(default_factory=WarmStartConfig)

@@ -73,6 +73,7 @@ from llm_cluster_env.config import EnvConfig
 from llm_cluster_env.observation import ObservationLayout
 from llm_cluster_env.routers import ROUTERS, make_router
 from llm_cluster_env.sim.metrics import balance_score
+from sb3_warmstart.atomic import fsync_dir
 
 FORMAT = "sb3_warmstart/demos/v1"
 STATS_FILE = "stats.json"
@@ -634,19 +635,6 @@ def _rename_exchange(a: Path, b: Path) -> bool:
     raise OSError(err, os.strerror(err), str(b))
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - e.g. platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
-
-
 def check_output_replaceable(path: str | os.PathLike) -> None:
     """Raise ``FileExistsError`` if ``path`` exists and is not an earlier demonstration set
     (an empty directory is fine): :func:`save_demonstrations` never replaces anything else."""
@@ -689,7 +677,7 @@ def save_demonstrations(path: str | os.PathLike, trajectories: Sequence, stats: 
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         if not path.exists():
             os.rename(tmp, path)  # atomic; fails if someone created path meanwhile
         elif _rename_exchange(tmp, path):
@@ -702,7 +690,7 @@ def save_demonstrations(path: str | os.PathLike, trajectories: Sequence, stats: 
             except BaseException:
                 os.rename(old / "set", path)
                 raise
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
     except BaseException:
         if old != tmp:  # after an exchange, tmp holds the previous set: leave both intact
             shutil.rmtree(tmp, ignore_errors=True)

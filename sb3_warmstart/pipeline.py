@@ -138,7 +138,10 @@ class WarmStartPipeline:
         self.timings: dict[str, float] = {}
         self.session: TrainingSession | None = None
         self.monitor: TrainingMonitor | None = None
+        self.temperature: TemperatureController | None = None
+        self.stabilization: NormalizerStabilization | None = None
         self.pretrained: Pretrained | None = None
+        self.finished = False
 
     # ================================================================ setup
     def prepare(self) -> None:
@@ -286,9 +289,13 @@ class WarmStartPipeline:
     def _bc_preset(self):
         from dataclasses import replace
 
-        ppo = self.config.ppo
-        return replace(PRESETS[self.config.warm_start.bc_mode], net_arch=tuple(ppo.net_arch),
-                       lstm_hidden_size=ppo.lstm_hidden_size, n_lstm_layers=ppo.n_lstm_layers)
+        ppo, ws = self.config.ppo, self.config.warm_start
+        preset = replace(PRESETS[ws.bc_mode], net_arch=tuple(ppo.net_arch),
+                         lstm_hidden_size=ppo.lstm_hidden_size, n_lstm_layers=ppo.n_lstm_layers)
+        if ws.bc_lr_schedule is not None and ws.bc_lr_schedule != preset.lr_schedule:
+            preset = replace(preset, lr_schedule=ws.bc_lr_schedule,
+                             min_learning_rate=preset.min_learning_rate or 1e-5)
+        return preset
 
     def expected_architecture(self) -> dict[str, Any]:
         """The policy architecture PPO will build (an external checkpoint must match it)."""
@@ -344,7 +351,8 @@ class WarmStartPipeline:
         trajectories, stats = self.collect_demos()
         target = folder / "bc_policy.zip"
         settings = {"demos": stats.get("pipeline_settings"), "bc": self._bc_overrides(),
-                    "mode": ws.bc_mode, "arch": expected, "seed": self.config.seed,
+                    "mode": ws.bc_mode, "schedule": ws.bc_lr_schedule, "arch": expected,
+                    "seed": self.config.seed,
                     "external": str(ws.external_pretrain) if init_model else None,
                     "gamma": ppo.gamma, "value": ws.value_pretraining}
         if target.is_file() and not self.options.force_warmstart:
@@ -402,7 +410,8 @@ class WarmStartPipeline:
         return make_vec_normalize(venv, gamma=ppo.gamma, obs_rms=obs_rms, freeze_obs=freeze_obs,
                                   norm_reward=ppo.norm_reward)
 
-    def make_model(self, venv):
+    def make_model(self, venv, warm: bool = True):
+        """The algorithm; without a warm start there is no reference, so no reference KL."""
         cfg, ppo, kl = self.config, self.config.ppo, self.config.kl
         adv = cfg.advanced_optimization
         lr_cfg = adv.learning_rate_schedule
@@ -421,7 +430,8 @@ class WarmStartPipeline:
             max_grad_norm=(ppo.max_grad_norm if adv.gradient_optimization.clip_by_global_norm
                            else float("inf")),
             target_kl=ppo.target_kl, policy_kwargs=policy_kwargs, seed=cfg.seed, device="cpu",
-            kl_ref_coef_initial=kl.kl_ref_coef_initial, kl_ref_coef_final=kl.kl_ref_coef_final,
+            kl_ref_coef_initial=kl.kl_ref_coef_initial if warm else 0.0,
+            kl_ref_coef_final=kl.kl_ref_coef_final if warm else 0.0,
             kl_ref_decay_steps=kl.kl_ref_decay_steps, kl_coef=kl.kl_coef,
             target_kl_early_stop=kl.target_kl_early_stop,
             entropy_warmup_coef=kl.entropy_warmup_coef, warmup_steps=kl.warmup_steps,
@@ -461,14 +471,13 @@ class WarmStartPipeline:
             stats = pretrained.return_normalizer.ret_rms
             venv.ret_rms.mean, venv.ret_rms.var = np.array(stats.mean), np.array(stats.var)
             venv.ret_rms.count = float(stats.count)
-        model = self.make_model(venv)
+        model = self.make_model(venv, warm=warm)
         if pretrained is not None:
             model.policy.load_state_dict(pretrained.policy.state_dict())
             model.set_reference_policy(pretrained.policy)
         model.set_logger(self.make_logger())
         self.monitor = TrainingMonitor()
         stateful: dict[str, Any] = {"monitor": self.monitor}
-        self.temperature = None
         if self.config.temperature.enabled:
             self.temperature = TemperatureController(**self.config.temperature.controller_kwargs())
             stateful["temperature"] = self.temperature
@@ -496,12 +505,19 @@ class WarmStartPipeline:
 
     def read_progress(self) -> dict[str, Any]:
         path = self.progress_path()
+        config = _fingerprint(self.config.to_dict())
         if path.is_file():
             try:
-                return json.loads(path.read_text())
+                progress = json.loads(path.read_text())
             except ValueError:
                 log.warning("%s is unreadable; starting a new one", path)
-        return {"format": 1, "config": _fingerprint(self.config.to_dict()), "chunks": [],
+            else:
+                if progress.get("config") != config:
+                    log.warning("the configuration changed since the chunks in %s were "
+                                "recorded; continuing with the new one", path)
+                    progress["config"] = config
+                return progress
+        return {"format": 1, "config": config, "chunks": [],
                 "total_requests": self.config.total_requests, "status": "running"}
 
     def write_progress(self, progress: dict[str, Any]) -> None:

@@ -45,6 +45,11 @@ class _TemperatureMixin:
     temperature: float = 1.0
     uniform_actions: bool = False
 
+    def __init__(self, *args: Any, temperature: float = 1.0, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[call-arg]
+        self.temperature = _check_temperature(temperature)
+        self.uniform_actions = False
+
     def _get_action_dist_from_latent(self, latent_pi: th.Tensor) -> Distribution:
         if self.temperature == 1.0 and not self.uniform_actions:
             return super()._get_action_dist_from_latent(latent_pi)  # type: ignore[misc]
@@ -75,11 +80,6 @@ class TemperatureMlpPolicy(_TemperatureMixin, ActorCriticPolicy):
         the logits are divided by it. Change it at any time by assigning the attribute.
     """
 
-    def __init__(self, *args: Any, temperature: float = 1.0, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.temperature = _check_temperature(temperature)
-        self.uniform_actions = False
-
 
 class TemperatureMlpLstmPolicy(_TemperatureMixin, RecurrentActorCriticPolicy):
     """sb3-contrib's ``MlpLstmPolicy`` with a sampling ``temperature`` and ``uniform_actions``.
@@ -90,11 +90,6 @@ class TemperatureMlpLstmPolicy(_TemperatureMixin, RecurrentActorCriticPolicy):
     :param temperature: initial value of the ``temperature`` attribute (> 0, dimensionless):
         the logits are divided by it. Change it at any time by assigning the attribute.
     """
-
-    def __init__(self, *args: Any, temperature: float = 1.0, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.temperature = _check_temperature(temperature)
-        self.uniform_actions = False
 
 
 def distribution_log_probs(distribution: Distribution) -> th.Tensor:
@@ -137,3 +132,4 @@ def action_log_probs(
     if isinstance(policy, ActorCriticPolicy):
         return distribution_log_probs(policy.get_distribution(obs)), None
     raise ValueError(f"policy={type(policy).__name__}: expected an ActorCriticPolicy")
+

@@ -35,7 +35,6 @@ import json
 import math
 import os
 import platform
-import tempfile
 import time
 import zipfile
 import zlib
@@ -55,6 +54,7 @@ from stable_baselines3.common.policies import ActorCriticPolicy
 from stable_baselines3.common.running_mean_std import RunningMeanStd
 from stable_baselines3.common.vec_env import VecEnv
 
+from sb3_warmstart.atomic import atomic_write_bytes
 from sb3_warmstart.bc import ObsNormalizer, ReturnNormalizer
 
 FORMAT = "sb3_warmstart/pretrained"
@@ -352,30 +352,8 @@ def save_pretrained(
         archive.writestr(META_MEMBER, text)
     target = _target_path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(target, buffer.getvalue())
+    atomic_write_bytes(target, buffer.getvalue())
     return target
-
-
-def _atomic_write(target: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    try:  # make the rename durable; not every filesystem allows fsync on a directory
-        dir_fd = os.open(target.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError:
-        pass
 
 
 # ------------------------------------------------------------------------------- loading

@@ -42,12 +42,22 @@ def evaluate_policy(policy_routers: Mapping[str, Any], env_kwargs: Mapping[str, 
     return evaluate_routers(env_kwargs, factories, seeds)
 
 
-def _smooth(values: np.ndarray, window: int) -> np.ndarray:
-    if values.size < window or window <= 1:
-        return values
-    kernel = np.ones(window) / window
-    head = np.array([values[: i + 1].mean() for i in range(window - 1)])
-    return np.concatenate([head, np.convolve(values, kernel, mode="valid")])
+def episode_curve(rows: Sequence[Mapping[str, Any]], window: int = 4,
+                  key: str = "e2e_mean") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(steps, per-step mean, moving mean)`` of training episodes.
+
+    Episodes that end at the same env step (parallel envs with equal-length episodes end
+    together) are averaged first; the moving mean then spans ``window`` such points (the first
+    points average what is available).
+    """
+    steps = np.array([r["num_timesteps"] for r in rows], dtype=np.float64)
+    values = np.array([r[key] for r in rows], dtype=np.float64)
+    unique, inverse = np.unique(steps, return_inverse=True)
+    means = np.bincount(inverse, weights=values) / np.bincount(inverse)
+    cumulative = np.cumsum(np.insert(means, 0, 0.0))
+    lo = np.maximum(np.arange(1, means.size + 1) - window, 0)
+    moving = (cumulative[1:] - cumulative[lo]) / (np.arange(1, means.size + 1) - lo)
+    return unique, means, moving
 
 
 def plot_learning_curve(curves: Mapping[str, Sequence[Mapping[str, Any]]], path: str | Path,
@@ -66,10 +76,9 @@ def plot_learning_curve(curves: Mapping[str, Sequence[Mapping[str, Any]]], path:
     for name, rows in curves.items():
         if not rows:
             continue
-        steps = np.array([r["num_timesteps"] for r in rows])
-        e2e = np.array([r["e2e_mean"] for r in rows])
-        line, = ax.plot(steps, e2e, alpha=0.25)
-        ax.plot(steps, _smooth(e2e, 8), color=line.get_color(), label=f"{name} (8-episode mean)")
+        steps, means, moving = episode_curve(rows)
+        line, = ax.plot(steps, means, alpha=0.3)
+        ax.plot(steps, moving, color=line.get_color(), lw=2, label=f"{name} (moving mean)")
     for i, (name, value) in enumerate((baselines or {}).items()):
         ax.axhline(value, linestyle="--", color=f"C{7 + i}", label=f"{name} (same episodes)")
     ax.set_xlabel("env steps (routed requests)")

@@ -224,3 +224,63 @@ def test_yaml_default_profile_equals_embedded_defaults():
     document = yaml.safe_load((repo / "configs" / "warmstart.yaml").read_text())
     for profile in document["LLMCluster-v0"]:
         load_config(repo / "configs" / "warmstart.yaml", profile)  # every profile is valid
+
+
+evaluate = load_script("evaluate")
+
+
+def test_evaluate_run_folder_checkpoint_and_pretrained(finished_run, tmp_path):
+    summary = evaluate.main(["--model", str(finished_run), "--episodes", "1",
+                             "--episode-requests", "60", "--routers", "lor",
+                             "--output-dir", str(tmp_path / "a")])
+    assert set(summary["routers"]) == {"ppo", "lor"}
+    assert (tmp_path / "a" / "learning_curve.png").is_file()  # the run's history came along
+    final = json.loads((finished_run / "report" / "results.json").read_text())
+    assert summary["routers"]["ppo"]["num_requests"] == 60 != final["routers"]["ppo"][
+        "num_requests"]
+    checkpoint = sorted((finished_run / "checkpoints").glob("step_*"))[-1]
+    summary = evaluate.main(["--model", str(checkpoint), "--scenario", "a100x4_conv_90",
+                             "--episodes", "1", "--episode-requests", "60", "--routers", "lor",
+                             "--output-dir", str(tmp_path / "b")])
+    assert summary["routers"]["ppo"]["e2e_mean"] > 0
+    summary = evaluate.main(["--model", str(finished_run / "pretrained" / "bc_policy.zip"),
+                             "--episodes", "1", "--episode-requests", "60", "--routers",
+                             "round_robin", "--output-dir", str(tmp_path / "c")])
+    assert set(summary["routers"]) == {"ppo", "round_robin"}
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--scenario", "a100x16"], "expects observations (34,) and 4 actions"),
+    (["--routers", "lor,fastest"], "unknown router 'fastest'"),
+    (["--episodes", "0"], "--episodes=0"),
+])
+def test_evaluate_rejects_bad_input(finished_run, argv, message, capsys):
+    with pytest.raises(SystemExit):
+        evaluate.main(["--model", str(finished_run), *argv])
+    assert message in capsys.readouterr().err
+
+
+def test_evaluate_rejects_missing_and_corrupt_models(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        evaluate.main(["--model", str(tmp_path / "none.zip")])
+    assert "no such file" in capsys.readouterr().err
+    bad = tmp_path / "bad.zip"
+    bad.write_bytes(b"PK\x03\x04 not really a zip")
+    with pytest.raises(SystemExit):
+        evaluate.main(["--model", str(bad)])
+    assert "cannot load a policy" in capsys.readouterr().err
+
+
+def test_external_checkpoint_is_fine_tuned_on_fresh_demos(finished_run, tmp_path):
+    from sb3_warmstart.policy_io import read_metadata
+
+    external = finished_run / "pretrained" / "bc_policy.zip"
+    out = tmp_path / "run"
+    run(out, "--external-pretrain", str(external), "--seed", "3")
+    log = (out / "ppo_training.log").read_text()
+    assert "start: external" in log and "BC (fine-tuned external)" in log
+    assert (out / "pretrained" / "external.zip").read_bytes() == external.read_bytes()
+    meta = read_metadata(out / "pretrained" / "bc_policy.zip")
+    assert meta["bc_metrics"]["final"]["fine_tuned"] is True
+    # the external model's normalisation is kept, so its inputs keep their meaning
+    assert meta["obs_normalization"]["mean"] == read_metadata(external)["obs_normalization"]["mean"]
