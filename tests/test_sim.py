@@ -223,3 +223,27 @@ def test_cluster_is_reusable_and_deterministic():
     a = timestamps(run_episode(cluster, random_requests(11)))
     b = timestamps(run_episode(cluster, random_requests(11)))
     np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("jump", [True, False])
+def test_block_boundaries_exact_multiples_under_tight_memory(jump):
+    """Prompts that fill whole blocks grow into a new block on their first decode step; the
+    closed-form block count must agree with the per-request count throughout (checked on every
+    event by check_invariants) and match iteration mode."""
+    reqs = [Request(i, 0.01 * i, prompt_tokens=16 * (1 + i % 3), output_tokens=40 + 7 * i)
+            for i in range(12)]
+    cluster = make_cluster(n=1, blocks=24, watermark=0.0, jump=jump)
+    run_episode(cluster, reqs)
+    assert all(r.state == RequestState.FINISHED for r in reqs)
+    assert sum(r.num_preemptions for r in reqs) > 0
+    rep = cluster.replicas[0]
+    assert rep.num_decoding == 0 and rep.prefill_blocks == 0 and rep.decode_blocks(rep.clock) == 0
+
+
+def test_block_boundary_modes_agree():
+    def run(jump):
+        reqs = [Request(i, 0.01 * i, 16 * (1 + i % 3), 40 + 7 * i) for i in range(12)]
+        run_episode(make_cluster(n=1, blocks=24, watermark=0.0, jump=jump), reqs)
+        return timestamps(reqs)
+
+    np.testing.assert_allclose(run(True), run(False), rtol=0, atol=1e-9)
