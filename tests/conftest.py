@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -14,13 +15,20 @@ TRAIN_STACK = ("torch", "stable_baselines3", "sb3_contrib", "imitation")
 HAVE_TRAIN_STACK = all(importlib.util.find_spec(m) is not None for m in TRAIN_STACK)
 
 
+_TRAIN_IMPORT = re.compile(
+    r"^(?:from|import) (?:torch|stable_baselines3|sb3_contrib|imitation|sb3_warmstart)\b",
+    re.MULTILINE)
+
+
 def pytest_ignore_collect(collection_path, config):
     """Without the training stack (the env-only install on gymnasium 1.x), skip whole test
-    modules marked ``pytestmark = pytest.mark.train``: they import torch/SB3 at the top."""
+    modules marked ``pytestmark = pytest.mark.train`` or importing the stack at top level."""
     if HAVE_TRAIN_STACK or collection_path.suffix != ".py":
         return None
-    head = collection_path.read_text(errors="ignore")[:4000]
-    return True if "pytestmark = pytest.mark.train" in head else None
+    text = collection_path.read_text(errors="ignore")
+    if "pytestmark = pytest.mark.train" in text or _TRAIN_IMPORT.search(text):
+        return True
+    return None
 
 
 def vidur_data_dir() -> Path:

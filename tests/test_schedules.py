@@ -7,9 +7,10 @@ import pickle
 
 import pytest
 
-from sb3_warmstart.schedules import EntropyCoefficient, LinearDecay, LRScheduleConfig
-
+pytestmark = pytest.mark.train
 th = pytest.importorskip("torch")
+
+from sb3_warmstart.schedules import EntropyCoefficient, LinearDecay, LRScheduleConfig  # noqa: E402
 
 from sb3_warmstart.schedules import build_lr_scheduler  # noqa: E402
 
