@@ -45,6 +45,8 @@ from stable_baselines3.common.distributions import Distribution
 from stable_baselines3.common.policies import ActorCriticPolicy
 from stable_baselines3.common.running_mean_std import RunningMeanStd
 
+from sb3_warmstart.normalize import checked_moments
+
 if TYPE_CHECKING:  # pragma: no cover
     from imitation.data.types import Trajectory
     from stable_baselines3.common.logger import Logger
@@ -72,12 +74,7 @@ class ObsNormalizer:
 
     def __init__(self, obs_rms: RunningMeanStd, clip_obs: float = VECNORMALIZE_CLIP_OBS,
                  epsilon: float = VECNORMALIZE_EPSILON) -> None:
-        mean = np.asarray(obs_rms.mean, dtype=np.float64)
-        var = np.asarray(obs_rms.var, dtype=np.float64)
-        if mean.shape != var.shape:
-            raise ValueError(f"obs_rms: mean shape {mean.shape} != var shape {var.shape}")
-        if not (np.all(np.isfinite(mean)) and np.all(np.isfinite(var)) and np.all(var >= 0)):
-            raise ValueError("obs_rms: mean and var must be finite and var >= 0")
+        checked_moments(obs_rms)
         if not clip_obs > 0:
             raise ValueError(f"clip_obs={clip_obs!r}: must be > 0")
         if not epsilon > 0:

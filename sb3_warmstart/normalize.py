@@ -23,6 +23,18 @@ from stable_baselines3.common.running_mean_std import RunningMeanStd
 from stable_baselines3.common.vec_env import VecEnv, VecNormalize
 
 
+def checked_moments(stats: RunningMeanStd, what: str = "obs_rms") -> tuple[np.ndarray, np.ndarray]:
+    """Copies of ``stats.mean`` and ``stats.var`` (float64) after checking they have one shape,
+    are finite and the variance is >= 0; ``ValueError`` naming ``what`` otherwise."""
+    mean = np.array(stats.mean, dtype=np.float64)
+    var = np.array(stats.var, dtype=np.float64)
+    if mean.shape != var.shape:
+        raise ValueError(f"{what}: mean.shape={mean.shape} differs from var.shape={var.shape}")
+    if not (np.all(np.isfinite(mean)) and np.all(np.isfinite(var)) and np.all(var >= 0)):
+        raise ValueError(f"{what}: mean and var must be finite and var >= 0")
+    return mean, var
+
+
 class FrozenRunningMeanStd(RunningMeanStd):
     """``RunningMeanStd`` that ignores updates while ``frozen`` is True.
 
@@ -46,12 +58,7 @@ class FrozenRunningMeanStd(RunningMeanStd):
         :param stats: the statistics to copy; they are not aliased.
         :param frozen: whether the copy ignores updates.
         """
-        mean = np.array(stats.mean, dtype=np.float64)
-        var = np.array(stats.var, dtype=np.float64)
-        if mean.shape != var.shape:
-            raise ValueError(f"obs_rms: mean.shape={mean.shape} differs from var.shape={var.shape}")
-        if not (np.all(np.isfinite(mean)) and np.all(np.isfinite(var)) and np.all(var >= 0)):
-            raise ValueError("obs_rms: mean and var must be finite and var >= 0")
+        mean, var = checked_moments(stats)
         count = float(stats.count)
         if not count > 0:
             raise ValueError(f"obs_rms.count={count!r}: must be > 0")
