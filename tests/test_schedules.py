@@ -10,9 +10,12 @@ import pytest
 pytestmark = pytest.mark.train
 th = pytest.importorskip("torch")
 
-from sb3_warmstart.schedules import EntropyCoefficient, LinearDecay, LRScheduleConfig  # noqa: E402
-
-from sb3_warmstart.schedules import build_lr_scheduler  # noqa: E402
+from sb3_warmstart.schedules import (  # noqa: E402
+    EntropyCoefficient,
+    LinearDecay,
+    LRScheduleConfig,
+    build_lr_scheduler,
+)
 
 
 def test_linear_decay_values_and_clamp():
