@@ -147,7 +147,17 @@ class WarmStartPipeline:
     def prepare(self) -> None:
         """Create the run folder, record config and command, start the log."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        dump_config(self.config, self.run_dir / "config.yaml")
+        config_path = self.run_dir / "config.yaml"
+        if config_path.is_file():  # an earlier invocation: keep its config if this one differs
+            from sb3_warmstart.config import load_config
+
+            try:
+                earlier = load_config(config_path)
+            except Exception:  # unreadable or from another version: keep it all the same
+                earlier = None
+            if earlier != self.config:
+                config_path.rename(self.run_dir / f"config.{time.strftime('%Y%m%d-%H%M%S')}.yaml")
+        dump_config(self.config, config_path)
         with open(self.run_dir / "command.txt", "a") as f:
             f.write(" ".join(self.options.command) + "\n")
         handler = logging.FileHandler(self.run_dir / "ppo_training.log")

@@ -174,6 +174,8 @@ def test_checkpoint_of_another_env_starts_fresh_or_fails_strict(finished_run, tm
     run(out, "--set", "ppo.lstm_hidden_size=8")
     log = (out / "ppo_training.log").read_text()
     assert "continuing with a fresh training state" in log
+    earlier = list(out.glob("config.*.yaml"))  # the first run's config was kept
+    assert len(earlier) == 1 and "lstm_hidden_size: 16" in earlier[0].read_text()
 
 
 @pytest.mark.parametrize("argv, message", [
