@@ -168,7 +168,8 @@ def restore_state(session: TrainingSession, state: Mapping[str, Any]) -> None:
                                                       norm["norm_reward"])
     envs = state["envs"]
     if len(envs) != venv.num_envs:
-        raise CheckpointMismatch(Path("."), [f"n_envs: checkpoint {len(envs)}, run {venv.num_envs}"])
+        raise CheckpointError(f"the checkpoint holds {len(envs)} environments, this run has "
+                              f"{venv.num_envs} (n_envs)")
     venv.venv.envs = list(envs)
     for name, obj in session.stateful.items():
         if name in state["stateful"]:

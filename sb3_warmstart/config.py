@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -465,4 +465,4 @@ def dump_config(config: TrainingConfig, path: str | Path, profile: str = DEFAULT
     atomic_write_text(path, text)
 
 
-__all__ = ["ConfigError", "TrainingConfig", "dump_config", "load_config", "replace"]
+__all__ = ["ConfigError", "TrainingConfig", "dump_config", "load_config"]

@@ -79,10 +79,6 @@ class Cluster:
         self.finished: list[Request] = []  # in finishing order
         self.num_events = 0
 
-    @property
-    def num_arrived(self) -> int:
-        return self._next
-
     def _next_arrival_time(self) -> float:
         if self._next < len(self.requests):
             return self.requests[self._next].arrival_time
@@ -150,7 +146,7 @@ class Cluster:
         replica = self.replicas[replica_id]
         now = self.now
         queue_was_empty = not replica.waiting
-        replica.enqueue(request, now)
+        replica.enqueue(request)
         self.in_system += 1
         if replica.busy:
             end = replica.on_dispatch(now, queue_was_empty)

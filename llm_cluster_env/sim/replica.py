@@ -130,14 +130,6 @@ class Replica:
         self.tokens_generated = 0
 
     @property
-    def num_waiting(self) -> int:
-        return len(self.waiting)
-
-    @property
-    def num_running(self) -> int:
-        return len(self.running)
-
-    @property
     def max_request_tokens(self) -> int:
         """Largest prompt + output (tokens) this replica can always finish: admission needs the
         prompt's blocks above the watermark, the last decode step needs ``p + o - 1`` slots."""
@@ -202,11 +194,10 @@ class Replica:
         req.generated = self.clock - offset
 
     # ------------------------------------------------------------- dispatch
-    def enqueue(self, req: Request, now: float) -> None:
+    def enqueue(self, req: Request) -> None:
         """Put a dispatched request at the back of the waiting queue."""
         req.replica_id = self.id
         req.state = WAITING
-        req.dispatch_time = now
         self.waiting.append(req)
         self.pending_prefill_tokens += req.prefill_tokens
         self.active_output_tokens += req.output_tokens

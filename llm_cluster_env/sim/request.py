@@ -39,7 +39,7 @@ class Request:
         "admit_seq",  # replica-local admission counter; orders preemption
         "decode_offset",  # generated = replica.clock - decode_offset while DECODING
         "blocks",  # KV blocks held while PREFILLING
-        "dispatch_time", "first_scheduled_time", "first_token_time", "finish_time",
+        "first_scheduled_time", "first_token_time", "finish_time",
         "num_preemptions",
     )
 
@@ -57,7 +57,6 @@ class Request:
         self.admit_seq = -1
         self.decode_offset = 0
         self.blocks = 0
-        self.dispatch_time = -1.0
         self.first_scheduled_time = -1.0
         self.first_token_time = -1.0
         self.finish_time = -1.0
