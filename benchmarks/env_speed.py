@@ -7,7 +7,10 @@ Prints, from one run on this machine (ratios are what to compare across machines
 2. the jump/iteration speed-up across loads, for the whole env step and for the simulator core
    alone (cluster events, no observation building), plus iterations simulated per event.
 
-Usage: ``python benchmarks/env_speed.py [--requests 20000] [--repeats 3]``
+Both are measured for each batching policy given (default: all three; loads are relative to
+the default policy's capacity).
+
+Usage: ``python -m benchmarks.env_speed [--requests 20000] [--repeats 3] [--batching ...]``
 """
 
 from __future__ import annotations
@@ -25,15 +28,20 @@ from llm_cluster_env.sim.cluster import Cluster
 from llm_cluster_env.sim.request import Request
 
 
-def env_kwargs(replicas: int, load: float, requests: int, mode: str = "jump") -> dict:
+BATCHING = ("mixed_chunked", "mixed", "vllm_v0")
+
+
+def env_kwargs(replicas: int, load: float, requests: int, mode: str = "jump",
+               batching: str = "mixed_chunked") -> dict:
     return dict(scenario="a100x4_conv_70", num_replicas=replicas, episode_requests=requests,
-                simulation_mode=mode,
+                simulation_mode=mode, replica={"batching": batching},
                 workload={"qps": load * replicas * A100_7B_CAPACITY_RPS})
 
 
 def steps_per_second(replicas: int, load: float, requests: int, repeats: int,
-                     wrapped: bool = False, mode: str = "jump") -> float:
-    kwargs = env_kwargs(replicas, load, requests, mode)
+                     wrapped: bool = False, mode: str = "jump",
+                     batching: str = "mixed_chunked") -> float:
+    kwargs = env_kwargs(replicas, load, requests, mode, batching)
     env = gym.make("LLMCluster-v0", **kwargs) if wrapped else LLMClusterEnv(**kwargs)
     steps = requests
 
@@ -65,9 +73,10 @@ class _WrappedTimer:
         return out
 
 
-def core_seconds(replicas: int, load: float, requests: int, jump: bool) -> tuple[float, int, int]:
+def core_seconds(replicas: int, load: float, requests: int, jump: bool,
+                 batching: str = "mixed_chunked") -> tuple[float, int, int]:
     """Simulator core alone: route by least outstanding requests straight on the replicas."""
-    env = LLMClusterEnv(**env_kwargs(replicas, load, requests))
+    env = LLMClusterEnv(**env_kwargs(replicas, load, requests, batching=batching))
     episode = env.workload.sample(requests, np.random.default_rng(0))
     cluster = Cluster.from_configs(env.config.replica_configs, jump=jump)
     reqs = [Request(i, t, p, o) for i, (t, p, o) in enumerate(zip(
@@ -88,28 +97,34 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=20000)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--batching", nargs="+", choices=BATCHING, default=list(BATCHING))
     args = parser.parse_args()
 
-    print(f"1) env steps/s, lor router, ~80% load (best of {args.repeats})")
-    print(f"{'replicas':>8}  {'raw env':>10}  {'gym.make':>10}")
-    for replicas in (4, 16):
-        raw = steps_per_second(replicas, 0.8, args.requests, args.repeats)
-        wrapped = steps_per_second(replicas, 0.8, args.requests, args.repeats, wrapped=True)
-        print(f"{replicas:>8}  {raw:>10,.0f}  {wrapped:>10,.0f}")
+    for batching in args.batching:
+        print(f"=== batching: {batching}")
+        print(f"1) env steps/s, lor router, ~80% load (best of {args.repeats})")
+        print(f"{'replicas':>8}  {'raw env':>10}  {'gym.make':>10}")
+        for replicas in (4, 16):
+            raw = steps_per_second(replicas, 0.8, args.requests, args.repeats, batching=batching)
+            wrapped = steps_per_second(replicas, 0.8, args.requests, args.repeats, wrapped=True,
+                                       batching=batching)
+            print(f"{replicas:>8}  {raw:>10,.0f}  {wrapped:>10,.0f}")
 
-    print("\n2) jump vs iteration-by-iteration, 4 replicas, same workload and decisions")
-    print(f"{'load':>5}  {'env x':>6}  {'core x':>6}  {'iters/req':>9}  {'events/req':>10}  "
-          f"{'core jump req/s':>15}")
-    for load in (0.1, 0.3, 0.5, 0.7, 0.9):
-        n = args.requests // 2
-        env_jump = steps_per_second(4, load, n, args.repeats)
-        env_iter = steps_per_second(4, load, n, args.repeats, mode="iteration")
-        jump = min((core_seconds(4, load, n, True) for _ in range(args.repeats)),
-                   key=lambda r: r[0])
-        it = min((core_seconds(4, load, n, False) for _ in range(args.repeats)),
-                 key=lambda r: r[0])
-        print(f"{load:>5.1f}  {env_jump / env_iter:>6.1f}  {it[0] / jump[0]:>6.1f}  "
-              f"{it[2] / n:>9.1f}  {jump[1] / n:>10.2f}  {n / jump[0]:>15,.0f}")
+        print("\n2) jump vs iteration-by-iteration, 4 replicas, same workload and decisions")
+        print(f"{'load':>5}  {'env x':>6}  {'core x':>6}  {'iters/req':>9}  {'events/req':>10}  "
+              f"{'core jump req/s':>15}")
+        for load in (0.1, 0.3, 0.5, 0.7, 0.9):
+            n = args.requests // 2
+            env_jump = steps_per_second(4, load, n, args.repeats, batching=batching)
+            env_iter = steps_per_second(4, load, n, args.repeats, mode="iteration",
+                                        batching=batching)
+            jump = min((core_seconds(4, load, n, True, batching) for _ in range(args.repeats)),
+                       key=lambda r: r[0])
+            it = min((core_seconds(4, load, n, False, batching) for _ in range(args.repeats)),
+                     key=lambda r: r[0])
+            print(f"{load:>5.1f}  {env_jump / env_iter:>6.1f}  {it[0] / jump[0]:>6.1f}  "
+                  f"{it[2] / n:>9.1f}  {jump[1] / n:>10.2f}  {n / jump[0]:>15,.0f}")
+        print()
 
 
 if __name__ == "__main__":

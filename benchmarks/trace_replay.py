@@ -32,7 +32,7 @@ def main() -> None:
     print(f"{'rate':>22}  {'mode':>9}  {'sim req/s':>10}  {'sim s / wall s':>14}  "
           f"{'mean E2E s':>10}")
     for label, qps in (("trace's own (5.5/s)", None),
-                       ("80% load (15.9/s)", 0.8 * 4 * A100_7B_CAPACITY_RPS)):
+                       ("80% load (16.1/s)", 0.8 * 4 * A100_7B_CAPACITY_RPS)):
         for mode in ("jump", "iteration"):
             env = LLMClusterEnv(
                 num_replicas=4, episode_requests=args.requests, simulation_mode=mode,

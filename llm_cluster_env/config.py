@@ -29,13 +29,20 @@ class ReplicaConfig:
     :param watermark: fraction of KV blocks that admission keeps free (vLLM ``watermark``).
     :param gpu_memory_utilization: fraction of GPU memory the engine may use (weights, KV cache
         and an activation reserve); the KV cache gets what remains after weights and reserve.
-    :param max_num_batched_tokens: per-iteration token budget. Without chunked prefill it caps the
-        prompt tokens admitted in one iteration (a longer prompt still runs alone); with chunked
-        prefill it caps decode + prefill-chunk tokens (Sarathi). ``None``: the model's context
-        length without chunking, 512 with chunking.
-    :param chunked_prefill: split prompts into chunks that share iterations with decodes.
+    :param batching: the engine's batching policy (see :mod:`llm_cluster_env.sim.replica`):
+        ``"mixed_chunked"`` (today's vLLM: every running request decodes and prompt chunks fill
+        the rest of the token budget, in the same iteration), ``"mixed"`` (whole prompts join
+        the decodes of the same iteration, no chunking) or ``"vllm_v0"`` (vLLM before chunked
+        prefill, as Vidur models it: prefill-only and decode-only batches, padded token budget,
+        Vidur's KV-capacity rule and no CPU overhead).
+    :param max_num_batched_tokens: per-iteration token budget. ``mixed_chunked``: decode +
+        prefill-chunk tokens (default 2048, vLLM V1's latency-oriented default). ``mixed``: prompt
+        tokens admitted in one iteration (a longer prompt still runs alone). ``vllm_v0``: the
+        padded budget ``len(batch) * longest prompt``; must be at least the model's context
+        length, as vLLM v0 requires. Default for both: the model's context length.
     :param num_kv_blocks: override the KV capacity derived from memory (blocks); for tests.
-    :param iteration_overhead_s: override the fitted per-iteration CPU overhead (seconds).
+    :param iteration_overhead_s: override the fitted per-iteration CPU overhead (seconds;
+        ``vllm_v0`` defaults to 0, as in Vidur).
     """
 
     model: str = "llama-2-7b"
@@ -45,8 +52,8 @@ class ReplicaConfig:
     block_size: int = 16
     watermark: float = 0.01
     gpu_memory_utilization: float = 0.9
+    batching: Literal["mixed_chunked", "mixed", "vllm_v0"] = "mixed_chunked"
     max_num_batched_tokens: int | None = None
-    chunked_prefill: bool = False
     num_kv_blocks: int | None = None
     iteration_overhead_s: float | None = None
 
@@ -114,8 +121,9 @@ class WorkloadConfig:
     :param trace_start: first trace row of an episode; ``None`` draws a random start per episode.
     :param max_total_tokens: cap on prompt + output tokens; ``None`` uses the smallest context
         length and KV capacity among the replicas, so every request fits on every replica.
-    :param oversize_policy: what happens to a request over the cap: ``"clip"`` (shorten the
-        output to at most the cap minus one, then the prompt; counted in the episode metrics),
+    :param oversize_policy: what happens to a request over the cap: ``"clip"`` (remove the
+        excess from prompt and output in proportion to their lengths, each kept >= 1; counted in
+        the episode metrics),
         ``"reject"`` (drop it before routing; counted as rejected) or ``"error"`` (fail, naming
         the request).
     """

@@ -12,7 +12,7 @@ from llm_cluster_env.config import EnvConfig
 from llm_cluster_env.observation import ClusterView, ObservationBuilder, ObservationLayout
 from llm_cluster_env.reward import RewardFunction
 from llm_cluster_env.sim.cluster import Cluster
-from llm_cluster_env.sim.metrics import RequestLatencies, episode_metrics
+from llm_cluster_env.sim.metrics import RequestLatencies, RequestRecords, episode_metrics
 from llm_cluster_env.sim.request import Request
 from llm_cluster_env.workload import Workload, WorkloadGenerator
 
@@ -44,13 +44,21 @@ class LLMClusterEnv(gym.Env):
 
     ## Starting State
     An empty cluster at the first arrival of a workload drawn from ``np_random`` (or replayed
-    from a trace).
+    from a trace). ``reset(options={"workload": w})`` serves the given
+    :class:`~llm_cluster_env.workload.Workload` instead, exactly as it is (arrival times,
+    lengths, counters; ``episode_requests`` is ignored): that is how
+    :mod:`llm_cluster_env.replay` replays a request file.
 
     ## Episode End
     Terminates after ``episode_requests`` requests have been routed; the last step drains the
-    cluster, and its ``info["metrics"]`` holds the episode statistics (latency percentiles,
-    throughput, SLO attainment, utilisation, dispatch balance; see
-    :mod:`llm_cluster_env.sim.metrics`). Never truncated.
+    cluster. Its ``info["metrics"]`` holds the episode statistics (latency percentiles,
+    throughput, SLO attainment, utilisation, dispatch balance) and ``info["requests"]`` the
+    per-request records as a ``column -> numpy array`` mapping (request id, arrival, lengths,
+    replica, scheduling delay, TTFT, E2E, TPOT, preemptions; columns
+    :data:`~llm_cluster_env.sim.metrics.REQUEST_COLUMNS`, the same as the replay CSV), a
+    :class:`~llm_cluster_env.sim.metrics.RequestRecords` that vector envs keep whole; see
+    :mod:`llm_cluster_env.sim.metrics`. Earlier steps return an empty ``info``. Never
+    truncated.
 
     ## Arguments
     ``gym.make("LLMCluster-v0", scenario=None, **kwargs)``: ``scenario`` names a packaged
@@ -88,10 +96,18 @@ class LLMClusterEnv(gym.Env):
 
     # ------------------------------------------------------------------ gym API
     def reset(self, *, seed: int | None = None, options: dict | None = None):
+        """Start an episode; ``options={"workload": Workload}`` serves that workload as given
+        instead of drawing one (see Starting State)."""
         super().reset(seed=seed)
-        episode = self.workload.sample(self.config.episode_requests, self.np_random)
+        episode = (options or {}).get("workload")
+        if episode is None:
+            episode = self.workload.sample(self.config.episode_requests, self.np_random)
+        elif not isinstance(episode, Workload):
+            raise TypeError(f"options['workload']: expected a Workload, got "
+                            f"{type(episode).__name__}")
         if len(episode) == 0:
-            raise ValueError("the workload has no request left after oversize_policy='reject'")
+            raise ValueError("the episode has no request (all rejected by "
+                             "oversize_policy='reject', or an empty options['workload'])")
         self._episode = episode
         requests = [
             Request(i, t, p, o)
@@ -131,7 +147,9 @@ class LLMClusterEnv(gym.Env):
         self._obs = self._observe()
         info: dict[str, Any] = {}
         if terminated:
-            info["metrics"] = self.episode_metrics()
+            latencies = RequestLatencies.from_requests(cluster.requests)
+            info["metrics"] = self._metrics(latencies)
+            info["requests"] = latencies.columns()
         return self._obs, reward, terminated, False, info
 
     # ----------------------------------------------------------------- helpers
@@ -153,10 +171,18 @@ class LLMClusterEnv(gym.Env):
         """The request the next action routes (``None`` once the episode has ended)."""
         return self._pending
 
+    def request_records(self) -> RequestRecords:
+        """Per-request records of the requests finished so far (the whole episode once it has
+        ended) as ``column -> array``, columns
+        :data:`~llm_cluster_env.sim.metrics.REQUEST_COLUMNS`, in request-id order."""
+        return RequestLatencies.from_requests(self.cluster.requests).columns()
+
     def episode_metrics(self) -> dict[str, float]:
         """Statistics of the requests finished so far (the whole episode once it has ended)."""
+        return self._metrics(RequestLatencies.from_requests(self.cluster.requests))
+
+    def _metrics(self, latencies: RequestLatencies) -> dict[str, float]:
         cluster = self.cluster
-        latencies = RequestLatencies.from_requests(cluster.requests)
         first_arrival = cluster.requests[0].arrival_time if cluster.requests else 0.0
         makespan = (latencies.finish_time.max() - first_arrival) if latencies.e2e.size else 0.0
         metrics = episode_metrics(

@@ -56,10 +56,15 @@ class RouterResult:
         return {k: self.mean(k) for k in keys}
 
 
-def run_episode(env: LLMClusterEnv, router: Router, seed: int
+def run_episode(env: LLMClusterEnv, router: Router, seed: int,
+                options: Mapping[str, Any] | None = None
                 ) -> tuple[dict[str, float], RequestLatencies]:
-    """Route one episode of ``env`` (unwrapped) with ``router``; return metrics and latencies."""
-    env.reset(seed=seed)
+    """Route one episode of ``env`` (unwrapped) with ``router``; return metrics and latencies.
+
+    The router draws from ``default_rng(seed + 7919)``; ``options`` go to ``env.reset`` (e.g.
+    ``{"workload": w}`` to serve a given workload).
+    """
+    env.reset(seed=seed, options=dict(options) if options else None)
     router.reset(env.num_replicas, np.random.default_rng(seed + 7_919))
     terminated = False
     info: dict[str, Any] = {}

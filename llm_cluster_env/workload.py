@@ -73,8 +73,9 @@ correlation and cannot express either of the shapes above.
 
 Oversized requests (``WorkloadConfig.oversize_policy``, cap ``max_total_tokens``)
 ----------------------------------------------------------------------------------
-``clip``: ``output = min(output, cap - 1)`` then ``prompt = min(prompt, cap - output)``, so
-``prompt + output <= cap`` with both ``>= 1`` (counted in ``Workload.num_clipped``).
+``clip``: the excess ``prompt + output - cap`` is removed from both lengths in proportion to
+their size (each cut rounded up, each length kept ``>= 1``), as Vidur does, so
+``prompt + output <= cap`` (counted in ``Workload.num_clipped``).
 ``reject``: the request is dropped (arrays get shorter; counted in ``num_rejected``).
 ``error``: :meth:`WorkloadGenerator.sample` raises ``ValueError`` naming the request index,
 its trace line (for trace lengths) and its lengths.
@@ -639,10 +640,19 @@ def trace_window(trace: Trace, n: int, start: int,
 
 def clip_lengths(prompt: np.ndarray, output: np.ndarray,
                  max_total: int) -> tuple[np.ndarray, np.ndarray]:
-    """Clip to ``prompt + output <= max_total``: output to ``max_total - 1``, then the prompt."""
-    output = np.minimum(output, max_total - 1)
-    prompt = np.minimum(prompt, max_total - output)
-    return prompt, output
+    """Clip to ``prompt + output <= max_total`` (tokens), taking the excess from both lengths in
+    proportion to their size, each cut rounded up, and keeping each at least 1 (Vidur's rule).
+
+    Rounding both cuts up removes at least the excess, and a length floored back to 1 was cut by
+    more than its share, so the sum never exceeds ``max_total`` (>= 2).
+    """
+    prompt = np.asarray(prompt, dtype=np.int64)
+    output = np.asarray(output, dtype=np.int64)
+    total = prompt + output
+    excess = np.maximum(total - max_total, 0)
+    prompt_cut = -((-excess * prompt) // total)  # ceil(excess * prompt / total), exact in ints
+    output_cut = -((-excess * output) // total)
+    return np.maximum(prompt - prompt_cut, 1), np.maximum(output - output_cut, 1)
 
 
 def _oversize_message(index: int, prompt: int, output: int, max_total: int,
@@ -785,7 +795,7 @@ class WorkloadGenerator:
         else:
             assert self._trace is not None
             prompt, output = self._trace.prompt_tokens[rows], self._trace.output_tokens[rows]
-        return self._apply_policy(times, prompt, output, rows)
+        return self.apply_oversize_policy(times, prompt, output, rows)
 
     # ---- sampling steps ---------------------------------------------------------------------
 
@@ -823,9 +833,12 @@ class WorkloadGenerator:
         rows = rng.integers(len(self._trace), size=n)
         return self._trace.prompt_tokens[rows], self._trace.output_tokens[rows], rows
 
-    def _apply_policy(self, times: np.ndarray, prompt: np.ndarray, output: np.ndarray,
-                      rows: np.ndarray | None) -> Workload:
-        """Apply ``oversize_policy`` and package the episode."""
+    def apply_oversize_policy(self, times: np.ndarray, prompt: np.ndarray, output: np.ndarray,
+                              rows: np.ndarray | None = None) -> Workload:
+        """Package given arrival times (seconds) and lengths (tokens) as a :class:`Workload`
+        after ``oversize_policy`` against ``max_total_tokens``: clipped, rejected (dropped and
+        counted) or ``ValueError`` naming the first oversized request (and its line in this
+        generator's trace when ``rows`` maps requests to trace rows). Times are kept as given."""
         cap = self.max_total_tokens
         over = prompt + output > cap
         policy = self.config.oversize_policy

@@ -3,8 +3,9 @@
 Reads the raw data (never copied into the project) from ``--data-dir`` (default
 ``../shared/data/vidur`` next to the checkout) and writes one JSON file per shipped
 (model, GPU, tensor-parallel) combination to ``--out-dir`` (default
-``llm_cluster_env/sim/coefficients``). ``--check`` only prints the MAPE table and whether the
-shipped files match a fresh fit.
+``llm_cluster_env/sim/coefficients``). ``--check`` only prints the per-operation fit errors
+(MAPE and leave-one-out MAPE on the profiling rows) and whether the shipped files match a
+fresh fit.
 
 The model itself, its units and every assumption are described in
 :mod:`llm_cluster_env.sim.latency` and ``docs/latency_calibration.md``. This script uses only
@@ -13,7 +14,7 @@ the standard library and numpy, so the tests can import it and call :func:`fit_c
 Usage::
 
     python scripts/fit_latency_model.py            # refit and rewrite the JSON files
-    python scripts/fit_latency_model.py --check    # report MAPE, write nothing
+    python scripts/fit_latency_model.py --check    # report per-operation MAPE, write nothing
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import argparse
 import csv
 import datetime as dt
 import json
+import math
 import os
 import sys
 from collections import defaultdict
@@ -43,7 +45,7 @@ except ImportError:  # run as a plain script from a checkout that is not install
 DEFAULT_DATA_DIR = Path(os.environ.get("LLM_CLUSTER_VIDUR_DATA") or REPO_ROOT.parent / "shared" / "data" / "vidur")
 DEFAULT_OUT_DIR = REPO_ROOT / "llm_cluster_env" / "sim" / "coefficients"
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 VIDUR_REPOSITORY = "https://github.com/microsoft/vidur"
 VIDUR_COMMIT = "7d47513363ec447a741ac5e47241580b47724fbf"  # from the data README
 
@@ -90,9 +92,10 @@ PER_LAYER_OPS = (
     "mlp_down_proj",
     "add",
 )
-#: Once per iteration: the token embedding lookup and the final RMSNorm (timed as one more
-#: ``input_layernorm``). The LM head is added separately (see :func:`fit_non_attention`).
-ONCE_PER_ITERATION_OPS = ("emb", "input_layernorm")
+#: Once per iteration, as (name in the JSON, mlp.csv operation timed): the token embedding
+#: lookup and the final RMSNorm (timed as one more ``input_layernorm``). The LM head is added
+#: separately (see :func:`fit_non_attention`).
+ONCE_PER_ITERATION_OPS = (("emb", "emb"), ("final_norm", "input_layernorm"))
 
 #: CPU-side work per iteration (scheduling, input preparation, sampling), not in these CSVs.
 #: Rounded from a least-squares line through Vidur's own CPU profile of Llama-2-7B, TP1, A100
@@ -122,14 +125,19 @@ def _is_true(text: str) -> bool:
 
 @dataclass(frozen=True)
 class AttentionRow:
-    """One distinct attention measurement of the reference profile."""
+    """One distinct attention key of the reference profile and its measured medians."""
 
     tensor_parallel: int
     is_prefill: bool
     batch_size: int
     prefill_chunk_size: int
     kv_cache_size: int
-    time_ms: float  # per layer
+    measured_ms: tuple[float, ...]  # per layer, one per profiling row with this key
+
+    @property
+    def time_ms(self) -> float:
+        """Mean of the measurements (ms per layer): what the fits use."""
+        return float(np.mean(self.measured_ms))
 
 
 class VidurData:
@@ -164,7 +172,7 @@ class VidurData:
         """Every attention row of the reference profile, one per distinct key.
 
         The two files overlap; the README reports that overlapping keys agree (one key was
-        measured twice in the original): duplicates are averaged.
+        measured twice in the original): the fits use their mean, the MAPE every row.
         """
         grouped: dict[tuple, list[float]] = defaultdict(list)
         for name in ATTENTION_FILES:
@@ -180,7 +188,7 @@ class VidurData:
                 )
                 grouped[key].append(float(row[column]))
         return [
-            AttentionRow(tp, prefill, batch, chunk, kv, float(np.mean(times)))
+            AttentionRow(tp, prefill, batch, chunk, kv, tuple(times))
             for (tp, prefill, batch, chunk, kv), times in sorted(grouped.items())
         ]
 
@@ -240,55 +248,133 @@ def check_shape(rows: list[dict[str, str]], spec: ModelSpec, path: Path) -> None
 # --------------------------------------------------------------------------- fits
 
 
-def fit_non_attention(rows: list[dict[str, str]], spec: ModelSpec, tensor_parallel: int) -> dict:
-    """Per-iteration non-attention time (ms) at each profiled num_tokens, made non-decreasing.
+@dataclass(frozen=True, eq=False)
+class TableFit:
+    """One operation's shipped table and its errors on the profiling rows.
 
-    total(n) = num_layers * sum(PER_LAYER_OPS medians) + sum(ONCE_PER_ITERATION_OPS medians).
-    Duplicate num_tokens rows are averaged; the table is the isotonic (least-squares
-    non-decreasing) projection of the totals, so a bigger batch is never faster.
+    The table is the isotonic (least-squares non-decreasing) fit of the per-x means of the
+    measured medians (duplicate x averaged), piecewise-linear between grid points and linear
+    with ``slope`` past the last one. Times in ms, x in tokens (or bytes for all-reduce).
+    """
+
+    grid: np.ndarray  # distinct profiled x, ascending
+    table: np.ndarray  # ms at each grid point, non-decreasing
+    slope: float  # ms per unit x past grid[-1]
+    row_x: np.ndarray  # every profiling row (duplicates included)
+    row_y: np.ndarray  # its measured median, ms
+    loo: np.ndarray  # ms at grid[1:-1], each from the table refitted without that point
+
+    @classmethod
+    def from_rows(cls, row_x: Iterable[float], row_y: Iterable[float]) -> TableFit:
+        x, y = np.asarray(list(row_x), float), np.asarray(list(row_y), float)
+        order = np.argsort(x, kind="stable")
+        x, y = x[order], y[order]
+        grid, inverse = np.unique(x, return_inverse=True)
+        means = np.bincount(inverse, weights=y) / np.bincount(inverse)
+        table = isotonic_increasing(means)
+        return cls(grid, table, tail_slope(grid, table), x, y, leave_one_out(grid, means))
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        return interp_extrap(x, self.grid, self.table, self.slope)
+
+    def mape(self, max_x: float = math.inf) -> float:
+        """MAPE (%) of the table on every profiling row with x <= max_x."""
+        used = self.row_x <= max_x
+        return mape_percent(self.predict(self.row_x[used]), self.row_y[used])
+
+    def loo_mape(self, max_x: float = math.inf) -> float:
+        """MAPE (%) of the leave-one-out predictions on the rows at interior grid points."""
+        return loo_mape_percent(self.grid, self.loo, self.row_x, self.row_y, max_x)
+
+
+def leave_one_out(grid: np.ndarray, means: np.ndarray) -> np.ndarray:
+    """At each interior grid point, the isotonic table fitted without it, interpolated there."""
+    predictions = []
+    for i in range(1, len(grid) - 1):
+        rest_x, rest_y = np.delete(grid, i), isotonic_increasing(np.delete(means, i))
+        predictions.append(float(np.interp(grid[i], rest_x, rest_y)))
+    return np.array(predictions)
+
+
+def loo_mape_percent(
+    grid: np.ndarray, loo: np.ndarray, row_x: np.ndarray, row_y: np.ndarray, max_x: float = math.inf
+) -> float:
+    """MAPE (%) of leave-one-out predictions ``loo`` (at ``grid[1:-1]``) on the rows there."""
+    interior = (row_x > grid[0]) & (row_x < grid[-1]) & (row_x <= max_x)
+    index = np.searchsorted(grid, row_x[interior]) - 1
+    return mape_percent(loo[index], row_y[interior])
+
+
+def mlp_op_fits(rows: list[dict[str, str]], ops: Iterable[str]) -> dict[str, TableFit]:
+    """One :class:`TableFit` per ``mlp.csv`` operation over ``num_tokens``."""
+    x = [int(r["num_tokens"]) for r in rows]
+    return {op: TableFit.from_rows(x, (float(r[f"time_stats.{op}.median"]) for r in rows)) for op in ops}
+
+
+def op_entry(fit: TableFit, column: str) -> dict:
+    """JSON entry of one operation's table: the CSV column, ms per grid point, tail slope."""
+    return {"column": column, "ms": fit.table.tolist(), "extrapolation_slope_ms_per_token": fit.slope}
+
+
+def fit_non_attention(rows: list[dict[str, str]], spec: ModelSpec, tensor_parallel: int) -> dict:
+    """One non-decreasing table per ``mlp.csv`` operation (ms) on the profiled num_tokens grid.
+
+    Per-layer ops (:data:`PER_LAYER_OPS`) in ms per layer; the once-per-iteration embedding and
+    final norm (timed as one more ``input_layernorm``) in ms per iteration. Each table is the
+    isotonic fit of that op's medians (duplicate num_tokens averaged), so a bigger batch is
+    never faster. The per-iteration total the simulator uses is
+    ``num_layers * sum(per-layer tables) + sum(once-per-iteration tables)``.
 
     LM head (not profiled): a GEMM of the same [tokens x hidden] input as ``mlp_up_proj`` with
     ``vocab / up_width`` times as many output columns (both split across TP), so its table is
-    the (isotonic) ``mlp_up_proj`` table times that ratio, evaluated at the number of logit
-    rows (one per scheduled request) rather than at num_tokens.
+    the ``mlp_up_proj`` table times that ratio, evaluated at the number of logit rows (one per
+    scheduled request) rather than at num_tokens.
+
+    MAPE (%) per op and of the summed total on every profiling row (duplicates included), and
+    of leave-one-out predictions (each interior grid point from the tables refitted without it).
     """
     tp_rows = [r for r in rows if int(r["num_tensor_parallel_workers"]) == tensor_parallel]
     if not tp_rows:
         raise ValueError(f"no mlp.csv rows for TP{tensor_parallel}")
-    totals: dict[int, list[float]] = defaultdict(list)
-    up_proj: dict[int, list[float]] = defaultdict(list)
-    for r in tp_rows:
-        n = int(r["num_tokens"])
-        per_layer = sum(float(r[f"time_stats.{op}.median"]) for op in PER_LAYER_OPS)
-        once = sum(float(r[f"time_stats.{op}.median"]) for op in ONCE_PER_ITERATION_OPS)
-        totals[n].append(spec.num_layers * per_layer + once)
-        up_proj[n].append(float(r["time_stats.mlp_up_proj.median"]))
-    grid = np.array(sorted(totals))
-    raw = np.array([np.mean(totals[n]) for n in grid])
-    table = isotonic_increasing(raw)
-    slope = tail_slope(grid, table)
+    measured_ops = tuple(dict.fromkeys(PER_LAYER_OPS + tuple(op for _, op in ONCE_PER_ITERATION_OPS)))
+    fits = mlp_op_fits(tp_rows, measured_ops)
+    grid = fits[PER_LAYER_OPS[0]].grid
+    if any(not np.array_equal(fit.grid, grid) for fit in fits.values()):
+        raise ValueError("mlp.csv operations were profiled on different num_tokens grids")
+
+    # The summed per-iteration total: shipped table, measured rows, leave-one-out predictions.
+    layers = spec.num_layers
+    once = [fits[op] for _, op in ONCE_PER_ITERATION_OPS]
+    total = layers * sum(fits[op].table for op in PER_LAYER_OPS) + sum(f.table for f in once)
+    total_slope = layers * sum(fits[op].slope for op in PER_LAYER_OPS) + sum(f.slope for f in once)
+    total_loo = layers * sum(fits[op].loo for op in PER_LAYER_OPS) + sum(f.loo for f in once)
+    row_x = fits[PER_LAYER_OPS[0]].row_x
+    row_total = layers * sum(fits[op].row_y for op in PER_LAYER_OPS) + sum(f.row_y for f in once)
+    mape = {}
+    for op in measured_ops:
+        mape[op] = fits[op].mape()
+        mape[f"{op}_leave_one_out"] = fits[op].loo_mape()
+    mape["non_attention"] = mape_percent(interp_extrap(row_x, grid, total, total_slope), row_total)
+    mape["non_attention_leave_one_out"] = loo_mape_percent(grid, total_loo, row_x, row_total)
 
     gated = _is_true(tp_rows[0]["use_gated_mlp"])
     up_width = spec.intermediate_size * (2 if gated else 1)
     lm_ratio = spec.vocab_size / up_width
-    lm_table = isotonic_increasing([np.mean(up_proj[n]) for n in grid]) * lm_ratio
-    lm_slope = tail_slope(grid, lm_table)
-
-    # MAPE on every profiling row (duplicates included) of the table actually shipped, and a
-    # leave-one-out check of the piecewise-linear interpolation itself.
-    row_total = np.array([t for n in sorted(totals) for t in totals[n]])
-    row_n = np.array([n for n in sorted(totals) for _ in totals[n]])
-    in_sample = mape_percent(interp_extrap(row_n, grid, table, slope), row_total)
-    loo_pred = [np.interp(grid[i], np.delete(grid, i), np.delete(raw, i)) for i in range(1, len(grid) - 1)]
-    leave_one_out = mape_percent(loo_pred, raw[1:-1])
+    lm_table = fits["mlp_up_proj"].table * lm_ratio
     return {
-        "num_tokens": grid.tolist(),
-        "per_iteration_ms": table.tolist(),
-        "extrapolation_slope_ms_per_token": slope,
-        "lm_head_per_iteration_ms": lm_table.tolist(),
-        "lm_head_extrapolation_slope_ms_per_row": lm_slope,
-        "lm_head_over_mlp_up_proj": lm_ratio,
-        "_mape": {"non_attention": in_sample, "non_attention_leave_one_out": leave_one_out},
+        "num_tokens": grid.astype(int).tolist(),
+        "profiling_rows": len(tp_rows),
+        "per_layer_ops_ms": {op: op_entry(fits[op], f"time_stats.{op}.median") for op in PER_LAYER_OPS},
+        "once_per_iteration_ops_ms": {
+            name: op_entry(fits[op], f"time_stats.{op}.median")
+            for name, op in ONCE_PER_ITERATION_OPS
+        },
+        "lm_head": {
+            "over_mlp_up_proj": lm_ratio,
+            "ms": lm_table.tolist(),
+            "extrapolation_slope_ms_per_row": tail_slope(grid, lm_table),
+        },
+        "_mape": mape,
     }
 
 
@@ -298,36 +384,35 @@ def fit_all_reduce(rows: list[dict[str, str]], tensor_parallel: int, spec: Model
     One all-reduce of ``tokens * hidden * 2`` bytes after attention and one after the MLP in
     every layer, plus one after the vocab-parallel embedding: ``2 * num_layers + 1`` per
     iteration. Single-node rows (``devices_per_node == num_workers``); the medians are noisy
-    and bimodal below ~1 MB, so the curve is their isotonic (non-decreasing) fit, interpolated
-    linearly in bytes and extrapolated past 64 MiB with the slope of its upper half.
+    and bimodal below ~1 MB, so the curve is their isotonic (non-decreasing) fit (duplicate
+    sizes averaged), interpolated linearly in bytes and extrapolated past 64 MiB with the slope
+    of its upper half. MAPE (%) on every row up to the largest message the table uses.
     """
-    selected = sorted(
+    selected = [
         (int(r["size"]), float(r["time_stats.all_reduce.median"]))
         for r in rows
         if int(r["num_workers"]) == tensor_parallel and int(r["devices_per_node"]) == tensor_parallel
-    )
+    ]
     if not selected:
         raise ValueError(f"no single-node all_reduce rows for {tensor_parallel} workers")
-    sizes = np.array([s for s, _ in selected], dtype=float)
-    measured = np.array([t for _, t in selected])
-    curve = isotonic_increasing(measured)
-    slope = tail_slope(sizes, curve)
+    fit = TableFit.from_rows((s for s, _ in selected), (t for _, t in selected))
     bytes_per_token = spec.hidden_size * spec.dtype_bytes
-    per_call = interp_extrap(grid * bytes_per_token, sizes, curve, slope)
     count = 2 * spec.num_layers + 1
-    table = count * per_call
-    used = sizes <= grid[-1] * bytes_per_token
+    table = count * fit.predict(grid * bytes_per_token)
+    largest = grid[-1] * bytes_per_token
     return {
         "all_reduces_per_iteration": count,
+        "profiling_rows": int(np.sum(fit.row_x <= largest)),
         "per_iteration_ms": table.tolist(),
-        "extrapolation_slope_ms_per_token": count * slope * bytes_per_token,
-        "_mape": {"all_reduce": mape_percent(interp_extrap(sizes[used], sizes, curve, slope), measured[used])},
+        "extrapolation_slope_ms_per_token": count * fit.slope * bytes_per_token,
+        "_mape": {"all_reduce": fit.mape(largest), "all_reduce_leave_one_out": fit.loo_mape(largest)},
     }
 
 
-def decode_design(batch: np.ndarray, kv: np.ndarray) -> np.ndarray:
-    """Columns of ``d0 + d1 * batch + d2 * total_context_tokens`` (per layer)."""
-    return np.c_[np.ones_like(batch), batch, batch * kv]
+def decode_design(batch: np.ndarray, context: np.ndarray) -> np.ndarray:
+    """Columns of ``d0 + B * (d1 + d2 * L)`` (per layer) for decode batch size B and mean
+    context length L (tokens; in the profile every request of a row has ``kv_cache_size``)."""
+    return np.c_[np.ones_like(batch), batch, batch * context]
 
 
 def prefill_design(chunk: np.ndarray, prior: np.ndarray) -> np.ndarray:
@@ -335,25 +420,41 @@ def prefill_design(chunk: np.ndarray, prior: np.ndarray) -> np.ndarray:
     return np.c_[np.ones_like(chunk), chunk, chunk * prior, chunk * chunk / 2.0, prior]
 
 
-def _rows_arrays(rows: list[AttentionRow]) -> tuple[np.ndarray, ...]:
+def _rows_arrays(rows: list[AttentionRow], every_row: bool = False) -> tuple[np.ndarray, ...]:
+    """(batch, chunk, kv, ms per layer): one entry per distinct key (the mean of its
+    measurements) or, with ``every_row``, one per profiling row (duplicates included)."""
+    expanded = [(r, t) for r in rows for t in r.measured_ms] if every_row else [(r, r.time_ms) for r in rows]
     return (
-        np.array([r.batch_size for r in rows], float),
-        np.array([r.prefill_chunk_size for r in rows], float),
-        np.array([r.kv_cache_size for r in rows], float),
-        np.array([r.time_ms for r in rows], float),
+        np.array([r.batch_size for r, _ in expanded], float),
+        np.array([r.prefill_chunk_size for r, _ in expanded], float),
+        np.array([r.kv_cache_size for r, _ in expanded], float),
+        np.array([t for _, t in expanded], float),
     )
 
 
+def decode_mape(rows: list[AttentionRow], d: np.ndarray) -> float:
+    """MAPE (%) of per-layer decode coefficients ``d`` on every profiling row of ``rows``."""
+    batch, _, context, y = _rows_arrays(rows, every_row=True)
+    return mape_percent(decode_design(batch, context) @ d, y)
+
+
+def prefill_mape(rows: list[AttentionRow], e: np.ndarray) -> float:
+    """MAPE (%) of per-layer prefill coefficients ``e`` on every profiling row of ``rows``."""
+    _, chunk, prior, y = _rows_arrays(rows, every_row=True)
+    return mape_percent(prefill_design(chunk, prior) @ e, y)
+
+
 def fit_reference_attention(rows: list[AttentionRow]) -> dict:
-    """Fit decode and prefill attention (ms per layer) on the TP1 Llama-2-7B A100 rows."""
+    """Fit decode and prefill attention (ms per layer) on the TP1 Llama-2-7B A100 keys.
+
+    Least squares on relative error over the distinct keys; MAPE on every profiling row.
+    """
     decode = [r for r in rows if r.tensor_parallel == 1 and not r.is_prefill]
     prefill = [r for r in rows if r.tensor_parallel == 1 and r.is_prefill]
-    batch, _, kv, y = _rows_arrays(decode)
-    d = relative_least_squares(decode_design(batch, kv), y)
-    decode_mape = mape_percent(decode_design(batch, kv) @ d, y)
+    batch, _, context, y = _rows_arrays(decode)
+    d = relative_least_squares(decode_design(batch, context), y)
     _, chunk, prior, y = _rows_arrays(prefill)
     e = relative_least_squares(prefill_design(chunk, prior), y)
-    prefill_mape = mape_percent(prefill_design(chunk, prior) @ e, y)
     return {
         "decode": {"intercept": d[0], "per_request": d[1], "per_context_token": d[2]},
         "prefill": {
@@ -363,8 +464,13 @@ def fit_reference_attention(rows: list[AttentionRow]) -> dict:
             "per_chunk_causal_pair": e[3],
             "per_prior_token": e[4],
         },
-        "_mape": {"decode_attention": decode_mape, "prefill_attention": prefill_mape},
-        "_rows": {"decode": len(decode), "prefill": len(prefill)},
+        "_mape": {"decode_attention": decode_mape(decode, d), "prefill_attention": prefill_mape(prefill, e)},
+        "_rows": {
+            "decode": len(decode),
+            "prefill": len(prefill),
+            "decode_measurements": sum(len(r.measured_ms) for r in decode),
+            "prefill_measurements": sum(len(r.measured_ms) for r in prefill),
+        },
     }
 
 
@@ -411,7 +517,7 @@ def scale_attention(reference: dict, factors: dict[str, float]) -> tuple[dict, d
 
 
 def attention_validation(rows: list[AttentionRow], tensor_parallel: int, decode: dict, prefill: dict) -> dict:
-    """MAPE of scaled coefficients on the sampled rows measured at this TP degree, if any."""
+    """MAPE (%) of scaled coefficients on the sampled rows measured at this TP degree, if any."""
     out: dict[str, float | int | None] = {}
     dec = [r for r in rows if r.tensor_parallel == tensor_parallel and not r.is_prefill]
     pre = [r for r in rows if r.tensor_parallel == tensor_parallel and r.is_prefill]
@@ -419,12 +525,11 @@ def attention_validation(rows: list[AttentionRow], tensor_parallel: int, decode:
     e = np.array([prefill[k] for k in (
         "intercept", "per_chunk_token", "per_chunk_prior_token_pair", "per_chunk_causal_pair", "per_prior_token")])
     if dec:
-        batch, _, kv, y = _rows_arrays(dec)
-        out["decode_attention"] = mape_percent(decode_design(batch, kv) @ d, y)
+        out["decode_attention"] = decode_mape(dec, d)
     if pre:
-        _, chunk, prior, y = _rows_arrays(pre)
-        out["prefill_attention"] = mape_percent(prefill_design(chunk, prior) @ e, y)
-    out["decode_rows"], out["prefill_rows"] = len(dec), len(pre)
+        out["prefill_attention"] = prefill_mape(pre, e)
+    out["decode_rows"] = sum(len(r.measured_ms) for r in dec)
+    out["prefill_rows"] = sum(len(r.measured_ms) for r in pre)
     return out
 
 
@@ -464,7 +569,7 @@ def fit_combination(data: VidurData, model: str, gpu: str, tensor_parallel: int,
         files.append(str(data.network_path(gpu).relative_to(data.data_dir)))
     else:
         comm = None
-        mape["all_reduce"] = None
+        mape["all_reduce"] = mape["all_reduce_leave_one_out"] = None
 
     reference = fit_reference_attention(data.attention)
     factors = scaling_factors(spec, gpu_spec, tensor_parallel)
@@ -473,9 +578,11 @@ def fit_combination(data: VidurData, model: str, gpu: str, tensor_parallel: int,
     validation = attention_validation(data.attention, tensor_parallel, decode, prefill)
     if is_reference:
         mape.update(reference["_mape"])
+        rows = reference["_rows"]
         attention_note = (
-            f"fitted on {reference['_rows']['decode']} decode and "
-            f"{reference['_rows']['prefill']} prefill TP1 rows"
+            f"fitted on {rows['decode']} decode and {rows['prefill']} prefill distinct TP1 keys; "
+            f"MAPE on all {rows['decode_measurements']} decode and "
+            f"{rows['prefill_measurements']} prefill profiling rows"
         )
     elif model == REFERENCE[0] and gpu == REFERENCE[1] and (validation["decode_rows"] or validation["prefill_rows"]):
         mape["decode_attention"] = validation.get("decode_attention")
@@ -498,9 +605,14 @@ def fit_combination(data: VidurData, model: str, gpu: str, tensor_parallel: int,
         "tensor_parallel": tensor_parallel,
         "num_layers": spec.num_layers,
         "units": (
-            "Coefficients and tables in milliseconds as in the Vidur CSVs: *_per_layer_ms per "
-            "transformer layer, per_iteration_ms per engine iteration (all layers); cpu_overhead "
-            "in seconds; token counts in tokens."
+            "Milliseconds as in the Vidur CSVs, on the num_tokens grid (tokens). "
+            "non_attention.per_layer_ops_ms: ms per transformer layer of each mlp.csv op "
+            "(iteration total = num_layers * their sum + once_per_iteration_ops_ms); "
+            "lm_head.ms: per iteration, looked up at one row per scheduled request; "
+            "tp_all_reduce.per_iteration_ms: all all-reduces of one iteration; "
+            "*_attention_per_layer_ms: per layer, decode = intercept + B * (per_request + "
+            "per_context_token * L) for B decode requests of mean context L tokens; "
+            "slopes in ms per token (or row) past the grid; cpu_overhead in seconds."
         ),
         "non_attention": non_attn,
         "tp_all_reduce": comm,
@@ -552,26 +664,53 @@ def strip_volatile(document: dict) -> dict:
     return out
 
 
+#: (mape_percent key, column label) of the per-operation error table, in execution order.
 MAPE_COLUMNS = (
-    ("non_attention", "non-attention"),
-    ("non_attention_leave_one_out", "non-attn LOO"),
+    ("emb", "emb"),
+    ("input_layernorm", "in norm"),
+    ("attn_pre_proj", "QKV"),
+    ("attn_rope", "rope"),
+    ("attn_post_proj", "out proj"),
+    ("post_attention_layernorm", "post norm"),
+    ("mlp_up_proj", "up"),
+    ("mlp_act", "act"),
+    ("mlp_down_proj", "down"),
+    ("add", "add"),
+    ("non_attention", "non-attn total"),
     ("all_reduce", "all-reduce"),
     ("decode_attention", "decode attn"),
     ("prefill_attention", "prefill attn"),
 )
 
 
+def _cell(mape: dict, key: str) -> str:
+    """``"MAPE / leave-one-out"`` (%) when both exist, else the MAPE, else ``n/a``."""
+    value, loo = mape.get(key), mape.get(f"{key}_leave_one_out")
+    if value is None:
+        return "n/a"
+    return f"{value:.1f}" if loo is None else f"{value:.1f} / {loo:.1f}"
+
+
 def mape_table(documents: list[dict]) -> str:
-    """Markdown table of MAPE (%) per operation group per combination."""
+    """Markdown table of MAPE (%) per operation (columns) per combination (rows); table cells
+    read ``MAPE / leave-one-out MAPE``."""
     header = "| combination | " + " | ".join(label for _, label in MAPE_COLUMNS) + " |"
     lines = [header, "|" + "---|" * (len(MAPE_COLUMNS) + 1)]
     for doc in documents:
-        cells = []
-        for key, _ in MAPE_COLUMNS:
-            value = doc["mape_percent"].get(key)
-            cells.append("n/a" if value is None else f"{value:.1f}")
+        cells = [_cell(doc["mape_percent"], key) for key, _ in MAPE_COLUMNS]
         name = f"{doc['model']} / {doc['gpu']} / TP{doc['tensor_parallel']}"
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def operation_table(document: dict) -> str:
+    """Markdown table of one combination's errors: one row per operation, MAPE and LOO (%)."""
+    mape = document["mape_percent"]
+    lines = ["| operation | MAPE | leave-one-out |", "|---|---|---|"]
+    for key, _ in MAPE_COLUMNS:
+        value, loo = mape.get(key), mape.get(f"{key}_leave_one_out")
+        cells = ["n/a" if v is None else f"{v:.2f}" for v in (value, loo)]
+        lines.append(f"| {key} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -597,12 +736,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
     parser.add_argument("--out-dir", type=Path, default=DEFAULT_OUT_DIR)
-    parser.add_argument("--check", action="store_true", help="report MAPE only; write nothing")
+    parser.add_argument("--check", action="store_true", help="report per-op MAPE only; write nothing")
     args = parser.parse_args(argv)
 
     data = VidurData(args.data_dir)
     documents = [fit_combination(data, *combo) for combo in SHIPPED]
+    print("Per-operation fit error on the profiling rows, % (MAPE / leave-one-out MAPE):")
     print(mape_table(documents))
+    reference = documents[SHIPPED.index(REFERENCE)]
+    print("\n{}/{}/TP{} per operation, %:".format(*REFERENCE))
+    print(operation_table(reference))
     for tp, result in tp_scaling_validation(data).items():
         cells = ", ".join(
             f"{kind} {result[kind]:.1f}% on {result[kind.split('_')[0] + '_rows']} rows"

@@ -319,7 +319,8 @@ class TaggedLstmPolicy(RecurrentActorCriticPolicy):
 
 @pytest.mark.slow
 def test_floor_lstm_clone_of_lor_matches_lor(capsys):
-    """>= 95% validation accuracy, and within 5% of lor's mean E2E on held-out seeds."""
+    """>= 95% tie-aware validation accuracy (lor breaks ties at random, so exact agreement is
+    capped by how often replicas tie), and within 5% of lor's mean E2E on held-out seeds."""
     start = time.perf_counter()
     env, trajs = collect_lor(48, 256)
     model = lstm_model(env, net_arch=[64, 64], lstm_hidden_size=64)
@@ -341,7 +342,7 @@ def test_floor_lstm_clone_of_lor_matches_lor(capsys):
               f"{val.tie_accuracy:.4f}, nll {val.nll:.4f}; held-out E2E clone {clone_e2e:.3f} s"
               f" vs lor {lor_e2e:.3f} s ({100 * (clone_e2e / lor_e2e - 1):+.2f}%); "
               f"demos+BC {bc_seconds:.1f} s, total {time.perf_counter() - start:.1f} s")
-    assert val.accuracy >= 0.95
+    assert val.tie_accuracy >= 0.95
     assert val.tie_accuracy >= val.accuracy
     assert abs(clone_e2e / lor_e2e - 1.0) <= 0.05
     np.testing.assert_allclose(val.predicted_share, val.expert_share, atol=0.02)
@@ -357,7 +358,7 @@ def test_feed_forward_bc_clones_lor():
                     return_normalizer=fit_return_normalizer(trajs),
                     tied_choices=RouterTies(make_router("lor"), env.unwrapped.layout))
     val = bc.train()[-1].val
-    assert val.accuracy >= 0.9 and val.tie_accuracy >= val.accuracy
+    assert val.tie_accuracy >= 0.9 and val.tie_accuracy >= val.accuracy  # lor ties are random
     eval_env = LLMClusterEnv(scenario=SCENARIO, episode_requests=256)
     clone = np.mean([run_episode(eval_env, PolicyRouter(model, rms), s)[0]["e2e_mean"]
                      for s in (500, 501)])

@@ -14,6 +14,8 @@ from llm_cluster_env import ConfigError
 from llm_cluster_env.env import LLMClusterEnv
 from llm_cluster_env.evaluation import run_episode
 from llm_cluster_env.routers import make_router
+from llm_cluster_env.sim.metrics import REQUEST_COLUMNS
+from llm_cluster_env.workload import Workload
 
 SMALL = dict(scenario="a100x4_conv_70", episode_requests=200)
 
@@ -69,6 +71,58 @@ def test_episode_return_is_minus_sum_of_latencies():
     assert rewards.sum() == pytest.approx(-sum(e2e), rel=1e-9)
     assert info["metrics"]["e2e_mean"] == pytest.approx(np.mean(e2e))
     assert len(rewards) == 200 and info["metrics"]["num_requests"] == 200
+
+
+def test_final_info_has_per_request_records_summing_to_minus_return():
+    env = LLMClusterEnv(**SMALL)
+    obs, _ = env.reset(seed=1)
+    router = make_router("lor")
+    router.reset(env.num_replicas, np.random.default_rng(1))
+    rewards, infos, done = [], [], False
+    while not done:
+        obs, reward, done, _, info = env.step(router.select(env.layout.view(obs)))
+        rewards.append(reward)
+        infos.append(info)
+    assert all(i == {} for i in infos[:-1])  # cheap on non-final steps
+    records = infos[-1]["requests"]
+    assert tuple(records) == REQUEST_COLUMNS
+    assert all(v.shape == (200,) for v in records.values())
+    assert np.sum(records["e2e_s"]) == pytest.approx(-np.sum(rewards), rel=1e-9)
+    assert np.mean(records["e2e_s"]) == pytest.approx(infos[-1]["metrics"]["e2e_mean"])
+    np.testing.assert_array_equal(records["request_id"], np.arange(200))
+    requests = env.cluster.requests
+    np.testing.assert_array_equal(records["arrival_s"], [r.arrival_time for r in requests])
+    np.testing.assert_array_equal(records["replica"], [r.replica_id for r in requests])
+    assert records["replica"].dtype == np.int64 and records["e2e_s"].dtype == np.float64
+    assert np.all(records["e2e_s"] >= records["ttft_s"])
+    assert np.all(records["ttft_s"] >= records["scheduling_delay_s"])
+    assert np.all(records["scheduling_delay_s"] >= 0)
+    one_token = records["output_tokens"] == 1
+    assert np.array_equal(np.isnan(records["tpot_s"]), one_token)
+    again = env.request_records()  # the method gives the same records
+    assert tuple(again) == REQUEST_COLUMNS
+    for name in REQUEST_COLUMNS:
+        np.testing.assert_array_equal(again[name], records[name])
+
+
+def test_reset_serves_a_given_workload_exactly():
+    times = np.array([2.5, 2.5, 3.0, 7.25, 7.5])  # starts after 0, with a tie
+    work = Workload(times, [100, 2000, 30, 500, 64], [1, 40, 300, 2, 9], num_clipped=1)
+    env = LLMClusterEnv(**SMALL)  # episode_requests=200 is ignored
+    env.reset(seed=0, options={"workload": work})
+    done, steps, actions = False, 0, [3, 1, 1, 0, 2]
+    while not done:
+        _, _, done, _, info = env.step(actions[steps])
+        steps += 1
+    assert steps == 5
+    records = info["requests"]
+    np.testing.assert_array_equal(records["arrival_s"], times)
+    np.testing.assert_array_equal(records["prompt_tokens"], work.prompt_tokens)
+    np.testing.assert_array_equal(records["output_tokens"], work.output_tokens)
+    np.testing.assert_array_equal(records["replica"], actions)
+    assert info["metrics"]["num_clipped"] == 1
+    with pytest.raises(TypeError, match=r"options\['workload'\]: expected a Workload"):
+        env.reset(seed=0, options={"workload": [(0.0, 10, 10)]})
 
 
 def test_reward_terms_scale_and_penalties():
@@ -193,6 +247,17 @@ def test_heterogeneous_routing_matters():
     assert lor["dispatch_share_2"] > lor["dispatch_share_0"]
 
 
+def test_lor_waiting_piles_onto_replica_0_at_moderate_load():
+    """Queues stay empty at 3 req/s (15 % load), so lor_waiting's ties all go to replica 0."""
+    env = LLMClusterEnv(scenario="a100x4_conv_70", episode_requests=400, workload={"qps": 3.0})
+    waiting, _ = run_episode(env, make_router("lor_waiting"), seed=0)
+    lor, _ = run_episode(env, make_router("lor"), seed=0)
+    assert waiting["dispatch_share_0"] > 0.85
+    assert waiting["dispatch_share_2"] + waiting["dispatch_share_3"] < 0.05
+    assert max(lor[f"dispatch_share_{i}"] for i in range(4)) < 0.35
+    assert waiting["e2e_mean"] > 1.3 * lor["e2e_mean"]
+
+
 def test_routers_are_deterministic_given_seed():
     env = LLMClusterEnv(**SMALL)
     for name in ("random", "power_of_two"):
@@ -220,6 +285,28 @@ def test_vector_envs():
                     "metrics" in f for f in finals)
         venv.close()
         assert saw_metrics
+
+
+def test_vector_env_keeps_per_request_records_of_different_lengths():
+    # Two episodes of different sizes ending on the same step: gymnasium 1.x would try to stack
+    # their record arrays into one (2, n) array if they were plain dicts of arrays.
+    from gymnasium.vector import SyncVectorEnv
+
+    next_step_reset = not gym.__version__.startswith("0.")  # 1.x resets on the next step
+    lengths = (10, 21 if next_step_reset else 20)
+    venv = SyncVectorEnv([lambda n=n: gym.make(llm_cluster_env.ENV_ID, episode_requests=n)
+                          for n in lengths])
+    venv.reset(seed=[1, 2])
+    for _ in range(lengths[1]):
+        _, _, term, _, info = venv.step(np.array([0, 1]))
+    venv.close()
+    assert term.all()
+    if next_step_reset:
+        records = list(info["requests"])
+    else:
+        records = [final["requests"] for final in info["final_info"]]
+    assert [r.num_requests for r in records] == list(lengths)
+    assert all(tuple(r) == REQUEST_COLUMNS for r in records)
 
 
 @pytest.mark.train

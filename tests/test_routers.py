@@ -28,10 +28,33 @@ def router(name, seed=0):
     return r
 
 
-def test_lor_picks_fewest_outstanding_and_breaks_ties_low():
-    v = view(queued=[2, 0, 1, 0], running=[3, 4, 2, 3])
-    assert router("lor").select(v) == 2  # 5, 4, 3, 3 -> first of the tied minima
+def test_lor_picks_fewest_outstanding():
+    v = view(queued=[2, 0, 1, 0], running=[3, 4, 1, 3])  # 5, 4, 2, 3
+    assert {router("lor", seed).select(v) for seed in range(20)} == {2}
+    np.testing.assert_array_equal(router("lor").tied_choices(v), [2])
+
+
+def test_lor_breaks_ties_at_random_from_its_seed():
+    v = view(queued=[2, 0, 1, 0], running=[3, 4, 2, 3])  # 5, 4, 3, 3: replicas 2 and 3 tie
     np.testing.assert_array_equal(router("lor").tied_choices(v), [2, 3])
+    idle = view()  # all four tie at 0
+    np.testing.assert_array_equal(router("lor").tied_choices(idle), [0, 1, 2, 3])
+    first_picks = {router("lor", seed).select(v) for seed in range(40)}
+    assert first_picks == {2, 3}  # different seeds pick different tied replicas, never 0 or 1
+    r = router("lor", seed=5)
+    picks = [r.select(idle) for _ in range(4000)]
+    np.testing.assert_allclose(np.bincount(picks, minlength=4) / 4000, 0.25, atol=0.03)
+    again = router("lor", seed=5)
+    assert [again.select(idle) for _ in range(4000)] == picks  # deterministic per seed
+
+
+def test_lor_waiting_counts_only_queued_and_breaks_ties_low():
+    v = view(queued=[1, 0, 0, 2], running=[0, 9, 3, 0])
+    assert router("lor_waiting").select(v) == 1  # 0 waiting on 1 and 2: the lowest id
+    np.testing.assert_array_equal(router("lor_waiting").tied_choices(v), [1, 2])
+    busy = view(queued=[0, 0, 0, 0], running=[30, 0, 2, 5])
+    assert {router("lor_waiting", seed).select(busy) for seed in range(10)} == {0}
+    assert router("lor", 0).select(busy) == 1  # lor sees the running requests
 
 
 def test_round_robin_cycles():

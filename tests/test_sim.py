@@ -36,6 +36,7 @@ class LinearLatency:
 
 
 def make_cluster(n=4, jump=True, blocks=4000, check=True, latency=None, **replica_kwargs):
+    replica_kwargs.setdefault("batching", "mixed")
     config = ReplicaConfig(**replica_kwargs)
     replicas = [Replica(i, config, latency or LinearLatency(), blocks, 4096, jump=jump)
                 for i in range(n)]
@@ -79,11 +80,16 @@ EQUIVALENCE_CASES = {
     "plain": dict(),
     "tight_kv_preemption": dict(blocks=500),
     "very_tight_kv": dict(blocks=200, qps=40.0),
-    "chunked_prefill": dict(chunked_prefill=True),
-    "chunked_tight_kv": dict(chunked_prefill=True, blocks=400),
+    "chunked_prefill": dict(batching="mixed_chunked"),
+    "chunked_tight_kv": dict(batching="mixed_chunked", blocks=400),
     "small_batch_cap": dict(max_batch_size=8),
     "simultaneous_arrivals": dict(ties=True),
     "random_routing": dict(policy="random"),
+    "vllm_v0": dict(batching="vllm_v0"),
+    "vllm_v0_tight_kv": dict(batching="vllm_v0", blocks=500),
+    "vllm_v0_very_tight_kv": dict(batching="vllm_v0", blocks=200, qps=40.0),
+    "vllm_v0_small_batch_cap": dict(batching="vllm_v0", max_batch_size=8),
+    "vllm_v0_simultaneous_arrivals": dict(batching="vllm_v0", ties=True),
 }
 
 
@@ -106,7 +112,7 @@ def test_jump_mode_matches_iteration_mode(case, seed):
     assert jump_cluster.num_events < iter_cluster.num_events
     assert (sum(r.num_iterations for r in jump_cluster.replicas)
             == sum(r.num_iterations for r in iter_cluster.replicas))
-    if case.startswith(("tight", "very_tight", "chunked_tight")):
+    if "tight" in case:
         assert a[:, 3].sum() > 0, "this case is meant to exercise preemption"
 
 
@@ -209,7 +215,7 @@ def test_watermark_blocks_admission():
 
 def test_chunked_prefill_spreads_a_long_prompt_over_iterations():
     lat = LinearLatency()
-    cluster = make_cluster(n=1, latency=lat, chunked_prefill=True, max_num_batched_tokens=256)
+    cluster = make_cluster(n=1, latency=lat, batching="mixed_chunked", max_num_batched_tokens=256)
     req = Request(0, 0.0, prompt_tokens=1000, output_tokens=2)
     run_episode(cluster, [req])
     chunks = [(256, 0), (256, 256), (256, 512), (232, 768)]

@@ -17,6 +17,7 @@ from llm_cluster_env.workload import (
     Workload,
     WorkloadGenerator,
     available_empirical,
+    clip_lengths,
     load_empirical,
     load_trace,
     phase_arrivals,
@@ -369,20 +370,44 @@ def test_clip_policy(rng):
     assert len(workload) == 3000
     total = workload.prompt_tokens + workload.output_tokens
     assert total.max() <= 2048 and workload.prompt_tokens.min() >= 1
-    # the output is kept (it is < cap - 1 here); the prompt absorbs the excess
-    np.testing.assert_array_equal(workload.output_tokens, original.output_tokens)
-    np.testing.assert_array_equal(total[over], 2048)
+    # the excess comes off both lengths in proportion (each cut rounded up): within one
+    # token of the cap, and the prompt/output ratio kept to within rounding
+    assert ((total[over] >= 2047) & (total[over] <= 2048)).all()
+    raw_total = (original.prompt_tokens + original.output_tokens)[over]
+    excess = raw_total - 2048
+    for kept, raw in ((workload.prompt_tokens, original.prompt_tokens),
+                      (workload.output_tokens, original.output_tokens)):
+        cut = (raw - kept)[over]
+        share = excess * raw[over] / raw_total
+        assert ((cut >= share) & (cut < share + 1)).all()  # share rounded up
     np.testing.assert_array_equal(workload.prompt_tokens[~over], original.prompt_tokens[~over])
+    np.testing.assert_array_equal(workload.output_tokens[~over], original.output_tokens[~over])
 
 
-def test_clip_shortens_output_to_cap_minus_one_then_prompt(rng):
+def test_clip_removes_the_excess_proportionally(rng):
     config = WorkloadConfig(lengths="fixed", prompt_tokens=500, output_tokens=5000)
     gen = WorkloadGenerator(config, max_total_tokens=1000)
     workload = gen.sample(4, rng)
-    assert workload.output_tokens.tolist() == [999] * 4
-    assert workload.prompt_tokens.tolist() == [1] * 4
+    # excess 4500: prompt loses ceil(4500 * 500 / 5500) = 410, output ceil(4500 * 5000 / 5500)
+    # = 4091
+    assert workload.prompt_tokens.tolist() == [90] * 4
+    assert workload.output_tokens.tolist() == [909] * 4
     assert workload.num_clipped == 4
-    assert gen.mean_output_tokens == 999 and gen.mean_prompt_tokens == 1
+    assert gen.mean_output_tokens == 909 and gen.mean_prompt_tokens == 90
+
+
+def test_clip_lengths_invariants():
+    rng = np.random.default_rng(5)
+    prompt = rng.integers(1, 20_000, 50_000)
+    output = rng.integers(1, 20_000, 50_000)
+    prompt[:5], output[:5] = [1, 19_999, 1, 2, 3], [19_999, 1, 1, 2, 19_000]
+    for cap in (2, 3, 17, 4096):
+        p, o = clip_lengths(prompt, output, cap)
+        assert (p >= 1).all() and (o >= 1).all() and (p + o <= cap).all()
+        kept = prompt + output <= cap
+        np.testing.assert_array_equal(p[kept], prompt[kept])
+        np.testing.assert_array_equal(o[kept], output[kept])
+        assert (p <= prompt).all() and (o <= output).all()
 
 
 def test_reject_policy(rng):

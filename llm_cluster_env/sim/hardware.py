@@ -118,3 +118,30 @@ def kv_cache_blocks(
         )
     tokens = free / model.kv_bytes_per_token(tensor_parallel)
     return int(math.floor(tokens / block_size))
+
+
+def vidur_kv_cache_blocks(
+    model: ModelSpec,
+    gpu: GPUSpec,
+    tensor_parallel: int,
+    block_size: int,
+    gpu_memory_utilization: float,
+) -> int:
+    """KV-cache blocks under Vidur's memory planner (the ``vllm_v0`` batching policy).
+
+    Per GPU, ``memory * utilization - weights`` (no activation reserve) is divided into whole
+    requests at the model's full context length (``kv_bytes_per_token * max_model_len``
+    each), and the capacity is that many requests times ``max_model_len / block_size`` blocks.
+    Llama-2-7B on one 80 GiB A100 at utilisation 0.9 (Vidur's 10 % margin): 29 requests of
+    4,096 tokens = 7,424 blocks of 16 tokens. Raises ``ValueError`` when not even one
+    full-length request fits.
+    """
+    free = gpu.memory_bytes * gpu_memory_utilization - model.weight_bytes_per_gpu(tensor_parallel)
+    per_request = model.kv_bytes_per_token(tensor_parallel) * model.max_model_len
+    requests = int(math.floor(free / per_request)) if free > 0 else 0
+    if requests < 1:
+        raise ValueError(
+            f"model {model.name!r} on {tensor_parallel}x {gpu.name}: not one request of "
+            f"{model.max_model_len} tokens fits beside the weights (Vidur's memory rule)"
+        )
+    return requests * model.max_model_len // block_size

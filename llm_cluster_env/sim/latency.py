@@ -1,26 +1,32 @@
 """Per-iteration latency of one vLLM-style replica, calibrated on Vidur's GPU profiles.
 
-An engine iteration runs ``decode_batch`` decode requests (one new token each) and any number
-of prefill chunks. Its duration in **seconds** is the sum of
+An engine iteration runs ``decode_batch`` = B decode requests (one new token each, mean
+context length L = C / B tokens, C = their context tokens summed) and any number of prefill
+chunks. It is built the way Vidur measures it. Its duration in **seconds** is the sum of
 
-* **non-attention ops** ``N(tokens)``: per-layer medians of Vidur's ``mlp.csv`` (norms, QKV/output
-  projections, RoPE, gated MLP, residual add; milliseconds per layer) times ``num_layers``, plus
-  the embedding and final norm once. ``tokens`` = all tokens of the iteration (prefill chunk
-  tokens + decode batch). Piecewise-linear over the profiled num_tokens grid, made
-  non-decreasing, linear past its last point;
-* **tensor-parallel all-reduces** ``A(tokens)`` (TP > 1): ``2 * num_layers + 1`` all-reduces of
-  ``tokens * hidden * 2`` bytes, from Vidur's single-node NCCL profile;
-* **LM head** ``H(rows)``: not profiled; the ``mlp_up_proj`` GEMM table scaled by
+* **non-attention ops** ``N(tokens)``, from ``profiling/compute/<gpu>/<model>/mlp.csv``
+  (measured for every shipped model, GPU and TP degree): ``num_layers`` times the sum of the
+  per-layer operation tables (``input_layernorm``, ``attn_pre_proj`` = QKV projection,
+  ``attn_rope``, ``attn_post_proj`` = output projection, ``post_attention_layernorm``,
+  ``mlp_up_proj``, ``mlp_act``, ``mlp_down_proj``, ``add``), plus the embedding and the final
+  norm once. Each table holds one operation's median time per layer (ms) at the profiled
+  num_tokens, made non-decreasing; it is looked up at ``tokens`` = all tokens of the iteration
+  (prefill chunk tokens + B), piecewise-linear between grid points and linear past the last;
+* **tensor-parallel all-reduces** ``A(tokens)`` (TP > 1), from
+  ``profiling/network/<gpu>_dgx/all_reduce.csv``: ``2 * num_layers + 1`` all-reduces of
+  ``tokens * hidden * 2`` bytes (single-node NCCL);
+* **LM head** ``H(rows)``: not profiled; the ``mlp_up_proj`` table scaled by
   ``vocab / up_proj width``, evaluated at one logit row per scheduled request (decode requests
   + prefill chunks; counting non-final chunks makes this a slight upper bound);
-* **decode attention** (if ``decode_batch`` = B >= 1, context tokens summing to C), per layer
-  ``d0 + d1*B + d2*C``;
-* **prefill attention**, per layer ``e0`` once plus, per chunk of ``c`` tokens after ``p`` prior
-  tokens, ``e1*c + e2*c*p + e3*c*c/2 + e4*p`` (FLOP terms for the chunk against its prior
-  context and against itself under the causal mask, and a KV-read term);
+* **decode attention** (if B >= 1), from the attention profile (``attention_rows_tp1.csv``,
+  ``attention_sampled.csv``), per layer ``d0 + B * (d1 + d2 * L)`` = ``d0 + d1*B + d2*C``;
+* **prefill attention**, from the same attention profile, per layer ``e0`` once plus, per chunk
+  of ``c`` tokens after ``p`` prior tokens, ``e1*c + e2*c*p + e3*c*c/2 + e4*p`` (FLOP terms
+  for the chunk against its prior context and against itself under the causal mask, and a
+  KV-read term);
 * **CPU overhead** ``o0 + o1 * (B + number of chunks)``: scheduling, input preparation and
-  sampling (an assumption derived from Vidur's CPU profile; ``overhead_s`` replaces it by a
-  constant).
+  sampling (an assumption derived from Vidur's CPU profile, not in the shared data;
+  ``overhead_s`` replaces it by a constant).
 
 So a pure-decode iteration takes ``decode_base_time(B) + decode_time_per_context_token * C``
 with ``decode_time_per_context_token = num_layers * d2`` (seconds per context token).
@@ -32,7 +38,8 @@ terms are multiplied by: ``d2`` and ``e4`` (memory bound) the KV bytes per token
 HBM-bandwidth ratio; ``d1`` the query heads per GPU and the bandwidth ratio; ``e1..e3`` (compute
 bound) the query heads per GPU * head_dim and the peak-BF16 ratio; intercepts ``d0, e0`` are
 kept. Non-attention ops and all-reduce times are measured for each shipped combination. Every
-coefficient file records its scaling factors and provenance (Vidur commit, files, fit date).
+coefficient file records its scaling factors, per-operation fit errors and provenance (Vidur
+commit, files, fit date).
 
 Coefficients are refitted by ``scripts/fit_latency_model.py`` (the only code that reads the
 raw CSVs); this module needs only the shipped JSON files.
@@ -55,7 +62,7 @@ COEFFICIENTS_DIR = Path(__file__).resolve().parent / "coefficients"
 DENSE_TABLE_SIZE = 4096
 
 #: Version of the JSON layout written by scripts/fit_latency_model.py.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _MS = 1e-3
 
@@ -65,12 +72,33 @@ def _file_name(model: str, gpu: str, tensor_parallel: int) -> str:
 
 
 @dataclass(frozen=True)
+class OpTable:
+    """One operation's time (ms) at each point of the ``num_tokens`` grid, non-decreasing,
+    and the slope (ms per token, or per row for the LM head) used past the last point."""
+
+    name: str
+    ms: tuple[float, ...]
+    slope_ms: float
+
+    @classmethod
+    def from_dict(
+        cls, name: str, entry: Mapping[str, Any], slope_key: str = "extrapolation_slope_ms_per_token"
+    ) -> OpTable:
+        return cls(name, tuple(map(float, entry["ms"])), float(entry[slope_key]))
+
+
+@dataclass(frozen=True)
 class DecodeAttention:
-    """Decode attention per layer (ms): ``intercept + per_request*B + per_context_token*C``."""
+    """Decode attention per layer (ms) for B decode requests of mean context length L tokens:
+    ``intercept + B * (per_request + per_context_token * L)``."""
 
     intercept: float
     per_request: float
     per_context_token: float
+
+    def per_layer_ms(self, batch_size: int, mean_context: float) -> float:
+        """Milliseconds per layer for ``batch_size`` requests of ``mean_context`` tokens."""
+        return self.intercept + batch_size * (self.per_request + self.per_context_token * mean_context)
 
 
 @dataclass(frozen=True)
@@ -90,8 +118,9 @@ class PrefillAttention:
 class LatencyCoefficients:
     """Fitted coefficients of one (model, GPU, TP) combination, as stored in its JSON file.
 
-    Tables are per iteration in milliseconds on the ``num_tokens`` grid; attention coefficients
-    are per layer in milliseconds; CPU overhead in seconds.
+    Tables are in milliseconds on the ``num_tokens`` grid: ``per_layer_ops`` per transformer
+    layer, ``once_per_iteration_ops``, ``all_reduce`` (None at TP1) and ``lm_head`` per
+    iteration. Attention coefficients are per layer in milliseconds; CPU overhead in seconds.
     """
 
     model: str
@@ -99,12 +128,10 @@ class LatencyCoefficients:
     tensor_parallel: int
     num_layers: int
     num_tokens: tuple[int, ...]
-    non_attention_ms: tuple[float, ...]
-    non_attention_slope_ms: float
-    all_reduce_ms: tuple[float, ...]
-    all_reduce_slope_ms: float
-    lm_head_ms: tuple[float, ...]
-    lm_head_slope_ms: float
+    per_layer_ops: tuple[OpTable, ...]
+    once_per_iteration_ops: tuple[OpTable, ...]
+    all_reduce: OpTable | None
+    lm_head: OpTable
     decode: DecodeAttention
     prefill: PrefillAttention
     cpu_overhead_s: float
@@ -117,20 +144,23 @@ class LatencyCoefficients:
         if doc.get("schema_version") != SCHEMA_VERSION:
             raise ValueError(f"unsupported coefficient schema {doc.get('schema_version')!r}")
         non_attn = doc["non_attention"]
-        grid = tuple(int(n) for n in non_attn["num_tokens"])
         comm = doc.get("tp_all_reduce")
-        return cls(
+        all_reduce = None
+        if comm is not None:  # per iteration on the same grid (TP > 1 only)
+            ms = tuple(map(float, comm["per_iteration_ms"]))
+            all_reduce = OpTable("all_reduce", ms, float(comm["extrapolation_slope_ms_per_token"]))
+        coefficients = cls(
             model=doc["model"],
             gpu=doc["gpu"],
             tensor_parallel=int(doc["tensor_parallel"]),
             num_layers=int(doc["num_layers"]),
-            num_tokens=grid,
-            non_attention_ms=tuple(map(float, non_attn["per_iteration_ms"])),
-            non_attention_slope_ms=float(non_attn["extrapolation_slope_ms_per_token"]),
-            all_reduce_ms=tuple(map(float, comm["per_iteration_ms"])) if comm else (0.0,) * len(grid),
-            all_reduce_slope_ms=float(comm["extrapolation_slope_ms_per_token"]) if comm else 0.0,
-            lm_head_ms=tuple(map(float, non_attn["lm_head_per_iteration_ms"])),
-            lm_head_slope_ms=float(non_attn["lm_head_extrapolation_slope_ms_per_row"]),
+            num_tokens=tuple(int(n) for n in non_attn["num_tokens"]),
+            per_layer_ops=tuple(OpTable.from_dict(k, v) for k, v in non_attn["per_layer_ops_ms"].items()),
+            once_per_iteration_ops=tuple(
+                OpTable.from_dict(k, v) for k, v in non_attn["once_per_iteration_ops_ms"].items()
+            ),
+            all_reduce=all_reduce,
+            lm_head=OpTable.from_dict("lm_head", non_attn["lm_head"], "extrapolation_slope_ms_per_row"),
             decode=DecodeAttention(**doc["decode_attention_per_layer_ms"]),
             prefill=PrefillAttention(**doc["prefill_attention_per_layer_ms"]),
             cpu_overhead_s=float(doc["cpu_overhead"]["per_iteration_s"]),
@@ -138,10 +168,29 @@ class LatencyCoefficients:
             mape_percent=dict(doc.get("mape_percent", {})),
             provenance=dict(doc.get("provenance", {})),
         )
+        tables = (*coefficients.per_layer_ops, *coefficients.once_per_iteration_ops, coefficients.lm_head)
+        for table in (*tables, coefficients.all_reduce):
+            if table is not None and len(table.ms) != len(coefficients.num_tokens):
+                raise ValueError(f"table {table.name!r} does not match the num_tokens grid")
+        return coefficients
 
     @classmethod
     def load(cls, path: Path) -> LatencyCoefficients:
         return cls.from_dict(json.loads(Path(path).read_text()))
+
+    def token_table(self) -> OpTable:
+        """Per-iteration time (ms) of everything looked up from the iteration's total tokens:
+        ``num_layers * sum(per-layer op tables) + sum(once-per-iteration op tables)``
+        (``mlp.csv``) ``+ all-reduce table`` (network profile, TP > 1); slopes add alike."""
+        layers = self.num_layers
+        columns = [[layers * v for v in op.ms] for op in self.per_layer_ops]
+        columns += [list(op.ms) for op in self.once_per_iteration_ops]
+        slope = layers * sum(op.slope_ms for op in self.per_layer_ops)
+        slope += sum(op.slope_ms for op in self.once_per_iteration_ops)
+        if self.all_reduce is not None:
+            columns.append(list(self.all_reduce.ms))
+            slope += self.all_reduce.slope_ms
+        return OpTable("tokens", tuple(math.fsum(values) for values in zip(*columns, strict=True)), slope)
 
 
 class _Table:
@@ -197,10 +246,9 @@ class IterationTimeModel:
         c = coefficients
         self.coefficients = c
         layers_s = c.num_layers * _MS  # per-layer ms -> per-iteration s
-        grid = c.num_tokens
-        tokens_ms = [a + b for a, b in zip(c.non_attention_ms, c.all_reduce_ms, strict=True)]
-        self._tokens = _Table(grid, tokens_ms, c.non_attention_slope_ms + c.all_reduce_slope_ms)
-        self._lm_head = _Table(grid, c.lm_head_ms, c.lm_head_slope_ms)
+        tokens = c.token_table()
+        self._tokens = _Table(c.num_tokens, tokens.ms, tokens.slope_ms)
+        self._lm_head = _Table(c.num_tokens, c.lm_head.ms, c.lm_head.slope_ms)
         if overhead_s is None:
             self._overhead = c.cpu_overhead_s
             self._overhead_per_request = c.cpu_overhead_per_request_s
@@ -252,6 +300,8 @@ class IterationTimeModel:
     # ------------------------------------------------------------------ timing
 
     def _decode_base_uncached(self, batch_size: int) -> float:
+        """CPU overhead + token table at B tokens (mlp.csv ops, all-reduce) + LM head at B rows
+        + decode attention without its context term, ``num_layers * (d0 + d1*B)``."""
         return (
             self._overhead
             + self._overhead_per_request * batch_size
@@ -262,8 +312,12 @@ class IterationTimeModel:
         )
 
     def decode_base_time(self, batch_size: int) -> float:
-        """Seconds of a pure-decode iteration of ``batch_size`` (>= 1) requests, excluding the
-        ``decode_time_per_context_token * context_tokens`` term. Table lookup up to
+        """Seconds of a pure-decode iteration of ``batch_size`` = B (>= 1) requests, excluding
+        the ``decode_time_per_context_token * context_tokens`` term: CPU overhead (assumed)
+        + non-attention ops at B tokens (``num_layers`` x per-layer ``mlp.csv`` op tables +
+        embedding and final norm) + all-reduces at B tokens (network profile, TP > 1) + LM head
+        at B rows (scaled ``mlp_up_proj``) + the context-free part of decode attention,
+        ``num_layers * (d0 + d1*B)`` (attention profile). Table lookup up to
         ``DENSE_TABLE_SIZE``; beyond it the same formula (linear past the profiled grid)."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -277,9 +331,16 @@ class IterationTimeModel:
         decode_context_tokens: int,
         prefill_chunks: Sequence[tuple[int, int]] = (),
     ) -> float:
-        """Seconds for one iteration: ``decode_batch`` decode requests whose context tokens sum
-        to ``decode_context_tokens``, plus one prefill chunk per ``(chunk_tokens,
-        prior_context_tokens)`` in ``prefill_chunks``.
+        """Seconds for one iteration: ``decode_batch`` = B decode requests whose context tokens
+        sum to ``decode_context_tokens`` = C (mean context L = C / B), plus one prefill chunk per
+        ``(chunk_tokens, prior_context_tokens)`` in ``prefill_chunks``.
+
+        Terms and their sources, with T = B + all chunk tokens and R = B + number of chunks:
+        non-attention ops at T tokens (``num_layers`` x the per-layer ``mlp.csv`` op tables +
+        embedding and final norm), all-reduces at T tokens (network profile, TP > 1), LM head
+        at R rows (scaled ``mlp_up_proj`` table), decode attention ``num_layers * (d0 + B*(d1 +
+        d2*L))`` if B >= 1 and prefill attention ``num_layers * (e0 + per-chunk terms)``
+        (attention profile), CPU overhead (assumed, or ``overhead_s``).
 
         Without prefill chunks this is exactly ``decode_base_time(decode_batch) +
         decode_time_per_context_token * decode_context_tokens``.

@@ -2,8 +2,32 @@
 
 Per request (seconds): **TTFT** (arrival to first output token), **TPOT** (time per output token
 after the first: ``(finish - first token) / (output tokens - 1)``, undefined for one-token
-outputs), **E2E** (arrival to last token), **queueing delay** (arrival to first admission into a
-batch) and the number of **preemptions**.
+outputs), **E2E** (arrival to last token), **queueing delay** (arrival to the start of the first
+batch that holds the request; also called the scheduling delay) and the number of
+**preemptions**.
+
+Per-request records have one schema, :data:`REQUEST_COLUMNS`, shared by the env's
+``info["requests"]`` / ``LLMClusterEnv.request_records()`` and the CSV of
+:mod:`llm_cluster_env.replay`:
+
+======================  =======  ===================================================  =======
+column                  dtype    meaning                                              unit
+======================  =======  ===================================================  =======
+``request_id``          int64    index of the request in its episode (replay: the     -
+                                 0-based data row of the input file)
+``arrival_s``           float64  arrival time at the router                           s
+``prompt_tokens``       int64    prompt length served (after oversize clipping)       tokens
+``output_tokens``       int64    output length served (after oversize clipping)       tokens
+``replica``             int64    replica that served it (replay: -1 = rejected)       -
+``scheduling_delay_s``  float64  start of its first batch minus arrival               s
+``ttft_s``              float64  first output token minus arrival                     s
+``e2e_s``               float64  last output token minus arrival                      s
+``tpot_s``              float64  time per output token after the first (NaN for       s
+                                 one-token outputs)
+``preemptions``         int64    times the request was preempted                      -
+======================  =======  ===================================================  =======
+
+The episode statistics call the scheduling delay ``queueing`` (``queueing_mean`` ...).
 
 Per episode: mean/p50/p90/p99 of each, throughput, SLO attainment, per-replica utilisation
 (busy fraction of the episode; with continuous batching a replica is busy whenever it holds a
@@ -14,7 +38,7 @@ design documents (1 is perfectly even).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,19 +48,70 @@ from llm_cluster_env.sim.request import Request, RequestState
 PERCENTILES = (50, 90, 99)
 
 
+#: Per-request record columns, in order (see the table in the module docstring).
+REQUEST_COLUMNS: tuple[str, ...] = (
+    "request_id", "arrival_s", "prompt_tokens", "output_tokens", "replica",
+    "scheduling_delay_s", "ttft_s", "e2e_s", "tpot_s", "preemptions",
+)
+#: Columns holding integers (int64); the others are float64 seconds.
+INTEGER_COLUMNS = frozenset({"request_id", "prompt_tokens", "output_tokens", "replica",
+                             "preemptions"})
+#: The :class:`RequestLatencies` field behind each column.
+_COLUMN_FIELDS = {
+    "request_id": "request_id", "arrival_s": "arrival", "prompt_tokens": "prompt_tokens",
+    "output_tokens": "output_tokens", "replica": "replica", "scheduling_delay_s": "queueing",
+    "ttft_s": "ttft", "e2e_s": "e2e", "tpot_s": "tpot", "preemptions": "preemptions",
+}
+
+
+class RequestRecords(Mapping[str, np.ndarray]):
+    """Per-request records as a read-only ``column -> array`` mapping, columns
+    :data:`REQUEST_COLUMNS` in order, one entry per request.
+
+    Deliberately a :class:`~collections.abc.Mapping` and not a ``dict``: gymnasium's vector envs
+    recurse into ``dict`` infos and stack arrays across sub-environments, which fails when two
+    episodes ending on the same step served different numbers of requests; an object that is
+    neither is kept whole, one per sub-environment.
+    """
+
+    __slots__ = ("_columns",)
+
+    def __init__(self, columns: Mapping[str, np.ndarray]) -> None:
+        self._columns = dict(columns)
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self._columns[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._columns)
+
+    def __len__(self) -> int:
+        return len(self._columns)
+
+    @property
+    def num_requests(self) -> int:
+        """Number of requests (rows)."""
+        return int(next(iter(self._columns.values())).size) if self._columns else 0
+
+    def __repr__(self) -> str:
+        return f"RequestRecords({self.num_requests} requests, columns={list(self._columns)})"
+
+
 @dataclass(frozen=True)
 class RequestLatencies:
-    """Latency arrays (seconds) of finished requests, in request-id order."""
+    """Per-request arrays of the finished requests, in request-id order (times in seconds)."""
 
     e2e: np.ndarray
     ttft: np.ndarray
     tpot: np.ndarray  # NaN for one-token outputs
-    queueing: np.ndarray
+    queueing: np.ndarray  # the scheduling delay: start of the first batch minus arrival
     preemptions: np.ndarray
     prompt_tokens: np.ndarray
     output_tokens: np.ndarray
     replica: np.ndarray
     finish_time: np.ndarray
+    request_id: np.ndarray
+    arrival: np.ndarray
 
     @classmethod
     def from_requests(cls, requests: Sequence[Request]) -> RequestLatencies:
@@ -51,13 +126,31 @@ class RequestLatencies:
             e2e=finish - arrival,
             ttft=first - arrival,
             tpot=tpot,
-            queueing=np.array([r.first_scheduled_time for r in done]) - arrival,
+            queueing=np.array([r.first_scheduled_time for r in done], dtype=np.float64) - arrival,
             preemptions=np.array([r.num_preemptions for r in done], dtype=np.int64),
             prompt_tokens=np.array([r.prompt_tokens for r in done], dtype=np.int64),
             output_tokens=out,
             replica=np.array([r.replica_id for r in done], dtype=np.int64),
             finish_time=finish,
+            request_id=np.array([r.id for r in done], dtype=np.int64),
+            arrival=arrival,
         )
+
+    def __len__(self) -> int:
+        """Number of finished requests."""
+        return int(self.e2e.size)
+
+    def columns(self) -> RequestRecords:
+        """The per-request records as ``column -> array`` in :data:`REQUEST_COLUMNS` order
+        (fresh copies; int64 for :data:`INTEGER_COLUMNS`, float64 otherwise)."""
+        return RequestRecords({
+            name: np.array(getattr(self, _COLUMN_FIELDS[name]),
+                           dtype=np.int64 if name in INTEGER_COLUMNS else np.float64)
+            for name in REQUEST_COLUMNS})
+
+    def to_rows(self) -> list[tuple[int | float, ...]]:
+        """One tuple of Python numbers per request, in :data:`REQUEST_COLUMNS` order."""
+        return list(zip(*(values.tolist() for values in self.columns().values())))
 
 
 def balance_score(counts: Sequence[float] | np.ndarray) -> float:

@@ -1,38 +1,66 @@
-"""One model replica: vLLM-style continuous batching over a paged KV cache.
+"""One model replica: continuous batching over a paged KV cache, under one of three policies.
 
-Scheduling, at every iteration boundary (``start_batch``):
+A replica holds an FCFS waiting queue, the running requests (each holding KV blocks of
+``block_size`` tokens) and at most one batch in flight. At every iteration boundary
+(``start_batch``) it forms the next batch; when the batch ends (``end_batch``) every decoding
+request in it has one more output token, a request whose prefill completes emits its first token
+in that same iteration (TTFT), and a request with all its output tokens finishes and frees its
+blocks. The iteration time comes from :class:`~llm_cluster_env.sim.latency.IterationTimeModel`.
 
-1. **KV check.** Every decoding request needs a cache slot for the token it is about to
-   process; when the blocks needed exceed capacity, the most recently admitted request is
-   preempted: its blocks are freed and it goes back to the *front* of the waiting queue, to be
-   recomputed (prompt + tokens generated so far are prefilled again) when readmitted.
-2. **Admission**, FCFS from the head of the waiting queue, while the batch has fewer than
-   ``max_batch_size`` requests and the free blocks minus the request's prompt blocks stay at
-   or above the watermark. Without chunked prefill a whole prompt runs in one iteration and the
-   prompts admitted together may not exceed the token budget (a longer prompt runs alone); with
-   chunked prefill (Sarathi) decodes take one token each and prompt chunks fill the rest of the
-   budget, a long prompt spanning several iterations.
-3. **Batch**: the admitted prefill chunks plus one decode token for every decoding request.
-   The iteration time comes from :class:`~llm_cluster_env.sim.latency.IterationTimeModel`.
+Batching policies (``ReplicaConfig.batching``)
+----------------------------------------------
+``mixed_chunked`` (default; today's vLLM with chunked prefill, Sarathi-Serve):
 
-At the end of an iteration (``end_batch``) each decoding request has one more token; a request
-whose prefill completes emits its first token (TTFT) in that same iteration; a request that has
-all its output tokens finishes and frees its blocks.
+1. **KV check.** Every decoding request needs a slot for the token it is about to process; while
+   the blocks needed exceed capacity, the most recently admitted request is preempted: its blocks
+   are freed and it goes back to the *front* of the waiting queue, to be recomputed (prompt +
+   tokens generated so far, prefilled again) when readmitted.
+2. **Batch.** Every decoding request takes one token of the budget
+   (``max_num_batched_tokens``, default 2048); unfinished prefills continue, then waiting
+   requests are admitted FCFS while the batch has fewer than ``max_batch_size`` requests, the
+   free blocks minus the request's prompt blocks stay at or above the watermark, and budget is
+   left: prompt chunks fill the rest of the budget, a long prompt spanning several iterations.
+
+``mixed``: the same without chunking: a whole prompt runs in one iteration, together with the
+decodes, and the prompts admitted together may not exceed the budget (a longer prompt runs alone).
+
+``vllm_v0`` (vLLM before chunked prefill, as Vidur's vLLM scheduler models it):
+
+1. **Prefill first.** Walk the waiting queue FCFS and admit while (a) the request's prompt blocks
+   ``ceil(prefill_tokens / block_size)`` leave at least the watermark free
+   (``int(watermark * num_blocks)``, counted against the blocks currently *allocated*), (b) the
+   padded budget holds: ``len(batch) * max(prefill tokens in batch) <= max_num_batched_tokens``,
+   (c) fewer than ``max_batch_size`` requests hold KV memory. Stop at the first failure. If any
+   request was admitted, the batch is **prefill-only**: decodes wait.
+2. **Otherwise a decode-only batch** of the running requests, oldest arrival first. Before its
+   turn each request must find one free block (no watermark; vLLM v0's ``can_append_slots`` and
+   Vidur check this even for a request that needs no new block), and takes a new block when its
+   processed tokens (prompt + generated) pass its allocated blocks, i.e. every ``block_size``
+   tokens. If no block is free, the *newest* running request not yet in this batch is preempted
+   (all blocks freed, reset so prompt + generated tokens are recomputed as one prefill, put at the
+   front of the waiting queue, so victims keep their arrival order there); with no other victim
+   the request preempts itself.
+3. No chunking; prefill and decode never share a batch; no CPU overhead by default
+   (``build_replica`` passes 0), the next batch starts when the previous one ends. The KV capacity
+   follows Vidur's memory rule (:func:`~llm_cluster_env.sim.hardware.vidur_kv_cache_blocks`).
 
 **Jump mode.** When an iteration has no prefill work and no waiting request can be admitted
 before a request finishes, the replica is in a *pure-decode stretch*: the batch is constant, the
 context grows by ``B`` tokens per iteration and the iteration time is
 ``base(B) + beta * context``, so ``k`` iterations take
 ``k * base(B) + beta * (k * C0 + B * k * (k - 1) / 2)`` seconds. ``start_batch`` then plans the
-whole stretch at once, up to the next completion or the first iteration that would exhaust the
-KV cache. An arrival dispatched here mid-stretch cuts the stretch at the first iteration boundary
-after it (``on_dispatch``). The result is identical, up to floating-point rounding, to simulating
-every iteration (``jump=False``), which the tests check.
+whole stretch at once, up to the next completion or the first iteration whose KV need would
+trigger a preemption check (above capacity; for ``vllm_v0`` at capacity, where the one-free-block
+rule can bite). An arrival dispatched here mid-stretch cuts the stretch at the first iteration
+boundary after it (``on_dispatch``). The result is identical, up to floating-point rounding, to
+simulating every iteration (``jump=False``), which the tests check for every policy.
 
 KV accounting in closed form: a decoding request with prompt ``p`` and ``g`` generated tokens
-needs ``ceil((p + g) / block_size)`` blocks. With ``g = clock - offset`` that is
-``ceil((clock - r) / block_size)`` for ``r = offset - p``, so the blocks of all decoding requests
-follow from ``B``, ``sum(r)`` and how many requests have each residue ``r mod block_size``.
+needs ``ceil((p + g) / block_size)`` blocks for its next iteration. With ``g = clock - offset``
+(``clock`` counts the iterations that carried decodes) that is ``ceil((clock - r) / block_size)``
+for ``r = offset - p``, so the blocks of all decoding requests follow from ``B``, ``sum(r)`` and
+how many requests have each residue ``r mod block_size``; the blocks they currently hold are the
+same expression at ``clock - 1``.
 """
 
 from __future__ import annotations
@@ -50,6 +78,10 @@ DECODING = RequestState.DECODING
 FINISHED = RequestState.FINISHED
 
 
+#: ``mixed_chunked`` token budget when ``max_num_batched_tokens`` is not set (tokens).
+DEFAULT_CHUNKED_TOKEN_BUDGET = 2048
+
+
 class SimulationError(RuntimeError):
     """The simulator reached a state its invariants forbid (a bug, or an impossible config)."""
 
@@ -62,7 +94,8 @@ class Replica:
     :param latency: iteration-time model (``decode_base_time``, ``decode_time_per_context_token``,
         ``iteration_time``).
     :param num_blocks: KV-cache capacity (blocks of ``config.block_size`` tokens).
-    :param max_model_len: the model's context length (tokens); caps the default token budget.
+    :param max_model_len: the model's context length (tokens); the default token budget of
+        ``mixed`` and ``vllm_v0``.
     :param jump: advance pure-decode stretches in closed form.
     """
 
@@ -77,11 +110,18 @@ class Replica:
         self.num_blocks = num_blocks
         self.watermark_blocks = int(config.watermark * num_blocks)
         self.max_batch_size = config.max_batch_size
-        self.chunked_prefill = config.chunked_prefill
+        self.batching = config.batching
+        self.chunked_prefill = config.batching == "mixed_chunked"
+        self._vllm_v0 = config.batching == "vllm_v0"
         if config.max_num_batched_tokens is not None:
             self.token_budget = config.max_num_batched_tokens
         else:
-            self.token_budget = 512 if config.chunked_prefill else max_model_len
+            self.token_budget = DEFAULT_CHUNKED_TOKEN_BUDGET if self.chunked_prefill else max_model_len
+        if self._vllm_v0 and self.token_budget < max_model_len:
+            raise ValueError(
+                f"max_num_batched_tokens={self.token_budget} is below the model's context length "
+                f"{max_model_len}: with batching='vllm_v0' (no chunking) a long prompt could "
+                "never be scheduled; vLLM v0 rejects this too")
         self._beta = latency.decode_time_per_context_token
         self._base = latency.decode_base_time
         self.reset()
@@ -114,6 +154,7 @@ class Replica:
         self.batch_end = 0.0
         self.batch_iterations = 0
         self._batch_pure = True
+        self._batch_decodes = False  # the batch in flight advances the decoding requests
         self._batch_chunks: list[tuple[Request, int]] = []
         self._stretch_base = 0.0  # base(B) of the pure-decode stretch (seconds)
         self._stretch_ctx0 = 0  # decode context tokens at the stretch's first iteration
@@ -132,8 +173,14 @@ class Replica:
     @property
     def max_request_tokens(self) -> int:
         """Largest prompt + output (tokens) this replica can always finish: admission needs the
-        prompt's blocks above the watermark, the last decode step needs ``p + o - 1`` slots."""
-        return (self.num_blocks - self.watermark_blocks) * self.block_size
+        prompt's blocks above the watermark, the last decode step needs ``p + o - 1`` slots.
+        Under ``vllm_v0`` a lone request must also never hold every block before a decode step
+        (the one-free-block rule would make it preempt itself forever): ``p + o - 2`` tokens
+        fit in ``num_blocks - 1`` blocks."""
+        limit = (self.num_blocks - self.watermark_blocks) * self.block_size
+        if self._vllm_v0:
+            limit = min(limit, (self.num_blocks - 1) * self.block_size + 2)
+        return limit
 
     def has_work(self) -> bool:
         return bool(self.running) or bool(self.waiting)
@@ -257,6 +304,7 @@ class Replica:
     # ------------------------------------------------------------- scheduling
     def _preempt(self, req: Request) -> None:
         """Free a running request's blocks and put it back at the front of the queue."""
+        del self.running[req.admit_seq]
         if req.state == DECODING:
             self._leave_decoding(req)
             self._generated_not_decoding += req.generated
@@ -274,25 +322,60 @@ class Replica:
         self.num_preemptions += 1
         self.waiting.appendleft(req)
 
+    def _admit(self, req: Request, blocks: int, now: float) -> None:
+        """Move the head of the waiting queue into the running set, holding ``blocks``."""
+        self.waiting.popleft()
+        req.state = PREFILLING
+        req.blocks = blocks
+        req.prefilled = 0
+        self.prefill_blocks += blocks
+        req.admit_seq = self._admit_counter
+        self._admit_counter += 1
+        self.running[req.admit_seq] = req
+        self.prefilling.append(req)
+        if req.first_scheduled_time < 0.0:
+            req.first_scheduled_time = now
+
     def start_batch(self, now: float) -> float | None:
         """Schedule the next iteration (or pure-decode stretch) at ``now``.
 
         Returns its end time, or ``None`` when there is nothing to run (the replica idles).
         """
         self.start_pending = False
+        if self._vllm_v0:
+            chunks = self._admit_vllm_v0(now)
+            if chunks:
+                return self._launch(now, chunks, decode_batch=0, headroom=0)
+            self._make_room_vllm_v0()
+            if not self.num_decoding:
+                # Every request was preempted (only possible for a request over
+                # max_request_tokens): Vidur would idle until the next arrival; admitting the
+                # recompute at once is what vLLM v0 does.
+                chunks = self._admit_vllm_v0(now)
+                return self._launch(now, chunks, decode_batch=0, headroom=0)
+            # the stretch may run while every request still finds a free block before its turn
+            headroom = self.num_blocks - 1 - self.decode_blocks(self.clock)
+            return self._launch(now, [], self.num_decoding, headroom)
+        used = self._make_room_mixed()
+        chunks = self._admit_mixed(now, used)
+        return self._launch(now, chunks, self.num_decoding, self.num_blocks - used)
+
+    def _make_room_mixed(self) -> int:
+        """Preempt the latest admitted requests until every decoding request has a slot for its
+        next token; return the blocks then in use (decode needs + prefill holdings)."""
         clock = self.clock
-        blocks_total = self.num_blocks
-        # 1. make room for every decoding request's next token
         used = self.decode_blocks(clock) + self.prefill_blocks
-        while used > blocks_total:
+        while used > self.num_blocks:
             if len(self.running) <= 1:
                 raise SimulationError(
-                    f"replica {self.id}: one request needs {used} KV blocks of {blocks_total}")
-            _, victim = self.running.popitem()
-            self._preempt(victim)
+                    f"replica {self.id}: one request needs {used} KV blocks of {self.num_blocks}")
+            self._preempt(next(reversed(self.running.values())))
             used = self.decode_blocks(clock) + self.prefill_blocks
+        return used
 
-        # 2. prefill work: continue chunked prefills, then admit FCFS
+    def _admit_mixed(self, now: float, used: int) -> list[tuple[Request, int]]:
+        """Prefill work of a ``mixed``/``mixed_chunked`` iteration: continue chunked prefills,
+        then admit FCFS. Returns ``(request, chunk tokens)`` pairs."""
         chunks: list[tuple[Request, int]] = []
         budget = self.token_budget
         if self.chunked_prefill:
@@ -304,69 +387,118 @@ class Replica:
                 chunks.append((req, chunk))
                 budget -= chunk
         waiting = self.waiting
-        if waiting:
-            bs = self.block_size
-            free = blocks_total - used
-            scheduled_tokens = 0
-            while waiting and len(self.running) < self.max_batch_size:
-                req = waiting[0]
-                need = -(-req.prefill_tokens // bs)
-                if free - need < self.watermark_blocks:
+        bs = self.block_size
+        free = self.num_blocks - used
+        scheduled_tokens = 0
+        while waiting and len(self.running) < self.max_batch_size:
+            req = waiting[0]
+            need = -(-req.prefill_tokens // bs)
+            if free - need < self.watermark_blocks:
+                break
+            if self.chunked_prefill:
+                if budget <= 0:
                     break
-                if self.chunked_prefill:
-                    if budget <= 0:
-                        break
-                    chunk = min(req.prefill_tokens, budget)
-                else:
-                    chunk = req.prefill_tokens
-                    if scheduled_tokens and scheduled_tokens + chunk > budget:
-                        break
-                    scheduled_tokens += chunk
-                budget -= chunk
-                waiting.popleft()
-                free -= need
-                req.state = PREFILLING
-                req.blocks = need
-                req.prefilled = 0
-                self.prefill_blocks += need
-                req.admit_seq = self._admit_counter
-                self._admit_counter += 1
-                self.running[req.admit_seq] = req
-                self.prefilling.append(req)
-                if req.first_scheduled_time < 0.0:
-                    req.first_scheduled_time = now
-                chunks.append((req, chunk))
+                chunk = min(req.prefill_tokens, budget)
+            else:
+                chunk = req.prefill_tokens
+                if scheduled_tokens and scheduled_tokens + chunk > budget:
+                    break
+                scheduled_tokens += chunk
+            budget -= chunk
+            free -= need
+            self._admit(req, need, now)
+            chunks.append((req, chunk))
+        return chunks
 
-        # 3. the batch
-        batch = self.num_decoding
-        if not chunks and not batch:
-            if self.running or waiting:
+    def _admit_vllm_v0(self, now: float) -> list[tuple[Request, int]]:
+        """The prefill-only batch of ``vllm_v0`` (empty when the queue head cannot start)."""
+        waiting = self.waiting
+        if not waiting:
+            return []
+        bs = self.block_size
+        held = self.decode_blocks(self.clock - 1) + self.prefill_blocks
+        free = self.num_blocks - held
+        chunks: list[tuple[Request, int]] = []
+        longest = 0
+        while waiting:
+            req = waiting[0]
+            need = -(-req.prefill_tokens // bs)
+            if free - need < self.watermark_blocks:
+                break
+            longest = max(longest, req.prefill_tokens)
+            if (len(chunks) + 1) * longest > self.token_budget:
+                break
+            if len(self.running) >= self.max_batch_size or len(chunks) >= self.max_batch_size:
+                break
+            free -= need
+            self._admit(req, need, now)
+            chunks.append((req, req.prefill_tokens))
+        return chunks
+
+    def _make_room_vllm_v0(self) -> None:
+        """Vidur's/vLLM v0's decode-batch walk: running requests oldest arrival first, each
+        needing one free block before its turn, the newest not yet walked preempted otherwise.
+
+        Needed only when the decoding set's blocks for this iteration reach capacity: below it
+        every request finds a free block."""
+        clock = self.clock
+        total = self.num_blocks
+        if self.decode_blocks(clock) < total:
+            return
+        bs = self.block_size
+        order = sorted(self.running.values(), key=lambda r: (r.arrival_time, r.id))
+        generated = [clock - r.decode_offset for r in order]
+        held = [-(-(r.prompt_tokens + g - 1) // bs) for r, g in zip(order, generated)]
+        allocated = sum(held)
+        last = len(order)  # order[:last] are still running
+        i = 0
+        while i < last:
+            while total - allocated < 1:
+                last -= 1
+                allocated -= held[last]
+                self._preempt(order[last])
+                if last == i:
+                    break  # no other victim: it preempted itself
+            if last == i:
+                break
+            req = order[i]
+            allocated += -(-(req.prompt_tokens + generated[i]) // bs) - held[i]
+            i += 1
+
+    def _launch(self, now: float, chunks: list[tuple[Request, int]], decode_batch: int,
+                headroom: int) -> float | None:
+        """Start a batch of ``chunks`` plus ``decode_batch`` decodes; a pure-decode batch runs as
+        a stretch while its block growth stays within ``headroom`` blocks (jump mode)."""
+        if not chunks and not decode_batch:
+            if self.running or self.waiting:
                 raise SimulationError(
                     f"replica {self.id}: requests present but nothing can run at t={now}")
             self.busy = False
             return None
-        context = batch * clock - self._sum_r
+        clock = self.clock
+        context = decode_batch * clock - self._sum_r if decode_batch else 0
         self.busy = True
         self.batch_start = now
         self._batch_chunks = chunks
-        self._batch_size = batch + len(chunks)
+        self._batch_decodes = decode_batch > 0
+        self._batch_size = decode_batch + len(chunks)
         if chunks:
             self._batch_pure = False
             self.batch_iterations = 1
             self.batch_end = now + self.latency.iteration_time(
-                batch, context, [(chunk, req.prefilled) for req, chunk in chunks])
+                decode_batch, context, [(chunk, req.prefilled) for req, chunk in chunks])
             return self.batch_end
         self._batch_pure = True
-        self._stretch_base = self._base(batch)
+        self._stretch_base = self._base(decode_batch)
         self._stretch_ctx0 = context
-        self._stretch_batch = batch
+        self._stretch_batch = decode_batch
         iterations = 1
-        if self.jump:
+        if self.jump and headroom >= 0:
             heap = self._finish_heap
             while heap[0][2].state != DECODING or heap[0][2].admit_seq != heap[0][1]:
                 heappop(heap)  # stale entry of a preempted request
             iterations = min(heap[0][0] - clock,
-                             self._iterations_before_kv_exhaustion(clock, blocks_total - used))
+                             self._iterations_before_kv_exhaustion(clock, headroom))
         self.batch_iterations = iterations
         self.batch_end = now + self._stretch_duration(iterations)
         return self.batch_end
@@ -378,18 +510,19 @@ class Replica:
         self.busy_time += now - self.batch_start
         self.batch_time += (now - self.batch_start) * self._batch_size
         self.num_iterations += iterations
-        self.tokens_generated += iterations * self.num_decoding
-        self.clock += iterations
-        clock = self.clock
         finished: list[Request] = []
-        heap = self._finish_heap
-        while heap and heap[0][0] <= clock:
-            _, seq, req = heappop(heap)
-            if req.state != DECODING or req.admit_seq != seq:
-                continue  # stale entry of a preempted request
-            self._leave_decoding(req)
-            self._finish(req, now)
-            finished.append(req)
+        if self._batch_decodes:
+            self.tokens_generated += iterations * self.num_decoding
+            self.clock += iterations
+            clock = self.clock
+            heap = self._finish_heap
+            while heap and heap[0][0] <= clock:
+                _, seq, req = heappop(heap)
+                if req.state != DECODING or req.admit_seq != seq:
+                    continue  # stale entry of a preempted request
+                self._leave_decoding(req)
+                self._finish(req, now)
+                finished.append(req)
         for req, chunk in self._batch_chunks:
             req.prefilled += chunk
             self.pending_prefill_tokens -= chunk
@@ -427,7 +560,11 @@ class Replica:
     def check_invariants(self, now: float) -> None:
         """Raise :class:`SimulationError` if the bookkeeping is inconsistent (tests, debugging)."""
         clock = self.clock_at(now)
-        used = self.decode_blocks(clock) + self.prefill_blocks
+        # blocks held: a decoding batch in flight holds its slots; between batches a decoding
+        # request holds what its last iteration needed (the next need may exceed capacity until
+        # the next batch start preempts)
+        held_clock = clock if self.busy and self._batch_decodes else clock - 1
+        used = self.decode_blocks(held_clock) + self.prefill_blocks
         if used > self.num_blocks:
             raise SimulationError(f"replica {self.id}: {used} blocks in use > {self.num_blocks}")
         decoding = [r for r in self.running.values() if r.state == DECODING]
