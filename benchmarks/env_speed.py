@@ -27,7 +27,6 @@ from llm_cluster_env.env import LLMClusterEnv
 from llm_cluster_env.sim.cluster import Cluster
 from llm_cluster_env.sim.request import Request
 
-
 BATCHING = ("mixed_chunked", "mixed", "vllm_v0")
 
 
