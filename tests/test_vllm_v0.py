@@ -240,3 +240,16 @@ def test_jump_matches_iteration_on_the_calibrated_model(seed):
         results.append(timestamps(reqs))
     np.testing.assert_allclose(results[0], results[1], rtol=0, atol=1e-9)
     assert results[0][:, 3].sum() > 0  # preemptions happened
+
+
+def test_vidur_compatible_scenario_and_config_errors():
+    from llm_cluster_env.config import ConfigError
+    from llm_cluster_env.env import LLMClusterEnv
+
+    env = LLMClusterEnv(scenario="a100x4_vllm_v0")
+    assert all(r.batching == "vllm_v0" and r.num_blocks == 7424 and r.token_budget == 4096
+               for r in env.cluster.replicas)
+    assert env.workload.max_total_tokens == 4096  # Vidur's max_tokens: the context length
+    assert LLMClusterEnv().cluster.replicas[0].batching == "mixed_chunked"  # the default
+    with pytest.raises(ConfigError, match=r"replica.batching='v1': expected one of"):
+        LLMClusterEnv(replica={"batching": "v1"})

@@ -356,15 +356,17 @@ class Replica:
             # the stretch may run while every request still finds a free block before its turn
             headroom = self.num_blocks - 1 - self.decode_blocks(self.clock)
             return self._launch(now, [], self.num_decoding, headroom)
-        used = self._make_room_mixed()
-        chunks = self._admit_mixed(now, used)
+        used = self.decode_blocks(self.clock) + self.prefill_blocks
+        if used > self.num_blocks:
+            used = self._make_room_mixed(used)
+        chunks = self._admit_mixed(now, used) if self.waiting or self.prefilling else []
         return self._launch(now, chunks, self.num_decoding, self.num_blocks - used)
 
-    def _make_room_mixed(self) -> int:
+    def _make_room_mixed(self, used: int) -> int:
         """Preempt the latest admitted requests until every decoding request has a slot for its
-        next token; return the blocks then in use (decode needs + prefill holdings)."""
+        next token; ``used`` is the blocks needed now (decode needs + prefill holdings). Returns
+        the blocks needed after the preemptions."""
         clock = self.clock
-        used = self.decode_blocks(clock) + self.prefill_blocks
         while used > self.num_blocks:
             if len(self.running) <= 1:
                 raise SimulationError(
