@@ -8,11 +8,11 @@ into ``--output-dir/<scenario>/``. With ``--scenario all`` it runs every package
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
+from llm_cluster_env.atomic import atomic_write_json
 from llm_cluster_env.evaluation import evaluate_routers, format_table, plot_latency_cdf, write_csv
 from llm_cluster_env.routers import ROUTERS, make_router
 from llm_cluster_env.scenarios import available_scenarios, scenario_description
@@ -63,7 +63,7 @@ def compare_scenario(scenario: str, args: argparse.Namespace) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     write_csv(results, out / "results.csv")
     summary = {n: r.summary() for n, r in results.items()}
-    (out / "results.json").write_text(json.dumps(summary, indent=2))
+    atomic_write_json(out / "results.json", summary)
     if not args.no_plot:
         plot_latency_cdf(results, out / "latency_cdf.png", title=f"{name}: E2E latency")
     print(f"   wrote {out}/results.csv, results.json" + ("" if args.no_plot else ", latency_cdf.png"))

@@ -8,6 +8,7 @@ runs on the same seeds, hence the same workloads.
 from __future__ import annotations
 
 import csv
+import io
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from llm_cluster_env.atomic import atomic_write_text
 from llm_cluster_env.env import LLMClusterEnv
 from llm_cluster_env.routers import Router
 from llm_cluster_env.sim.metrics import RequestLatencies
@@ -123,14 +125,15 @@ def format_table(results: Mapping[str, RouterResult], baseline: str | None = "lo
 
 
 def write_csv(results: Mapping[str, RouterResult], path: str | Path) -> None:
-    """Per-router mean of every metric, one row per router."""
+    """Per-router mean of every metric, one row per router (the file is replaced atomically)."""
     summaries = {name: res.summary() for name, res in results.items()}
     keys = sorted({k for s in summaries.values() for k in s})
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["router"] + keys)
-        for name, s in summaries.items():
-            writer.writerow([name] + [s.get(k, "") for k in keys])
+    text = io.StringIO()
+    writer = csv.writer(text)
+    writer.writerow(["router"] + keys)
+    for name, s in summaries.items():
+        writer.writerow([name] + [s.get(k, "") for k in keys])
+    atomic_write_text(path, text.getvalue())
 
 
 def plot_latency_cdf(results: Mapping[str, RouterResult], path: str | Path, title: str = "") -> None:

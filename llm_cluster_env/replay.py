@@ -52,10 +52,10 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import math
 import os
 import sys
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,6 +63,7 @@ from typing import Any
 
 import numpy as np
 
+from llm_cluster_env.atomic import atomic_write_text
 from llm_cluster_env.env import LLMClusterEnv
 from llm_cluster_env.evaluation import run_episode
 from llm_cluster_env.routers import ROUTERS, Router, make_router
@@ -205,9 +206,8 @@ def write_records_csv(path: str | os.PathLike[str], records: Mapping[str, np.nda
     """Write per-request records (``column -> array``, all columns of
     :data:`~llm_cluster_env.sim.metrics.REQUEST_COLUMNS`) as CSV, atomically.
 
-    Rows go to a temporary file next to ``path``, which is flushed, fsynced and renamed over
-    ``path`` only when complete; on any failure the temporary file is removed and ``path`` is
-    left as it was.
+    The file is replaced atomically (:func:`llm_cluster_env.atomic.atomic_write_text`): on any
+    failure ``path`` is left as it was and no temporary file remains.
     """
     missing = [name for name in REQUEST_COLUMNS if name not in records]
     if missing:
@@ -216,20 +216,11 @@ def write_records_csv(path: str | os.PathLike[str], records: Mapping[str, np.nda
     if len({len(c) for c in columns}) > 1:
         raise ValueError("records: columns differ in length: "
                          + ", ".join(f"{n}={len(c)}" for n, c in zip(REQUEST_COLUMNS, columns)))
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", newline="", encoding="utf-8") as handle:
-            writer = csv.writer(handle, lineterminator="\n")
-            writer.writerow(REQUEST_COLUMNS)
-            writer.writerows([_cell(v) for v in row] for row in zip(*columns))
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(REQUEST_COLUMNS)
+    writer.writerows([_cell(v) for v in row] for row in zip(*columns))
+    return atomic_write_text(path, text.getvalue())
 
 
 def format_summary(result: ReplayResult) -> str:

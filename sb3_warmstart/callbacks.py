@@ -35,8 +35,8 @@ from gymnasium import spaces
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.vec_env import VecNormalize
 
+from llm_cluster_env.atomic import atomic_write_text
 from llm_cluster_env.sim.metrics import balance_score
-from sb3_warmstart.atomic import atomic_write_text
 from sb3_warmstart.normalize import freeze_obs_stats, obs_stats_frozen
 
 EPISODE_METRICS = ("e2e_mean", "e2e_p99", "ttft_mean", "tpot_mean", "slo_attainment",

@@ -50,7 +50,7 @@ from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.on_policy_algorithm import OnPolicyAlgorithm
 from stable_baselines3.common.vec_env import VecNormalize
 
-from sb3_warmstart.atomic import atomic_write_bytes, atomic_write_json, fsync_dir
+from llm_cluster_env.atomic import atomic_write_bytes, atomic_write_json, fsync_dir
 
 FORMAT_VERSION = 1
 MODEL_FILE = "model.zip"

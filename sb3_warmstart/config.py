@@ -459,7 +459,7 @@ def load_config(path: str | Path | None = None, profile: str = DEFAULT_PROFILE,
 
 def dump_config(config: TrainingConfig, path: str | Path, profile: str = DEFAULT_PROFILE) -> None:
     """Write the resolved config as a loadable YAML document (atomically)."""
-    from sb3_warmstart.atomic import atomic_write_text
+    from llm_cluster_env.atomic import atomic_write_text
 
     text = _yaml().safe_dump({ENV_ID: {profile: to_dict(config)}}, sort_keys=False)
     atomic_write_text(path, text)

@@ -69,11 +69,11 @@ import gymnasium as gym
 import numpy as np
 
 import llm_cluster_env
+from llm_cluster_env.atomic import fsync_dir
 from llm_cluster_env.config import EnvConfig
 from llm_cluster_env.observation import ObservationLayout
 from llm_cluster_env.routers import ROUTERS, make_router
 from llm_cluster_env.sim.metrics import balance_score
-from sb3_warmstart.atomic import fsync_dir
 
 FORMAT = "sb3_warmstart/demos/v1"
 STATS_FILE = "stats.json"

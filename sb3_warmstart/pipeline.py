@@ -47,7 +47,7 @@ from stable_baselines3.common.monitor import Monitor
 from stable_baselines3.common.vec_env import DummyVecEnv
 
 import llm_cluster_env
-from sb3_warmstart.atomic import atomic_write_json
+from llm_cluster_env.atomic import atomic_write_json
 from sb3_warmstart.bc import PRESETS, ReturnNormalizer
 from sb3_warmstart.callbacks import NormalizerStabilization, TemperatureController, TrainingMonitor
 from sb3_warmstart.checkpoint import (

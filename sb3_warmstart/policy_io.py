@@ -54,7 +54,7 @@ from stable_baselines3.common.policies import ActorCriticPolicy
 from stable_baselines3.common.running_mean_std import RunningMeanStd
 from stable_baselines3.common.vec_env import VecEnv
 
-from sb3_warmstart.atomic import atomic_write_bytes
+from llm_cluster_env.atomic import atomic_write_bytes
 from sb3_warmstart.bc import ObsNormalizer, ReturnNormalizer
 
 FORMAT = "sb3_warmstart/pretrained"

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from llm_cluster_env.atomic import atomic_write_json, atomic_write_text
 from llm_cluster_env.env import LLMClusterEnv
 from llm_cluster_env.evaluation import (
     RouterResult,
@@ -27,7 +28,6 @@ from llm_cluster_env.evaluation import (
     write_csv,
 )
 from llm_cluster_env.routers import make_router
-from sb3_warmstart.atomic import atomic_write_json, atomic_write_text
 from sb3_warmstart.router import PolicyRouter
 
 POLICY_NAME = "ppo"

@@ -118,8 +118,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     import torch
 
     import llm_cluster_env
+    from llm_cluster_env.atomic import atomic_write_json
     from llm_cluster_env.config import ConfigError
-    from sb3_warmstart.atomic import atomic_write_json
     from sb3_warmstart.report import POLICY_NAME, evaluate_policy, write_report
     from sb3_warmstart.router import PolicyRouter
 
