@@ -64,17 +64,28 @@ class LLMClusterEnv(gym.Env):
     ``gym.make("LLMCluster-v0", scenario=None, **kwargs)``: ``scenario`` names a packaged
     scenario (or a YAML path) used as the base; every field of
     :class:`~llm_cluster_env.config.EnvConfig` is a keyword argument, nested configs as dicts.
+    ``gym.make("LLMCluster-v0", config=env_config)`` takes an already built
+    :class:`~llm_cluster_env.config.EnvConfig` instead (then no other setting may be given).
     """
 
     metadata = {"render_modes": []}
 
-    def __init__(self, scenario: str | None = None, render_mode: str | None = None,
-                 **kwargs: Any) -> None:
+    def __init__(self, scenario: str | None = None, render_mode: str | None = None, *,
+                 config: EnvConfig | None = None, **kwargs: Any) -> None:
         if render_mode is not None:
             # TypeError, like an unexpected keyword: SB3's make_vec_env then retries without it
             raise TypeError(f"render_mode={render_mode!r}: LLMCluster-v0 does not render")
         self.render_mode = None
-        self.config = EnvConfig.from_kwargs(scenario=scenario, **kwargs)
+        if config is not None:
+            if not isinstance(config, EnvConfig):
+                raise TypeError(f"config: expected an EnvConfig, got {type(config).__name__}")
+            if scenario is not None or kwargs:
+                given = ["scenario"] * (scenario is not None) + sorted(kwargs)
+                raise TypeError(f"config=EnvConfig(...) is the whole configuration: do not also "
+                                f"pass {', '.join(given)}")
+            self.config = config
+        else:
+            self.config = EnvConfig.from_kwargs(scenario=scenario, **kwargs)
         cfg = self.config
         self.cluster = Cluster.from_configs(
             cfg.replica_configs, jump=cfg.simulation_mode == "jump",

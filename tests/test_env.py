@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import llm_cluster_env
-from llm_cluster_env import ConfigError
+from llm_cluster_env import ConfigError, EnvConfig
 from llm_cluster_env.env import LLMClusterEnv
 from llm_cluster_env.evaluation import run_episode
 from llm_cluster_env.routers import make_router
@@ -400,3 +400,17 @@ def test_scenario_from_yaml_path_with_overrides(tmp_path):
     env = LLMClusterEnv(scenario=str(path), workload={"cv": 2.0, "arrival": "gamma"})
     assert env.num_replicas == 2 and env.config.name == "mine"
     assert env.config.workload.qps == 9.0 and env.config.workload.cv == 2.0
+
+
+def test_env_accepts_a_built_config_and_refuses_extra_settings():
+    config = EnvConfig.from_kwargs(scenario="a100x4_conv_70", episode_requests=16)
+    built = LLMClusterEnv(config=config)
+    from_kwargs = LLMClusterEnv(scenario="a100x4_conv_70", episode_requests=16)
+    assert built.config == from_kwargs.config
+    obs_a, _ = built.reset(seed=3)
+    obs_b, _ = from_kwargs.reset(seed=3)
+    np.testing.assert_array_equal(obs_a, obs_b)
+    with pytest.raises(TypeError, match="episode_requests"):
+        LLMClusterEnv(config=config, episode_requests=8)
+    with pytest.raises(TypeError, match="EnvConfig"):
+        LLMClusterEnv(config={"num_replicas": 2})
