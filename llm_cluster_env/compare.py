@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from llm_cluster_env.atomic import atomic_write_json
+from llm_cluster_env.config import ConfigError, EnvConfig
 from llm_cluster_env.evaluation import evaluate_routers, format_table, plot_latency_cdf, write_csv
 from llm_cluster_env.routers import ROUTERS, make_router
 from llm_cluster_env.scenarios import available_scenarios, scenario_description
@@ -35,6 +36,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.episodes < 1:
         parser.error(f"--episodes={args.episodes}: must be >= 1")
+    if args.seed < 0:
+        parser.error(f"--seed={args.seed}: must be >= 0")
+    if args.scenario != "all":
+        try:
+            EnvConfig.from_kwargs(scenario=args.scenario)
+        except (ConfigError, OSError) as err:
+            parser.error(f"--scenario: {err}")
+    if Path(args.output_dir).exists() and not Path(args.output_dir).is_dir():
+        parser.error(f"--output-dir={args.output_dir!r}: exists and is not a directory")
     if args.requests is not None and args.requests < 1:
         parser.error(f"--requests={args.requests}: must be >= 1")
     names = list(ROUTERS) if args.routers == "all" else args.routers.split(",")

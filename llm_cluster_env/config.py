@@ -13,6 +13,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from llm_cluster_env.sim.hardware import (
+    GPUS,
+    MODELS,
+    kv_cache_blocks,
+    servable_request_tokens,
+    vidur_kv_cache_blocks,
+)
 from llm_cluster_env.validation import ConfigError, deep_merge, from_dict, require
 
 
@@ -41,6 +48,9 @@ class ReplicaConfig:
         padded budget ``len(batch) * longest prompt``; must be at least the model's context
         length, as vLLM v0 requires. Default for both: the model's context length.
     :param num_kv_blocks: override the KV capacity derived from memory (blocks); for tests.
+    :param max_model_len: context window the engine serves (tokens; vLLM ``--max-model-len``);
+        ``None`` = the model's own. Like vLLM, a replica whose KV cache cannot hold one request
+        of this length (above the watermark) is refused: lower this or raise the capacity.
     :param iteration_overhead_s: override the fitted per-iteration CPU overhead (seconds;
         ``vllm_v0`` defaults to 0, as in Vidur).
     """
@@ -55,11 +65,10 @@ class ReplicaConfig:
     batching: Literal["mixed_chunked", "mixed", "vllm_v0"] = "mixed_chunked"
     max_num_batched_tokens: int | None = None
     num_kv_blocks: int | None = None
+    max_model_len: int | None = None
     iteration_overhead_s: float | None = None
 
     def __post_init__(self) -> None:
-        from llm_cluster_env.sim.hardware import GPUS, MODELS
-
         require(self.model in MODELS, "model", self.model, f"unknown model (known: {sorted(MODELS)})")
         require(self.gpu in GPUS, "gpu", self.gpu, f"unknown GPU (known: {sorted(GPUS)})")
         require(self.tensor_parallel in (1, 2, 4, 8), "tensor_parallel", self.tensor_parallel,
@@ -77,6 +86,46 @@ class ReplicaConfig:
         if self.iteration_overhead_s is not None:
             require(self.iteration_overhead_s >= 0, "iteration_overhead_s",
                     self.iteration_overhead_s, "must be >= 0 seconds")
+        window = MODELS[self.model].max_model_len
+        if self.max_model_len is not None:
+            require(16 <= self.max_model_len <= window, "max_model_len", self.max_model_len,
+                    f"must be in [16, {window}] tokens ({self.model}'s context window)")
+        if self.batching == "vllm_v0" and self.max_num_batched_tokens is not None:
+            require(self.max_num_batched_tokens >= self.context_tokens, "max_num_batched_tokens",
+                    self.max_num_batched_tokens,
+                    f"is below the {self.context_tokens}-token context: with batching='vllm_v0' "
+                    "(no chunking) a long prompt could never be scheduled; vLLM v0 refuses this "
+                    "too")
+        try:
+            blocks = self.kv_cache_blocks
+        except ValueError as err:  # the weights do not fit on the GPU
+            raise ConfigError(f"model={self.model!r}, gpu={self.gpu!r}, tensor_parallel="
+                              f"{self.tensor_parallel}: {err}") from None
+        servable = servable_request_tokens(blocks, self.block_size, self.watermark,
+                                           one_free_block=self.batching == "vllm_v0")
+        if servable < self.context_tokens:
+            field_name = "num_kv_blocks" if self.num_kv_blocks is not None else "gpu_memory_utilization"
+            value = self.num_kv_blocks if self.num_kv_blocks is not None else self.gpu_memory_utilization
+            raise ConfigError(
+                f"{field_name}={value!r}: the KV cache ({blocks} blocks of {self.block_size} "
+                f"tokens, {servable} usable above the watermark) cannot hold one request of the "
+                f"{self.context_tokens}-token context window; raise the capacity or set "
+                f"max_model_len <= {servable}")
+
+    @property
+    def context_tokens(self) -> int:
+        """The context window served (tokens): ``max_model_len`` or the model's own."""
+        return self.max_model_len or MODELS[self.model].max_model_len
+
+    @property
+    def kv_cache_blocks(self) -> int:
+        """KV-cache capacity in blocks: ``num_kv_blocks``, else derived from GPU memory (Vidur's
+        rule under ``vllm_v0``, see :mod:`llm_cluster_env.sim.hardware`)."""
+        if self.num_kv_blocks is not None:
+            return self.num_kv_blocks
+        rule = vidur_kv_cache_blocks if self.batching == "vllm_v0" else kv_cache_blocks
+        return rule(MODELS[self.model], GPUS[self.gpu], self.tensor_parallel, self.block_size,
+                    self.gpu_memory_utilization)
 
 
 @dataclass(frozen=True)

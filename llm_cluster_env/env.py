@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
-from llm_cluster_env.config import EnvConfig
+from llm_cluster_env.config import ConfigError, EnvConfig
 from llm_cluster_env.observation import ClusterView, ObservationBuilder, ObservationLayout
 from llm_cluster_env.reward import RewardFunction
 from llm_cluster_env.sim.cluster import Cluster
@@ -91,7 +92,13 @@ class LLMClusterEnv(gym.Env):
             cfg.replica_configs, jump=cfg.simulation_mode == "jump",
             check_invariants=cfg.check_invariants)
         self.num_replicas = len(self.cluster.replicas)
-        max_total = cfg.workload.max_total_tokens or self.cluster.max_request_tokens
+        servable = self.cluster.max_request_tokens
+        max_total = cfg.workload.max_total_tokens or servable
+        if max_total > servable:
+            raise ConfigError(
+                f"workload.max_total_tokens={max_total}: exceeds the {servable} tokens (prompt + "
+                "output) that every replica can serve (context window and KV capacity); lower "
+                "it, or leave it unset to use that limit")
         self.workload = WorkloadGenerator(cfg.workload, max_total)
         self.layout = ObservationLayout(self.num_replicas, cfg.observation)
         self.builder = ObservationBuilder(self.layout, self.cluster.replicas,
@@ -102,6 +109,7 @@ class LLMClusterEnv(gym.Env):
                                             dtype=np.float32)
         self._pending: Request | None = None
         self._episode: Workload | None = None
+        self._time_origin_s = 0.0
         self._obs = np.zeros(self.layout.size, dtype=np.float32)
         self.dispatch_counts = [0] * self.num_replicas
 
@@ -120,8 +128,14 @@ class LLMClusterEnv(gym.Env):
             raise ValueError("the episode has no request (all rejected by "
                              "oversize_policy='reject', or an empty options['workload'])")
         self._episode = episode
+        # Simulate in times relative to a whole-second origin at or before the first arrival:
+        # 0 for synthetic and replayed-from-zero workloads, and for a trace with absolute
+        # timestamps (say 1e12 s) latencies keep full double precision instead of the
+        # 2**-13 s steps of the timestamps' magnitude. Records add the origin back.
+        origin = math.floor(episode.arrival_times[0])
+        self._time_origin_s = float(origin)
         requests = [
-            Request(i, t, p, o)
+            Request(i, t - origin, p, o)
             for i, (t, p, o) in enumerate(zip(episode.arrival_times.tolist(),
                                               episode.prompt_tokens.tolist(),
                                               episode.output_tokens.tolist()))
@@ -138,10 +152,7 @@ class LLMClusterEnv(gym.Env):
         request = self._pending
         if request is None:
             raise RuntimeError("step() called after the episode ended (or before reset())")
-        replica = int(action)
-        if not 0 <= replica < self.num_replicas:
-            raise ValueError(f"action={action!r}: must be a replica index in "
-                             f"[0, {self.num_replicas - 1}]")
+        replica = self._replica_index(action)
         cluster = self.cluster
         area_before = cluster.area
         finished_before = len(cluster.finished)
@@ -158,12 +169,28 @@ class LLMClusterEnv(gym.Env):
         self._obs = self._observe()
         info: dict[str, Any] = {}
         if terminated:
-            latencies = RequestLatencies.from_requests(cluster.requests)
+            latencies = self._latencies()
             info["metrics"] = self._metrics(latencies)
             info["requests"] = latencies.columns()
         return self._obs, reward, terminated, False, info
 
     # ----------------------------------------------------------------- helpers
+    def _replica_index(self, action: Any) -> int:
+        """The replica index an action names: an integer (Python or NumPy, or an integer array
+        holding one value) in ``[0, N)``; anything else (floats, strings, booleans) is refused."""
+        value = action
+        if isinstance(value, np.ndarray) and value.size == 1:
+            value = value.reshape(()).item() if np.issubdtype(value.dtype, np.integer) else value
+        if isinstance(value, np.integer):
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"action={action!r}: must be an integer replica index in "
+                             f"[0, {self.num_replicas - 1}], got {type(action).__name__}")
+        if not 0 <= value < self.num_replicas:
+            raise ValueError(f"action={action!r}: must be a replica index in "
+                             f"[0, {self.num_replicas - 1}]")
+        return value
+
     def _observe(self) -> np.ndarray:
         request = self._pending
         if request is None:
@@ -186,16 +213,20 @@ class LLMClusterEnv(gym.Env):
         """Per-request records of the requests finished so far (the whole episode once it has
         ended) as ``column -> array``, columns
         :data:`~llm_cluster_env.sim.metrics.REQUEST_COLUMNS`, in request-id order."""
-        return RequestLatencies.from_requests(self.cluster.requests).columns()
+        return self._latencies().columns()
 
     def episode_metrics(self) -> dict[str, float]:
         """Statistics of the requests finished so far (the whole episode once it has ended)."""
-        return self._metrics(RequestLatencies.from_requests(self.cluster.requests))
+        return self._metrics(self._latencies())
+
+    def _latencies(self) -> RequestLatencies:
+        return RequestLatencies.from_requests(self.cluster.requests, self._time_origin_s)
 
     def _metrics(self, latencies: RequestLatencies) -> dict[str, float]:
         cluster = self.cluster
         first_arrival = cluster.requests[0].arrival_time if cluster.requests else 0.0
-        makespan = (latencies.finish_time.max() - first_arrival) if latencies.e2e.size else 0.0
+        last_finish = latencies.finish_time.max() - self._time_origin_s if latencies.e2e.size else 0.0
+        makespan = last_finish - first_arrival if latencies.e2e.size else 0.0
         metrics = episode_metrics(
             latencies,
             dispatch_counts=self.dispatch_counts,

@@ -55,6 +55,8 @@ QUEUED, RUNNING, KV_USAGE, PREFILL_K, DECODE_K, SHARE, SPEED_K, KV_CAPACITY_K = 
     len(REPLICA_FEATURES))
 REFERENCE_BATCH = 32
 REFERENCE_CONTEXT = 1024
+#: The arrival-rate estimate looks at no less than this fraction of its time constant.
+MIN_RATE_WINDOW_FRACTION = 0.1
 
 
 class ObservationLayout:
@@ -202,13 +204,18 @@ class ObservationBuilder:
             self._history.appendleft(replica_id)
 
     def arrival_rate(self) -> float:
-        """Arrival-rate estimate (requests/s) as of the last recorded arrival."""
+        """Arrival-rate estimate (requests/s) as of the last recorded arrival: the decayed
+        arrival count over the decayed length of the time observed, that time taken as at
+        least ``MIN_RATE_WINDOW_FRACTION * arrival_rate_timescale_s`` (1 s by default), so a
+        burst of near-simultaneous arrivals (gamma gaps with a large CV draw gaps of 1e-300 s)
+        reads as a high but finite rate."""
         if self._first_arrival is None:
             return 0.0
         elapsed = self._last_arrival - self._first_arrival
-        if elapsed <= 0.0:
-            return 0.0
-        return self._decayed_arrivals / (self._tau * -math.expm1(-elapsed / self._tau))
+        if elapsed <= 0.0 and self._decayed_arrivals <= 1.0:
+            return 0.0  # one arrival: no rate yet
+        window = max(elapsed, MIN_RATE_WINDOW_FRACTION * self._tau)
+        return self._decayed_arrivals / (self._tau * -math.expm1(-window / self._tau))
 
     @property
     def recent_counts(self) -> list[int]:

@@ -301,9 +301,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.router not in ROUTERS:
         parser.error(f"--router={args.router!r}: unknown router (known: {', '.join(ROUTERS)})")
+    if args.seed < 0:
+        parser.error(f"--seed={args.seed}: must be >= 0")
     out_dir = Path(args.out).parent
     if not out_dir.is_dir():
         parser.error(f"--out={args.out!r}: directory {str(out_dir)!r} does not exist")
+    if Path(args.out).is_dir():
+        parser.error(f"--out={args.out!r}: is a directory; name the CSV file to write")
     args.env_kwargs = {"scenario": args.scenario, **_overrides(args.set, parser)}
     return args
 

@@ -86,39 +86,56 @@ class RandomRouter(Router):
         return int(self.rng.integers(self.num_replicas))
 
 
-def _argmin(values: np.ndarray) -> int:
-    return int(np.argmin(values))  # first index among ties
-
-
 def _all_min(values: np.ndarray) -> np.ndarray:
     return np.flatnonzero(values == values.min())
 
 
-class LeastOutstandingRequestsRouter(Router):
+class ScoredRouter(Router):
+    """A router that sends each request to a replica of least ``cost(view)``.
+
+    Subclasses define :meth:`cost` (one number per replica, lower is better) and ``ties``:
+    ``"lowest"`` takes the lowest replica index among the least-cost replicas, ``"random"`` a
+    uniform one from the router's generator (drawn only when there is a tie, so one seed and one
+    sequence of observations give one sequence of decisions). :meth:`tied_choices` returns all
+    of them.
+    """
+
+    ties = "lowest"
+
+    def cost(self, view: ClusterView) -> np.ndarray:
+        raise NotImplementedError
+
+    def select(self, view: ClusterView) -> int:
+        # plain Python on the short cost list: ~3x faster than array ops for a handful of
+        # replicas, and this runs on every env step
+        costs = self.cost(view).tolist()
+        least = min(costs)
+        if self.ties == "lowest":
+            return costs.index(least)
+        tied = [i for i, c in enumerate(costs) if c == least]
+        if len(tied) == 1:
+            return tied[0]
+        return tied[int(self.rng.random() * len(tied))]  # uniform among the ties
+
+    def tied_choices(self, view: ClusterView) -> np.ndarray:
+        return _all_min(self.cost(view))
+
+
+class LeastOutstandingRequestsRouter(ScoredRouter):
     """Fewest outstanding requests (queued + running); ties uniformly at random.
 
     The random tie-break matters on an idle or evenly loaded cluster, where several replicas
-    often tie: the lowest index would favour replica 0. The router's generator is drawn from
-    only on a tie; one seed and one sequence of observations give one sequence of decisions.
+    often tie: the lowest index would favour replica 0.
     """
 
     name = "lor"
+    ties = "random"
 
-    def select(self, view: ClusterView) -> int:
-        # plain Python on the short load list: ~3x faster than array ops for a handful of
-        # replicas, and this runs on every env step
-        loads = view.outstanding_requests.tolist()
-        least = min(loads)
-        ties = [i for i, load in enumerate(loads) if load == least]
-        if len(ties) == 1:
-            return ties[0]
-        return ties[int(self.rng.random() * len(ties))]  # uniform among the ties
-
-    def tied_choices(self, view: ClusterView) -> np.ndarray:
-        return _all_min(view.outstanding_requests)
+    def cost(self, view: ClusterView) -> np.ndarray:
+        return view.outstanding_requests
 
 
-class LeastWaitingRequestsRouter(Router):
+class LeastWaitingRequestsRouter(ScoredRouter):
     """Fewest *waiting* (queued, not yet admitted) requests; ties to the lowest replica index.
 
     This is Vidur's ``lor`` global scheduler, which counts only each replica's pending queue.
@@ -136,11 +153,8 @@ class LeastWaitingRequestsRouter(Router):
 
     name = "lor_waiting"
 
-    def select(self, view: ClusterView) -> int:
-        return _argmin(view.queued)
-
-    def tied_choices(self, view: ClusterView) -> np.ndarray:
-        return _all_min(view.queued)
+    def cost(self, view: ClusterView) -> np.ndarray:
+        return view.queued
 
 
 class PowerOfTwoRouter(Router):
@@ -155,6 +169,9 @@ class PowerOfTwoRouter(Router):
 
 
 class LeastKVRouter(Router):
+    """Lowest KV-cache usage, then fewest outstanding requests (AIBrix ``least-kv-cache``);
+    remaining ties to the lowest replica index."""
+
     name = "least_kv"
 
     def select(self, view: ClusterView) -> int:
@@ -165,14 +182,11 @@ class LeastKVRouter(Router):
         return candidates[_all_min(view.outstanding_requests[candidates])]
 
 
-class LeastOutstandingTokensRouter(Router):
+class LeastOutstandingTokensRouter(ScoredRouter):
     name = "least_tokens"
 
-    def select(self, view: ClusterView) -> int:
-        return _argmin(view.outstanding_tokens_k)
-
-    def tied_choices(self, view: ClusterView) -> np.ndarray:
-        return _all_min(view.outstanding_tokens_k)
+    def cost(self, view: ClusterView) -> np.ndarray:
+        return view.outstanding_tokens_k
 
 
 def _min_max_scaled(values: np.ndarray) -> np.ndarray:
@@ -180,7 +194,7 @@ def _min_max_scaled(values: np.ndarray) -> np.ndarray:
     return (values - values.min()) / span if span > 0 else np.zeros_like(values)
 
 
-class LLMDRouter(Router):
+class LLMDRouter(ScoredRouter):
     """llm-d inference-scheduler style: weighted sum of normalised queue and KV scores."""
 
     name = "llm_d"
@@ -189,31 +203,19 @@ class LLMDRouter(Router):
         self.queue_weight = queue_weight
         self.kv_weight = kv_weight
 
-    def _score(self, view: ClusterView) -> np.ndarray:
+    def cost(self, view: ClusterView) -> np.ndarray:
         return (self.queue_weight * _min_max_scaled(view.outstanding_requests.astype(np.float64))
                 + self.kv_weight * _min_max_scaled(view.kv_usage.astype(np.float64)))
 
-    def select(self, view: ClusterView) -> int:
-        return _argmin(self._score(view))
 
-    def tied_choices(self, view: ClusterView) -> np.ndarray:
-        return _all_min(self._score(view))
-
-
-class LeastWorkTimeRouter(Router):
+class LeastWorkTimeRouter(ScoredRouter):
     name = "least_work_time"
 
-    def _drain_time(self, view: ClusterView) -> np.ndarray:
+    def cost(self, view: ClusterView) -> np.ndarray:
         return (view.outstanding_tokens_k + view.prompt_tokens_k) / view.speed_k
 
-    def select(self, view: ClusterView) -> int:
-        return _argmin(self._drain_time(view))
 
-    def tied_choices(self, view: ClusterView) -> np.ndarray:
-        return _all_min(self._drain_time(view))
-
-
-class WeightedLeastRequestRouter(Router):
+class WeightedLeastRequestRouter(ScoredRouter):
     """Envoy-style weighted least request, weights = decode throughput (``speed_k``)."""
 
     name = "weighted_lor"
@@ -221,14 +223,8 @@ class WeightedLeastRequestRouter(Router):
     def __init__(self, bias: float = 1.0) -> None:
         self.bias = bias
 
-    def _cost(self, view: ClusterView) -> np.ndarray:
+    def cost(self, view: ClusterView) -> np.ndarray:
         return (view.outstanding_requests + 1.0) ** self.bias / view.speed_k
-
-    def select(self, view: ClusterView) -> int:
-        return _argmin(self._cost(view))
-
-    def tied_choices(self, view: ClusterView) -> np.ndarray:
-        return _all_min(self._cost(view))
 
 
 ROUTERS: MappingProxyType[str, type[Router]] = MappingProxyType({

@@ -31,6 +31,8 @@ def test_compare_writes_table_csv_json_and_plot(tmp_path, capsys):
     (["--routers", "lor,fastest"], "unknown router 'fastest'"),
     (["--episodes", "0"], "--episodes=0"),
     (["--requests", "-5"], "--requests=-5"),
+    (["--scenario", "nope"], "scenario='nope': unknown scenario"),
+    (["--seed", "-1"], "--seed=-1: must be >= 0"),
 ])
 def test_compare_rejects_bad_arguments(argv, message, capsys):
     with pytest.raises(SystemExit):

@@ -414,3 +414,77 @@ def test_env_accepts_a_built_config_and_refuses_extra_settings():
         LLMClusterEnv(config=config, episode_requests=8)
     with pytest.raises(TypeError, match="EnvConfig"):
         LLMClusterEnv(config={"num_replicas": 2})
+
+
+@pytest.mark.parametrize("action", [2.7, 2.0, "1", True, np.float32(1.0), np.array([0.5])])
+def test_step_refuses_actions_that_are_not_integer_indices(action):
+    env = LLMClusterEnv(**SMALL)
+    env.reset(seed=0)
+    with pytest.raises(ValueError, match="must be an integer replica index"):
+        env.step(action)
+
+
+@pytest.mark.parametrize("action", [1, np.int64(1), np.int32(1), np.array(1), np.array([1])])
+def test_step_accepts_python_and_numpy_integers(action):
+    env = LLMClusterEnv(**SMALL)
+    env.reset(seed=0)
+    env.step(action)
+    assert env.dispatch_counts == [0, 1, 0, 0]
+
+
+@pytest.mark.parametrize("replica, message", [
+    ({"num_kv_blocks": 64}, "replica.num_kv_blocks=64: the KV cache (64 blocks of 16 tokens"),
+    ({"num_kv_blocks": 1}, "replica.num_kv_blocks=1"),
+    ({"gpu_memory_utilization": 0.2}, "replica.gpu_memory_utilization=0.2"),
+    ({"max_model_len": 8192}, "replica.max_model_len=8192: must be in [16, 4096]"),
+    ({"batching": "vllm_v0", "max_num_batched_tokens": 2048},
+     "replica.max_num_batched_tokens=2048: is below the 4096-token context"),
+])
+def test_replica_that_cannot_serve_its_context_window_is_refused(replica, message):
+    with pytest.raises(ConfigError) as err:
+        LLMClusterEnv(**SMALL, replica=replica)
+    assert message in str(err.value)
+
+
+def test_a_shorter_context_window_makes_a_small_kv_cache_servable():
+    env = LLMClusterEnv(**SMALL, replica={"num_kv_blocks": 64, "max_model_len": 1008})
+    assert env.cluster.max_request_tokens == 1008
+    _, _, info = rollout(env, seed=1)
+    assert info["metrics"]["num_requests"] == 200
+    assert info["metrics"]["num_clipped"] > 0  # conversation prompts exceed 1,008 tokens
+
+
+def test_max_total_tokens_over_what_replicas_serve_is_refused():
+    with pytest.raises(ConfigError, match="workload.max_total_tokens=100000: exceeds the 4096"):
+        LLMClusterEnv(**SMALL, workload={"max_total_tokens": 100000})
+
+
+def test_very_bursty_arrivals_keep_every_observation_finite():
+    env = LLMClusterEnv(scenario="a100x4_conv_70", episode_requests=400,
+                        workload={"arrival": "gamma", "cv": 50.0})
+    observations, _, info = rollout(env, seed=0)
+    assert np.all(np.isfinite(observations))
+    rate = observations[:, env.layout.names.index("global/arrival_rate")]
+    assert rate.max() > 50.0  # bursts of near-simultaneous arrivals read as a high rate
+
+
+def test_simulator_imports_only_simulator_modules_at_run_time():
+    """Layering: ``sim/`` stands below the config layer (type hints only, under
+    TYPE_CHECKING), so there is no import cycle to dodge."""
+    import ast
+    from pathlib import Path
+
+    sim = Path(llm_cluster_env.__file__).parent / "sim"
+    offending = []
+    for path in sorted(sim.glob("*.py")):
+        tree = ast.parse(path.read_text())
+        for node in tree.body:  # module level, so `if TYPE_CHECKING:` blocks are skipped
+            if isinstance(node, ast.ImportFrom) and node.module:
+                module = node.module
+            elif isinstance(node, ast.Import):
+                module = node.names[0].name
+            else:
+                continue
+            if module.startswith("llm_cluster_env") and not module.startswith("llm_cluster_env.sim"):
+                offending.append(f"{path.name}: {module}")
+    assert offending == []

@@ -228,3 +228,40 @@ def test_cli_process_fails_cleanly_on_a_missing_file(tmp_path):
 def test_missing_trace_raises_trace_error(tmp_path):
     with pytest.raises(TraceError, match="trace file not found"):
         replay(tmp_path / "none.csv", SCENARIO)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--seed", "-1"], "--seed=-1: must be >= 0"),
+    (["--out", "DIR"], "is a directory"),
+])
+def test_cli_refuses_bad_seed_and_directory_output_before_replaying(tmp_path, extra, message,
+                                                                    capsys):
+    requests = tmp_path / "requests.csv"
+    write_requests(requests, n=40)
+    out = str(tmp_path / "out.csv")
+    extra = [str(tmp_path) if a == "DIR" else a for a in extra]
+    if "--out" in extra:
+        out = extra[extra.index("--out") + 1]
+        extra = [a for a in extra if a not in ("--out", out)]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--requests", str(requests), "--scenario", "a100x4_conv_70", "--out", out, *extra])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_absolute_timestamps_keep_full_latency_precision(tmp_path):
+    """A trace stamped near 1e12 s gives the latencies of the same trace starting at 0."""
+    near_zero = tmp_path / "zero.csv"
+    arrivals, prompts, outputs = write_requests(near_zero, n=40)
+    shifted = tmp_path / "shifted.csv"
+    lines = ["arrived_at,num_prefill_tokens,num_decode_tokens"]
+    lines += [f"{float(1e12 + t - 3.0)!r},{p},{o}" for t, p, o in zip(arrivals, prompts, outputs)]
+    shifted.write_text("\n".join(lines) + "\n")
+    base = replay(near_zero, SCENARIO, "round_robin")
+    far = replay(shifted, SCENARIO, "round_robin")
+    # the inputs' own gaps are rounded to ~1e-4 s at 1e12 s; the simulated latencies are not
+    # quantised to that step (they were, before times became relative to the first arrival)
+    e2e = far.records["e2e_s"]
+    assert np.all(np.abs(e2e / 2.0**-13 - np.round(e2e / 2.0**-13)) > 1e-6)
+    np.testing.assert_allclose(e2e, base.records["e2e_s"], rtol=0, atol=2e-3)
+    np.testing.assert_allclose(far.records["arrival_s"], 1e12 + arrivals - 3.0, rtol=0, atol=1e-3)

@@ -21,33 +21,31 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from heapq import heappop, heappush
+from typing import TYPE_CHECKING
 
-from llm_cluster_env.config import ReplicaConfig
 from llm_cluster_env.sim.events import ARRIVAL, BATCH_END, BATCH_START
-from llm_cluster_env.sim.hardware import GPUS, MODELS, kv_cache_blocks, vidur_kv_cache_blocks
 from llm_cluster_env.sim.latency import IterationTimeModel
 from llm_cluster_env.sim.replica import Replica, SimulationError
 from llm_cluster_env.sim.request import Request, RequestState
+
+if TYPE_CHECKING:  # the simulator reads configs; it never imports the config layer at run time
+    from llm_cluster_env.config import ReplicaConfig
 
 
 def build_replica(replica_id: int, config: ReplicaConfig, jump: bool = True) -> Replica:
     """A replica with its calibrated latency model and memory-derived KV capacity.
 
     ``batching="vllm_v0"`` follows Vidur: no CPU overhead unless ``iteration_overhead_s`` is
-    set, and KV capacity from :func:`~llm_cluster_env.sim.hardware.vidur_kv_cache_blocks`.
+    set, and KV capacity from :func:`~llm_cluster_env.sim.hardware.vidur_kv_cache_blocks`
+    (``ReplicaConfig.kv_cache_blocks``).
     """
-    model = MODELS[config.model]
-    vllm_v0 = config.batching == "vllm_v0"
     overhead = config.iteration_overhead_s
-    if overhead is None and vllm_v0:
+    if overhead is None and config.batching == "vllm_v0":
         overhead = 0.0
     latency = IterationTimeModel.for_replica(
         config.model, config.gpu, config.tensor_parallel, overhead)
-    capacity = vidur_kv_cache_blocks if vllm_v0 else kv_cache_blocks
-    blocks = config.num_kv_blocks or capacity(
-        model, GPUS[config.gpu], config.tensor_parallel, config.block_size,
-        config.gpu_memory_utilization)
-    return Replica(replica_id, config, latency, blocks, model.max_model_len, jump=jump)
+    return Replica(replica_id, config, latency, config.kv_cache_blocks, config.context_tokens,
+                   jump=jump)
 
 
 class Cluster:

@@ -145,3 +145,20 @@ def vidur_kv_cache_blocks(
             f"{model.max_model_len} tokens fits beside the weights (Vidur's memory rule)"
         )
     return requests * model.max_model_len // block_size
+
+
+def servable_request_tokens(num_blocks: int, block_size: int, watermark: float,
+                            one_free_block: bool = False) -> int:
+    """Largest prompt + output (tokens) a replica with ``num_blocks`` KV blocks can always finish.
+
+    Admission needs the prompt's blocks above the watermark ``int(watermark * num_blocks)``
+    blocks and the last decode step needs ``prompt + output - 1`` slots, so
+    ``(num_blocks - watermark blocks) * block_size`` tokens fit. With ``one_free_block`` (vLLM
+    v0 and Vidur: every decoding request needs one free block before its turn) a lone request
+    must never hold every block before a decode step: ``prompt + output - 2`` tokens in
+    ``num_blocks - 1`` blocks.
+    """
+    limit = (num_blocks - int(watermark * num_blocks)) * block_size
+    if one_free_block:
+        limit = min(limit, (num_blocks - 1) * block_size + 2)
+    return limit

@@ -114,7 +114,11 @@ class RequestLatencies:
     arrival: np.ndarray
 
     @classmethod
-    def from_requests(cls, requests: Sequence[Request]) -> RequestLatencies:
+    def from_requests(cls, requests: Sequence[Request], time_origin_s: float = 0.0
+                      ) -> RequestLatencies:
+        """Records of the finished ``requests``; their simulated times are relative to
+        ``time_origin_s`` (seconds), which is added back to ``arrival`` and ``finish_time``
+        after the latencies are taken (so they keep full precision)."""
         done = sorted((r for r in requests if r.state == RequestState.FINISHED), key=lambda r: r.id)
         arrival = np.array([r.arrival_time for r in done], dtype=np.float64)
         first = np.array([r.first_token_time for r in done], dtype=np.float64)
@@ -131,9 +135,9 @@ class RequestLatencies:
             prompt_tokens=np.array([r.prompt_tokens for r in done], dtype=np.int64),
             output_tokens=out,
             replica=np.array([r.replica_id for r in done], dtype=np.int64),
-            finish_time=finish,
+            finish_time=finish + time_origin_s,
             request_id=np.array([r.id for r in done], dtype=np.int64),
-            arrival=arrival,
+            arrival=arrival + time_origin_s,
         )
 
     def __len__(self) -> int:

@@ -68,9 +68,13 @@ from __future__ import annotations
 import math
 from collections import deque
 from heapq import heappop, heappush
+from typing import TYPE_CHECKING
 
-from llm_cluster_env.config import ReplicaConfig
+from llm_cluster_env.sim.hardware import servable_request_tokens
 from llm_cluster_env.sim.request import Request, RequestState
+
+if TYPE_CHECKING:  # the simulator reads configs; it never imports the config layer at run time
+    from llm_cluster_env.config import ReplicaConfig
 
 WAITING = RequestState.WAITING
 PREFILLING = RequestState.PREFILLING
@@ -177,10 +181,8 @@ class Replica:
         Under ``vllm_v0`` a lone request must also never hold every block before a decode step
         (the one-free-block rule would make it preempt itself forever): ``p + o - 2`` tokens
         fit in ``num_blocks - 1`` blocks."""
-        limit = (self.num_blocks - self.watermark_blocks) * self.block_size
-        if self._vllm_v0:
-            limit = min(limit, (self.num_blocks - 1) * self.block_size + 2)
-        return limit
+        return servable_request_tokens(self.num_blocks, self.block_size, self.config.watermark,
+                                       one_free_block=self._vllm_v0)
 
     def has_work(self) -> bool:
         return bool(self.running) or bool(self.waiting)
