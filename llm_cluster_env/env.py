@@ -10,7 +10,12 @@ import numpy as np
 from gymnasium import spaces
 
 from llm_cluster_env.config import ConfigError, EnvConfig
-from llm_cluster_env.observation import ClusterView, ObservationBuilder, ObservationLayout
+from llm_cluster_env.observation import (
+    ClusterView,
+    ObservationBuilder,
+    ObservationLayout,
+    RoutingContext,
+)
 from llm_cluster_env.reward import RewardFunction
 from llm_cluster_env.sim.cluster import Cluster
 from llm_cluster_env.sim.metrics import RequestLatencies, RequestRecords, episode_metrics
@@ -201,8 +206,12 @@ class LLMClusterEnv(gym.Env):
 
     @property
     def view(self) -> ClusterView:
-        """Named view of the current observation, for heuristic routers."""
-        return self.layout.view(self._obs)
+        """Named view of the current observation with the routing context, for routers."""
+        return self.layout.view(self._obs, self.routing_context())
+
+    def routing_context(self) -> RoutingContext:
+        """The pending request, the replicas (read-only) and the time of this decision."""
+        return RoutingContext(self._pending, self.cluster.replicas, self.cluster.now)
 
     @property
     def pending_request(self) -> Request | None:

@@ -36,10 +36,16 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from llm_cluster_env.config import ObservationConfig
+
+if TYPE_CHECKING:
+    from llm_cluster_env.sim.replica import Replica
+    from llm_cluster_env.sim.request import Request
 
 REPLICA_FEATURES = (
     "queued",
@@ -66,12 +72,18 @@ class ObservationLayout:
     :param config: observation options.
     """
 
-    def __init__(self, num_replicas: int, config: ObservationConfig) -> None:
+    def __init__(self, num_replicas: int, config: ObservationConfig,
+                 extra_replica_features: Sequence[str] = ()) -> None:
         self.num_replicas = num_replicas
         self.config = config
-        self.num_replica_features = len(REPLICA_FEATURES)
+        #: Per-replica feature names in column order: :data:`REPLICA_FEATURES`, then any
+        #: optional ones the configuration switches on.
+        self.replica_features: tuple[str, ...] = REPLICA_FEATURES + tuple(extra_replica_features)
+        #: Column of each per-replica feature in ``ClusterView.replicas``.
+        self.column: dict[str, int] = {f: i for i, f in enumerate(self.replica_features)}
+        self.num_replica_features = len(self.replica_features)
         self.replica_block = num_replicas * self.num_replica_features
-        names = [f"r{i}/{f}" for i in range(num_replicas) for f in REPLICA_FEATURES]
+        names = [f"r{i}/{f}" for i in range(num_replicas) for f in self.replica_features]
         names.append("req/prompt_tokens_k")
         if config.output_length_oracle:
             names.append("req/output_tokens_k")
@@ -87,31 +99,63 @@ class ObservationLayout:
         """A JSON-able description, stored with checkpoints to detect mismatched envs."""
         return {
             "num_replicas": self.num_replicas,
-            "replica_features": list(REPLICA_FEATURES),
+            "replica_features": list(self.replica_features),
             "feature_names": list(self.names),
             "history_window": self.config.history_window,
             "output_length_oracle": self.config.output_length_oracle,
         }
 
-    def view(self, obs: np.ndarray) -> ClusterView:
-        """The named view of a flat observation (``obs`` is not copied)."""
-        return ClusterView(np.asarray(obs), self)
+    def view(self, obs: np.ndarray, context: RoutingContext | None = None) -> ClusterView:
+        """The named view of a flat observation (``obs`` is not copied), with the routing
+        context when the caller has one (the env's ``view`` does)."""
+        return ClusterView(np.asarray(obs), self, context)
+
+
+@dataclass(frozen=True)
+class RoutingContext:
+    """What a router may read beside the observation vector, at one decision.
+
+    Most routers decide from the observation alone (so they also act on a bare observation
+    vector, as in demonstrations). Routers that follow a system with more information take it
+    from here and say so in their docstring (``Router.requires_context``): e.g. a session key or
+    the request's prompt block identities, or a simulation of replica state.
+
+    :param request: the request being routed (its lengths and, with prefix caching, its prompt
+        block identities); the simulator's object: read it, never modify it.
+    :param replicas: the simulator's replicas, read-only by contract.
+    :param now: the decision time (simulated seconds).
+    """
+
+    request: Request | None
+    replicas: Sequence[Replica]
+    now: float
 
 
 class ClusterView:
-    """Named access to an observation: per-replica columns and the pending request."""
+    """Named access to an observation: per-replica columns, the pending request, and (when the
+    caller has one) the :class:`RoutingContext`."""
 
-    __slots__ = ("obs", "layout", "replicas")
+    __slots__ = ("obs", "layout", "replicas", "context")
 
-    def __init__(self, obs: np.ndarray, layout: ObservationLayout) -> None:
+    def __init__(self, obs: np.ndarray, layout: ObservationLayout,
+                 context: RoutingContext | None = None) -> None:
         self.obs = obs
         self.layout = layout
+        self.context = context
         self.replicas = obs[: layout.replica_block].reshape(
             layout.num_replicas, layout.num_replica_features)
 
     @property
     def num_replicas(self) -> int:
         return self.layout.num_replicas
+
+    def column(self, feature: str) -> np.ndarray:
+        """The per-replica column of ``feature`` (a name in ``layout.replica_features``)."""
+        try:
+            return self.replicas[:, self.layout.column[feature]]
+        except KeyError:
+            raise KeyError(f"feature {feature!r} is not in this observation (per-replica "
+                           f"features: {', '.join(self.layout.replica_features)})") from None
 
     @property
     def queued(self) -> np.ndarray:

@@ -39,13 +39,19 @@ from types import MappingProxyType
 
 import numpy as np
 
-from llm_cluster_env.observation import ClusterView
+from llm_cluster_env.observation import ClusterView, RoutingContext
 
 
 class Router:
-    """Chooses a replica for each request. Subclasses implement :meth:`select`."""
+    """Chooses a replica for each request. Subclasses implement :meth:`select`.
+
+    ``requires_context``: the router reads ``view.context`` (a
+    :class:`~llm_cluster_env.observation.RoutingContext`: the pending request, the replicas)
+    besides the observation, so it cannot act on a bare observation vector.
+    """
 
     name = "router"
+    requires_context = False
 
     def reset(self, num_replicas: int, rng: np.random.Generator | None = None) -> None:
         """Prepare for an episode on ``num_replicas`` replicas, drawing randomness from ``rng``."""
@@ -54,6 +60,14 @@ class Router:
 
     def select(self, view: ClusterView) -> int:
         raise NotImplementedError
+
+    def context(self, view: ClusterView) -> RoutingContext:
+        """``view.context``, or a ``ValueError`` saying that this router needs one."""
+        if view.context is None:
+            raise ValueError(f"router {self.name!r} needs the routing context (the pending "
+                             "request and the replicas), which a bare observation vector does "
+                             "not carry: route through env.view, or layout.view(obs, context)")
+        return view.context
 
     def tied_choices(self, view: ClusterView) -> np.ndarray | None:
         """Replicas this rule considers equally good for ``view`` (``select`` returns one of
