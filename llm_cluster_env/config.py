@@ -156,13 +156,17 @@ class WorkloadConfig:
     :param cv: coefficient of variation of inter-arrival gaps (``gamma`` and ``phases``).
     :param phases: load phases for ``arrival="phases"``, cycled until the episode ends.
     :param lengths: ``"fixed"`` (``prompt_tokens``/``output_tokens``), ``"uniform"`` (integers
-        drawn from the inclusive ranges), ``"empirical"`` (joint samples from the packaged summary
+        drawn from the inclusive ranges), ``"lognormal"`` (``*_lognormal``), ``"empirical"`` (joint samples from the packaged summary
         named by ``empirical``) or ``"trace"`` (rows of ``trace_path``; in order when
         ``arrival="trace"``, sampled with replacement otherwise).
     :param prompt_tokens: prompt length for fixed lengths (tokens).
     :param output_tokens: output length for fixed lengths (tokens).
     :param prompt_tokens_range: inclusive range for uniform prompt lengths (tokens).
     :param output_tokens_range: inclusive range for uniform output lengths (tokens).
+    :param prompt_lognormal: ``(median tokens, sigma)`` of log-normal prompt lengths
+        (``lengths="lognormal"``): ``round(median * exp(sigma * z))``, ``z`` standard normal,
+        at least 1 token; drawn independently of the output length.
+    :param output_lognormal: ``(median tokens, sigma)`` of log-normal output lengths.
     :param empirical: name of a packaged length summary (``llm_cluster_env/data/<name>.json``).
     :param trace_path: CSV with columns ``arrived_at,num_prefill_tokens,num_decode_tokens``.
     :param trace_qps: rescale replayed arrival times to this mean rate; ``None`` keeps the
@@ -181,11 +185,13 @@ class WorkloadConfig:
     qps: float = 5.0
     cv: float = 1.0
     phases: tuple[PhaseConfig, ...] = ()
-    lengths: Literal["fixed", "uniform", "empirical", "trace"] = "empirical"
+    lengths: Literal["fixed", "uniform", "empirical", "lognormal", "trace"] = "empirical"
     prompt_tokens: int = 1024
     output_tokens: int = 128
     prompt_tokens_range: tuple[int, int] = (128, 2048)
     output_tokens_range: tuple[int, int] = (16, 512)
+    prompt_lognormal: tuple[float, float] = (1024.0, 1.0)
+    output_lognormal: tuple[float, float] = (128.0, 1.0)
     empirical: str = "splitwise_conv"
     trace_path: str | None = None
     trace_qps: float | None = None
@@ -211,6 +217,10 @@ class WorkloadConfig:
         for name in ("prompt_tokens_range", "output_tokens_range"):
             lo, hi = getattr(self, name)
             require(1 <= lo <= hi, name, (lo, hi), "must satisfy 1 <= low <= high")
+        for name in ("prompt_lognormal", "output_lognormal"):
+            median, sigma = getattr(self, name)
+            require(median >= 1 and math.isfinite(median) and 0 <= sigma <= 5, name,
+                    (median, sigma), "must be (median >= 1 token, sigma in [0, 5])")
         if self.trace_qps is not None:
             require(self.trace_qps > 0, "trace_qps", self.trace_qps, "must be > 0 requests/s")
         if self.trace_start is not None:

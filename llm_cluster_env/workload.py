@@ -40,7 +40,8 @@ Synthetic processes start their first gap at ``t = 0``, so their first arrival i
 Request lengths (``WorkloadConfig.lengths``)
 --------------------------------------------
 ``fixed``: ``prompt_tokens`` / ``output_tokens``. ``uniform``: integers from the inclusive
-``*_tokens_range``. ``trace``: rows of ``trace_path`` (in order when replaying arrivals, drawn
+``*_tokens_range``. ``lognormal``: independent log-normal prompt and output lengths,
+``(median, sigma)`` each (``*_lognormal``), rounded, at least 1 token. ``trace``: rows of ``trace_path`` (in order when replaying arrivals, drawn
 with replacement otherwise). ``empirical``: joint draws from a packaged length summary
 ``llm_cluster_env/data/<empirical>.json`` (see :func:`available_empirical`).
 
@@ -638,6 +639,14 @@ def trace_window(trace: Trace, n: int, start: int,
 # --------------------------------------------------------------------------------------------
 
 
+def lognormal_tokens(n: int, median: float, sigma: float, rng: np.random.Generator
+                     ) -> np.ndarray:
+    """``n`` token counts ``max(1, round(median * exp(sigma * z)))``, ``z`` standard normal
+    (int64; capped at 2**31 tokens, far above any context window)."""
+    values = median * np.exp(sigma * rng.standard_normal(n))
+    return np.clip(np.rint(values), 1, 2**31).astype(np.int64)
+
+
 def clip_lengths(prompt: np.ndarray, output: np.ndarray,
                  max_total: int) -> tuple[np.ndarray, np.ndarray]:
     """Clip to ``prompt + output <= max_total`` (tokens), taking the excess from both lengths in
@@ -829,6 +838,9 @@ class WorkloadGenerator:
         if config.lengths == "empirical":
             assert self._empirical is not None
             return (*self._empirical.sample(n, rng), None)
+        if config.lengths == "lognormal":
+            return (lognormal_tokens(n, *config.prompt_lognormal, rng),
+                    lognormal_tokens(n, *config.output_lognormal, rng), None)
         assert self._trace is not None
         rows = rng.integers(len(self._trace), size=n)
         return self._trace.prompt_tokens[rows], self._trace.output_tokens[rows], rows
@@ -871,6 +883,7 @@ __all__ = [
     "gamma_arrivals",
     "load_empirical",
     "load_trace",
+    "lognormal_tokens",
     "phase_arrivals",
     "poisson_arrivals",
     "trace_window",

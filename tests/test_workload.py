@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from llm_cluster_env.config import PhaseConfig, WorkloadConfig
+from llm_cluster_env.config import ConfigError, PhaseConfig, WorkloadConfig
 from llm_cluster_env.workload import (
     DATA_DIR,
     TraceError,
@@ -543,3 +543,22 @@ def test_blank_lines_keep_true_line_numbers(tmp_path, rng):
                             trace_start=0, oversize_policy="error")
     with pytest.raises(ValueError, match="trace line 4 "):
         WorkloadGenerator(config, 4096).sample(2, rng)
+
+
+def test_lognormal_lengths_have_the_configured_medians_and_spread():
+    config = WorkloadConfig(lengths="lognormal", prompt_lognormal=(2000.0, 0.8),
+                            output_lognormal=(30.0, 0.5))
+    gen = WorkloadGenerator(config, max_total_tokens=10**9)
+    w = gen.sample(20_000, np.random.default_rng(0))
+    assert np.median(w.prompt_tokens) == pytest.approx(2000, rel=0.03)
+    assert np.median(w.output_tokens) == pytest.approx(30, rel=0.05)
+    assert np.std(np.log(w.prompt_tokens)) == pytest.approx(0.8, rel=0.03)
+    assert abs(np.corrcoef(np.log(w.prompt_tokens), np.log(w.output_tokens))[0, 1]) < 0.03
+    assert w.prompt_tokens.min() >= 1 and w.output_tokens.min() >= 1
+
+
+@pytest.mark.parametrize("field, value", [("prompt_lognormal", (0.5, 1.0)),
+                                          ("output_lognormal", (100.0, -1.0))])
+def test_lognormal_parameters_are_validated(field, value):
+    with pytest.raises(ConfigError, match=field):
+        WorkloadConfig(lengths="lognormal", **{field: value})
