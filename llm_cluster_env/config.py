@@ -259,13 +259,22 @@ class ObservationConfig:
     :param arrival_rate_timescale_s: time constant of the exponentially decayed arrival-rate
         estimate (seconds).
     :param output_length_oracle: expose each request's true remaining output tokens. ``False``
-        (deployable) estimates them from the workload's mean output length instead.
+        (deployable) estimates them from the workload's length distribution instead.
+    :param engine_signals: add the per-replica engine-model estimates (seconds) of the pending
+        request's wait, time to first token and added total time in system
+        (:mod:`llm_cluster_env.engine_model`).
+    :param replica_slots: pad the per-replica block to this many replica slots (>= the
+        cluster's replicas); the slots past the cluster's replicas are all zero and routers
+        ignore them. ``None`` = exactly the cluster's replicas. This is how one policy trains on
+        clusters of several sizes.
     """
 
     history_window: int = 0
     dispatch_share_window: int = 64
     arrival_rate_timescale_s: float = 10.0
     output_length_oracle: bool = False
+    engine_signals: bool = True
+    replica_slots: int | None = None
 
     def __post_init__(self) -> None:
         require(0 <= self.history_window <= 64, "history_window", self.history_window,
@@ -274,6 +283,9 @@ class ObservationConfig:
                 self.dispatch_share_window, "must be >= 1 request")
         require(self.arrival_rate_timescale_s > 0, "arrival_rate_timescale_s",
                 self.arrival_rate_timescale_s, "must be > 0 seconds")
+        if self.replica_slots is not None:
+            require(1 <= self.replica_slots <= 1024, "replica_slots", self.replica_slots,
+                    "must be in [1, 1024] replicas")
 
 
 @dataclass(frozen=True)
@@ -338,6 +350,10 @@ class EnvConfig:
                 "must be >= 1 request")
         if self.replicas:  # keep num_replicas truthful for heterogeneous clusters
             object.__setattr__(self, "num_replicas", len(self.replicas))
+        slots = self.observation.replica_slots
+        if slots is not None:
+            require(slots >= self.num_replicas, "observation.replica_slots", slots,
+                    f"fewer slots than the cluster's {self.num_replicas} replicas")
 
     @property
     def replica_configs(self) -> tuple[ReplicaConfig, ...]:

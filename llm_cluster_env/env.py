@@ -10,6 +10,7 @@ import numpy as np
 from gymnasium import spaces
 
 from llm_cluster_env.config import ConfigError, EnvConfig
+from llm_cluster_env.engine_model import EngineModel, OutputLengthPrior
 from llm_cluster_env.observation import (
     ClusterView,
     ObservationBuilder,
@@ -106,10 +107,14 @@ class LLMClusterEnv(gym.Env):
                 "it, or leave it unset to use that limit")
         self.workload = WorkloadGenerator(cfg.workload, max_total)
         self.layout = ObservationLayout(self.num_replicas, cfg.observation)
+        engine = None
+        if cfg.observation.engine_signals:
+            engine = EngineModel(OutputLengthPrior.from_generator(self.workload),
+                                 oracle=cfg.observation.output_length_oracle)
         self.builder = ObservationBuilder(self.layout, self.cluster.replicas,
-                                          self.workload.mean_output_tokens)
+                                          self.workload.mean_output_tokens, engine)
         self.reward_function = RewardFunction(cfg.reward, cfg.slo)
-        self.action_space = spaces.Discrete(self.num_replicas)
+        self.action_space = spaces.Discrete(self.layout.num_slots)
         self.observation_space = spaces.Box(0.0, np.inf, shape=(self.layout.size,),
                                             dtype=np.float32)
         self._pending: Request | None = None

@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from llm_cluster_env.config import ObservationConfig
+from llm_cluster_env.engine_model import ENGINE_FEATURES, EngineModel, clock_and_boundary
 
 if TYPE_CHECKING:
     from llm_cluster_env.sim.replica import Replica
@@ -74,23 +75,33 @@ class ObservationLayout:
 
     def __init__(self, num_replicas: int, config: ObservationConfig,
                  extra_replica_features: Sequence[str] = ()) -> None:
+        slots = config.replica_slots or num_replicas
+        if slots < num_replicas:
+            raise ValueError(f"observation.replica_slots={slots}: fewer slots than the "
+                             f"cluster's {num_replicas} replicas")
         self.num_replicas = num_replicas
+        #: Replica slots in the observation (>= ``num_replicas``; the extra ones are zero).
+        self.num_slots = slots
+        self.padded = config.replica_slots is not None
         self.config = config
+        engine = ENGINE_FEATURES if config.engine_signals else ()
         #: Per-replica feature names in column order: :data:`REPLICA_FEATURES`, then any
         #: optional ones the configuration switches on.
-        self.replica_features: tuple[str, ...] = REPLICA_FEATURES + tuple(extra_replica_features)
+        self.replica_features: tuple[str, ...] = (REPLICA_FEATURES + engine
+                                                  + tuple(extra_replica_features))
         #: Column of each per-replica feature in ``ClusterView.replicas``.
         self.column: dict[str, int] = {f: i for i, f in enumerate(self.replica_features)}
         self.num_replica_features = len(self.replica_features)
-        self.replica_block = num_replicas * self.num_replica_features
-        names = [f"r{i}/{f}" for i in range(num_replicas) for f in self.replica_features]
-        names.append("req/prompt_tokens_k")
-        if config.output_length_oracle:
-            names.append("req/output_tokens_k")
+        self.replica_block = slots * self.num_replica_features
+        names = [f"r{i}/{f}" for i in range(slots) for f in self.replica_features]
+        self.request_features: tuple[str, ...] = (
+            ("req/prompt_tokens_k", "req/output_tokens_k") if config.output_length_oracle
+            else ("req/prompt_tokens_k",))
+        names += self.request_features
         names.append("global/arrival_rate")
         self.history_offset = len(names)
         names += [f"hist/t-{k + 1}/r{i}" for k in range(config.history_window)
-                  for i in range(num_replicas)]
+                  for i in range(slots)]
         self.names: tuple[str, ...] = tuple(names)
         self.size = len(names)
         self.prompt_index = self.replica_block
@@ -99,6 +110,7 @@ class ObservationLayout:
         """A JSON-able description, stored with checkpoints to detect mismatched envs."""
         return {
             "num_replicas": self.num_replicas,
+            "replica_slots": self.num_slots,
             "replica_features": list(self.replica_features),
             "feature_names": list(self.names),
             "history_window": self.config.history_window,
@@ -142,12 +154,16 @@ class ClusterView:
         self.obs = obs
         self.layout = layout
         self.context = context
-        self.replicas = obs[: layout.replica_block].reshape(
-            layout.num_replicas, layout.num_replica_features)
+        block = obs[: layout.replica_block].reshape(layout.num_slots, layout.num_replica_features)
+        if layout.padded:  # the replicas present are the leading slots (speed_k > 0)
+            block = block[: int(np.count_nonzero(block[:, SPEED_K]))]
+        #: One row per replica present, columns ``layout.replica_features``.
+        self.replicas = block
 
     @property
     def num_replicas(self) -> int:
-        return self.layout.num_replicas
+        """Replicas present (in a padded observation, fewer than its slots)."""
+        return len(self.replicas)
 
     def column(self, feature: str) -> np.ndarray:
         """The per-replica column of ``feature`` (a name in ``layout.replica_features``)."""
@@ -204,11 +220,14 @@ class ObservationBuilder:
         deployable ``decode_tokens_k`` estimate.
     """
 
-    def __init__(self, layout: ObservationLayout, replicas: Sequence, mean_output_tokens: float
-                 ) -> None:
+    def __init__(self, layout: ObservationLayout, replicas: Sequence, mean_output_tokens: float,
+                 engine_model: EngineModel | None = None) -> None:
+        if layout.config.engine_signals and engine_model is None:
+            raise ValueError("observation.engine_signals=True needs an EngineModel")
         self.layout = layout
         self.replicas = list(replicas)
         self.mean_output_tokens = float(mean_output_tokens)
+        self.engine_model = engine_model if layout.config.engine_signals else None
         self.oracle = layout.config.output_length_oracle
         self._tau = layout.config.arrival_rate_timescale_s
         self._share_window = layout.config.dispatch_share_window
@@ -274,8 +293,14 @@ class ObservationBuilder:
         mean_out = self.mean_output_tokens
         oracle = self.oracle
         counts = self._recent_counts
+        engine = self.engine_model if prompt_tokens else None
+        no_engine = (0.0, 0.0, 0.0) if self.engine_model is not None else ()
         for rep, (speed_k, capacity_k) in zip(self.replicas, self._static):
-            clock = rep.clock_at(now) if rep.busy else rep.clock
+            if engine is not None:
+                timing = clock_and_boundary(rep, now)
+                clock = timing[0]
+            else:
+                clock = rep.clock_at(now) if rep.busy else rep.clock
             queued = len(rep.waiting)
             running = len(rep.running)
             generated = rep.generated_tokens_active(clock)
@@ -295,16 +320,22 @@ class ObservationBuilder:
                 speed_k,
                 capacity_k,
             ))
-        values.append(prompt_tokens * 0.001)
-        if oracle:
-            values.append(output_tokens * 0.001)
-        values.append(self.arrival_rate())
-        window = self.layout.config.history_window
-        obs = np.zeros(self.layout.size, dtype=np.float32)
+            if engine is not None:
+                extend(engine.estimate(rep, now, prompt_tokens, output_tokens, timing=timing))
+            else:
+                extend(no_engine)
+        layout = self.layout
+        obs = np.zeros(layout.size, dtype=np.float32)
         obs[: len(values)] = values
-        if window:
-            base = self.layout.history_offset
-            n = self.layout.num_replicas
+        tail = [prompt_tokens * 0.001]
+        if oracle:
+            tail.append(output_tokens * 0.001)
+        tail.append(self.arrival_rate())
+        base = layout.replica_block
+        obs[base: base + len(tail)] = tail
+        if layout.config.history_window:
+            base = layout.history_offset
+            n = layout.num_slots
             for k, replica_id in enumerate(self._history):
                 obs[base + k * n + replica_id] = 1.0
         return obs

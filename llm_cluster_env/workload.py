@@ -729,6 +729,13 @@ class WorkloadGenerator:
 
     def _expected_lengths(self) -> tuple[float, float]:
         """Mean (prompt, output) tokens of the requests that enter the cluster (after policy)."""
+        prompt, output = self.length_sample()
+        return float(prompt.mean()), float(output.mean())
+
+    def length_sample(self) -> tuple[np.ndarray, np.ndarray]:
+        """(prompt, output) lengths (tokens) representing the requests that enter the cluster,
+        after the oversize policy: exact for fixed and trace lengths, else 2**16 draws from a
+        private fixed seed. The prior of routers' output-length estimates."""
         prompt, output = self._length_population()
         policy = self.config.oversize_policy
         if policy == "clip":
@@ -742,7 +749,7 @@ class WorkloadGenerator:
                     f"{self.config.lengths!r}, so every episode would be empty"
                 )
             prompt, output = prompt[fits], output[fits]
-        return float(prompt.mean()), float(output.mean())
+        return prompt, output
 
     def _length_population(self) -> tuple[np.ndarray, np.ndarray]:
         """Lengths whose mean is the distribution's: exact for fixed/trace, else 2**16 draws."""

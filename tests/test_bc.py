@@ -459,47 +459,47 @@ def test_validator_lists_every_mismatch(checkpoint):
     with pytest.raises(CheckpointMismatchError) as err:
         validate_pretrained(path, make(num_replicas=8))
     m = err.value.mismatches
-    assert m[:3] == ["observation shape: checkpoint (34,), env (66,)",
+    assert m[:3] == ["observation shape: checkpoint (46,), env (90,)",
                      "action count: checkpoint 4, env 8",
                      "num_replicas: checkpoint 4, env 8"]
-    assert "observation feature 32: checkpoint has 'req/prompt_tokens_k', env has 'r4/queued'" in m
-    assert "observation feature 65: checkpoint has none, env has 'global/arrival_rate'" in m
-    assert m[-1] == "obs normalisation: statistics for 34 features, env observations have " \
-                    "shape (66,)"
-    assert len(m) == 3 + 34 + 1  # features 0..31 agree; 32..65 differ
-    assert str(path) in str(err.value) and "38 mismatch(es)" in str(err.value)
+    assert "observation feature 44: checkpoint has 'req/prompt_tokens_k', env has 'r4/queued'" in m
+    assert "observation feature 89: checkpoint has none, env has 'global/arrival_rate'" in m
+    assert m[-1] == "obs normalisation: statistics for 46 features, env observations have " \
+                    "shape (90,)"
+    assert len(m) == 3 + 46 + 1  # features 0..43 agree; 44..89 differ
+    assert str(path) in str(err.value) and "50 mismatch(es)" in str(err.value)
 
     with pytest.raises(CheckpointMismatchError) as err:
         validate_pretrained(path, make(observation={"history_window": 1}))
     assert err.value.mismatches == [
-        "observation shape: checkpoint (34,), env (38,)",
+        "observation shape: checkpoint (46,), env (50,)",
         "history_window: checkpoint 0, env 1",
-        "observation feature 34: checkpoint has none, env has 'hist/t-1/r0'",
-        "observation feature 35: checkpoint has none, env has 'hist/t-1/r1'",
-        "observation feature 36: checkpoint has none, env has 'hist/t-1/r2'",
-        "observation feature 37: checkpoint has none, env has 'hist/t-1/r3'",
-        "obs normalisation: statistics for 34 features, env observations have shape (38,)",
+        "observation feature 46: checkpoint has none, env has 'hist/t-1/r0'",
+        "observation feature 47: checkpoint has none, env has 'hist/t-1/r1'",
+        "observation feature 48: checkpoint has none, env has 'hist/t-1/r2'",
+        "observation feature 49: checkpoint has none, env has 'hist/t-1/r3'",
+        "obs normalisation: statistics for 46 features, env observations have shape (50,)",
     ]
 
     with pytest.raises(CheckpointMismatchError) as err:
         validate_pretrained(path, make(observation={"output_length_oracle": True}))
     assert err.value.mismatches == [
-        "observation shape: checkpoint (34,), env (35,)",
+        "observation shape: checkpoint (46,), env (47,)",
         "output_length_oracle: checkpoint False, env True",
-        "observation feature 33: checkpoint has 'global/arrival_rate', "
+        "observation feature 45: checkpoint has 'global/arrival_rate', "
         "env has 'req/output_tokens_k'",
-        "observation feature 34: checkpoint has none, env has 'global/arrival_rate'",
-        "obs normalisation: statistics for 34 features, env observations have shape (35,)",
+        "observation feature 46: checkpoint has none, env has 'global/arrival_rate'",
+        "obs normalisation: statistics for 46 features, env observations have shape (47,)",
     ]
 
     meta = read_metadata(path)  # features reordered by a hypothetical older layout
     names = meta["observation_schema"]["feature_names"]
-    names[8], names[9] = names[9], names[8]
+    names[11], names[12] = names[12], names[11]
     with pytest.raises(CheckpointMismatchError) as err:
         validate_pretrained(meta, make())
     assert err.value.mismatches == [
-        "observation feature 8: checkpoint has 'r1/running', env has 'r1/queued'",
-        "observation feature 9: checkpoint has 'r1/queued', env has 'r1/running'",
+        "observation feature 11: checkpoint has 'r1/running', env has 'r1/queued'",
+        "observation feature 12: checkpoint has 'r1/queued', env has 'r1/running'",
     ]
 
     with pytest.raises(CheckpointMismatchError) as err:

@@ -303,7 +303,7 @@ def test_stabilization_rejects_models_without_support(tmp_path):
     unnormalised = make_ppo(make_env(normalize=False), tmp_path)
     with pytest.raises(ValueError, match="VecNormalize"):
         unnormalised.learn(N_STEPS, callback=NormalizerStabilization(N_STEPS))
-    frozen = make_ppo(make_env(obs_rms=RunningMeanStd(shape=(34,)), freeze_obs=True), tmp_path)
+    frozen = make_ppo(make_env(obs_rms=RunningMeanStd(shape=(46,)), freeze_obs=True), tmp_path)
     with pytest.raises(ValueError, match="update_obs_stats=True"):
         frozen.learn(N_STEPS, callback=NormalizerStabilization(N_STEPS))
     with pytest.raises(TypeError, match="temperature"):

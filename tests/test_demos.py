@@ -390,8 +390,8 @@ def test_schema_mismatch_names_the_field(mixed):
         check_demonstrations_match_env(stats, _make_env({**SMALL, "num_replicas": 3}))
     message = str(err.value)
     assert "num_replicas: 4 in the demonstrations vs 3 in the env" in message
-    assert "feature_names: length 34 in the demonstrations vs 26 in the env" in message
-    assert "first difference at [24]: 'r3/queued' vs 'req/prompt_tokens_k'" in message
+    assert "feature_names: length 46 in the demonstrations vs 35 in the env" in message
+    assert "first difference at [33]: 'r3/queued' vs 'req/prompt_tokens_k'" in message
     with pytest.raises(DemonstrationMismatchError, match="history_window: 0 in the demo"):
         check_demonstrations_match_env(
             stats, _make_env({**SMALL, "observation": {"history_window": 2}}))

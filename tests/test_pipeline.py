@@ -252,7 +252,7 @@ def test_evaluate_run_folder_checkpoint_and_pretrained(finished_run, tmp_path):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--scenario", "a100x16"], "expects observations (34,) and 4 actions"),
+    (["--scenario", "a100x16"], "expects observations (46,) and 4 actions"),
     (["--routers", "lor,fastest"], "unknown router 'fastest'"),
     (["--episodes", "0"], "--episodes=0"),
 ])

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from llm_cluster_env.config import ObservationConfig
-from llm_cluster_env.observation import REPLICA_FEATURES, ObservationLayout
+from llm_cluster_env.observation import ObservationLayout
 from llm_cluster_env.routers import ROUTERS, make_router
 
 
@@ -14,10 +14,10 @@ def view(prompt_k=1.0, **columns):
     """A view of 4 replicas with the given per-replica feature columns (others zero)."""
     layout = ObservationLayout(4, ObservationConfig())
     obs = np.zeros(layout.size, dtype=np.float32)
-    block = obs[: layout.replica_block].reshape(4, len(REPLICA_FEATURES))
-    block[:, REPLICA_FEATURES.index("speed_k")] = 1.0
+    block = obs[: layout.replica_block].reshape(4, layout.num_replica_features)
+    block[:, layout.column["speed_k"]] = 1.0
     for name, values in columns.items():
-        block[:, REPLICA_FEATURES.index(name)] = values
+        block[:, layout.column[name]] = values
     obs[layout.prompt_index] = prompt_k
     return layout.view(obs)
 

@@ -1,0 +1,218 @@
+"""Engine-model signals: what a request would cost on each replica, in seconds.
+
+A router in front of real engines can know each replica's queue and running batch (requests,
+prompt lengths, tokens generated so far, KV usage) and, from profiling, the replica's
+iteration-time model. It cannot know output lengths; it can know the workload's length
+distribution. From exactly that, :class:`EngineModel` estimates for a pending request with a
+prompt of ``p`` tokens, on each replica:
+
+``est_wait_s``
+    time until the request's prefill starts;
+``est_ttft_s``
+    ``est_wait_s`` plus its own prefill: time to its first token;
+``est_delta_s``
+    the increase in total time in system the request causes there: its own end-to-end latency
+    plus the slow-down it adds to the replica's other requests.
+
+These are closed-form approximations of the engine's behaviour (the ``lookahead`` router
+simulates it instead; :mod:`llm_cluster_env.lookahead`). With ``B`` decoding requests of total
+context ``C`` tokens, ``t_d = iteration_time(B, C)``; ``cap`` prefill tokens fit in one
+iteration (``mixed_chunked``: the token budget minus ``B``; ``mixed`` and ``vllm_v0``: the
+budget); ``T_pf(x)`` is ``ceil(x / cap)`` iterations each carrying a chunk of
+``min(x, cap)`` tokens beside the decodes (``vllm_v0``: prefill-only iterations). Then
+
+* ``wait = tau0 + max(T_pf(P), T_adm)``: ``tau0`` until the replica's next iteration boundary,
+  the ``P`` prefill tokens already queued ahead (FCFS), and ``T_adm``, the time until enough
+  requests finish to give the request a batch slot and KV blocks above the watermark: the
+  ``k``-th smallest expected remaining decode length among the running requests times ``t_d``
+  (and ``E[O] * t_d / B`` per completion beyond them);
+* ``ttft = wait + T_pf(p)``;
+* ``delta = ttft + (E[O | p] - 1) * t_d' + B * (T_pf(p) - n_pf * t_d)
+  + sum_i min(r_i, E[O | p] - 1) * (t_d' - t_d)``, with ``t_d'`` the decode iteration with
+  the request added (``B + 1`` requests, its prompt in the context) and ``r_i`` the expected
+  remaining tokens of running request ``i``: its own latency, the longer iterations its
+  prefill imposes on the ``B`` decoding requests (under ``vllm_v0`` they wait out the whole
+  prefill), and the slower decode iterations while they run together.
+
+Expected lengths come from :class:`OutputLengthPrior`: ``E[O | p]`` for the new request (mean
+output of its prompt-length decile) and ``E[O - g | O > g]`` for a request that has produced
+``g`` tokens (the distribution's mean residual length). With the oracle flag the true lengths
+are used instead (an upper bound on what length prediction could give).
+"""
+
+from __future__ import annotations
+
+import math
+from bisect import bisect_right
+from collections.abc import Sequence
+
+import numpy as np
+
+from llm_cluster_env.sim.request import RequestState
+
+#: Per-replica feature names, in the order :meth:`EngineModel.estimate` returns them (seconds).
+ENGINE_FEATURES = ("est_wait_s", "est_ttft_s", "est_delta_s")
+#: Residual lengths are tabulated up to this many generated tokens (beyond: the last value).
+RESIDUAL_TABLE_SIZE = 1 << 15
+_PROMPT_BINS = 10
+_DECODING = RequestState.DECODING
+
+
+class OutputLengthPrior:
+    """What a router can expect of output lengths, from a sample of the workload's
+    ``(prompt, output)`` lengths (tokens).
+
+    :param prompt_tokens: prompt lengths of the sample.
+    :param output_tokens: output lengths of the sample (>= 1).
+    """
+
+    def __init__(self, prompt_tokens: np.ndarray, output_tokens: np.ndarray) -> None:
+        prompt = np.asarray(prompt_tokens, dtype=np.float64)
+        output = np.asarray(output_tokens, dtype=np.float64)
+        if prompt.shape != output.shape or output.size == 0 or output.min() < 1:
+            raise ValueError("OutputLengthPrior: needs matching non-empty samples, outputs >= 1")
+        self.mean_output = float(output.mean())
+        # E[O | prompt decile]
+        edges = np.unique(np.quantile(prompt, np.linspace(0, 1, _PROMPT_BINS + 1)[1:-1]))
+        self._prompt_edges = edges.tolist()
+        bins = np.searchsorted(edges, prompt, side="right")
+        self._output_by_bin = [float(output[bins == b].mean()) if np.any(bins == b)
+                               else self.mean_output for b in range(len(edges) + 1)]
+        # E[O - g | O > g] for g = 0 .. RESIDUAL_TABLE_SIZE - 1 (>= 1 token)
+        ordered = np.sort(output)
+        suffix = np.concatenate([np.cumsum(ordered[::-1])[::-1], [0.0]])
+        g = np.arange(min(RESIDUAL_TABLE_SIZE, int(ordered[-1]) + 1), dtype=np.float64)
+        first_longer = np.searchsorted(ordered, g, side="right")
+        count = ordered.size - first_longer
+        with np.errstate(invalid="ignore", divide="ignore"):
+            residual = np.where(count > 0, suffix[first_longer] / np.maximum(count, 1) - g, 1.0)
+        self._residual = np.maximum(residual, 1.0).tolist()
+
+    def expected_output(self, prompt_tokens: int) -> float:
+        """``E[O | prompt]``: mean output length (tokens) of the prompt's decile."""
+        return self._output_by_bin[bisect_right(self._prompt_edges, prompt_tokens)]
+
+    def remaining(self, generated: int) -> float:
+        """``E[O - g | O > g]``: expected tokens still to come (>= 1) after ``g`` generated."""
+        table = self._residual
+        return table[generated] if generated < len(table) else table[-1]
+
+    @classmethod
+    def from_generator(cls, generator) -> OutputLengthPrior:
+        """The prior of a :class:`~llm_cluster_env.workload.WorkloadGenerator`'s lengths
+        (after its oversize policy)."""
+        prompt, output = generator.length_sample()
+        return cls(prompt, output)
+
+
+class EngineModel:
+    """Per-replica engine-model signals for a pending request (see the module docstring).
+
+    :param prior: expected output lengths.
+    :param oracle: use the requests' true output lengths instead of the prior.
+    """
+
+    def __init__(self, prior: OutputLengthPrior, oracle: bool = False) -> None:
+        self.prior = prior
+        self.oracle = oracle
+
+    def estimate(self, replica, now: float, prompt_tokens: int, output_tokens: int = 0,
+                 cached_tokens: int = 0, timing: tuple[int, float] | None = None
+                 ) -> tuple[float, float, float]:
+        """``(est_wait_s, est_ttft_s, est_delta_s)`` of a request with these lengths (tokens;
+        ``output_tokens`` is read only with the oracle flag) on ``replica`` at ``now``;
+        ``cached_tokens`` of its prompt need no prefill (prefix caching). ``timing`` is
+        :func:`clock_and_boundary` of the replica at ``now`` when the caller has it."""
+        prior = self.prior
+        latency = replica.latency
+        iteration_time = latency.iteration_time
+        clock, tau0 = timing if timing is not None else clock_and_boundary(replica, now)
+        batch = replica.num_decoding
+        context = batch * clock - replica._sum_r if batch else 0
+        t_dec = iteration_time(batch, context) if batch else 0.0
+        v0 = replica.batching == "vllm_v0"
+        budget = replica.token_budget
+        cap = budget if (v0 or not replica.chunked_prefill) else max(budget - batch, 1)
+        chunk_batch, chunk_context = (0, 0) if v0 else (batch, context)
+
+        # remaining decode tokens of the running requests (expected, or true with the oracle)
+        running = replica.running.values()
+        if self.oracle:
+            remaining = [r.output_tokens - (clock - r.decode_offset if r.state == _DECODING
+                                            else r.generated) for r in running]
+            expected_out = float(output_tokens)
+        else:
+            table = prior._residual
+            size = len(table)
+            last = table[-1]
+            remaining = [table[g] if g < size else last for g in
+                         [clock - r.decode_offset if r.state == _DECODING else r.generated
+                          for r in running]]
+            expected_out = prior.expected_output(prompt_tokens)
+
+        # admission: a batch slot and KV blocks above the watermark for everything ahead + us
+        num_running = len(remaining)
+        used = replica.decode_blocks(clock) + replica.prefill_blocks
+        ahead = replica.pending_prefill_tokens
+        need_blocks = -(-(ahead + prompt_tokens) // replica.block_size)
+        free_blocks = replica.num_blocks - used - replica.watermark_blocks
+        completions = num_running + len(replica.waiting) + 1 - replica.max_batch_size
+        if need_blocks > free_blocks and num_running:
+            per_request = used / num_running if used > num_running else 1.0
+            completions = max(completions, math.ceil((need_blocks - free_blocks) / per_request))
+        admit_wait = 0.0
+        if completions > 0 and t_dec > 0.0:
+            remaining.sort()
+            if completions <= num_running:
+                admit_wait = remaining[completions - 1] * t_dec
+            else:
+                admit_wait = (remaining[-1] + (completions - num_running) * prior.mean_output
+                              / (batch or 1)) * t_dec
+        if ahead > 0:
+            ahead_time = math.ceil(ahead / cap) * iteration_time(
+                chunk_batch, chunk_context, ((ahead if ahead < cap else cap, 0),))
+        else:
+            ahead_time = 0.0
+        wait = tau0 + (ahead_time if ahead_time > admit_wait else admit_wait)
+        own = prompt_tokens - cached_tokens if prompt_tokens > cached_tokens else 1
+        prefill_iterations = math.ceil(own / cap)
+        own_prefill = prefill_iterations * iteration_time(
+            chunk_batch, chunk_context, ((own if own < cap else cap, 0),))
+        ttft = wait + own_prefill
+
+        # own decoding and the slow-down of the others
+        with_us = iteration_time(batch + 1, context + prompt_tokens)
+        horizon = expected_out - 1.0 if expected_out > 1.0 else 0.0
+        delta = ttft + horizon * with_us
+        if batch:
+            if v0:
+                delta += batch * own_prefill
+            else:
+                extra = own_prefill - prefill_iterations * t_dec
+                delta += batch * extra if extra > 0.0 else 0.0
+            overlap = sum([r if r < horizon else horizon for r in remaining])
+            delta += overlap * (with_us - t_dec)
+        return wait, ttft, delta
+
+    def estimate_all(self, replicas: Sequence, now: float, prompt_tokens: int,
+                     output_tokens: int = 0) -> list[tuple[float, float, float]]:
+        """:meth:`estimate` for every replica."""
+        return [self.estimate(r, now, prompt_tokens, output_tokens) for r in replicas]
+
+
+def clock_and_boundary(replica, now: float) -> tuple[int, float]:
+    """The replica's iteration clock at ``now`` and the seconds from ``now`` to the end of the
+    iteration in flight (0 when idle): the next point at which it can schedule a request."""
+    if not replica.busy:
+        return replica.clock, 0.0
+    if replica._batch_pure and replica.batch_iterations > 1:
+        done = replica.iterations_done_by(now)
+        if done < replica.batch_iterations:
+            end = replica.batch_start + replica._stretch_duration(done + 1)
+            return replica.clock + done, (end - now if end > now else 0.0)
+        return replica.clock + done, 0.0
+    end = replica.batch_end
+    return replica.clock, (end - now if end > now else 0.0)
+
+
+__all__ = ["ENGINE_FEATURES", "EngineModel", "OutputLengthPrior", "clock_and_boundary"]
