@@ -107,10 +107,10 @@ class LLMClusterEnv(gym.Env):
                 "it, or leave it unset to use that limit")
         self.workload = WorkloadGenerator(cfg.workload, max_total)
         self.layout = ObservationLayout(self.num_replicas, cfg.observation)
+        self.output_prior = OutputLengthPrior.from_generator(self.workload)
         engine = None
         if cfg.observation.engine_signals:
-            engine = EngineModel(OutputLengthPrior.from_generator(self.workload),
-                                 oracle=cfg.observation.output_length_oracle)
+            engine = EngineModel(self.output_prior, oracle=cfg.observation.output_length_oracle)
         self.builder = ObservationBuilder(self.layout, self.cluster.replicas,
                                           self.workload.mean_output_tokens, engine)
         self.reward_function = RewardFunction(cfg.reward, cfg.slo)
@@ -216,7 +216,8 @@ class LLMClusterEnv(gym.Env):
 
     def routing_context(self) -> RoutingContext:
         """The pending request, the replicas (read-only) and the time of this decision."""
-        return RoutingContext(self._pending, self.cluster.replicas, self.cluster.now)
+        return RoutingContext(self._pending, self.cluster.replicas, self.cluster.now,
+                              self.output_prior)
 
     @property
     def pending_request(self) -> Request | None:

@@ -42,7 +42,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from llm_cluster_env.config import ObservationConfig
-from llm_cluster_env.engine_model import ENGINE_FEATURES, EngineModel, clock_and_boundary
+from llm_cluster_env.engine_model import (
+    ENGINE_FEATURES,
+    EngineModel,
+    OutputLengthPrior,
+    clock_and_boundary,
+)
 
 if TYPE_CHECKING:
     from llm_cluster_env.sim.replica import Replica
@@ -136,11 +141,15 @@ class RoutingContext:
         block identities); the simulator's object: read it, never modify it.
     :param replicas: the simulator's replicas, read-only by contract.
     :param now: the decision time (simulated seconds).
+    :param output_prior: what the workload's length distribution says of output lengths
+        (:class:`~llm_cluster_env.engine_model.OutputLengthPrior`), which a deployed router can
+        know from history.
     """
 
     request: Request | None
     replicas: Sequence[Replica]
     now: float
+    output_prior: OutputLengthPrior | None = None
 
 
 class ClusterView:

@@ -67,7 +67,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from heapq import heappop, heappush
+from heapq import heapify, heappop, heappush
 from typing import TYPE_CHECKING
 
 from llm_cluster_env.sim.hardware import servable_request_tokens
@@ -555,6 +555,46 @@ class Replica:
         del self.running[req.admit_seq]
         self.active_output_tokens -= req.output_tokens
         self.num_completed += 1
+
+    # ------------------------------------------------------------ what-if copies
+    def snapshot(self) -> Replica:
+        """An independent copy of this replica's state (requests, queue, batch in flight, KV
+        bookkeeping, statistics) sharing its configuration and iteration-time model, which are
+        read-only. Much cheaper than ``copy.deepcopy``; a look-ahead simulates such copies."""
+        new = Replica.__new__(Replica)
+        new.__dict__.update(self.__dict__)
+        copies = {id(r): r.clone() for r in self.waiting}
+        copies.update((id(r), r.clone()) for r in self.running.values())
+        new.waiting = deque(copies[id(r)] for r in self.waiting)
+        new.running = {seq: copies[id(r)] for seq, r in self.running.items()}
+        new.prefilling = [copies[id(r)] for r in self.prefilling]
+        new._residues = list(self._residues)
+        heap = [(key, seq, copies[id(r)]) for key, seq, r in self._finish_heap if id(r) in copies]
+        heapify(heap)  # entries of requests no longer here were stale anyway
+        new._finish_heap = heap
+        new._batch_chunks = [(copies[id(r)], chunk) for r, chunk in self._batch_chunks]
+        return new
+
+    def replace_output_lengths(self, length_of) -> None:
+        """Give every unfinished request here the output length ``length_of(request,
+        generated)`` (tokens, at least ``generated + 1``) and rebuild what depends on output
+        lengths. For a what-if copy of the replica (look-ahead routing with estimated lengths);
+        never call it on the simulator's own replica."""
+        clock = self.clock
+        total = 0
+        heap = []
+        for req in (*self.waiting, *self.running.values()):
+            generated = clock - req.decode_offset if req.state == DECODING else req.generated
+            length = int(length_of(req, generated))
+            if length <= generated:
+                raise ValueError(f"{req!r}: output length {length} <= {generated} generated")
+            req.output_tokens = length
+            total += length
+            if req.state == DECODING:
+                heap.append((req.decode_offset + length, req.admit_seq, req))
+        heapify(heap)
+        self._finish_heap = heap
+        self.active_output_tokens = total
 
     # ------------------------------------------------------------ observation
     def generated_tokens_active(self, clock: int) -> int:

@@ -62,6 +62,13 @@ class Request:
         self.finish_time = -1.0
         self.num_preemptions = 0
 
+    def clone(self) -> Request:
+        """A copy with every field (for what-if copies of a replica)."""
+        new = Request.__new__(Request)
+        for name in Request.__slots__:
+            setattr(new, name, getattr(self, name))
+        return new
+
     def __repr__(self) -> str:
         return (f"Request(id={self.id}, state={self.state.name}, prompt={self.prompt_tokens}, "
                 f"output={self.output_tokens}, replica={self.replica_id})")
