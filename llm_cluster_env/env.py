@@ -73,12 +73,15 @@ class LLMClusterEnv(gym.Env):
     :class:`~llm_cluster_env.config.EnvConfig` is a keyword argument, nested configs as dicts.
     ``gym.make("LLMCluster-v0", config=env_config)`` takes an already built
     :class:`~llm_cluster_env.config.EnvConfig` instead (then no other setting may be given).
+    ``shared_cache`` (a dict) shares read-only objects (iteration-time models, length samples
+    and priors) between envs that are built often (a scenario family builds one per episode).
     """
 
     metadata = {"render_modes": []}
 
     def __init__(self, scenario: str | None = None, render_mode: str | None = None, *,
-                 config: EnvConfig | None = None, **kwargs: Any) -> None:
+                 config: EnvConfig | None = None, shared_cache: dict | None = None,
+                 **kwargs: Any) -> None:
         if render_mode is not None:
             # TypeError, like an unexpected keyword: SB3's make_vec_env then retries without it
             raise TypeError(f"render_mode={render_mode!r}: LLMCluster-v0 does not render")
@@ -96,7 +99,7 @@ class LLMClusterEnv(gym.Env):
         cfg = self.config
         self.cluster = Cluster.from_configs(
             cfg.replica_configs, jump=cfg.simulation_mode == "jump",
-            check_invariants=cfg.check_invariants)
+            check_invariants=cfg.check_invariants, latency_cache=shared_cache)
         self.num_replicas = len(self.cluster.replicas)
         servable = self.cluster.max_request_tokens
         max_total = cfg.workload.max_total_tokens or servable
@@ -105,9 +108,15 @@ class LLMClusterEnv(gym.Env):
                 f"workload.max_total_tokens={max_total}: exceeds the {servable} tokens (prompt + "
                 "output) that every replica can serve (context window and KV capacity); lower "
                 "it, or leave it unset to use that limit")
-        self.workload = WorkloadGenerator(cfg.workload, max_total)
+        self.workload = WorkloadGenerator(cfg.workload, max_total, shared_cache)
         self.layout = ObservationLayout(self.num_replicas, cfg.observation)
-        self.output_prior = OutputLengthPrior.from_generator(self.workload)
+        prior_key = ("output_prior", *self.workload.length_key)
+        prior = shared_cache.get(prior_key) if shared_cache is not None else None
+        if prior is None:
+            prior = OutputLengthPrior.from_generator(self.workload)
+            if shared_cache is not None:
+                shared_cache[prior_key] = prior
+        self.output_prior = prior
         engine = None
         if cfg.observation.engine_signals:
             engine = EngineModel(self.output_prior, oracle=cfg.observation.output_length_oracle)

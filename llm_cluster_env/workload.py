@@ -687,13 +687,16 @@ class WorkloadGenerator:
     :param config: the workload configuration.
     :param max_total_tokens: cap on prompt + output tokens per request (tokens, >= 2), resolved
         by the caller (``config.max_total_tokens`` or the replicas' limits).
+    :param shared_cache: a dict of read-only objects shared between generators built often
+        (packaged length summaries and length samples), or ``None``.
     :raises ConfigError: (a ``ValueError``) for invalid settings, an unknown empirical summary,
         ``trace_start`` past the trace's end, a replayed trace without a time span, or a
         ``"reject"`` policy that would drop every request.
     :raises TraceError: when the trace file is missing or malformed.
     """
 
-    def __init__(self, config: WorkloadConfig, max_total_tokens: int):
+    def __init__(self, config: WorkloadConfig, max_total_tokens: int,
+                 shared_cache: dict | None = None):
         if isinstance(max_total_tokens, bool) or not isinstance(max_total_tokens, (int, np.integer)) \
                 or max_total_tokens < 2:
             raise ConfigError(f"max_total_tokens={max_total_tokens!r}: must be an integer >= 2 "
@@ -701,9 +704,27 @@ class WorkloadGenerator:
         self.config = config
         self.max_total_tokens = int(max_total_tokens)
         self._trace = self._load_trace() if "trace" in (config.arrival, config.lengths) else None
-        self._empirical = load_empirical(config.empirical) if config.lengths == "empirical" \
-            else None
-        self._mean_prompt, self._mean_output = self._expected_lengths()
+        self._empirical = None
+        if config.lengths == "empirical":
+            empirical_key = ("empirical", config.empirical)
+            self._empirical = shared_cache.get(empirical_key) if shared_cache is not None else None
+            if self._empirical is None:
+                self._empirical = load_empirical(config.empirical)
+                if shared_cache is not None:
+                    shared_cache[empirical_key] = self._empirical
+        #: What determines :meth:`length_sample` (a key for caches shared between envs).
+        self.length_key = key = ("length_sample", config.lengths, config.prompt_tokens, config.output_tokens,
+               config.prompt_tokens_range, config.output_tokens_range, config.prompt_lognormal,
+               config.output_lognormal, config.empirical, config.trace_path,
+               config.oversize_policy, self.max_total_tokens)
+        cached = shared_cache.get(key) if shared_cache is not None else None
+        if cached is None:
+            cached = self._entering_lengths()
+            if shared_cache is not None:
+                shared_cache[key] = cached
+        self._length_sample = cached
+        self._mean_prompt = float(self._length_sample[0].mean())
+        self._mean_output = float(self._length_sample[1].mean())
 
     # ---- set-up -----------------------------------------------------------------------------
 
@@ -727,15 +748,13 @@ class WorkloadGenerator:
                               f"{config.trace_path} ({len(trace)} rows; valid 0..{len(trace) - 1})")
         return trace
 
-    def _expected_lengths(self) -> tuple[float, float]:
-        """Mean (prompt, output) tokens of the requests that enter the cluster (after policy)."""
-        prompt, output = self.length_sample()
-        return float(prompt.mean()), float(output.mean())
-
     def length_sample(self) -> tuple[np.ndarray, np.ndarray]:
         """(prompt, output) lengths (tokens) representing the requests that enter the cluster,
         after the oversize policy: exact for fixed and trace lengths, else 2**16 draws from a
-        private fixed seed. The prior of routers' output-length estimates."""
+        private fixed seed. The prior of routers' output-length estimates (read-only)."""
+        return self._length_sample
+
+    def _entering_lengths(self) -> tuple[np.ndarray, np.ndarray]:
         prompt, output = self._length_population()
         policy = self.config.oversize_policy
         if policy == "clip":
@@ -749,6 +768,8 @@ class WorkloadGenerator:
                     f"{self.config.lengths!r}, so every episode would be empty"
                 )
             prompt, output = prompt[fits], output[fits]
+        prompt, output = np.array(prompt), np.array(output)
+        prompt.flags.writeable = output.flags.writeable = False
         return prompt, output
 
     def _length_population(self) -> tuple[np.ndarray, np.ndarray]:

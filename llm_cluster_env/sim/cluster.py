@@ -19,7 +19,7 @@ system, so its total over an episode is the sum of all end-to-end latencies: the
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import MutableMapping, Sequence
 from heapq import heappop, heappush
 from typing import TYPE_CHECKING
 
@@ -32,18 +32,25 @@ if TYPE_CHECKING:  # the simulator reads configs; it never imports the config la
     from llm_cluster_env.config import ReplicaConfig
 
 
-def build_replica(replica_id: int, config: ReplicaConfig, jump: bool = True) -> Replica:
+def build_replica(replica_id: int, config: ReplicaConfig, jump: bool = True,
+                  latency_cache: MutableMapping | None = None) -> Replica:
     """A replica with its calibrated latency model and memory-derived KV capacity.
 
     ``batching="vllm_v0"`` follows Vidur: no CPU overhead unless ``iteration_overhead_s`` is
     set, and KV capacity from :func:`~llm_cluster_env.sim.hardware.vidur_kv_cache_blocks`
-    (``ReplicaConfig.kv_cache_blocks``).
+    (``ReplicaConfig.kv_cache_blocks``). Iteration-time models are read-only; replicas of one
+    (model, GPU, TP, overhead) share one from ``latency_cache`` when given (building one takes
+    tens of milliseconds).
     """
     overhead = config.iteration_overhead_s
     if overhead is None and config.batching == "vllm_v0":
         overhead = 0.0
-    latency = IterationTimeModel.for_replica(
-        config.model, config.gpu, config.tensor_parallel, overhead)
+    key = (config.model, config.gpu, config.tensor_parallel, overhead)
+    latency = latency_cache.get(key) if latency_cache is not None else None
+    if latency is None:
+        latency = IterationTimeModel.for_replica(*key)
+        if latency_cache is not None:
+            latency_cache[key] = latency
     return Replica(replica_id, config, latency, config.kv_cache_blocks, config.context_tokens,
                    jump=jump)
 
@@ -64,9 +71,13 @@ class Cluster:
 
     @classmethod
     def from_configs(cls, configs: Sequence[ReplicaConfig], jump: bool = True,
-                     check_invariants: bool = False) -> Cluster:
-        """Build replicas from their configs (see :func:`build_replica`)."""
-        return cls([build_replica(i, c, jump) for i, c in enumerate(configs)], check_invariants)
+                     check_invariants: bool = False,
+                     latency_cache: MutableMapping | None = None) -> Cluster:
+        """Build replicas from their configs (see :func:`build_replica`); replicas of one
+        hardware share one iteration-time model (kept in ``latency_cache`` if given)."""
+        cache = {} if latency_cache is None else latency_cache
+        return cls([build_replica(i, c, jump, cache) for i, c in enumerate(configs)],
+                   check_invariants)
 
     @property
     def max_request_tokens(self) -> int:
