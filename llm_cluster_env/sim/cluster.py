@@ -32,6 +32,23 @@ if TYPE_CHECKING:  # the simulator reads configs; it never imports the config la
     from llm_cluster_env.config import ReplicaConfig
 
 
+def latency_model(config: ReplicaConfig, cache: MutableMapping | None = None
+                  ) -> IterationTimeModel:
+    """The iteration-time model of a replica config (from ``cache`` when there, and kept
+    there): its (model, GPU, TP) coefficients, with no CPU overhead under ``vllm_v0`` unless
+    ``iteration_overhead_s`` is set."""
+    overhead = config.iteration_overhead_s
+    if overhead is None and config.batching == "vllm_v0":
+        overhead = 0.0
+    key = ("latency", config.model, config.gpu, config.tensor_parallel, overhead)
+    latency = cache.get(key) if cache is not None else None
+    if latency is None:
+        latency = IterationTimeModel.for_replica(*key[1:])
+        if cache is not None:
+            cache[key] = latency
+    return latency
+
+
 def build_replica(replica_id: int, config: ReplicaConfig, jump: bool = True,
                   latency_cache: MutableMapping | None = None) -> Replica:
     """A replica with its calibrated latency model and memory-derived KV capacity.
@@ -42,15 +59,7 @@ def build_replica(replica_id: int, config: ReplicaConfig, jump: bool = True,
     (model, GPU, TP, overhead) share one from ``latency_cache`` when given (building one takes
     tens of milliseconds).
     """
-    overhead = config.iteration_overhead_s
-    if overhead is None and config.batching == "vllm_v0":
-        overhead = 0.0
-    key = (config.model, config.gpu, config.tensor_parallel, overhead)
-    latency = latency_cache.get(key) if latency_cache is not None else None
-    if latency is None:
-        latency = IterationTimeModel.for_replica(*key)
-        if latency_cache is not None:
-            latency_cache[key] = latency
+    latency = latency_model(config, latency_cache)
     return Replica(replica_id, config, latency, config.kv_cache_blocks, config.context_tokens,
                    jump=jump)
 
