@@ -9,32 +9,36 @@ Ties (the ``ties`` column): *lowest* = the lowest replica index among the equall
 *random* = uniform among them from the router's generator. :meth:`Router.tied_choices` returns
 all of them either way (behaviour cloning scores agreement up to ties).
 
-==================  ============  ============================================================
-name                ties          rule
-==================  ============  ============================================================
-``round_robin``     (none)        replicas in turn
-``random``          (none)        uniform at random
-``lor``             random        least outstanding requests (queued + running)
-``lor_waiting``     lowest        fewest *queued* requests only (Vidur's ``lor``); piles onto
-                                  replica 0 while its queue stays empty (see the class)
-``power_of_two``    random        two replicas at random, the one with fewer outstanding
-                                  requests; the first drawn on a tie (Ray Serve, SGLang)
-``least_kv``        lowest        lowest KV-cache usage, then fewest outstanding requests
-                                  (AIBrix ``least-kv-cache``)
-``least_tokens``    lowest        least outstanding tokens: prefill + (estimated) decode work
-``llm_d``           lowest        llm-d's default scorer blend: queue depth and KV usage, each
-                                  min-max scaled across replicas, equal weights
-``least_work_time`` lowest        outstanding tokens plus this prompt, divided by the
-                                  replica's decode throughput: the estimated drain time,
-                                  aware of heterogeneous hardware
-``weighted_lor``    lowest        Envoy's weighted LEAST_REQUEST: the highest ``weight /
-                                  (outstanding + 1) ** bias`` with the replica's decode
-                                  throughput as its weight (bias 1)
-``lookahead``       lowest        a baseline, not a heuristic: simulates a copy of every
-                                  replica to empty with and without the request and picks the
-                                  least added total time in system (needs the routing context;
-                                  :mod:`llm_cluster_env.lookahead`)
-==================  ============  ============================================================
+======================  ============  ==========================================================
+name                    ties          rule
+======================  ============  ==========================================================
+``round_robin``         (none)        replicas in turn
+``random``              (none)        uniform at random
+``lor``                 random        least outstanding requests (queued + running)
+``lor_waiting``         lowest        fewest *queued* requests only (Vidur's ``lor``); piles onto
+                                      replica 0 while its queue stays empty (see the class)
+``power_of_two``        random        two replicas at random, the one with fewer outstanding
+                                      requests; the first drawn on a tie (Ray Serve, SGLang)
+``least_kv``            lowest        lowest KV-cache usage, then fewest outstanding requests
+                                      (AIBrix ``least-kv-cache``)
+``least_tokens``        lowest        least outstanding tokens: prefill + (estimated) decode work
+``llm_d``               lowest        llm-d's default scorer blend: queue depth and KV usage, each
+                                      min-max scaled across replicas, equal weights
+``least_work_time``     lowest        outstanding tokens plus this prompt, divided by the
+                                      replica's decode throughput: the estimated drain time,
+                                      aware of heterogeneous hardware
+``weighted_lor``        lowest        Envoy's weighted LEAST_REQUEST: the highest ``weight /
+                                      (outstanding + 1) ** bias`` with the replica's decode
+                                      throughput as its weight (bias 1)
+``least_added_time``    lowest        the engine model's smallest estimated increase in total
+                                      time in system (``est_delta_s``: the request's own
+                                      latency plus the slow-down it causes;
+                                      :mod:`llm_cluster_env.engine_model`)
+``lookahead``           lowest        a baseline, not a heuristic: simulates a copy of every
+                                      replica to empty with and without the request and picks the
+                                      least added total time in system (needs the routing context;
+                                      :mod:`llm_cluster_env.lookahead`)
+======================  ============  ==========================================================
 """
 
 from __future__ import annotations
@@ -174,12 +178,24 @@ class WeightedLeastRequestRouter(ScoredRouter):
         return (view.outstanding_requests + 1.0) ** self.bias / view.speed_k
 
 
+class LeastAddedTimeRouter(ScoredRouter):
+    """The replica where the engine model estimates the request adds the least total time in
+    system (``est_delta_s``, seconds); needs ``observation.engine_signals`` (the default). Like
+    llm-d's latency-predictor scorer, it prices requests with a model of the engine instead of
+    counting them. Greedy: it ignores requests that have not arrived yet."""
+
+    name = "least_added_time"
+
+    def cost(self, view: ClusterView) -> np.ndarray:
+        return view.column("est_delta_s")
+
+
 ROUTERS: MappingProxyType[str, type[Router]] = MappingProxyType({
     cls.name: cls
     for cls in (RoundRobinRouter, RandomRouter, LeastOutstandingRequestsRouter,
                 LeastWaitingRequestsRouter, PowerOfTwoRouter, LeastKVRouter,
                 LeastOutstandingTokensRouter, LLMDRouter, LeastWorkTimeRouter,
-                WeightedLeastRequestRouter, LookaheadRouter)
+                WeightedLeastRequestRouter, LeastAddedTimeRouter, LookaheadRouter)
 })
 
 
