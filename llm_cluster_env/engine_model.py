@@ -138,16 +138,17 @@ class EngineModel:
         # remaining decode tokens of the running requests (expected, or true with the oracle)
         running = replica.running.values()
         if self.oracle:
-            remaining = [r.output_tokens - (clock - r.decode_offset if r.state == _DECODING
+            remaining = [r.output_tokens - (clock - r.decode_offset if r.state is _DECODING
                                             else r.generated) for r in running]
             expected_out = float(output_tokens)
         else:
             table = prior._residual
             size = len(table)
-            last = table[-1]
-            remaining = [table[g] if g < size else last for g in
-                         [clock - r.decode_offset if r.state == _DECODING else r.generated
-                          for r in running]]
+            remaining = []
+            append = remaining.append
+            for r in running:
+                g = clock - r.decode_offset if r.state is _DECODING else r.generated
+                append(table[g] if g < size else table[-1])
             expected_out = prior.expected_output(prompt_tokens)
 
         # admission: a batch slot and KV blocks above the watermark for everything ahead + us
