@@ -181,8 +181,14 @@ class EngineModel:
             chunk_batch, chunk_context, ((own if own < cap else cap, 0),))
         ttft = wait + own_prefill
 
-        # own decoding and the slow-down of the others
-        with_us = iteration_time(batch + 1, context + prompt_tokens)
+        # own decoding (beside the running requests and those queued ahead, which are admitted
+        # first) and the slow-down of the others
+        queued = len(replica.waiting)
+        co_batch = batch + queued
+        if co_batch >= replica.max_batch_size:
+            co_batch = replica.max_batch_size - 1
+        co_context = context + ahead
+        with_us = iteration_time(co_batch + 1, co_context + prompt_tokens)
         horizon = expected_out - 1.0 if expected_out > 1.0 else 0.0
         delta = ttft + horizon * with_us
         if batch:
@@ -191,8 +197,11 @@ class EngineModel:
             else:
                 extra = own_prefill - prefill_iterations * t_dec
                 delta += batch * extra if extra > 0.0 else 0.0
+        if co_batch:
+            without_us = iteration_time(co_batch, co_context)
             overlap = sum([r if r < horizon else horizon for r in remaining])
-            delta += overlap * (with_us - t_dec)
+            overlap += queued * (prior.mean_output if prior.mean_output < horizon else horizon)
+            delta += overlap * (with_us - without_us)
         return wait, ttft, delta
 
     def estimate_all(self, replicas: Sequence, now: float, prompt_tokens: int,

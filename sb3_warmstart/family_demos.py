@@ -2,9 +2,12 @@
 
 For every demonstration episode a scenario is drawn from the family
 (:class:`~llm_cluster_env.family.ScenarioFamilyEnv`, seeded from ``seed``); every candidate
-router routes that same episode (same cluster, same requests), and the trajectory of the one
-with the lowest mean end-to-end latency is kept. So the clone learns, per kind of cluster and
-workload, the rule that works best there, not one rule everywhere.
+router routes that same episode (same cluster, same requests), and the trajectory of the best
+one is kept: the first candidate (in the given order, a preference) whose mean end-to-end
+latency is within ``margin`` of the lowest. The margin keeps near-ties (on identical replicas
+every balanced rule is within a fraction of a percent) from switching the expert back and forth
+between similar scenarios, which would only add label noise. So the clone learns, per kind of
+cluster and workload, the rule that works best there, not one rule everywhere.
 
 Trajectories are imitation's ``TrajectoryWithRew`` (observations as the family env returns
 them: ``replica_slots`` slots, the trailing ones empty for small clusters; rewards with the
@@ -28,10 +31,11 @@ from llm_cluster_env.observation import ObservationLayout
 from llm_cluster_env.routers import ROUTERS, make_router
 from llm_cluster_env.sim.metrics import balance_score
 
-#: Observation-only routers tried on every scenario (random, round robin and Vidur's
-#: ``lor_waiting`` are never best; the look-ahead is a baseline that needs the simulator).
-DEFAULT_CANDIDATES = ("lor", "power_of_two", "least_kv", "least_tokens", "llm_d",
-                      "least_work_time", "weighted_lor", "least_added_time")
+#: Observation-only routers tried on every scenario, in order of preference (random, round
+#: robin and Vidur's ``lor_waiting`` are never best; the look-ahead needs the simulator).
+DEFAULT_CANDIDATES = ("least_added_time", "lor", "weighted_lor", "least_work_time", "llm_d")
+#: Relative E2E margin within which the earlier candidate is kept (see the module docstring).
+DEFAULT_MARGIN = 0.005
 FORMAT = "sb3_warmstart/demos/v1"
 _MAX_SEED = 2**63 - 1
 
@@ -71,15 +75,17 @@ def _rollout(env: ScenarioFamilyEnv, router_name: str, seed: int) -> dict[str, A
 
 def collect_best_heuristic_demonstrations(
         *, family: str | Mapping[str, Any] | ScenarioFamilyConfig, total_steps: int, seed: int,
-        candidates: Sequence[str] = DEFAULT_CANDIDATES, shared_cache: dict | None = None,
-        progress: bool = False) -> tuple[list[TrajectoryWithRew], dict[str, Any]]:
+        candidates: Sequence[str] = DEFAULT_CANDIDATES, margin: float = DEFAULT_MARGIN,
+        shared_cache: dict | None = None, progress: bool = False
+        ) -> tuple[list[TrajectoryWithRew], dict[str, Any]]:
     """Collect at least ``total_steps`` transitions (whole episodes) of the best candidate per
     sampled scenario (module docstring).
 
     :param family: the scenario family (name, YAML path, mapping or config).
     :param total_steps: transitions to collect (rounded up to whole episodes).
     :param seed: root of every episode's seed (``SeedSequence(seed)``).
-    :param candidates: observation-only router names tried on every scenario.
+    :param candidates: observation-only router names tried on every scenario, preferred first.
+    :param margin: relative E2E margin within which an earlier candidate counts as best.
     :param shared_cache: shared with the family env (measured capacities, env parts).
     :param progress: print one line per episode.
     :return: ``(trajectories, stats)``; stats are JSON-able (format of
@@ -87,6 +93,8 @@ def collect_best_heuristic_demonstrations(
     """
     if total_steps < 1:
         raise ValueError(f"total_steps={total_steps}: must be >= 1")
+    if not 0.0 <= margin < 1.0:
+        raise ValueError(f"margin={margin}: must be in [0, 1)")
     names = _check_candidates(candidates)
     config = load_family(family)
     env = ScenarioFamilyEnv(config, shared_cache=shared_cache)
@@ -102,7 +110,8 @@ def collect_best_heuristic_demonstrations(
         episode_seed = int(seeds.integers(_MAX_SEED))
         runs = {name: _rollout(env, name, episode_seed) for name in names}
         e2e = {name: run["metrics"]["e2e_mean"] for name, run in runs.items()}
-        best = min(names, key=lambda n: (e2e[n], names.index(n)))
+        lowest = min(e2e.values())
+        best = next(n for n in names if e2e[n] <= lowest * (1.0 + margin))
         run = runs[best]
         infos = np.array([{}] * (len(run["acts"]) - 1) + [{
             "metrics": run["metrics"], "episode_seed": episode_seed, "expert": best,
@@ -111,7 +120,7 @@ def collect_best_heuristic_demonstrations(
                                               terminal=True, rews=run["rews"]))
         experts.append(best)
         wins[best] += 1
-        gaps.append(e2e["lor"] / e2e[best] - 1.0 if "lor" in e2e else 0.0)
+        gaps.append(e2e["lor"] / lowest - 1.0 if "lor" in e2e else 0.0)
         steps += len(run["acts"])
         if progress:
             print(f"[demos] episode {len(trajectories)}: {run['scenario']['replicas']} replicas, "
@@ -125,6 +134,7 @@ def collect_best_heuristic_demonstrations(
         "family": config.name,
         "schema": layout.schema(),
         "candidates": names,
+        "margin": margin,
         "trajectory_policies": experts,
         "expert_wins": wins,
         "lor_over_best_mean": float(np.mean(gaps)),
@@ -153,4 +163,5 @@ def expert_ties(trajectories: Sequence[TrajectoryWithRew], experts: Sequence[str
     return out
 
 
-__all__ = ["DEFAULT_CANDIDATES", "collect_best_heuristic_demonstrations", "expert_ties"]
+__all__ = ["DEFAULT_CANDIDATES", "DEFAULT_MARGIN", "collect_best_heuristic_demonstrations",
+           "expert_ties"]
