@@ -452,3 +452,29 @@ def test_tp_scaling_validation_is_reported(vidur_data):
     validation = fit.tp_scaling_validation(fit.VidurData(vidur_data))
     assert validation[2]["decode_attention"] < 12.0 and validation[2]["prefill_attention"] < 10.0
     assert validation[8]["decode_attention"] < 25.0 and validation[8]["prefill_attention"] < 35.0
+
+
+@pytest.mark.shared_data
+def test_decode_attention_fit_meets_its_targets_in_every_batch_decile(vidur_data, models):
+    """MAPE <= 3% overall and <= 5% in every batch-size decile, leave-one-out included; and,
+    independently of the fit script, the shipped table against every TP1 decode row."""
+    fit = _fresh_fit(vidur_data)[("llama-2-7b", "a100", 1)]["decode_attention_fit"]
+    deciles = fit["by_batch_decile"]
+    assert len(deciles) == 10 and sum(d["rows"] for d in deciles) == fit["rows"] == 1255
+    assert deciles[0]["batch_size"][0] == 1 and deciles[-1]["batch_size"][1] == 128
+    assert fit["mape"] <= 3.0 and fit["leave_one_out"] <= 3.0, fit
+    for decile in deciles:
+        assert decile["mape"] <= 5.0 and decile["leave_one_out"] <= 5.0, decile
+    decode = models[("llama-2-7b", "a100", 1)].coefficients.decode
+    folder = vidur_data / "profiling" / "compute" / "a100" / "meta-llama" / "Llama-2-7b-hf"
+    errors = []
+    for name in ("attention_rows_tp1.csv", "attention_sampled.csv"):
+        with (folder / name).open(newline="") as handle:
+            for row in csv.DictReader(handle):
+                if row["is_prefill"].strip().lower() in ("true", "1") or row["num_tensor_parallel_workers"] != "1":
+                    continue
+                measured = float(row["time_stats.attn_decode.median"])
+                predicted = decode.per_layer_ms(int(row["batch_size"]), int(row["kv_cache_size"]))
+                errors.append(abs(predicted - measured) / measured)
+    assert len(errors) == 1255
+    assert 100 * sum(errors) / len(errors) == pytest.approx(fit["mape"], rel=1e-9)
