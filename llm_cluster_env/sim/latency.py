@@ -64,6 +64,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 COEFFICIENTS_DIR = Path(__file__).resolve().parent / "coefficients"
 
 #: Batch sizes / token counts held in precomputed per-integer tables (beyond: interpolation on
@@ -290,6 +292,7 @@ class IterationTimeModel:
         "_last_segment",
         "_segment_base",
         "_segment_beta",
+        "_segment_attention",
         "_granular",
         "_prefill0",
         "_prefill_token",
@@ -326,11 +329,7 @@ class IterationTimeModel:
         self._context_knots = knots
         self._context_breaks = knots[1:-1]
         self._last_segment = len(knots) - 2
-        # Per segment s and batch size B <= DENSE_TABLE_SIZE: base_s(B) (s) and beta_s(B) (s per
-        # context token) of the pure-decode iteration time base_s(B) + beta_s(B) * C.
-        segments = [self._segment_coefficients(b) for b in range(1, DENSE_TABLE_SIZE + 1)]
-        self._segment_base = [[math.nan] + [seg[s][0] for seg in segments] for s in range(len(knots) - 1)]
-        self._segment_beta = [[math.nan] + [seg[s][1] for seg in segments] for s in range(len(knots) - 1)]
+        self._segment_base, self._segment_beta, self._segment_attention = self._dense_segments()
         self._granular: dict[tuple[int, int], float] = {}
         self._prefill0 = c.prefill.intercept * layers_s
         self._prefill_token = c.prefill.per_chunk_token * layers_s
@@ -381,6 +380,23 @@ class IterationTimeModel:
             + self._tokens(batch_size)
             + self._lm_head(batch_size)
         )
+
+    def _dense_segments(self) -> tuple[list[list[float]], list[list[float]], list[list[float]]]:
+        """Per segment s, ``base_s(B)`` (s) and ``beta_s(B)`` (s per context token) for every
+        B <= DENSE_TABLE_SIZE (index B; index 0 unused): :meth:`_segment_coefficients`,
+        vectorised over B; and the decode-attention share of ``base_s(B)`` (s)."""
+        decode, knots = self.coefficients.decode, np.array(self._context_knots, float)
+        batch = np.arange(1, DENSE_TABLE_SIZE + 1, dtype=float)
+        batch_knots, table = np.array(decode.batch_size_knots, float), np.array(decode.ms, float)
+        i = np.clip(np.searchsorted(batch_knots, batch, side="right") - 1, 0, len(batch_knots) - 2)
+        w = (batch - batch_knots[i]) / (batch_knots[i + 1] - batch_knots[i])
+        values = table[i] + w[:, None] * (table[i + 1] - table[i])  # ms per layer at each context knot
+        slope = np.diff(values, axis=1) / np.diff(knots)  # ms per layer per token of mean context
+        other = np.array([self._no_attention_decode_time(b) for b in range(1, DENSE_TABLE_SIZE + 1)])
+        attention = (values[:, :-1] - slope * knots[:-1]) * self._layers_s
+        base = other[:, None] + attention
+        beta = slope / batch[:, None] * self._layers_s
+        return tuple([[math.nan, *column] for column in array.T.tolist()] for array in (base, beta, attention))
 
     def _segment_coefficients(self, batch_size: int) -> list[tuple[float, float]]:
         """``(base_s, beta_s)`` of every mean-context segment s for ``batch_size`` requests:
@@ -439,6 +455,9 @@ class IterationTimeModel:
         if self.decode_context_granularity is not None:
             step = context_tokens // (batch_size * self.decode_context_granularity)
             return self._granular_time(batch_size, step) - self._no_attention_decode_time(batch_size)
+        if batch_size <= DENSE_TABLE_SIZE:
+            s = bisect_right(self._context_breaks, context_tokens / batch_size)
+            return self._segment_attention[s][batch_size] + self._segment_beta[s][batch_size] * context_tokens
         return self.coefficients.decode.per_layer_ms(batch_size, context_tokens / batch_size) * self._layers_s
 
     # ------------------------------------------------------------------ timing
@@ -486,9 +505,13 @@ class IterationTimeModel:
             return base + beta * decode_context_tokens
         chunk_tokens = 0
         per_chunk = 0.0
+        token, pair, causal, prior = self._prefill_token, self._prefill_pair, self._prefill_causal, self._prefill_prior
         for chunk, context in prefill_chunks:
             chunk_tokens += chunk
-            per_chunk += self._prefill_chunk_time(chunk, context)
+            if chunk <= self._max_chunk:
+                per_chunk += chunk * (token + pair * context + causal * chunk) + prior * context
+            else:
+                per_chunk += self._prefill_chunk_time(chunk, context)
         rows = decode_batch + len(prefill_chunks)
         time = (
             self._overhead
