@@ -5,7 +5,9 @@ wandb, ...)::
 
     python3.11 -m venv /work/venv-vidur && /work/venv-vidur/bin/pip install vidur
     python benchmarks/vidur_crosscheck.py --vidur-python /work/venv-vidur/bin/python \\
-        --data-dir /work/shared/data/vidur --rows 1000 --replicas 1 4 --time-scales 1 0.5
+        --data-dir /work/shared/data/vidur --rows 2000 --replicas 1 4 --time-scales 1 0.5 --rates 18
+    python benchmarks/vidur_crosscheck.py ... --rows 10000 --replicas 4 --time-scales --rates 20 18
+    python benchmarks/vidur_crosscheck.py ... --decode-table    # decode-step time by band, then exit
 
 What it does, per (replicas N, arrival-time scale s):
 
@@ -31,6 +33,13 @@ which our ``vllm_v0`` follows (the PyPI 0.0.26 scheduler caps the *sum* of the p
 ``--also-our-times`` replaces Vidur's execution-time predictor by our ``IterationTimeModel``
 (overhead 0), so what differs then is scheduling alone; with both flags, one more run with both
 patches, which is expected to match ours to float rounding.
+
+``--rates`` scales the arrival times to these mean rates (req/s over all replicas); each run
+also prints every replica's busy fraction of the arrival window (time holding an unfinished
+request, what Vidur calls busy time), for ours and for Vidur. ``--decode-table`` prints the
+decode-step time of ours vs Vidur's predictor (queried directly: B requests with one context
+each) by batch-size band (1-16, 17-50, 51-70, 71-100, 101-128) and context band, with and
+without Vidur's 256-token context rounding, and both models against the profiled rows.
 
 An isolated request (one prompt alone, ``--iso-prompt``/``--iso-decode``) separates the
 iteration-time models from scheduling: Vidur's prefill time (TTFT) and mean per-decode-step
@@ -96,9 +105,7 @@ if os.environ.get("VX_OUR_TIMES"):  # swap Vidur's predictor for our IterationTi
     spec = importlib.util.spec_from_file_location("ours_latency", os.environ["VX_OUR_TIMES"])
     lat = sys.modules["ours_latency"] = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(lat)
-    model = lat.IterationTimeModel.for_replica(  # as our vllm_v0 replicas use it
-        "llama-2-7b", "a100", 1, overhead_s=0,
-        decode_context_granularity=lat.VIDUR_DECODE_CONTEXT_GRANULARITY)
+    model = lat.IterationTimeModel.for_replica("llama-2-7b", "a100", 1, overhead_s=0)  # as vllm_v0 uses it
     def _our_time(self, batch, stage):
         qk = list(zip(batch.num_q_tokens, batch.num_kv_tokens))
         dec = [kv - 1 for q, kv in qk if q == 1]  # tokens already in the KV cache
@@ -296,14 +303,14 @@ def probe_vidur(python: str, prof: str, work: Path, rf_grid: str, points: list[t
 def decode_step_tables(python: str, prof: str, work: Path, rf_grid: str, step: int) -> None:
     """Decode-step time, ours vs Vidur's predictor, by batch-size band and context band: the
     mean of ours / Vidur - 1 (%) over every B in the band and every ``step``-th context in it,
-    for our exact model and for our ``vllm_v0`` model (Vidur's 256-token context rounding)."""
+    for our model (exact mean context) and with Vidur's 256-token context rounding."""
     from llm_cluster_env.sim.latency import VIDUR_DECODE_CONTEXT_GRANULARITY, IterationTimeModel
     points = [(b, c) for b in range(1, 129) for c in range(step, 4096, step)]
     vidur = probe_vidur(python, prof, work, rf_grid, [(b, c + 1) for b, c in points])
     batch = np.array([b for b, _ in points])
     context = np.array([c for _, c in points])
-    for label, granularity in (("exact mean context", None),
-                               ("vllm_v0: mean context rounded up as Vidur does", VIDUR_DECODE_CONTEXT_GRANULARITY)):
+    for label, granularity in (("exact mean context, as every batching policy", None),
+                               ("mean context rounded up as Vidur does", VIDUR_DECODE_CONTEXT_GRANULARITY)):
         model = IterationTimeModel.for_replica("llama-2-7b", "a100", 1, overhead_s=0,
                                                decode_context_granularity=granularity)
         ours = np.array([1e3 * model.iteration_time(b, b * c) for b, c in points])
@@ -433,9 +440,8 @@ def isolated_request(args: argparse.Namespace, prof: str, work: Path) -> None:
     iso_ours.write_text(f"arrived_at,num_prefill_tokens,num_decode_tokens\n0.0,{args.iso_prompt},{args.iso_decode}\n")
     v = run_vidur(args.vidur_python, prof, str(iso), work / "vidur_out_iso", 1, work, args.rf_grid)
     o = run_ours(str(iso_ours), work / "ours_out_iso.csv", 1)
-    from llm_cluster_env.sim.latency import VIDUR_DECODE_CONTEXT_GRANULARITY, IterationTimeModel
-    model = IterationTimeModel.for_replica("llama-2-7b", "a100", 1, overhead_s=0,
-                                           decode_context_granularity=VIDUR_DECODE_CONTEXT_GRANULARITY)
+    from llm_cluster_env.sim.latency import IterationTimeModel
+    model = IterationTimeModel.for_replica("llama-2-7b", "a100", 1, overhead_s=0)
     p, d = args.iso_prompt, args.iso_decode
     m_prefill = model.iteration_time(0, 0, [(p, 0)])
     m_decode = np.mean([model.iteration_time(1, p + k) for k in range(1, d)])

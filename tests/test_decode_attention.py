@@ -23,6 +23,7 @@ from llm_cluster_env.sim.latency import (
     IterationTimeModel,
     LatencyCoefficients,
 )
+from llm_cluster_env.sim.replica import Replica
 
 SHIPPED = IterationTimeModel.available()
 MS = 1e-3
@@ -127,15 +128,21 @@ def test_vidur_rounding_uses_the_rounded_up_mean_context(models):
     assert gap == pytest.approx(exact.decode_attention_time(8, 8 * 1024) - exact.decode_attention_time(8, 8 * 1000))
 
 
-@pytest.mark.parametrize("batching", ["mixed_chunked", "mixed", "vllm_v0"])
-def test_jump_matches_iteration_across_context_segments(batching):
+@pytest.mark.parametrize(("batching", "granularity"), [
+    ("mixed_chunked", None), ("mixed", None), ("vllm_v0", None), ("vllm_v0", VIDUR_DECODE_CONTEXT_GRANULARITY)])
+def test_jump_matches_iteration_across_context_segments(batching, granularity):
     """Calibrated model, prompts of up to 900 tokens: decode stretches cross the 224, 256, 480
     and 512-token knots (or Vidur's 256-token steps) and are cut there; timestamps must equal
     those of iteration-by-iteration simulation, and the cuts must not cost the jump its gain."""
     config = ReplicaConfig(batching=batching)
     results = []
     for jump in (True, False):
-        cluster = Cluster([build_replica(i, config, jump=jump) for i in range(2)], check_invariants=True)
+        replicas = [build_replica(i, config, jump=jump) for i in range(2)]
+        if granularity is not None:
+            latency = IterationTimeModel.for_replica("llama-2-7b", "a100", 1, overhead_s=0.0,
+                                                     decode_context_granularity=granularity)
+            replicas = [Replica(r.id, config, latency, r.num_blocks, r.max_model_len, jump=jump) for r in replicas]
+        cluster = Cluster(replicas, check_invariants=True)
         requests = run_episode(cluster, random_requests(3, n=250, qps=6.0, max_prompt=900, max_output=500))
         results.append((timestamps(requests), cluster))
     (jumped, jump_cluster), (stepped, iter_cluster) = results

@@ -12,7 +12,6 @@ from test_sim import LinearLatency, random_requests, run_episode, timestamps
 from llm_cluster_env.config import ReplicaConfig
 from llm_cluster_env.sim.cluster import Cluster, build_replica
 from llm_cluster_env.sim.hardware import GPUS, MODELS, vidur_kv_cache_blocks
-from llm_cluster_env.sim.latency import IterationTimeModel
 from llm_cluster_env.sim.replica import Replica
 from llm_cluster_env.sim.request import Request, RequestState
 
@@ -213,13 +212,11 @@ def test_kv_capacity_follows_vidurs_memory_rule():
     replica = build_replica(0, ReplicaConfig(batching="vllm_v0"))
     assert replica.num_blocks == 7424 and replica.watermark_blocks == 74
     assert replica.token_budget == 4096 and replica.max_batch_size == 128
-    # no CPU overhead: a batch-1 decode costs exactly its GPU time, below the default overhead's;
-    # decode attention at Vidur's rounded mean context (256-token steps)
-    assert replica.latency.decode_context_granularity == 256
-    default = IterationTimeModel.for_replica("llama-2-7b", "a100", 1, decode_context_granularity=256)
-    gap = default.decode_base_time(1) - replica.latency.decode_base_time(1)
-    assert gap == pytest.approx(default.coefficients.cpu_overhead_s
-                                + default.coefficients.cpu_overhead_per_request_s)
+    # no CPU overhead: a batch-1 decode costs exactly its GPU time, below the default replica's
+    default = build_replica(0, ReplicaConfig(batching="mixed"))
+    gap = default.latency.decode_base_time(1) - replica.latency.decode_base_time(1)
+    assert gap == pytest.approx(default.latency.coefficients.cpu_overhead_s
+                                + default.latency.coefficients.cpu_overhead_per_request_s)
 
 
 def test_lone_request_never_livelocks_at_the_length_cap():

@@ -25,7 +25,7 @@ from heapq import heappop, heappush
 from llm_cluster_env.config import ReplicaConfig
 from llm_cluster_env.sim.events import ARRIVAL, BATCH_END, BATCH_START
 from llm_cluster_env.sim.hardware import GPUS, MODELS, kv_cache_blocks, vidur_kv_cache_blocks
-from llm_cluster_env.sim.latency import VIDUR_DECODE_CONTEXT_GRANULARITY, IterationTimeModel
+from llm_cluster_env.sim.latency import IterationTimeModel
 from llm_cluster_env.sim.replica import Replica, SimulationError
 from llm_cluster_env.sim.request import Request, RequestState
 
@@ -34,8 +34,7 @@ def build_replica(replica_id: int, config: ReplicaConfig, jump: bool = True) -> 
     """A replica with its calibrated latency model and memory-derived KV capacity.
 
     ``batching="vllm_v0"`` follows Vidur: no CPU overhead unless ``iteration_overhead_s`` is
-    set, decode attention at the mean context rounded up to 256 tokens as Vidur's predictor
-    does, and KV capacity from :func:`~llm_cluster_env.sim.hardware.vidur_kv_cache_blocks`.
+    set, and KV capacity from :func:`~llm_cluster_env.sim.hardware.vidur_kv_cache_blocks`.
     """
     model = MODELS[config.model]
     vllm_v0 = config.batching == "vllm_v0"
@@ -43,8 +42,7 @@ def build_replica(replica_id: int, config: ReplicaConfig, jump: bool = True) -> 
     if overhead is None and vllm_v0:
         overhead = 0.0
     latency = IterationTimeModel.for_replica(
-        config.model, config.gpu, config.tensor_parallel, overhead,
-        decode_context_granularity=VIDUR_DECODE_CONTEXT_GRANULARITY if vllm_v0 else None)
+        config.model, config.gpu, config.tensor_parallel, overhead)
     capacity = vidur_kv_cache_blocks if vllm_v0 else kv_cache_blocks
     blocks = config.num_kv_blocks or capacity(
         model, GPUS[config.gpu], config.tensor_parallel, config.block_size,

@@ -77,7 +77,8 @@ DENSE_TABLE_SIZE = 4096
 SCHEMA_VERSION = 3
 
 #: Vidur's predictor (``kv_cache_prediction_granularity``, vidur 0.0.26) rounds the mean decode
-#: context up to a multiple of this many tokens; the ``vllm_v0`` batching policy does the same.
+#: context up to a multiple of this many tokens (``decode_context_granularity`` reproduces it;
+#: no batching policy uses it by default, see docs/latency_calibration.md).
 VIDUR_DECODE_CONTEXT_GRANULARITY = 256
 
 _MS = 1e-3
