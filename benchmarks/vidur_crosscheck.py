@@ -5,7 +5,9 @@ wandb, ...)::
 
     python3.11 -m venv /work/venv-vidur && /work/venv-vidur/bin/pip install vidur
     python benchmarks/vidur_crosscheck.py --vidur-python /work/venv-vidur/bin/python \\
-        --data-dir /work/shared/data/vidur --rows 1000 --replicas 1 4 --time-scales 1 0.5
+        --data-dir /work/shared/data/vidur --rows 2000 --replicas 1 4 --time-scales 1 0.5 --rates 18
+    python benchmarks/vidur_crosscheck.py ... --rows 10000 --replicas 4 --time-scales --rates 20 18
+    python benchmarks/vidur_crosscheck.py ... --decode-table    # decode-step time by band, then exit
 
 What it does, per (replicas N, arrival-time scale s):
 
@@ -32,6 +34,13 @@ which our ``vllm_v0`` follows (the PyPI 0.0.26 scheduler caps the *sum* of the p
 (overhead 0), so what differs then is scheduling alone; with both flags, one more run with both
 patches, which is expected to match ours to float rounding.
 
+``--rates`` scales the arrival times to these mean rates (req/s over all replicas); each run
+also prints every replica's busy fraction of the arrival window (time holding an unfinished
+request, what Vidur calls busy time), for ours and for Vidur. ``--decode-table`` prints the
+decode-step time of ours vs Vidur's predictor (queried directly: B requests with one context
+each) by batch-size band (1-16, 17-50, 51-70, 71-100, 101-128) and context band, with and
+without Vidur's 256-token context rounding, and both models against the profiled rows.
+
 An isolated request (one prompt alone, ``--iso-prompt``/``--iso-decode``) separates the
 iteration-time models from scheduling: Vidur's prefill time (TTFT) and mean per-decode-step
 time vs ours from the same replay and from ``IterationTimeModel`` (overhead 0).
@@ -53,7 +62,7 @@ MAX_TOKENS = 4096
 MODEL, DEVICE, NETWORK = "meta-llama/Llama-2-7b-hf", "a100", "a100_dgx"
 
 # Runs inside the Vidur venv: make Vidur train its predictor from local profiles (no HF hub).
-_RUNNER = r"""
+_SETUP = r"""
 import os, sys
 import pandas as pd
 os.environ["HF_HUB_OFFLINE"] = "1"; os.environ["WANDB_MODE"] = "disabled"
@@ -96,15 +105,39 @@ if os.environ.get("VX_OUR_TIMES"):  # swap Vidur's predictor for our IterationTi
     spec = importlib.util.spec_from_file_location("ours_latency", os.environ["VX_OUR_TIMES"])
     lat = sys.modules["ours_latency"] = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(lat)
-    model = lat.IterationTimeModel.for_replica("llama-2-7b", "a100", 1, overhead_s=0)
+    model = lat.IterationTimeModel.for_replica("llama-2-7b", "a100", 1, overhead_s=0)  # as vllm_v0 uses it
     def _our_time(self, batch, stage):
         qk = list(zip(batch.num_q_tokens, batch.num_kv_tokens))
         dec = [kv - 1 for q, kv in qk if q == 1]  # tokens already in the KV cache
         t = model.iteration_time(len(dec), sum(dec), [(q, kv - q) for q, kv in qk if q != 1])
         return ExecutionTime(1, 0, 0, 1e3 * t, *([0] * 11))  # total_time = ms / 1000
     bp.BaseExecutionTimePredictor.get_execution_time = _our_time
+"""
+_RUNNER = _SETUP + r"""
 from vidur.main import main
 main()
+"""
+# Vidur's execution-time predictor alone: reads "B kv" lines (a decode batch of B requests, each
+# with kv tokens in Vidur's count, i.e. our context + 1) and prints one JSON list of
+# [B, kv, total ms, decode-attention ms per layer].
+_PROBE = _SETUP + r"""
+import json, types
+from vidur.config import SimulationConfig
+from vidur.entities.batch import Batch
+from vidur.execution_time_predictor import ExecutionTimePredictorRegistry
+config = SimulationConfig.create_from_cli_args()
+predictor = ExecutionTimePredictorRegistry.get(
+    config.execution_time_predictor_config.get_type(),
+    predictor_config=config.execution_time_predictor_config,
+    replica_config=config.cluster_config.replica_config,
+    cache_config=config.cluster_config.cache_config)
+decoding = types.SimpleNamespace(is_prefill_complete=True)
+out = []
+for line in sys.stdin:
+    b, kv = map(int, line.split())
+    t = predictor.get_execution_time(Batch(0, [decoding] * b, [1] * b, [kv] * b), 0)
+    out.append([b, kv, 1e3 * t.total_time, t.attention_decode_execution_time])
+print("PROBE " + json.dumps(out))
 """
 
 
@@ -212,17 +245,124 @@ def run_ours(requests: str, out: Path, replicas: int) -> dict:
 
 
 def compare(ours: dict, vidur: dict) -> list[str]:
-    lines = [f"  {'metric':<8}{'ours mean':>11}{'vidur mean':>11}{'med |rel|':>10}{'p90 |rel|':>10}{'pearson':>9}"]
+    lines = [f"  {'metric':<8}{'ours mean':>11}{'vidur mean':>11}{'diff':>8}{'med |rel|':>10}"
+             f"{'p90 |rel|':>10}{'pearson':>9}{'ours p90':>10}{'vidur p90':>10}"]
     for key, name in (("e2e", "E2E"), ("ttft", "TTFT"), ("sched", "sched")):
         a, b = ours[key], vidur[key]
         rel = np.abs(a - b) / np.maximum(np.abs(b), 1e-3)  # 1 ms floor for ~0 delays
         r = np.corrcoef(a, b)[0, 1] if a.std() > 0 and b.std() > 0 else float("nan")
-        lines.append(f"  {name:<8}{a.mean():>11.3f}{b.mean():>11.3f}{np.median(rel):>10.3f}"
-                     f"{np.quantile(rel, 0.9):>10.3f}{r:>9.3f}")
+        lines.append(f"  {name:<8}{a.mean():>11.3f}{b.mean():>11.3f}{a.mean() / b.mean() - 1:>+8.1%}"
+                     f"{np.median(rel):>10.3f}{np.quantile(rel, 0.9):>10.3f}{r:>9.3f}"
+                     f"{np.quantile(a, 0.9):>10.3f}{np.quantile(b, 0.9):>10.3f}")
     lines.append(f"  preempted requests: ours {int((ours['restarts'] > 0).sum())} "
                  f"({int(ours['restarts'].sum())} preemptions), vidur {int((vidur['restarts'] > 0).sum())} "
                  f"({int(vidur['restarts'].sum())} restarts)")
     return lines
+
+
+def utilisation(arrivals: np.ndarray, e2e: np.ndarray, replicas: int) -> list[float]:
+    """Per replica (request i on replica i mod N), the fraction of the arrival window
+    [first arrival, last arrival] during which it holds at least one unfinished request; a
+    continuous-batching replica runs an iteration whenever it does, so this is its busy time."""
+    start, stop = arrivals.min(), arrivals.max()
+    out = []
+    for replica in range(replicas):
+        begin = np.clip(arrivals[replica::replicas], start, stop)
+        end = np.clip(arrivals[replica::replicas] + e2e[replica::replicas], start, stop)
+        busy, reach = 0.0, start
+        for b, e in sorted(zip(begin, end)):
+            if e > reach:
+                busy += e - max(b, reach)
+                reach = e
+        out.append(busy / (stop - start))
+    return out
+
+
+#: Batch-size and context bands of the decode-step table (context = tokens already cached).
+DECODE_BANDS = ((1, 16), (17, 50), (51, 70), (71, 100), (101, 128))
+CONTEXT_BANDS = ((1, 512), (513, 1024), (1025, 2048), (2049, 4095))
+
+
+def probe_vidur(python: str, prof: str, work: Path, rf_grid: str, points: list[tuple[int, int]],
+                column: int = 2) -> np.ndarray:
+    """Vidur's predicted decode-step time (ms; ``column=3``: its decode attention, ms per layer)
+    of B requests each with kv tokens (Vidur's count), one per point, from its predictor trained
+    on the local profiles."""
+    cmd = [python, "-c", _PROBE, prof, str(work)] + vidur_args(
+        str(work / "unused.csv"), str(work / "probe_out"), 1, str(work / "vidur_cache"), rf_grid)
+    stdin = "".join(f"{b} {kv}\n" for b, kv in points)
+    res = subprocess.run(cmd, input=stdin, capture_output=True, text=True, cwd=work,
+                         env=dict(os.environ, VX_PADDED="0"))
+    lines = [line for line in res.stdout.splitlines() if line.startswith("PROBE ")]
+    if res.returncode != 0 or not lines:
+        sys.exit(f"Vidur predictor probe failed:\n{res.stderr[-3000:]}")
+    import json
+    return np.array([row[column] for row in json.loads(lines[-1][len("PROBE "):])])
+
+
+def decode_step_tables(python: str, prof: str, work: Path, rf_grid: str, step: int) -> None:
+    """Decode-step time, ours vs Vidur's predictor, by batch-size band and context band: the
+    mean of ours / Vidur - 1 (%) over every B in the band and every ``step``-th context in it,
+    for our model (exact mean context) and with Vidur's 256-token context rounding."""
+    from llm_cluster_env.sim.latency import VIDUR_DECODE_CONTEXT_GRANULARITY, IterationTimeModel
+    points = [(b, c) for b in range(1, 129) for c in range(step, 4096, step)]
+    vidur = probe_vidur(python, prof, work, rf_grid, [(b, c + 1) for b, c in points])
+    batch = np.array([b for b, _ in points])
+    context = np.array([c for _, c in points])
+    for label, granularity in (("exact mean context, as every batching policy", None),
+                               ("mean context rounded up as Vidur does", VIDUR_DECODE_CONTEXT_GRANULARITY)):
+        model = IterationTimeModel.for_replica("llama-2-7b", "a100", 1, overhead_s=0,
+                                               decode_context_granularity=granularity)
+        ours = np.array([1e3 * model.iteration_time(b, b * c) for b, c in points])
+        ratio = ours / vidur - 1.0
+        print(f"\ndecode-step time, ours ({label}) / Vidur's predictor - 1, mean % "
+              f"(max |%| in the band); contexts every {step} tokens")
+        print("| batch size | " + " | ".join(f"context {lo}-{hi}" for lo, hi in CONTEXT_BANDS)
+              + " | all contexts | Vidur mean (ms) |")
+        print("|---" * (len(CONTEXT_BANDS) + 3) + "|")
+        for lo, hi in DECODE_BANDS:
+            in_band = (batch >= lo) & (batch <= hi)
+            cells = []
+            for c_lo, c_hi in CONTEXT_BANDS:
+                cell = in_band & (context >= c_lo) & (context <= c_hi)
+                cells.append(f"{100 * ratio[cell].mean():+.1f}")
+            cells.append(f"{100 * ratio[in_band].mean():+.1f} ({100 * np.abs(ratio[in_band]).max():.0f})")
+            cells.append(f"{vidur[in_band].mean():.2f}")
+            print(f"| {lo}-{hi} | " + " | ".join(cells) + " |")
+    profiled_rows_table(python, prof, work, rf_grid)
+
+
+def profiled_rows_table(python: str, prof: str, work: Path, rf_grid: str) -> None:
+    """Decode attention per layer on the profiled TP1 rows whose context is a multiple of 256
+    (where Vidur's rounding changes nothing): Vidur's forest and our table vs the measured
+    median, MAPE % by batch-size band. Both agree with the rows; what differs between them in
+    the band table above is how each fills the contexts the profile does not have."""
+    from llm_cluster_env.sim.latency import IterationTimeModel
+    folder = Path(prof) / "compute" / "a100" / "meta-llama" / "Llama-2-7b-hf"
+    rows: dict[tuple[int, int], list[float]] = {}
+    for name in ("attention_rows_tp1.csv", "attention_sampled.csv"):
+        with open(folder / name, newline="") as f:
+            for row in csv.DictReader(f):
+                if (row["is_prefill"].strip().lower() in ("true", "1") or int(row["num_tensor_parallel_workers"]) != 1
+                        or int(row["kv_cache_size"]) % 256):
+                    continue
+                key = (int(row["batch_size"]), int(row["kv_cache_size"]))
+                rows.setdefault(key, []).append(float(row["time_stats.attn_decode.median"]))
+    points = sorted(rows)
+    measured = np.array([np.mean(rows[k]) for k in points])
+    vidur = probe_vidur(python, prof, work, rf_grid, points, column=3)
+    decode = IterationTimeModel.for_replica("llama-2-7b", "a100", 1).coefficients.decode
+    ours = np.array([decode.per_layer_ms(b, kv) for b, kv in points])
+    batch = np.array([b for b, _ in points])
+    print(f"\ndecode attention on the {len(points)} profiled TP1 keys with a context multiple of 256: "
+          "MAPE % vs the measured medians")
+    print("| batch size | keys | Vidur's forest | our table | our table / Vidur's forest - 1 |")
+    print("|---|---|---|---|---|")
+    for lo, hi in DECODE_BANDS:
+        band = (batch >= lo) & (batch <= hi)
+        err_v = 100 * np.mean(np.abs(vidur[band] / measured[band] - 1))
+        err_o = 100 * np.mean(np.abs(ours[band] / measured[band] - 1))
+        print(f"| {lo}-{hi} | {band.sum()} | {err_v:.2f} | {err_o:.2f} | {100 * np.mean(ours[band] / vidur[band] - 1):+.2f} |")
 
 
 def main() -> None:
@@ -231,7 +371,13 @@ def main() -> None:
     ap.add_argument("--data-dir", default="/work/shared/data/vidur")
     ap.add_argument("--rows", type=int, default=1000)
     ap.add_argument("--replicas", type=int, nargs="+", default=[1, 4])
-    ap.add_argument("--time-scales", type=float, nargs="+", default=[1.0, 0.5])
+    ap.add_argument("--time-scales", type=float, nargs="*", default=[1.0, 0.5])
+    ap.add_argument("--rates", type=float, nargs="*", default=[],
+                    help="also runs with arrivals scaled to these mean rates (req/s, all replicas)")
+    ap.add_argument("--decode-table", action="store_true",
+                    help="print the decode-step table (ours vs Vidur's predictor) and exit")
+    ap.add_argument("--decode-table-step", type=int, default=16, help="context step of that table (tokens)")
+    ap.add_argument("--skip-isolated", action="store_true", help="skip the isolated-request case")
     ap.add_argument("--workdir", default="/tmp/vidur_crosscheck")
     ap.add_argument("--rf-grid", choices=["default", "small"], default="small")
     ap.add_argument("--also-padded", action="store_true",
@@ -248,8 +394,46 @@ def main() -> None:
     prof = str(Path(args.data_dir, "profiling").resolve())
     src = str(Path(args.data_dir, "processed_traces", "splitwise_conv.csv"))
     print(f"vidur {version}; {args.rows} rows of {src}; rf grid {args.rf_grid}")
+    if args.decode_table:
+        decode_step_tables(args.vidur_python, prof, work, args.rf_grid, args.decode_table_step)
+        return
 
-    # Isolated request: iteration-time models only.
+    if not args.skip_isolated:
+        isolated_request(args, prof, work)
+    with open(src, newline="") as f:
+        trace_times = [float(row["arrived_at"]) for _, row in zip(range(args.rows), csv.DictReader(f))]
+    trace_rate = (len(trace_times) - 1) / (trace_times[-1] - trace_times[0])
+    scales = list(args.time_scales) + [trace_rate / rate for rate in args.rates]
+    variants = [("Vidur 0.0.26 as installed", False, False)]
+    if args.also_padded:
+        variants.append(("Vidur, padded budget len(batch) * max(prompt) <= 4096", True, False))
+    if args.also_our_times:
+        variants.append(("Vidur driven by our IterationTimeModel", False, True))
+    if args.also_padded and args.also_our_times:
+        variants.append(("Vidur, padded budget + our IterationTimeModel", True, True))
+    for scale in scales:
+        for n in args.replicas:
+            tag = f"n{n}_s{scale:g}"
+            ours_csv, vidur_csv = write_traces(src, args.rows, scale, work, tag)
+            arrivals = np.array(trace_times) * scale
+            o = run_ours(ours_csv, work / f"ours_out_{tag}.csv", n)
+            rr = bool(np.all(o["replica"] == np.arange(len(o["replica"])) % n))
+            rate = trace_rate / scale
+            print(f"\n{n} replica(s), arrival times x {scale:.4g} ({rate:.2f} req/s; {len(o['e2e'])} requests; "
+                  f"ours request i -> replica i mod {n}: {rr})")
+            print("  busy fraction of the arrival window per replica: ours "
+                  + " ".join(f"{u:.3f}" for u in utilisation(arrivals, o["e2e"], n)))
+            for k, (label, padded, our_times) in enumerate(variants):
+                v = run_vidur(args.vidur_python, prof, vidur_csv, work / f"vidur_out{k}_{tag}", n, work,
+                              args.rf_grid, padded=padded, our_times=our_times)
+                assert len(o["e2e"]) == len(v["e2e"]), (len(o["e2e"]), len(v["e2e"]))
+                print(f" vs {label} (max |E2E diff| {np.abs(o['e2e'] - v['e2e']).max():.3g} s; busy fraction "
+                      + " ".join(f"{u:.3f}" for u in utilisation(arrivals, v["e2e"], n)) + "):")
+                print("\n".join(compare(o, v)))
+
+
+def isolated_request(args: argparse.Namespace, prof: str, work: Path) -> None:
+    """One prompt alone: Vidur's prefill time (TTFT) and mean decode step vs ours."""
     iso = work / "iso.csv"
     iso.write_text(f"Time,PromptTokenCount,CompletionTokenCount,Date\n0.0,{args.iso_prompt},{args.iso_decode},2023-08-21\n")
     iso_ours = work / "iso_ours.csv"
@@ -269,28 +453,6 @@ def main() -> None:
     print(f"  vidur            {1e3 * v['ttft'][0]:8.2f} {1e3 * per_dec(v):8.3f}")
     print(f"  ours (replay)    {1e3 * o['ttft'][0]:8.2f} {1e3 * per_dec(o):8.3f}")
     print(f"  ours (model)     {1e3 * m_prefill:8.2f} {1e3 * m_decode:8.3f}")
-
-    variants = [("Vidur 0.0.26 as installed", False, False)]
-    if args.also_padded:
-        variants.append(("Vidur, padded budget len(batch) * max(prompt) <= 4096", True, False))
-    if args.also_our_times:
-        variants.append(("Vidur driven by our IterationTimeModel", False, True))
-    if args.also_padded and args.also_our_times:
-        variants.append(("Vidur, padded budget + our IterationTimeModel", True, True))
-    for scale in args.time_scales:
-        for n in args.replicas:
-            tag = f"n{n}_s{scale:g}"
-            ours_csv, vidur_csv = write_traces(src, args.rows, scale, work, tag)
-            o = run_ours(ours_csv, work / f"ours_out_{tag}.csv", n)
-            rr = bool(np.all(o["replica"] == np.arange(len(o["replica"])) % n))
-            print(f"\n{n} replica(s), arrival times x {scale:g} ({len(o['e2e'])} requests; "
-                  f"ours request i -> replica i mod {n}: {rr})")
-            for k, (label, padded, our_times) in enumerate(variants):
-                v = run_vidur(args.vidur_python, prof, vidur_csv, work / f"vidur_out{k}_{tag}", n, work,
-                              args.rf_grid, padded=padded, our_times=our_times)
-                assert len(o["e2e"]) == len(v["e2e"]), (len(o["e2e"]), len(v["e2e"]))
-                print(f" vs {label} (max |E2E diff| {np.abs(o['e2e'] - v['e2e']).max():.3g} s):")
-                print("\n".join(compare(o, v)))
 
 
 if __name__ == "__main__":

@@ -45,7 +45,7 @@ except ImportError:  # run as a plain script from a checkout that is not install
 DEFAULT_DATA_DIR = Path(os.environ.get("LLM_CLUSTER_VIDUR_DATA") or REPO_ROOT.parent / "shared" / "data" / "vidur")
 DEFAULT_OUT_DIR = REPO_ROOT / "llm_cluster_env" / "sim" / "coefficients"
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 VIDUR_REPOSITORY = "https://github.com/microsoft/vidur"
 VIDUR_COMMIT = "7d47513363ec447a741ac5e47241580b47724fbf"  # from the data README
 
@@ -58,6 +58,8 @@ SHIPPED: tuple[tuple[str, str, int], ...] = (
     ("llama-2-7b", "a40", 1),
     ("llama-3-8b", "a100", 1),
     ("llama-3-8b", "a100", 2),
+    ("llama-3.1-8b", "a100", 1),
+    ("llama-3.1-8b", "a100", 2),
     ("llama-2-70b", "a100", 4),
     ("llama-2-70b", "a100", 8),
     ("llama-2-70b", "h100", 4),
@@ -68,7 +70,18 @@ SHIPPED: tuple[tuple[str, str, int], ...] = (
 HF_IDS = {
     "llama-2-7b": "meta-llama/Llama-2-7b-hf",
     "llama-3-8b": "meta-llama/Meta-Llama-3-8B",
+    "llama-3.1-8b": "meta-llama/Meta-Llama-3-8B",  # same shapes; Vidur has no 3.1 profile
     "llama-2-70b": "meta-llama/Llama-2-70b-hf",
+}
+#: Models whose coefficients reuse another model's profiles (identical layer shapes), and why.
+PROFILES_REUSED = {
+    "llama-3.1-8b": (
+        "Llama-3.1-8B has Llama-3-8B's layer shapes (32 layers, hidden 4096, 32 query / 8 KV "
+        "heads, MLP 14336, vocab 128256); only its RoPE scaling and 131,072-token window differ, "
+        "which change no kernel time at a given token count. Its tables are Llama-3-8B's "
+        "profiles (meta-llama/Meta-Llama-3-8B/mlp.csv); contexts past the profiled 4,096 tokens "
+        "are extrapolated (see docs/latency_calibration.md, 'Long contexts')."
+    ),
 }
 #: GPU -> network profile folder: the SXM parts sit in NVSwitch (DGX/HGX) nodes. (The A40
 #: data has no all-reduce profile, so A40 ships at TP1 only.)
@@ -78,6 +91,14 @@ NETWORK_NODES = {"a100": "a100_dgx", "h100": "h100_dgx"}
 REFERENCE = ("llama-2-7b", "a100", 1)
 ATTENTION_DIR = "profiling/compute/a100/meta-llama/Llama-2-7b-hf"
 ATTENTION_FILES = ("attention_rows_tp1.csv", "attention_sampled.csv")
+
+#: Decode attention table knots: batch sizes (requests) and mean context lengths (tokens per
+#: request). Dense at small batches, where the kernel's occupancy changes fastest; the context
+#: knots 224/256 and 480/512 carry the steps the profile shows when the context crosses 256 and
+#: 512 tokens (the kernel's KV split changes); 4,096 is the largest profiled context, and the
+#: 1,024-4,096 segment (the slope used past 4,096 tokens) averages over the longest profiled rows.
+DECODE_BATCH_KNOTS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 80, 96, 112, 128)
+DECODE_CONTEXT_KNOTS = (0, 224, 256, 480, 512, 1024, 4096)
 
 #: mlp.csv operations run once per transformer layer (Vidur's own sum: both norms, the attention
 #: projections and RoPE, the gated MLP, and one residual ``add``).
@@ -166,6 +187,11 @@ class VidurData:
         if gpu not in self._network:
             self._network[gpu] = read_csv(self.network_path(gpu))
         return self._network[gpu]
+
+    @cached_property
+    def reference_attention(self) -> dict:
+        """The reference attention fit (:func:`fit_reference_attention`), computed once."""
+        return fit_reference_attention(self.attention)
 
     @cached_property
     def attention(self) -> list[AttentionRow]:
@@ -409,12 +435,6 @@ def fit_all_reduce(rows: list[dict[str, str]], tensor_parallel: int, spec: Model
     }
 
 
-def decode_design(batch: np.ndarray, context: np.ndarray) -> np.ndarray:
-    """Columns of ``d0 + B * (d1 + d2 * L)`` (per layer) for decode batch size B and mean
-    context length L (tokens; in the profile every request of a row has ``kv_cache_size``)."""
-    return np.c_[np.ones_like(batch), batch, batch * context]
-
-
 def prefill_design(chunk: np.ndarray, prior: np.ndarray) -> np.ndarray:
     """Columns of ``e0 + e1*c + e2*c*p + e3*c*c/2 + e4*p`` (per layer, one chunk)."""
     return np.c_[np.ones_like(chunk), chunk, chunk * prior, chunk * chunk / 2.0, prior]
@@ -432,10 +452,117 @@ def _rows_arrays(rows: list[AttentionRow], every_row: bool = False) -> tuple[np.
     )
 
 
-def decode_mape(rows: list[AttentionRow], d: np.ndarray) -> float:
-    """MAPE (%) of per-layer decode coefficients ``d`` on every profiling row of ``rows``."""
-    batch, _, context, y = _rows_arrays(rows, every_row=True)
-    return mape_percent(decode_design(batch, context) @ d, y)
+def piecewise_linear_basis(x: np.ndarray, knots: Iterable[float]) -> np.ndarray:
+    """Hat functions of linear interpolation on ``knots``: row i holds the weights with which
+    each knot value enters the interpolant at ``x[i]`` (clamped to the first/last knot)."""
+    x, knots = np.asarray(x, float), np.asarray(list(knots), float)
+    basis = np.empty((len(x), len(knots)))
+    for j in range(len(knots)):
+        unit = np.zeros(len(knots))
+        unit[j] = 1.0
+        basis[:, j] = np.interp(x, knots, unit)
+    return basis
+
+
+def decode_table_design(batch: np.ndarray, context: np.ndarray) -> np.ndarray:
+    """Bilinear weights of the decode-table entries (row-major: batch knot, then context knot)
+    at each (batch size B, mean context L) pair (inside the knot ranges)."""
+    wb = piecewise_linear_basis(batch, DECODE_BATCH_KNOTS)
+    wl = piecewise_linear_basis(context, DECODE_CONTEXT_KNOTS)
+    return (wb[:, :, None] * wl[:, None, :]).reshape(len(batch), -1)
+
+
+def _cumulative_table_map() -> np.ndarray:
+    """Matrix M with vec(table) = M @ vec(increments): each table entry is the sum of the
+    non-negative increments at or below it in both directions (see :func:`fit_decode_table`)."""
+    nb, nl = len(DECODE_BATCH_KNOTS), len(DECODE_CONTEXT_KNOTS)
+    return np.kron(np.tril(np.ones((nb, nb))), np.tril(np.ones((nl, nl))))
+
+
+def decode_table_predict(table: np.ndarray, batch: np.ndarray, context: np.ndarray) -> np.ndarray:
+    """Decode attention (ms per layer) from ``table`` at (B, L) inside the knot ranges."""
+    return decode_table_design(batch, context) @ np.asarray(table, float).ravel()
+
+
+def batch_deciles(batch: np.ndarray) -> list[tuple[int, int]]:
+    """Ten batch-size ranges ``(lo, hi)`` (inclusive) with about equal numbers of keys."""
+    edges = np.unique(np.ceil(np.quantile(batch, np.linspace(0.0, 1.0, 11))).astype(int))
+    ranges, lo = [], int(batch.min())
+    for edge in edges[1:-1]:
+        if edge > lo:
+            ranges.append((lo, int(edge) - 1))
+            lo = int(edge)
+    ranges.append((lo, int(batch.max())))
+    return ranges
+
+
+def fit_decode_table(rows: list[AttentionRow]) -> dict:
+    """Decode attention (ms per layer) as a table over (batch size B, mean context L).
+
+    Bilinear interpolation between :data:`DECODE_BATCH_KNOTS` x :data:`DECODE_CONTEXT_KNOTS`;
+    the table is fitted by least squares on relative error over the distinct keys, subject to
+    being non-decreasing in B and in L and to a context slope that grows with B
+    (``T[i+1,j+1] - T[i+1,j] >= T[i,j+1] - T[i,j]``: more requests read more KV per extra
+    context token). Parametrised as the 2-D cumulative sum of non-negative increments, the
+    constrained problem is a non-negative least-squares problem (``scipy.optimize.nnls``).
+
+    Leave-one-out errors are PRESS residuals ``r_i / (1 - h_ii)`` of the weighted least-squares
+    problem restricted to the increments the constraints leave free (exact for every key whose
+    removal does not change which constraints bind; ``--exact-loo`` refits for every key).
+    """
+    from scipy.optimize import nnls  # only the refit needs scipy, not the package
+
+    batch, _, context, y = _rows_arrays(rows)
+    design = decode_table_design(batch, context) @ _cumulative_table_map()
+    weights = 1.0 / y
+    system = design * weights[:, None]
+    increments, _ = nnls(system, y * weights, maxiter=50 * system.shape[1])
+    table = (_cumulative_table_map() @ increments).reshape(len(DECODE_BATCH_KNOTS), len(DECODE_CONTEXT_KNOTS))
+    free = increments > 0.0
+    q, _ = np.linalg.qr(system[:, free])
+    leverage = np.sum(q * q, axis=1)
+    relative = (decode_table_predict(table, batch, context) - y) / y
+    loo_prediction = y * (1.0 + relative / (1.0 - leverage))
+    return {"table": table, "loo_prediction": loo_prediction, "keys": rows}
+
+
+def decode_errors(rows: list[AttentionRow], table: np.ndarray, loo_prediction: np.ndarray | None = None) -> dict:
+    """MAPE (%) of ``table`` on every profiling row of ``rows`` (duplicates included), overall
+    and per batch-size decile, with the leave-one-out MAPE where ``loo_prediction`` (one per
+    distinct key, in the order of ``rows``) is given."""
+    batch = np.array([r.batch_size for r in rows for _ in r.measured_ms], float)
+    context = np.array([r.kv_cache_size for r in rows for _ in r.measured_ms], float)
+    measured = np.array([t for r in rows for t in r.measured_ms], float)
+    predicted = decode_table_predict(table, batch, context)
+    loo = None
+    if loo_prediction is not None:
+        loo = np.array([p for r, p in zip(rows, loo_prediction, strict=True) for _ in r.measured_ms])
+    out: dict = {"mape": mape_percent(predicted, measured), "rows": len(measured)}
+    out["leave_one_out"] = None if loo is None else mape_percent(loo, measured)
+    deciles = []
+    for lo, hi in batch_deciles(np.array([r.batch_size for r in rows], float)):
+        mask = (batch >= lo) & (batch <= hi)
+        if not mask.any():
+            continue
+        deciles.append({
+            "batch_size": [lo, hi],
+            "rows": int(mask.sum()),
+            "mape": mape_percent(predicted[mask], measured[mask]),
+            "leave_one_out": None if loo is None else mape_percent(loo[mask], measured[mask]),
+        })
+    out["by_batch_decile"] = deciles
+    return out
+
+
+def exact_decode_leave_one_out(rows: list[AttentionRow]) -> np.ndarray:
+    """Leave-one-out predictions by refitting the table without each distinct key (slow:
+    one constrained fit per key); for checking the PRESS values of :func:`fit_decode_table`."""
+    predictions = []
+    for i, row in enumerate(rows):
+        table = fit_decode_table(rows[:i] + rows[i + 1:])["table"]
+        predictions.append(float(decode_table_predict(table, np.array([row.batch_size], float),
+                                                      np.array([row.kv_cache_size], float))[0]))
+    return np.array(predictions)
 
 
 def prefill_mape(rows: list[AttentionRow], e: np.ndarray) -> float:
@@ -447,24 +574,35 @@ def prefill_mape(rows: list[AttentionRow], e: np.ndarray) -> float:
 def fit_reference_attention(rows: list[AttentionRow]) -> dict:
     """Fit decode and prefill attention (ms per layer) on the TP1 Llama-2-7B A100 keys.
 
-    Least squares on relative error over the distinct keys; MAPE on every profiling row.
+    Decode: the monotone table of :func:`fit_decode_table`. Prefill: least squares on
+    relative error over the distinct keys. MAPE on every profiling row.
     """
     decode = [r for r in rows if r.tensor_parallel == 1 and not r.is_prefill]
     prefill = [r for r in rows if r.tensor_parallel == 1 and r.is_prefill]
-    batch, _, context, y = _rows_arrays(decode)
-    d = relative_least_squares(decode_design(batch, context), y)
+    decode_fit = fit_decode_table(decode)
     _, chunk, prior, y = _rows_arrays(prefill)
     e = relative_least_squares(prefill_design(chunk, prior), y)
+    decode_errors_ = decode_errors(decode, decode_fit["table"], decode_fit["loo_prediction"])
     return {
-        "decode": {"intercept": d[0], "per_request": d[1], "per_context_token": d[2]},
+        "decode": {
+            "batch_size_knots": list(DECODE_BATCH_KNOTS),
+            "context_knots": list(DECODE_CONTEXT_KNOTS),
+            "ms": decode_fit["table"].tolist(),
+        },
         "prefill": {
             "intercept": e[0],
             "per_chunk_token": e[1],
             "per_chunk_prior_token_pair": e[2],
             "per_chunk_causal_pair": e[3],
             "per_prior_token": e[4],
+            "max_profiled_chunk_tokens": int(chunk.max()),
         },
-        "_mape": {"decode_attention": decode_mape(decode, d), "prefill_attention": prefill_mape(prefill, e)},
+        "_decode_errors": decode_errors_,
+        "_mape": {
+            "decode_attention": decode_errors_["mape"],
+            "decode_attention_leave_one_out": decode_errors_["leave_one_out"],
+            "prefill_attention": prefill_mape(prefill, e),
+        },
         "_rows": {
             "decode": len(decode),
             "prefill": len(prefill),
@@ -500,18 +638,25 @@ def scaling_factors(spec: ModelSpec, gpu: GPUSpec, tensor_parallel: int) -> dict
 
 
 def scale_attention(reference: dict, factors: dict[str, float]) -> tuple[dict, dict]:
+    """The reference attention coefficients carried to another model/GPU/TP by ``factors``.
+
+    Decode table ``T[i, j]`` (batch knot i, context knot j) is split into the launch
+    ``T[0, 0]`` (kept), the per-request part ``T[i, 0] - T[0, 0]`` (x ``decode_per_request``)
+    and the context part ``T[i, j] - T[i, 0]`` (x ``kv_read``). Positive factors keep the
+    table non-decreasing in both directions with context slopes growing with the batch.
+    """
     dec, pre = reference["decode"], reference["prefill"]
-    decode = {
-        "intercept": dec["intercept"],
-        "per_request": dec["per_request"] * factors["decode_per_request"],
-        "per_context_token": dec["per_context_token"] * factors["kv_read"],
-    }
+    table = np.array(dec["ms"], float)
+    launch, no_context = table[0, 0], table[:, :1]
+    scaled = launch + factors["decode_per_request"] * (no_context - launch) + factors["kv_read"] * (table - no_context)
+    decode = {"batch_size_knots": dec["batch_size_knots"], "context_knots": dec["context_knots"], "ms": scaled.tolist()}
     prefill = {
         "intercept": pre["intercept"],
         "per_chunk_token": pre["per_chunk_token"] * factors["prefill_flops"],
         "per_chunk_prior_token_pair": pre["per_chunk_prior_token_pair"] * factors["prefill_flops"],
         "per_chunk_causal_pair": pre["per_chunk_causal_pair"] * factors["prefill_flops"],
         "per_prior_token": pre["per_prior_token"] * factors["kv_read"],
+        "max_profiled_chunk_tokens": pre["max_profiled_chunk_tokens"],
     }
     return decode, prefill
 
@@ -521,11 +666,10 @@ def attention_validation(rows: list[AttentionRow], tensor_parallel: int, decode:
     out: dict[str, float | int | None] = {}
     dec = [r for r in rows if r.tensor_parallel == tensor_parallel and not r.is_prefill]
     pre = [r for r in rows if r.tensor_parallel == tensor_parallel and r.is_prefill]
-    d = np.array([decode["intercept"], decode["per_request"], decode["per_context_token"]])
     e = np.array([prefill[k] for k in (
         "intercept", "per_chunk_token", "per_chunk_prior_token_pair", "per_chunk_causal_pair", "per_prior_token")])
     if dec:
-        out["decode_attention"] = decode_mape(dec, d)
+        out["decode_attention"] = decode_errors(dec, np.array(decode["ms"]))["mape"]
     if pre:
         out["prefill_attention"] = prefill_mape(pre, e)
     out["decode_rows"] = sum(len(r.measured_ms) for r in dec)
@@ -536,7 +680,7 @@ def attention_validation(rows: list[AttentionRow], tensor_parallel: int, decode:
 def tp_scaling_validation(data: VidurData) -> dict[int, dict]:
     """For every TP degree > 1 in the reference attention profile: MAPE of the heads-per-GPU
     scaled TP1 fit on the sampled rows at that degree (evidence for the TP scaling rule)."""
-    reference = fit_reference_attention(data.attention)
+    reference = data.reference_attention
     spec, gpu = MODELS[REFERENCE[0]], GPUS[REFERENCE[1]]
     degrees = sorted({r.tensor_parallel for r in data.attention} - {1})
     out = {}
@@ -571,7 +715,7 @@ def fit_combination(data: VidurData, model: str, gpu: str, tensor_parallel: int,
         comm = None
         mape["all_reduce"] = mape["all_reduce_leave_one_out"] = None
 
-    reference = fit_reference_attention(data.attention)
+    reference = data.reference_attention
     factors = scaling_factors(spec, gpu_spec, tensor_parallel)
     decode, prefill = scale_attention(reference, factors)
     is_reference = (model, gpu, tensor_parallel) == REFERENCE
@@ -595,7 +739,9 @@ def fit_combination(data: VidurData, model: str, gpu: str, tensor_parallel: int,
         mape["decode_attention"] = None
         mape["prefill_attention"] = None
         attention_note = "scaled from the reference fit; no attention measurements to compare with"
+    mape.setdefault("decode_attention_leave_one_out", None)
     mape["reference_decode_attention"] = reference["_mape"]["decode_attention"]
+    mape["reference_decode_attention_leave_one_out"] = reference["_mape"]["decode_attention_leave_one_out"]
     mape["reference_prefill_attention"] = reference["_mape"]["prefill_attention"]
 
     return {
@@ -610,14 +756,26 @@ def fit_combination(data: VidurData, model: str, gpu: str, tensor_parallel: int,
             "(iteration total = num_layers * their sum + once_per_iteration_ops_ms); "
             "lm_head.ms: per iteration, looked up at one row per scheduled request; "
             "tp_all_reduce.per_iteration_ms: all all-reduces of one iteration; "
-            "*_attention_per_layer_ms: per layer, decode = intercept + B * (per_request + "
-            "per_context_token * L) for B decode requests of mean context L tokens; "
+            "*_attention_per_layer_ms: per layer; decode_attention_per_layer_ms.ms[i][j] at "
+            "batch_size_knots[i] decode requests of mean context context_knots[j] tokens, "
+            "bilinear between knots, each last segment extended linearly; "
             "slopes in ms per token (or row) past the grid; cpu_overhead in seconds."
         ),
         "non_attention": non_attn,
         "tp_all_reduce": comm,
         "decode_attention_per_layer_ms": decode,
         "prefill_attention_per_layer_ms": prefill,
+        "decode_attention_fit": {
+            "of": "{}/{}/tp{} (the reference; other combinations scale it)".format(*REFERENCE),
+            "rows": reference["_decode_errors"]["rows"],
+            "mape": reference["_decode_errors"]["mape"],
+            "leave_one_out": reference["_decode_errors"]["leave_one_out"],
+            "leave_one_out_method": (
+                "PRESS residuals of the constrained least squares with the binding constraints "
+                "held fixed (exact refits: fit_latency_model.py --check --exact-loo)"
+            ),
+            "by_batch_decile": reference["_decode_errors"]["by_batch_decile"],
+        },
         "cpu_overhead": {
             "per_iteration_s": CPU_OVERHEAD_PER_ITERATION_S,
             "per_request_s": CPU_OVERHEAD_PER_REQUEST_S,
@@ -634,10 +792,10 @@ def fit_combination(data: VidurData, model: str, gpu: str, tensor_parallel: int,
             "factors": factors,
             "attention_note": attention_note,
             "rules": [
-                "decode per-context-token and prefill per-prior-token terms x (kv_heads_per_gpu*head_dim)/(32*128) x (2.039 TB/s / HBM bandwidth)",
-                "decode per-request term x (q_heads_per_gpu*head_dim)/(32*128) x (2.039 TB/s / HBM bandwidth)",
+                "decode table: context part T[i,j]-T[i,0] and prefill per-prior-token term x (kv_heads_per_gpu*head_dim)/(32*128) x (2.039 TB/s / HBM bandwidth)",
+                "decode table: per-request part T[i,0]-T[0,0] x (q_heads_per_gpu*head_dim)/(32*128) x (2.039 TB/s / HBM bandwidth)",
                 "prefill per-token and token-pair (FLOP) terms x (q_heads_per_gpu*head_dim)/(32*128) x (312 TFLOP/s / peak BF16)",
-                "attention intercepts (kernel launch) unchanged",
+                "decode table launch T[0,0] and prefill intercept (kernel launch) unchanged",
                 "non-attention ops and all-reduce measured for this exact model/GPU/TP (no scaling)",
             ],
         },
@@ -649,6 +807,7 @@ def fit_combination(data: VidurData, model: str, gpu: str, tensor_parallel: int,
             "statistic": "time_stats.<op>.median",
             "fit_script": "scripts/fit_latency_model.py",
             "fit_date": fit_date or dt.date.today().isoformat(),
+            **({"profiles_reused": PROFILES_REUSED[model]} if model in PROFILES_REUSED else {}),
         },
     }
 
@@ -714,6 +873,24 @@ def operation_table(document: dict) -> str:
     return "\n".join(lines)
 
 
+def decile_table(fit: dict, exact_loo: dict | None = None) -> str:
+    """Markdown table of the reference decode-attention errors per batch-size decile (%)."""
+    header = "| batch size | rows | MAPE | leave-one-out |" + (" exact leave-one-out |" if exact_loo else "")
+    lines = [header, "|---|---|---|---|" + ("---|" if exact_loo else "")]
+    exact = exact_loo["by_batch_decile"] if exact_loo else [None] * len(fit["by_batch_decile"])
+    for decile, refit in zip(fit["by_batch_decile"], exact, strict=True):
+        lo, hi = decile["batch_size"]
+        cells = [f"{lo}-{hi}", str(decile["rows"]), f"{decile['mape']:.2f}", f"{decile['leave_one_out']:.2f}"]
+        if refit:
+            cells.append(f"{refit['leave_one_out']:.2f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    total = ["all", str(fit["rows"]), f"{fit['mape']:.2f}", f"{fit['leave_one_out']:.2f}"]
+    if exact_loo:
+        total.append(f"{exact_loo['leave_one_out']:.2f}")
+    lines.append("| " + " | ".join(total) + " |")
+    return "\n".join(lines)
+
+
 def dumps(document: dict, indent: int = 1) -> str:
     """JSON with one key per line and lists of numbers kept on one line (readable diffs)."""
 
@@ -737,6 +914,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
     parser.add_argument("--out-dir", type=Path, default=DEFAULT_OUT_DIR)
     parser.add_argument("--check", action="store_true", help="report per-op MAPE only; write nothing")
+    parser.add_argument("--exact-loo", action="store_true",
+                        help="also refit the decode table without each key (about a minute)")
     args = parser.parse_args(argv)
 
     data = VidurData(args.data_dir)
@@ -746,6 +925,13 @@ def main(argv: list[str] | None = None) -> int:
     reference = documents[SHIPPED.index(REFERENCE)]
     print("\n{}/{}/TP{} per operation, %:".format(*REFERENCE))
     print(operation_table(reference))
+    exact = None
+    if args.exact_loo:
+        decode_rows = [r for r in data.attention if r.tensor_parallel == 1 and not r.is_prefill]
+        table = np.array(reference["decode_attention_per_layer_ms"]["ms"])
+        exact = decode_errors(decode_rows, table, exact_decode_leave_one_out(decode_rows))
+    print("\nDecode attention (reference fit) by batch-size decile, %:")
+    print(decile_table(reference["decode_attention_fit"], exact))
     for tp, result in tp_scaling_validation(data).items():
         cells = ", ".join(
             f"{kind} {result[kind]:.1f}% on {result[kind.split('_')[0] + '_rows']} rows"

@@ -24,6 +24,9 @@ class LinearLatency:
     def decode_base_time(self, batch_size):
         return self._table[batch_size]
 
+    def decode_segment(self, batch_size, context_tokens):
+        return self.decode_base_time(batch_size), self.decode_time_per_context_token, None
+
     def iteration_time(self, decode_batch, decode_context_tokens, prefill_chunks=()):
         if not prefill_chunks:
             return (self.decode_base_time(decode_batch)

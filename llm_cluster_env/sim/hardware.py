@@ -82,6 +82,8 @@ class GPUSpec:
 MODELS: MappingProxyType[str, ModelSpec] = MappingProxyType({
     "llama-2-7b": ModelSpec("llama-2-7b", 32, 4096, 32, 32, 128, 11008, 32000, 6.738e9, 4096),
     "llama-3-8b": ModelSpec("llama-3-8b", 32, 4096, 32, 8, 128, 14336, 128256, 8.030e9, 8192),
+    # Llama-3-8B's shapes with a 128k window (RoPE scaling changes no kernel time)
+    "llama-3.1-8b": ModelSpec("llama-3.1-8b", 32, 4096, 32, 8, 128, 14336, 128256, 8.030e9, 131072),
     "llama-2-70b": ModelSpec("llama-2-70b", 80, 8192, 64, 8, 128, 28672, 32000, 68.98e9, 4096),
 })
 

@@ -95,8 +95,7 @@ class Replica:
 
     :param replica_id: index in the cluster.
     :param config: batching and memory settings.
-    :param latency: iteration-time model (``decode_base_time``, ``decode_time_per_context_token``,
-        ``iteration_time``).
+    :param latency: iteration-time model (``decode_segment``, ``iteration_time``).
     :param num_blocks: KV-cache capacity (blocks of ``config.block_size`` tokens).
     :param max_model_len: the model's context length (tokens); the default token budget of
         ``mixed`` and ``vllm_v0``.
@@ -126,8 +125,7 @@ class Replica:
                 f"max_num_batched_tokens={self.token_budget} is below the model's context length "
                 f"{max_model_len}: with batching='vllm_v0' (no chunking) a long prompt could "
                 "never be scheduled; vLLM v0 rejects this too")
-        self._beta = latency.decode_time_per_context_token
-        self._base = latency.decode_base_time
+        self._beta = 0.0  # s per context token of the pure-decode stretch in flight
         self.reset()
 
     # ------------------------------------------------------------------ state
@@ -493,7 +491,8 @@ class Replica:
                 decode_batch, context, [(chunk, req.prefilled) for req, chunk in chunks])
             return self.batch_end
         self._batch_pure = True
-        self._stretch_base = self._base(decode_batch)
+        # base + beta * C holds while the mean context stays on one segment (ends at `end`)
+        self._stretch_base, self._beta, end = self.latency.decode_segment(decode_batch, context)
         self._stretch_ctx0 = context
         self._stretch_batch = decode_batch
         iterations = 1
@@ -503,6 +502,8 @@ class Replica:
                 heappop(heap)  # stale entry of a preempted request
             iterations = min(heap[0][0] - clock,
                              self._iterations_before_kv_exhaustion(clock, headroom))
+            if end is not None:
+                iterations = min(iterations, -(-(end - context) // decode_batch))
         self.batch_iterations = iterations
         self.batch_end = now + self._stretch_duration(iterations)
         return self.batch_end
