@@ -12,8 +12,8 @@ from llm_cluster_env.routers import make_router
 
 #: Saturation throughput of one Llama-2-7B replica on an A100-80GB with conversation-trace
 #: lengths (requests/s) under the default ``mixed_chunked`` batching, as measured by
-#: benchmarks/capacity.py (``mixed``: 4.97, ``vllm_v0``: 5.14).
-A100_7B_CAPACITY_RPS = 5.03
+#: benchmarks/capacity.py (``mixed``: 5.09, ``vllm_v0``: 5.27).
+A100_7B_CAPACITY_RPS = 5.15
 
 
 def best_of(repeats: int, fn: Callable[[], float]) -> float:
