@@ -53,6 +53,14 @@ class ReplicaConfig:
         of this length (above the watermark) is refused: lower this or raise the capacity.
     :param iteration_overhead_s: override the fitted per-iteration CPU overhead (seconds;
         ``vllm_v0`` defaults to 0, as in Vidur).
+    :param prefix_caching: keep full KV blocks after use and reuse them for later requests with
+        the same prefix (vLLM's automatic prefix caching; see
+        :mod:`llm_cluster_env.sim.prefix_cache`). Needs ``mixed_chunked`` or ``mixed``.
+    :param host_cache: add the host-memory tier behind the prefix cache: blocks evicted from
+        the GPU are kept in host memory and loaded back over PCIe on a hit.
+    :param host_cache_gb: host memory for the tier (GB, 1e9 bytes, per replica).
+    :param host_pcie_gb_s: host-to-GPU transfer bandwidth (GB/s); 25 GB/s is what pinned
+        copies reach on PCIe 4.0 x16 (32 GB/s nominal), the A100's host link.
     """
 
     model: str = "llama-2-7b"
@@ -67,6 +75,10 @@ class ReplicaConfig:
     num_kv_blocks: int | None = None
     max_model_len: int | None = None
     iteration_overhead_s: float | None = None
+    prefix_caching: bool = False
+    host_cache: bool = False
+    host_cache_gb: float = 128.0
+    host_pcie_gb_s: float = 25.0
 
     def __post_init__(self) -> None:
         require(self.model in MODELS, "model", self.model, f"unknown model (known: {sorted(MODELS)})")
@@ -86,6 +98,17 @@ class ReplicaConfig:
         if self.iteration_overhead_s is not None:
             require(self.iteration_overhead_s >= 0, "iteration_overhead_s",
                     self.iteration_overhead_s, "must be >= 0 seconds")
+        if self.prefix_caching:
+            require(self.batching != "vllm_v0", "prefix_caching", self.prefix_caching,
+                    "not available with batching='vllm_v0' (Vidur's vLLM v0 model has no prefix "
+                    "cache); use 'mixed_chunked' or 'mixed'")
+        if self.host_cache:
+            require(self.prefix_caching, "host_cache", self.host_cache,
+                    "the host tier extends the prefix cache: set prefix_caching=true")
+        require(math.isfinite(self.host_cache_gb) and self.host_cache_gb > 0, "host_cache_gb",
+                self.host_cache_gb, "must be a finite size > 0 GB")
+        require(math.isfinite(self.host_pcie_gb_s) and self.host_pcie_gb_s > 0, "host_pcie_gb_s",
+                self.host_pcie_gb_s, "must be a finite bandwidth > 0 GB/s")
         window = MODELS[self.model].max_model_len
         if self.max_model_len is not None:
             require(16 <= self.max_model_len <= window, "max_model_len", self.max_model_len,
@@ -116,6 +139,23 @@ class ReplicaConfig:
     def context_tokens(self) -> int:
         """The context window served (tokens): ``max_model_len`` or the model's own."""
         return self.max_model_len or MODELS[self.model].max_model_len
+
+    @property
+    def kv_bytes_per_block(self) -> int:
+        """Bytes of K and V one KV block holds on each GPU of the replica."""
+        return MODELS[self.model].kv_bytes_per_token(self.tensor_parallel) * self.block_size
+
+    @property
+    def host_cache_blocks(self) -> int:
+        """Blocks the host tier holds: ``host_cache_gb`` over the KV bytes of a block (a
+        tensor-parallel replica keeps each GPU's shard, so per GPU)."""
+        return int(self.host_cache_gb * 1e9 // (self.kv_bytes_per_block * self.tensor_parallel))
+
+    @property
+    def host_seconds_per_block(self) -> float:
+        """Time to load one block from host memory (seconds): each GPU of the replica loads
+        its shard over its own link."""
+        return self.kv_bytes_per_block / (self.host_pcie_gb_s * 1e9)
 
     @property
     def kv_cache_blocks(self) -> int:

@@ -1,0 +1,511 @@
+"""Automatic prefix caching: KV blocks identified by the chain of their content, kept after use.
+
+This follows vLLM's automatic prefix caching (APC). A full KV block of ``block_size`` tokens is
+identified by its content *and* everything before it (vLLM hashes the block's tokens together
+with its parent block's hash), so two requests share a cached block only when they share the
+whole prefix up to it. A block is shared by reference count between running requests; when the
+last holder releases it (its request finished or was preempted) the block stays cached and joins
+the *evictable* queue; it is evicted, least recently released first, only when a new block is
+needed and no uncached block is free. Admission and the watermark count evictable blocks as free
+(vLLM's scheduler does the same).
+
+Block identities as segments
+----------------------------
+Simulating blocks one by one would cost per request work proportional to its prompt length in
+Python. Instead a request's token stream is a :class:`PrefixChain` of *segments*: runs of tokens
+that every request containing them shares in full (a Mooncake hash block of 512 tokens, a
+system prompt, a conversation's history), each with an integer id that is unique to the whole
+prefix up to it. KV block ``b`` (tokens ``[b * bs, (b + 1) * bs)``) belongs to the segment that
+holds its last token, at offset ``b - start_token // bs``, so block ``(segment, offset)`` is
+exactly vLLM's chained block hash. The structures below keep *runs* of consecutive offsets of
+one segment, so every operation costs O(segments of the request), not O(blocks).
+
+Orders that make runs exact
+---------------------------
+Every access to a block also touches every block before it in its chain (a request holds a
+prefix), and when a request releases its blocks they join the evictable queue last block first
+(vLLM frees a request's blocks in reverse, so its tail is evicted first). Hence within a segment
+lower offsets are never released earlier than higher ones, and the evictable queue always
+presents a segment's *highest* cached offsets first: the cached set of every segment is a prefix
+``[0, length)`` of its offsets, and a child segment is evicted before its parent. Eviction takes
+whole runs or the top of a run; :meth:`PrefixCache.check_invariants` verifies this.
+
+What is counted where
+---------------------
+The replica keeps nominal KV counts per request (``ceil(tokens / bs)`` blocks, in closed form
+for decoding requests). A request references the first ``cache_refs`` blocks of its chain in
+the cache; the rest of its blocks are private (being computed, a partial last block, generated
+tokens). Blocks physically in use are ``nominal - (held_refs - held_distinct)``: the sum over
+requests of referenced blocks minus the number of distinct referenced blocks is what sharing
+saves. A block a request computes while another request registered the same identity is
+*adopted*: the request references the existing block and its own copy is freed (vLLM v0's
+``promote_to_immutable_block`` and SGLang's radix-tree insert do the same).
+
+Host tier
+---------
+:class:`HostCache` is an optional second tier in host memory (as Mooncake, LMCache and vLLM's
+KV offloading have): blocks evicted from the GPU are written to it, it evicts least recently
+used runs beyond its capacity, and a request whose GPU-cached prefix ends where host-cached
+blocks continue loads them over PCIe instead of recomputing them.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left, insort
+from heapq import heapify, heappop, heappush
+
+
+class PrefixChain:
+    """A request's token stream as segments of shared content.
+
+    :param ids: segment ids; an id is unique to the whole prefix up to and including its
+        segment (two chains that share an id share every token before it and the segment's
+        tokens, as far as both reach). The last segment is open-ended: it also covers the
+        tokens the request generates (a conversation's next turn continues it), or it is a
+        segment unique to the request.
+    :param token_starts: first token of each segment; ``token_starts[0] == 0``, increasing.
+    :param session_key: the key a session-affinity router hashes (a conversation, tenant or
+        user id), or ``-1`` when the workload has none.
+    """
+
+    __slots__ = ("ids", "token_starts", "session_key", "_block_starts")
+
+    def __init__(self, ids: tuple[int, ...], token_starts: tuple[int, ...],
+                 session_key: int = -1) -> None:
+        if len(ids) != len(token_starts) or not ids or token_starts[0] != 0:
+            raise ValueError(f"PrefixChain: {len(ids)} ids and {len(token_starts)} starts; "
+                             "need one start per id, the first at token 0")
+        self.ids = tuple(ids)
+        self.token_starts = tuple(token_starts)
+        self.session_key = session_key
+        self._block_starts: dict[int, tuple[int, ...]] = {}
+
+    def block_starts(self, block_size: int) -> tuple[int, ...]:
+        """First KV block of each segment for blocks of ``block_size`` tokens (memoised): the
+        block holding a segment's first token belongs to it when the segment holds its last."""
+        starts = self._block_starts.get(block_size)
+        if starts is None:
+            starts = tuple(t // block_size for t in self.token_starts)
+            self._block_starts[block_size] = starts
+        return starts
+
+    def truncated(self, prompt_tokens: int, tail_id: int) -> PrefixChain:
+        """The chain of a prompt cut to ``prompt_tokens`` (oversize clipping): segments that
+        start inside the cut prompt are kept, and what follows (the generated tokens) is the
+        unique segment ``tail_id``."""
+        keep = sum(1 for t in self.token_starts if t < prompt_tokens)
+        return PrefixChain(self.ids[:keep] + (tail_id,),
+                           self.token_starts[:keep] + (prompt_tokens,), self.session_key)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, PrefixChain):
+            return NotImplemented
+        return (self.ids == other.ids and self.token_starts == other.token_starts
+                and self.session_key == other.session_key)
+
+    def __hash__(self) -> int:
+        return hash((self.ids, self.token_starts, self.session_key))
+
+    def __getstate__(self):
+        return (self.ids, self.token_starts, self.session_key)
+
+    def __setstate__(self, state) -> None:
+        self.ids, self.token_starts, self.session_key = state
+        self._block_starts = {}
+
+    def __repr__(self) -> str:
+        return (f"PrefixChain({len(self.ids)} segments, starts={self.token_starts[:4]}"
+                f"{'...' if len(self.ids) > 4 else ''}, session_key={self.session_key})")
+
+
+def chain_spans(ids: tuple[int, ...], starts: tuple[int, ...], begin: int, end: int):
+    """``(segment id, first offset, end offset)`` of the chain's blocks ``[begin, end)``, segment
+    by segment in chain order (offsets are relative to each segment's first block)."""
+    last = len(ids) - 1
+    for i, seg in enumerate(ids):
+        s0 = starts[i]
+        s1 = starts[i + 1] if i < last else end
+        if s1 > end:
+            s1 = end
+        if s1 <= begin:
+            continue
+        lo = begin if begin > s0 else s0
+        yield seg, lo - s0, s1 - s0
+        if s1 >= end:
+            return
+
+
+class RunLRU:
+    """Runs of consecutive block offsets of one segment, in least-recently-used order.
+
+    A run ``[stamp, order, segment, lo, hi]`` holds offsets ``[lo, hi)``; runs are evicted by
+    ``(stamp, order)``, the top of a run (highest offsets) first. Pushing makes a run the most
+    recent. Removing blocks from the middle of a run splits it; both pieces keep its stamp and
+    the upper one goes first. ``count`` is the number of blocks held.
+    """
+
+    __slots__ = ("_heap", "_by_segment", "_counter", "_live", "count")
+
+    def __init__(self) -> None:
+        self._heap: list[list] = []
+        self._by_segment: dict[int, list[list]] = {}
+        self._counter = 0
+        self._live = 0  # runs alive (the heap also holds dead ones until compaction)
+        self.count = 0
+
+    def __len__(self) -> int:
+        return self.count
+
+    def runs(self, segment: int) -> list[list]:
+        """The live runs of ``segment`` (the structure's own list: do not modify)."""
+        return self._by_segment.get(segment, [])
+
+    def push(self, segment: int, lo: int, hi: int) -> None:
+        """Add offsets ``[lo, hi)`` of ``segment`` (not already held) as the most recent run."""
+        if hi <= lo:
+            return
+        self._counter += 1
+        run = [self._counter, self._counter, segment, lo, hi]
+        heappush(self._heap, run)
+        runs = self._by_segment.get(segment)
+        if runs is None:
+            self._by_segment[segment] = [run]
+        else:
+            runs.append(run)
+        self._live += 1
+        self.count += hi - lo
+
+    def remove_below(self, segment: int, end: int) -> int:
+        """Remove offsets ``< end`` of ``segment``; returns how many blocks were removed."""
+        runs = self._by_segment.get(segment)
+        if not runs:
+            return 0
+        removed = 0
+        keep = []
+        for run in runs:
+            lo, hi = run[3], run[4]
+            if hi <= end:
+                removed += hi - lo
+                run[3] = run[4] = 0  # dead; dropped from the heap lazily
+                self._live -= 1
+            else:
+                if lo < end:
+                    removed += end - lo
+                    run[3] = end
+                keep.append(run)
+        if keep:
+            self._by_segment[segment] = keep
+        else:
+            del self._by_segment[segment]
+        self.count -= removed
+        self._maybe_compact()
+        return removed
+
+    def remove(self, segment: int, lo: int, hi: int) -> int:
+        """Remove offsets ``[lo, hi)`` of ``segment`` wherever held (splitting runs); returns
+        how many blocks were removed."""
+        runs = self._by_segment.get(segment)
+        if not runs:
+            return 0
+        removed = 0
+        keep = []
+        for run in runs:
+            a, b = run[3], run[4]
+            if b <= lo or a >= hi:
+                keep.append(run)
+                continue
+            removed += min(b, hi) - max(a, lo)
+            if a < lo and b > hi:  # split: the upper piece keeps the run, the lower follows it
+                run[3] = hi
+                self._counter += 1
+                low = [run[0], self._counter, segment, a, lo]
+                heappush(self._heap, low)
+                self._live += 1
+                keep += (run, low)
+            elif a < lo:
+                run[4] = lo
+                keep.append(run)
+            elif b > hi:
+                run[3] = hi
+                keep.append(run)
+            else:
+                run[3] = run[4] = 0
+                self._live -= 1
+        if keep:
+            self._by_segment[segment] = keep
+        else:
+            del self._by_segment[segment]
+        self.count -= removed
+        self._maybe_compact()
+        return removed
+
+    def evict(self, blocks: int) -> list[tuple[int, int, int]]:
+        """Evict ``blocks`` blocks (or all), oldest runs first, each from its top; returns the
+        evicted ``(segment, lo, hi)`` pieces in eviction order."""
+        out: list[tuple[int, int, int]] = []
+        heap = self._heap
+        while blocks > 0 and heap:
+            run = heap[0]
+            lo, hi = run[3], run[4]
+            if hi <= lo:
+                heappop(heap)
+                continue
+            take = hi - lo if hi - lo <= blocks else blocks
+            segment = run[2]
+            out.append((segment, hi - take, hi))
+            blocks -= take
+            self.count -= take
+            if take == hi - lo:
+                heappop(heap)
+                run[3] = run[4] = 0
+                self._live -= 1
+                runs = self._by_segment[segment]
+                runs.remove(run)
+                if not runs:
+                    del self._by_segment[segment]
+            else:
+                run[4] = hi - take
+        return out
+
+    def covered_from(self, segment: int, start: int, limit: int) -> int:
+        """End of the contiguous held offsets of ``segment`` from ``start`` (``start`` itself
+        when it is not held), at most ``limit``."""
+        runs = self._by_segment.get(segment)
+        if not runs:
+            return start
+        end = start
+        if len(runs) == 1:
+            lo, hi = runs[0][3], runs[0][4]
+            return min(hi, limit) if lo <= start < hi else start
+        for lo, hi in sorted((run[3], run[4]) for run in runs):
+            if lo <= end < hi:
+                end = hi
+            elif lo > end:
+                break
+        return min(end, limit)
+
+    def _maybe_compact(self) -> None:
+        heap = self._heap
+        if len(heap) > 64 and len(heap) > 4 * self._live:
+            self._heap = [run for run in heap if run[4] > run[3]]
+            heapify(self._heap)
+
+    def check(self) -> None:
+        """Raise ``AssertionError`` if the runs overlap or the count drifted (tests)."""
+        total = 0
+        assert self._live == sum(len(r) for r in self._by_segment.values()), "live runs drifted"
+        for segment, runs in self._by_segment.items():
+            spans = sorted((run[3], run[4]) for run in runs)
+            assert all(hi > lo for lo, hi in spans), f"empty run of segment {segment}"
+            assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:])), f"overlap in {segment}"
+            total += sum(hi - lo for lo, hi in spans)
+        assert total == self.count, f"run count {self.count} != {total}"
+
+
+class HostCache:
+    """The second tier: host memory that receives blocks evicted from the GPU.
+
+    :param capacity_blocks: blocks the host memory holds (capacity in bytes divided by the KV
+        bytes of one block).
+    :param seconds_per_block: time to load one block back to the GPU (block bytes divided by
+        the PCIe bandwidth).
+    """
+
+    __slots__ = ("capacity_blocks", "seconds_per_block", "lru", "blocks_written",
+                 "blocks_loaded")
+
+    def __init__(self, capacity_blocks: int, seconds_per_block: float) -> None:
+        self.capacity_blocks = capacity_blocks
+        self.seconds_per_block = seconds_per_block
+        self.lru = RunLRU()
+        self.blocks_written = 0
+        self.blocks_loaded = 0
+
+    def write(self, pieces: list[tuple[int, int, int]]) -> None:
+        """Store evicted ``(segment, lo, hi)`` pieces as the most recent, evicting the least
+        recently used beyond capacity."""
+        lru = self.lru
+        for segment, lo, hi in pieces:
+            lru.remove(segment, lo, hi)
+            lru.push(segment, lo, hi)
+            self.blocks_written += hi - lo
+        excess = lru.count - self.capacity_blocks
+        if excess > 0:
+            lru.evict(excess)
+
+    def match(self, ids: tuple[int, ...], starts: tuple[int, ...], begin: int,
+              limit: int) -> int:
+        """Blocks of the chain held here contiguously from block ``begin`` (up to ``limit``)."""
+        lru = self.lru
+        got = begin
+        for segment, lo, hi in chain_spans(ids, starts, begin, limit):
+            end = lru.covered_from(segment, lo, hi)
+            got += end - lo
+            if end < hi:
+                break
+        return got - begin
+
+    def touch(self, ids: tuple[int, ...], starts: tuple[int, ...], begin: int, end: int) -> None:
+        """Mark the chain's blocks ``[begin, end)`` (loaded to the GPU) most recently used."""
+        lru = self.lru
+        for segment, lo, hi in reversed(list(chain_spans(ids, starts, begin, end))):
+            lru.remove(segment, lo, hi)
+            lru.push(segment, lo, hi)
+        self.blocks_loaded += end - begin
+
+    def reset(self) -> None:
+        self.lru = RunLRU()
+        self.blocks_written = 0
+        self.blocks_loaded = 0
+
+
+class PrefixCache:
+    """The cached KV blocks of one replica: registered blocks, their holders, the evictable LRU.
+
+    The replica calls :meth:`match` at admission, :meth:`hold` for the blocks a request
+    references (prefix hits and the blocks it computed), :meth:`release` when a request
+    finishes or is preempted, and :meth:`sync` whenever blocks were allocated, with the number
+    of blocks physically in use, so that exactly as many cached blocks are evicted as vLLM would
+    evict to find free blocks (oldest released first).
+
+    :param num_blocks: KV-cache capacity (blocks).
+    :param host: the optional host-memory tier that receives evicted blocks.
+    """
+
+    __slots__ = ("num_blocks", "lengths", "holders", "evictable", "held_refs", "held_distinct",
+                 "host", "blocks_evicted")
+
+    def __init__(self, num_blocks: int, host: HostCache | None = None) -> None:
+        self.num_blocks = num_blocks
+        self.host = host
+        self.reset()
+
+    def reset(self) -> None:
+        """Empty the cache (start of an episode)."""
+        self.lengths: dict[int, int] = {}  # segment -> registered offsets [0, length)
+        self.holders: dict[int, list[int]] = {}  # segment -> sorted hold lengths
+        self.evictable = RunLRU()
+        self.held_refs = 0  # sum over requests of the blocks they reference
+        self.held_distinct = 0  # distinct registered blocks with a holder
+        self.blocks_evicted = 0
+        if self.host is not None:
+            self.host.reset()
+
+    @property
+    def shared_blocks(self) -> int:
+        """Blocks that sharing saves: references minus distinct referenced blocks."""
+        return self.held_refs - self.held_distinct
+
+    @property
+    def cached_blocks(self) -> int:
+        """Registered blocks (in use or evictable): the reusable content (blocks)."""
+        return self.held_distinct + self.evictable.count
+
+    def match(self, ids: tuple[int, ...], starts: tuple[int, ...],
+              limit: int) -> tuple[int, int]:
+        """Longest cached prefix of the chain, at most ``limit`` blocks: ``(blocks, of them
+        evictable)`` (taking evictable blocks uses free capacity)."""
+        lengths = self.lengths
+        holders = self.holders
+        got = 0
+        evictable = 0
+        for segment, lo, hi in chain_spans(ids, starts, 0, limit):
+            length = lengths.get(segment, 0)
+            end = hi if length >= hi else length
+            if end <= lo:
+                break
+            held = holders.get(segment)
+            top = held[-1] if held else 0
+            if end > top:
+                evictable += end - (top if top > lo else lo)
+            got += end - lo
+            if end < hi:
+                break
+        return got, evictable
+
+    def hold(self, ids: tuple[int, ...], starts: tuple[int, ...], begin: int, end: int) -> None:
+        """A request that references the chain's blocks ``[0, begin)`` now references
+        ``[0, end)``: existing blocks gain a holder (leaving the evictable queue), missing ones
+        are registered as computed by it."""
+        lengths = self.lengths
+        holders = self.holders
+        evictable = self.evictable
+        for segment, lo, hi in chain_spans(ids, starts, begin, end):
+            held = holders.get(segment)
+            if held is None:
+                holders[segment] = [hi]
+                top = 0
+            else:
+                top = held[-1]
+                if lo:
+                    del held[bisect_left(held, lo)]
+                insort(held, hi)
+            length = lengths.get(segment, 0)
+            if hi > top:
+                self.held_distinct += hi - (top if top > lo else lo)
+                if length > top:
+                    evictable.remove_below(segment, hi)
+            if hi > length:
+                lengths[segment] = hi
+            self.held_refs += hi - lo
+
+    def release(self, ids: tuple[int, ...], starts: tuple[int, ...], end: int) -> None:
+        """A request drops its references to blocks ``[0, end)``; blocks left without holder
+        join the evictable queue, the request's last block first."""
+        holders = self.holders
+        evictable = self.evictable
+        spans = list(chain_spans(ids, starts, 0, end))
+        for segment, lo, hi in reversed(spans):
+            held = holders[segment]
+            del held[bisect_left(held, hi)]
+            top = held[-1] if held else 0
+            if not held:
+                del holders[segment]
+            if top < hi:
+                evictable.push(segment, top, hi)
+                self.held_distinct -= hi - top
+            self.held_refs -= hi - lo
+
+    def sync(self, used_blocks: int) -> None:
+        """Evict cached blocks until the free blocks cover the ``used_blocks`` in use (blocks
+        in use, evictable blocks and uncached free blocks add up to the capacity)."""
+        excess = self.evictable.count + used_blocks - self.num_blocks
+        if excess <= 0:
+            return
+        pieces = self.evictable.evict(excess)
+        lengths = self.lengths
+        for segment, lo, hi in pieces:
+            if lengths.get(segment) != hi:
+                raise AssertionError(f"evicting offsets [{lo}, {hi}) of segment {segment} "
+                                     f"below its cached length {lengths.get(segment)}")
+            if lo:
+                lengths[segment] = lo
+            else:
+                del lengths[segment]
+        self.blocks_evicted += sum(hi - lo for _, lo, hi in pieces)
+        if self.host is not None:
+            self.host.write(pieces)
+
+    def check_invariants(self, used_blocks: int) -> None:
+        """Raise ``AssertionError`` when the cache's bookkeeping is inconsistent (tests)."""
+        self.evictable.check()
+        assert self.evictable.count + used_blocks <= self.num_blocks, (
+            f"{used_blocks} blocks in use + {self.evictable.count} evictable > {self.num_blocks}")
+        distinct = 0
+        for segment, held in self.holders.items():
+            assert held and held == sorted(held) and held[0] > 0, f"holders of {segment}"
+            assert held[-1] <= self.lengths.get(segment, 0), f"hold beyond cache in {segment}"
+            distinct += held[-1]
+        assert distinct == self.held_distinct, f"held_distinct {self.held_distinct} != {distinct}"
+        assert self.held_refs >= self.held_distinct, "fewer references than referenced blocks"
+        for segment, length in self.lengths.items():
+            held = self.holders.get(segment)
+            top = held[-1] if held else 0
+            runs = sorted((run[3], run[4]) for run in self.evictable.runs(segment))
+            covered = top
+            for lo, hi in runs:
+                assert lo == covered, f"segment {segment}: evictable runs leave a gap at {covered}"
+                covered = hi
+            assert covered == length, f"segment {segment}: cached {length}, accounted {covered}"
+        for segment in self.holders:
+            assert segment in self.lengths, f"held segment {segment} not cached"
