@@ -185,6 +185,59 @@ class PhaseConfig:
 
 
 @dataclass(frozen=True)
+class MultiTurnConfig:
+    """Multi-turn sessions (``WorkloadConfig.prefix="multiturn"``; see
+    :mod:`llm_cluster_env.prefix_workload`).
+
+    :param turns_mean: mean requests per session (geometric, >= 1).
+    :param turn_gap_s: mean time between consecutive requests of a session (seconds,
+        exponential; it includes the reply: the workload is open loop).
+    :param system_prompt_tokens: a system prompt every session starts with (tokens; 0 = none).
+    :param max_context_tokens: a session ends before a turn whose prompt + output would exceed
+        this (tokens); ``None`` = the workload's request cap.
+    """
+
+    turns_mean: float = 4.0
+    turn_gap_s: float = 60.0
+    system_prompt_tokens: int = 0
+    max_context_tokens: int | None = None
+
+    def __post_init__(self) -> None:
+        require(math.isfinite(self.turns_mean) and self.turns_mean >= 1.0, "turns_mean",
+                self.turns_mean, "must be a finite mean >= 1 turn")
+        require(math.isfinite(self.turn_gap_s) and self.turn_gap_s > 0, "turn_gap_s",
+                self.turn_gap_s, "must be a finite time > 0 seconds")
+        require(self.system_prompt_tokens >= 0, "system_prompt_tokens",
+                self.system_prompt_tokens, "must be >= 0 tokens")
+        if self.max_context_tokens is not None:
+            require(self.max_context_tokens >= 2, "max_context_tokens", self.max_context_tokens,
+                    "must be >= 2 tokens")
+
+
+@dataclass(frozen=True)
+class SystemPromptConfig:
+    """System prompts shared across requests (``WorkloadConfig.prefix="system_prompt"``; see
+    :mod:`llm_cluster_env.prefix_workload`).
+
+    :param num_prompts: tenants (applications), each with its own system prompt.
+    :param zipf_s: popularity exponent: the tenant of rank ``r`` sends a share proportional to
+        ``r ** -zipf_s`` of the requests (0 = uniform).
+    :param prompt_tokens_range: inclusive range of the system prompts' lengths (tokens).
+    """
+
+    num_prompts: int = 64
+    zipf_s: float = 1.0
+    prompt_tokens_range: tuple[int, int] = (512, 4096)
+
+    def __post_init__(self) -> None:
+        require(self.num_prompts >= 1, "num_prompts", self.num_prompts, "must be >= 1")
+        require(math.isfinite(self.zipf_s) and self.zipf_s >= 0, "zipf_s", self.zipf_s,
+                "must be a finite exponent >= 0")
+        lo, hi = self.prompt_tokens_range
+        require(1 <= lo <= hi, "prompt_tokens_range", (lo, hi), "must satisfy 1 <= low <= high")
+
+
+@dataclass(frozen=True)
 class WorkloadConfig:
     """Request arrivals and lengths for one episode.
 
@@ -204,7 +257,9 @@ class WorkloadConfig:
     :param prompt_tokens_range: inclusive range for uniform prompt lengths (tokens).
     :param output_tokens_range: inclusive range for uniform output lengths (tokens).
     :param empirical: name of a packaged length summary (``llm_cluster_env/data/<name>.json``).
-    :param trace_path: CSV with columns ``arrived_at,num_prefill_tokens,num_decode_tokens``.
+    :param trace_path: CSV with columns ``arrived_at,num_prefill_tokens,num_decode_tokens``,
+        or a Mooncake JSONL trace (``.jsonl``: arrival, lengths and the prompt's block hashes;
+        see :mod:`llm_cluster_env.prefix_workload`).
     :param trace_qps: rescale replayed arrival times to this mean rate; ``None`` keeps the
         trace's own timing.
     :param trace_start: first trace row of an episode; ``None`` draws a random start per episode.
@@ -215,6 +270,18 @@ class WorkloadConfig:
         the episode metrics),
         ``"reject"`` (drop it before routing; counted as rejected) or ``"error"`` (fail, naming
         the request).
+    :param trace_format: ``"auto"`` (Mooncake JSONL for a ``.jsonl`` path, CSV otherwise),
+        ``"csv"`` or ``"mooncake"``.
+    :param trace_hash_block_tokens: tokens per ``hash_ids`` block of a Mooncake trace (512 for
+        the Mooncake release); any size works, KV blocks straddling two hash blocks belong to
+        the later one.
+    :param prefix: how synthetic prompts share prefixes: ``"none"``, ``"multiturn"``
+        (conversations, ``multiturn``; they set their own arrivals: sessions start as a
+        Poisson process so that requests arrive at ``qps``) or ``"system_prompt"`` (shared
+        system prompts, ``system_prompt``). Lengths from ``lengths`` are the new part of each
+        prompt and its output. A Mooncake trace carries its own prefixes.
+    :param multiturn: multi-turn session settings.
+    :param system_prompt: shared system prompt settings.
     """
 
     arrival: Literal["poisson", "gamma", "phases", "trace"] = "poisson"
@@ -232,6 +299,11 @@ class WorkloadConfig:
     trace_start: int | None = None
     max_total_tokens: int | None = None
     oversize_policy: Literal["clip", "reject", "error"] = "clip"
+    trace_format: Literal["auto", "csv", "mooncake"] = "auto"
+    trace_hash_block_tokens: int = 512
+    prefix: Literal["none", "multiturn", "system_prompt"] = "none"
+    multiturn: MultiTurnConfig = field(default_factory=MultiTurnConfig)
+    system_prompt: SystemPromptConfig = field(default_factory=SystemPromptConfig)
 
     def __post_init__(self) -> None:
         require(self.qps > 0 and math.isfinite(self.qps), "qps", self.qps,
@@ -258,6 +330,16 @@ class WorkloadConfig:
         if self.max_total_tokens is not None:
             require(self.max_total_tokens >= 2, "max_total_tokens", self.max_total_tokens,
                     "must be >= 2 tokens")
+        require(self.trace_hash_block_tokens >= 1, "trace_hash_block_tokens",
+                self.trace_hash_block_tokens, "must be >= 1 token")
+        if self.prefix != "none":
+            require(self.lengths != "trace", "prefix", self.prefix,
+                    "synthetic prefixes draw their new tokens from lengths='fixed', 'uniform' "
+                    "or 'empirical', not from a trace (a Mooncake trace has its own prefixes)")
+        if self.prefix == "multiturn":
+            require(self.arrival == "poisson", "arrival", self.arrival,
+                    "prefix='multiturn' draws its own arrivals (Poisson sessions, turn gaps): "
+                    "set arrival='poisson'")
 
 
 @dataclass(frozen=True)
@@ -290,12 +372,24 @@ class ObservationConfig:
         estimate (seconds).
     :param output_length_oracle: expose each request's true remaining output tokens. ``False``
         (deployable) estimates them from the workload's mean output length instead.
+    :param prefix_features: add the per-replica prefix-cache features (``prefix_hit``,
+        ``prefix_index_fill``, ``cache_usage``); ``None`` = when the replicas cache prefixes.
+    :param prefix_oracle: ``prefix_hit`` is the true cached fraction of the pending prompt on
+        each replica. ``False`` (deployable) estimates it from the router's own routing
+        history, as SGLang's router does.
+    :param prefix_index_blocks: capacity of the router-side prefix index per replica (KV
+        blocks; least recently routed blocks are forgotten beyond it); ``None`` = the replica's
+        KV capacity (plus its host tier), as llm-d's prefix scorer sizes it from the engines'
+        reported block counts.
     """
 
     history_window: int = 0
     dispatch_share_window: int = 64
     arrival_rate_timescale_s: float = 10.0
     output_length_oracle: bool = False
+    prefix_features: bool | None = None
+    prefix_oracle: bool = False
+    prefix_index_blocks: int | None = None
 
     def __post_init__(self) -> None:
         require(0 <= self.history_window <= 64, "history_window", self.history_window,
@@ -304,6 +398,9 @@ class ObservationConfig:
                 self.dispatch_share_window, "must be >= 1 request")
         require(self.arrival_rate_timescale_s > 0, "arrival_rate_timescale_s",
                 self.arrival_rate_timescale_s, "must be > 0 seconds")
+        if self.prefix_index_blocks is not None:
+            require(self.prefix_index_blocks >= 1, "prefix_index_blocks",
+                    self.prefix_index_blocks, "must be >= 1 block")
 
 
 @dataclass(frozen=True)
@@ -400,10 +497,12 @@ class EnvConfig:
 __all__ = [
     "ConfigError",
     "EnvConfig",
+    "MultiTurnConfig",
     "ObservationConfig",
     "PhaseConfig",
     "ReplicaConfig",
     "RewardConfig",
     "SLOConfig",
+    "SystemPromptConfig",
     "WorkloadConfig",
 ]

@@ -14,11 +14,18 @@ from llm_cluster_env.observation import (
     ClusterView,
     ObservationBuilder,
     ObservationLayout,
+    PrefixFeatures,
+    ReplicaFeatureGroup,
     RoutingContext,
 )
 from llm_cluster_env.reward import RewardFunction
 from llm_cluster_env.sim.cluster import Cluster
-from llm_cluster_env.sim.metrics import RequestLatencies, RequestRecords, episode_metrics
+from llm_cluster_env.sim.metrics import (
+    RequestLatencies,
+    RequestRecords,
+    episode_metrics,
+    prefix_cache_metrics,
+)
 from llm_cluster_env.sim.request import Request
 from llm_cluster_env.workload import Workload, WorkloadGenerator
 
@@ -105,9 +112,11 @@ class LLMClusterEnv(gym.Env):
                 "output) that every replica can serve (context window and KV capacity); lower "
                 "it, or leave it unset to use that limit")
         self.workload = WorkloadGenerator(cfg.workload, max_total)
-        self.layout = ObservationLayout(self.num_replicas, cfg.observation)
+        groups = self._feature_groups()
+        self.layout = ObservationLayout(self.num_replicas, cfg.observation,
+                                        tuple(n for g in groups for n in g.names))
         self.builder = ObservationBuilder(self.layout, self.cluster.replicas,
-                                          self.workload.mean_output_tokens)
+                                          self.workload.mean_output_tokens, groups)
         self.reward_function = RewardFunction(cfg.reward, cfg.slo)
         self.action_space = spaces.Discrete(self.num_replicas)
         self.observation_space = spaces.Box(0.0, np.inf, shape=(self.layout.size,),
@@ -117,6 +126,18 @@ class LLMClusterEnv(gym.Env):
         self._time_origin_s = 0.0
         self._obs = np.zeros(self.layout.size, dtype=np.float32)
         self.dispatch_counts = [0] * self.num_replicas
+
+    def _feature_groups(self) -> list[ReplicaFeatureGroup]:
+        """The optional per-replica feature groups this configuration switches on."""
+        obs = self.config.observation
+        groups: list[ReplicaFeatureGroup] = []
+        prefix = obs.prefix_features
+        if prefix is None:
+            prefix = any(r.cache is not None for r in self.cluster.replicas)
+        if prefix:
+            groups.append(PrefixFeatures(self.cluster.replicas, obs.prefix_oracle,
+                                         obs.prefix_index_blocks))
+        return groups
 
     # ------------------------------------------------------------------ gym API
     def reset(self, *, seed: int | None = None, options: dict | None = None):
@@ -139,11 +160,12 @@ class LLMClusterEnv(gym.Env):
         # 2**-13 s steps of the timestamps' magnitude. Records add the origin back.
         origin = math.floor(episode.arrival_times[0])
         self._time_origin_s = float(origin)
+        chains = episode.chains or (None,) * len(episode)
         requests = [
-            Request(i, t - origin, p, o)
-            for i, (t, p, o) in enumerate(zip(episode.arrival_times.tolist(),
-                                              episode.prompt_tokens.tolist(),
-                                              episode.output_tokens.tolist()))
+            Request(i, t - origin, p, o, c)
+            for i, (t, p, o, c) in enumerate(zip(episode.arrival_times.tolist(),
+                                                 episode.prompt_tokens.tolist(),
+                                                 episode.output_tokens.tolist(), chains))
         ]
         self.cluster.reset(requests)
         self.builder.reset()
@@ -162,7 +184,7 @@ class LLMClusterEnv(gym.Env):
         area_before = cluster.area
         finished_before = len(cluster.finished)
         cluster.dispatch(request, replica)
-        self.builder.record_dispatch(replica)
+        self.builder.record_dispatch(replica, request)
         self.dispatch_counts[replica] += 1
         self._pending = cluster.next_arrival()
         terminated = self._pending is None
@@ -176,7 +198,7 @@ class LLMClusterEnv(gym.Env):
         if terminated:
             latencies = self._latencies()
             info["metrics"] = self._metrics(latencies)
-            info["requests"] = latencies.columns()
+            info["requests"] = latencies.columns(self.caches_prefixes)
         return self._obs, reward, terminated, False, info
 
     # ----------------------------------------------------------------- helpers
@@ -202,7 +224,7 @@ class LLMClusterEnv(gym.Env):
             return self.builder.build(self.cluster.now, 0, 0)
         self.builder.record_arrival(request.arrival_time)
         return self.builder.build(self.cluster.now, request.prompt_tokens,
-                                  request.output_tokens)
+                                  request.output_tokens, request)
 
     @property
     def view(self) -> ClusterView:
@@ -214,6 +236,12 @@ class LLMClusterEnv(gym.Env):
         return RoutingContext(self._pending, self.cluster.replicas, self.cluster.now)
 
     @property
+    def caches_prefixes(self) -> bool:
+        """Whether any replica caches prefixes (request records then carry the
+        :data:`~llm_cluster_env.sim.metrics.PREFIX_REQUEST_COLUMNS` too)."""
+        return any(r.cache is not None for r in self.cluster.replicas)
+
+    @property
     def pending_request(self) -> Request | None:
         """The request the next action routes (``None`` once the episode has ended)."""
         return self._pending
@@ -222,7 +250,7 @@ class LLMClusterEnv(gym.Env):
         """Per-request records of the requests finished so far (the whole episode once it has
         ended) as ``column -> array``, columns
         :data:`~llm_cluster_env.sim.metrics.REQUEST_COLUMNS`, in request-id order."""
-        return self._latencies().columns()
+        return self._latencies().columns(self.caches_prefixes)
 
     def episode_metrics(self) -> dict[str, float]:
         """Statistics of the requests finished so far (the whole episode once it has ended)."""
@@ -250,4 +278,6 @@ class LLMClusterEnv(gym.Env):
         for term, total in self.reward_function.totals.items():
             metrics[f"reward_{term}"] = total
         metrics["preemptions_total"] = float(sum(r.num_preemptions for r in cluster.replicas))
+        if self.caches_prefixes:
+            metrics.update(prefix_cache_metrics(latencies, cluster.replicas))
         return metrics

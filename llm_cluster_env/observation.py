@@ -20,6 +20,25 @@ feature                     meaning                                             
 ``hist/t-{k}/r{i}``         one-hot of the decision ``k`` steps ago (optional)     0/1
 ==========================  =====================================================  ==========
 
+Optional per-replica features follow each replica's base features, in groups switched on by
+the configuration (:class:`ReplicaFeatureGroup`). The prefix-cache group
+(:class:`PrefixFeatures`, ``ObservationConfig.prefix_features``; on by default when the replicas
+cache prefixes, off otherwise so the layouts above do not change):
+
+==========================  =====================================================  ==========
+feature                     meaning                                                unit
+==========================  =====================================================  ==========
+``r{i}/prefix_hit``         share of the pending prompt's tokens cached on replica  fraction
+                            *i*, as the router estimates it from its own routing
+                            history (:mod:`llm_cluster_env.prefix_index`); the
+                            true GPU + host-tier value with ``prefix_oracle``
+``r{i}/prefix_index_fill``  blocks the router's index remembers for replica *i* /  fraction
+                            the index capacity (SGLang's "tree size")
+``r{i}/cache_usage``        KV blocks holding reusable cached content (in use or    fraction
+                            evictable) / capacity, as engines report through KV
+                            events
+==========================  =====================================================  ==========
+
 Per-replica features come first, replica-major (all of replica 0, then replica 1, ...).
 ``decode_tokens_k`` is exact with ``output_length_oracle=True``; otherwise it is the deployable
 estimate ``max(0, active requests * mean output length - tokens already generated)``, using the
@@ -42,6 +61,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from llm_cluster_env.config import ObservationConfig
+from llm_cluster_env.prefix_index import ApproximatePrefixIndex
 
 if TYPE_CHECKING:
     from llm_cluster_env.sim.replica import Replica
@@ -103,6 +123,8 @@ class ObservationLayout:
             "feature_names": list(self.names),
             "history_window": self.config.history_window,
             "output_length_oracle": self.config.output_length_oracle,
+            **({"prefix_oracle": self.config.prefix_oracle}
+               if "prefix_hit" in self.replica_features else {}),
         }
 
     def view(self, obs: np.ndarray, context: RoutingContext | None = None) -> ClusterView:
@@ -202,12 +224,20 @@ class ObservationBuilder:
     :param replicas: the simulator's replicas (read-only use).
     :param mean_output_tokens: prior for a request's output length (tokens), used by the
         deployable ``decode_tokens_k`` estimate.
+    :param groups: optional per-replica feature groups, in the order their names appear in
+        ``layout.replica_features`` after the base ones.
     """
 
-    def __init__(self, layout: ObservationLayout, replicas: Sequence, mean_output_tokens: float
-                 ) -> None:
+    def __init__(self, layout: ObservationLayout, replicas: Sequence, mean_output_tokens: float,
+                 groups: Sequence[ReplicaFeatureGroup] = ()) -> None:
+        names = tuple(name for group in groups for name in group.names)
+        if layout.replica_features[len(REPLICA_FEATURES):] != names:
+            raise ValueError(f"the layout's optional per-replica features "
+                             f"{layout.replica_features[len(REPLICA_FEATURES):]} differ from the "
+                             f"groups' {names}")
         self.layout = layout
         self.replicas = list(replicas)
+        self.groups = tuple(groups)
         self.mean_output_tokens = float(mean_output_tokens)
         self.oracle = layout.config.output_length_oracle
         self._tau = layout.config.arrival_rate_timescale_s
@@ -228,6 +258,8 @@ class ObservationBuilder:
         self._decayed_arrivals = 0.0
         self._first_arrival: float | None = None
         self._last_arrival = 0.0
+        for group in self.groups:
+            group.reset()
 
     def record_arrival(self, t: float) -> None:
         """Update the arrival-rate estimate with an arrival at ``t`` (seconds)."""
@@ -238,8 +270,11 @@ class ObservationBuilder:
         self._decayed_arrivals += 1.0
         self._last_arrival = t
 
-    def record_dispatch(self, replica_id: int) -> None:
-        """Update dispatch shares and the decision history."""
+    def record_dispatch(self, replica_id: int, request: Request | None = None) -> None:
+        """Update dispatch shares, the decision history and the feature groups' state with the
+        dispatch of ``request`` to ``replica_id``."""
+        for group in self.groups:
+            group.record_dispatch(replica_id, request)
         self._recent.append(replica_id)
         self._recent_counts[replica_id] += 1
         if len(self._recent) > self._share_window:
@@ -266,10 +301,18 @@ class ObservationBuilder:
         """Dispatches per replica over the recent window (the builder's own list: do not modify)."""
         return self._recent_counts
 
-    def build(self, now: float, prompt_tokens: int, output_tokens: int) -> np.ndarray:
-        """The observation at ``now`` for a request with these lengths (tokens; 0 = none)."""
+    def build(self, now: float, prompt_tokens: int, output_tokens: int,
+              request: Request | None = None) -> np.ndarray:
+        """The observation at ``now`` for a request with these lengths (tokens; 0 = none); the
+        feature groups also see the ``request`` itself."""
         values: list[float] = []
         extend = values.extend
+        extra = None
+        if self.groups:
+            extra = [[] for _ in self.replicas]
+            for group in self.groups:
+                for row, group_values in zip(extra, group.columns(now, request)):
+                    row.extend(group_values)
         share_den = max(len(self._recent), 1)
         mean_out = self.mean_output_tokens
         oracle = self.oracle
@@ -288,13 +331,15 @@ class ObservationBuilder:
             extend((
                 queued,
                 running,
-                (rep.decode_blocks(clock) + rep.prefill_blocks) / rep.num_blocks,
+                rep.blocks_in_use(clock) / rep.num_blocks,
                 rep.pending_prefill_tokens * 0.001,
                 decode * 0.001,
                 counts[rep.id] / share_den,
                 speed_k,
                 capacity_k,
             ))
+            if extra is not None:
+                extend(extra[rep.id])
         values.append(prompt_tokens * 0.001)
         if oracle:
             values.append(output_tokens * 0.001)
@@ -308,6 +353,83 @@ class ObservationBuilder:
             for k, replica_id in enumerate(self._history):
                 obs[base + k * n + replica_id] = 1.0
         return obs
+
+
+class ReplicaFeatureGroup:
+    """A group of optional per-replica features (appended after the base features of each
+    replica, in :attr:`names` order). Subclasses keep whatever state they need across an
+    episode and compute their columns from the replicas at each decision."""
+
+    #: Feature names (without the ``r{i}/`` prefix).
+    names: tuple[str, ...] = ()
+
+    def reset(self) -> None:
+        """Forget episode state (start of an episode)."""
+
+    def record_dispatch(self, replica_id: int, request: Request | None) -> None:
+        """The router sent ``request`` to ``replica_id``."""
+
+    def columns(self, now: float, request: Request | None) -> list[Sequence[float]]:
+        """Per replica, the group's values at ``now`` for the pending ``request``."""
+        raise NotImplementedError
+
+
+class PrefixFeatures(ReplicaFeatureGroup):
+    """``prefix_hit``, ``prefix_index_fill``, ``cache_usage`` (see the module table).
+
+    :param replicas: the simulator's replicas (read-only use; the true cached prefix and the
+        cache usage are read from their prefix caches).
+    :param oracle: ``prefix_hit`` is the true cached share instead of the router's estimate.
+    :param index_blocks: capacity of the router-side index per replica (blocks); ``None`` = the
+        replica's KV capacity plus its host tier.
+    """
+
+    names = ("prefix_hit", "prefix_index_fill", "cache_usage")
+
+    def __init__(self, replicas: Sequence[Replica], oracle: bool = False,
+                 index_blocks: int | None = None) -> None:
+        self.replicas = list(replicas)
+        self.oracle = oracle
+        self.indexes = []
+        for rep in self.replicas:
+            capacity = index_blocks
+            if capacity is None:
+                capacity = rep.num_blocks
+                if rep.cache is not None and rep.cache.host is not None:
+                    capacity += rep.cache.host.capacity_blocks
+            self.indexes.append(ApproximatePrefixIndex(capacity))
+
+    def reset(self) -> None:
+        for index in self.indexes:
+            index.reset()
+
+    def record_dispatch(self, replica_id: int, request: Request | None) -> None:
+        chain = request.chain if request is not None else None
+        if chain is not None:
+            bs = self.replicas[replica_id].block_size
+            self.indexes[replica_id].insert(chain.ids, chain.block_starts(bs),
+                                            request.prompt_tokens // bs)
+
+    def columns(self, now: float, request: Request | None) -> list[Sequence[float]]:
+        chain = request.chain if request is not None else None
+        out = []
+        for rep, index in zip(self.replicas, self.indexes):
+            hit = 0.0
+            if chain is not None:
+                prompt = request.prompt_tokens
+                if self.oracle:
+                    hit = rep.cached_prefix_tokens(chain, prompt, now) / prompt
+                else:
+                    bs = rep.block_size
+                    hit = index.match(chain.ids, chain.block_starts(bs), prompt // bs) * bs / prompt
+            cache = rep.cache
+            if cache is not None:
+                rep.sync_cache(now)
+                usage = cache.cached_blocks / rep.num_blocks
+            else:
+                usage = 0.0
+            out.append((hit, index.size / index.capacity_blocks, usage))
+        return out
 
 
 def reference_decode_throughput(latency) -> float:

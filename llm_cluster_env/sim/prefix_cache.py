@@ -127,7 +127,7 @@ def chain_spans(ids: tuple[int, ...], starts: tuple[int, ...], begin: int, end: 
         s1 = starts[i + 1] if i < last else end
         if s1 > end:
             s1 = end
-        if s1 <= begin:
+        if s1 <= begin or s1 <= s0:  # before the range, or no whole block of its own
             continue
         lo = begin if begin > s0 else s0
         yield seg, lo - s0, s1 - s0

@@ -208,6 +208,7 @@ class Replica:
         self.hit_blocks = 0  # of prompt_blocks, found cached (GPU or host)
         self.host_hit_blocks = 0  # of hit_blocks, loaded from the host tier
         self.prefill_tokens_saved = 0  # hit tokens over every admission, recomputes included
+        self.prefill_tokens_computed = 0  # prompt and recompute tokens prefilled
         self._load_s = 0.0  # host-tier transfers owed by the batch being formed (seconds)
         if self.cache is not None:
             self.cache.reset()
@@ -675,6 +676,7 @@ class Replica:
         for req, chunk in self._batch_chunks:
             req.prefilled += chunk
             self.pending_prefill_tokens -= chunk
+            self.prefill_tokens_computed += chunk
             if req.chain_ids is not None:  # the blocks computed so far become cached
                 full = req.prefilled // self.block_size
                 if full > req.cache_refs:

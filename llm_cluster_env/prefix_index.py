@@ -1,0 +1,86 @@
+"""The router's own estimate of what each replica has cached, built from its routing history.
+
+SGLang's cache-aware router keeps an *approximate radix tree* per worker: it inserts every
+request's prompt under the worker it chose and evicts the least recently used leaves beyond a
+size; llm-d's approximate prefix-cache scorer and Dynamo's router without KV events do the same
+with block hashes. :class:`ApproximatePrefixIndex` is that structure over the prefix chains of
+:mod:`llm_cluster_env.sim.prefix_cache` (blocks of the replica's block size, runs of one
+segment per entry): :meth:`~ApproximatePrefixIndex.insert` marks a routed prompt's blocks as the
+most recent on the chosen replica, least recently routed blocks are forgotten beyond
+``capacity_blocks``, and :meth:`~ApproximatePrefixIndex.match` is the estimated cached prefix.
+The estimate misses what the engine really did: blocks it evicted earlier or later, outputs it
+cached, prompts it recomputed after preemption.
+"""
+
+from __future__ import annotations
+
+from llm_cluster_env.sim.prefix_cache import RunLRU, chain_spans
+
+
+class ApproximatePrefixIndex:
+    """Blocks routed to one replica, least recently routed forgotten first.
+
+    :param capacity_blocks: blocks remembered (KV blocks).
+    """
+
+    __slots__ = ("capacity_blocks", "lengths", "lru")
+
+    def __init__(self, capacity_blocks: int) -> None:
+        if capacity_blocks < 1:
+            raise ValueError(f"capacity_blocks={capacity_blocks}: must be >= 1 block")
+        self.capacity_blocks = capacity_blocks
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget everything (start of an episode)."""
+        self.lengths: dict[int, int] = {}  # segment -> remembered offsets [0, length)
+        self.lru = RunLRU()
+
+    @property
+    def size(self) -> int:
+        """Blocks remembered."""
+        return self.lru.count
+
+    def match(self, ids: tuple[int, ...], starts: tuple[int, ...], limit: int) -> int:
+        """Blocks of the chain's longest remembered prefix, at most ``limit``."""
+        lengths = self.lengths
+        got = 0
+        for segment, lo, hi in chain_spans(ids, starts, 0, limit):
+            length = lengths.get(segment, 0)
+            if length < hi:
+                return got + (length - lo if length > lo else 0)
+            got += hi - lo
+        return got
+
+    def insert(self, ids: tuple[int, ...], starts: tuple[int, ...], end: int) -> None:
+        """Remember the chain's blocks ``[0, end)`` as the most recently routed (within them,
+        the prompt's tail is forgotten before its head)."""
+        lengths = self.lengths
+        lru = self.lru
+        for segment, _, hi in reversed(list(chain_spans(ids, starts, 0, end))):
+            lru.remove_below(segment, hi)
+            lru.push(segment, 0, hi)
+            if lengths.get(segment, 0) < hi:
+                lengths[segment] = hi
+        excess = lru.count - self.capacity_blocks
+        if excess > 0:
+            for segment, lo, _ in lru.evict(excess):
+                if lo:
+                    lengths[segment] = lo
+                else:
+                    del lengths[segment]
+
+    def check_invariants(self) -> None:
+        """Raise ``AssertionError`` when the index is inconsistent (tests)."""
+        self.lru.check()
+        assert self.lru.count <= self.capacity_blocks
+        for segment, length in self.lengths.items():
+            spans = sorted((run[3], run[4]) for run in self.lru.runs(segment))
+            covered = 0
+            for lo, hi in spans:
+                assert lo == covered, f"segment {segment}: gap at {covered}"
+                covered = hi
+            assert covered == length, f"segment {segment}: length {length}, runs {covered}"
+
+
+__all__ = ["ApproximatePrefixIndex"]
