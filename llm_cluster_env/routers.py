@@ -408,7 +408,7 @@ class DynamoKVRouter(Router):
 
     def cost(self, view: ClusterView) -> np.ndarray:
         """The Dynamo logit of each replica (lower is better)."""
-        prompt = view.prompt_tokens_k * 1000.0
+        prompt = float(round(view.prompt_tokens_k * 1000.0))  # whole tokens
         if self.kv_events:
             ctx = self.context(view)
             request = ctx.request
