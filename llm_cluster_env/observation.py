@@ -307,18 +307,19 @@ class ObservationBuilder:
         feature groups also see the ``request`` itself."""
         values: list[float] = []
         extend = values.extend
+        replicas = self.replicas
+        clocks = [rep.clock_at(now) if rep.busy else rep.clock for rep in replicas]
+        used = [rep.blocks_in_use(clock) for rep, clock in zip(replicas, clocks)]
         extra = None
-        if self.groups:
-            extra = [[] for _ in self.replicas]
-            for group in self.groups:
-                for row, group_values in zip(extra, group.columns(now, request)):
-                    row.extend(group_values)
+        for group in self.groups:
+            columns = group.columns(now, request, clocks, used)
+            extra = columns if extra is None else [tuple(a) + tuple(b)
+                                                   for a, b in zip(extra, columns)]
         share_den = max(len(self._recent), 1)
         mean_out = self.mean_output_tokens
         oracle = self.oracle
         counts = self._recent_counts
-        for rep, (speed_k, capacity_k) in zip(self.replicas, self._static):
-            clock = rep.clock_at(now) if rep.busy else rep.clock
+        for rep, (speed_k, capacity_k), clock, in_use in zip(replicas, self._static, clocks, used):
             queued = len(rep.waiting)
             running = len(rep.running)
             generated = rep.generated_tokens_active(clock)
@@ -331,7 +332,7 @@ class ObservationBuilder:
             extend((
                 queued,
                 running,
-                rep.blocks_in_use(clock) / rep.num_blocks,
+                in_use / rep.num_blocks,
                 rep.pending_prefill_tokens * 0.001,
                 decode * 0.001,
                 counts[rep.id] / share_den,
@@ -369,8 +370,12 @@ class ReplicaFeatureGroup:
     def record_dispatch(self, replica_id: int, request: Request | None) -> None:
         """The router sent ``request`` to ``replica_id``."""
 
-    def columns(self, now: float, request: Request | None) -> list[Sequence[float]]:
-        """Per replica, the group's values at ``now`` for the pending ``request``."""
+    def columns(self, now: float, request: Request | None, clocks: Sequence[int],
+                used: Sequence[int]) -> list[Sequence[float]]:
+        """Per replica, the group's values at ``now`` for the pending ``request``. The builder
+        computes once what several features need: ``clocks``, the replicas' iteration clocks
+        at ``now`` (``Replica.clock_at``), and ``used``, their KV blocks in use then
+        (``Replica.blocks_in_use``, the ``kv_usage`` numerator)."""
         raise NotImplementedError
 
 
@@ -410,25 +415,35 @@ class PrefixFeatures(ReplicaFeatureGroup):
             self.indexes[replica_id].insert(chain.ids, chain.block_starts(bs),
                                             request.prompt_tokens // bs)
 
-    def columns(self, now: float, request: Request | None) -> list[Sequence[float]]:
+    def columns(self, now: float, request: Request | None, clocks: Sequence[int],
+                used: Sequence[int]) -> list[Sequence[float]]:
         chain = request.chain if request is not None else None
+        prompt = request.prompt_tokens if request is not None else 0
         out = []
-        for rep, index in zip(self.replicas, self.indexes):
+        bs = starts = first = None
+        oracle = self.oracle
+        for rep, index, in_use in zip(self.replicas, self.indexes, used):
             hit = 0.0
             if chain is not None:
-                prompt = request.prompt_tokens
-                if self.oracle:
+                if oracle:
                     hit = rep.cached_prefix_tokens(chain, prompt, now) / prompt
                 else:
-                    bs = rep.block_size
-                    hit = index.match(chain.ids, chain.block_starts(bs), prompt // bs) * bs / prompt
+                    if rep.block_size != bs:
+                        bs = rep.block_size
+                        starts = chain.block_starts(bs)
+                        first = chain.ids[0] if starts[0] < (starts[1:] or (1,))[0] else None
+                    if first is None or first in index.lengths:  # else nothing matches
+                        hit = index.match(chain.ids, starts, prompt // bs) * bs / prompt
             cache = rep.cache
-            if cache is not None:
-                rep.sync_cache(now)
-                usage = cache.cached_blocks / rep.num_blocks
-            else:
+            num_blocks = rep.num_blocks
+            if cache is None:
                 usage = 0.0
-            out.append((hit, index.size / index.capacity_blocks, usage))
+            else:  # cached blocks once the allocations so far have evicted what is due
+                evictable = cache.evictable.count - cache.due
+                free = num_blocks - in_use
+                usage = (cache.held_distinct + (evictable if evictable < free else free)) \
+                    / num_blocks
+            out.append((hit, index.lru.count / index.capacity_blocks, usage))
         return out
 
 

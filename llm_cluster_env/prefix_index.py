@@ -44,12 +44,21 @@ class ApproximatePrefixIndex:
     def match(self, ids: tuple[int, ...], starts: tuple[int, ...], limit: int) -> int:
         """Blocks of the chain's longest remembered prefix, at most ``limit``."""
         lengths = self.lengths
+        last = len(ids) - 1
         got = 0
-        for segment, lo, hi in chain_spans(ids, starts, 0, limit):
+        for i, segment in enumerate(ids):  # the chain's spans, as in chain_spans
+            s0 = starts[i]
+            s1 = starts[i + 1] if i < last else limit
+            if s1 > limit:
+                s1 = limit
+            if s1 <= s0:
+                continue
             length = lengths.get(segment, 0)
-            if length < hi:
-                return got + (length - lo if length > lo else 0)
-            got += hi - lo
+            if length < s1 - s0:
+                return got + length
+            got += s1 - s0
+            if s1 >= limit:
+                break
         return got
 
     def insert(self, ids: tuple[int, ...], starts: tuple[int, ...], end: int) -> None:

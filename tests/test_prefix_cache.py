@@ -83,14 +83,14 @@ def test_hold_release_and_match_follow_reference_counts():
     cache = PrefixCache(num_blocks=100)
     ids, starts = CHAIN
     cache.hold(ids, starts, 0, 12)  # request A computed 12 blocks
-    assert (cache.held_refs, cache.held_distinct, cache.cached_blocks) == (12, 12, 12)
+    assert (cache.held_refs, cache.held_distinct, cache.cached_blocks(12)) == (12, 12, 12)
     assert cache.match(ids, starts, 20) == (12, 0)  # all held: taking them costs nothing
     cache.hold(ids, starts, 0, 5)  # request B references 5 of them
     assert (cache.held_refs, cache.held_distinct) == (17, 12)
-    cache.release(ids, starts, 12)  # A finishes: blocks 5..11 lose their last holder
+    cache.release(ids, starts, 12, 12)  # A finishes: blocks 5..11 lose their last holder
     assert cache.evictable.count == 7 and cache.match(ids, starts, 20) == (12, 7)
     cache.check_invariants(used_blocks=5)
-    cache.release(ids, starts, 5)
+    cache.release(ids, starts, 5, 5)
     assert (cache.held_refs, cache.held_distinct, cache.evictable.count) == (0, 0, 12)
     cache.check_invariants(used_blocks=0)
 
@@ -101,16 +101,51 @@ def test_eviction_takes_the_oldest_released_tail_first():
     b = ((1, 3), (0, 4))
     cache.hold(*a, 0, 10)
     cache.hold(*b, 0, 10)  # b hits segment 1 (blocks 0..3) and computes its own 6
-    cache.release(*a, 10)  # a's segment 2 loses its holder; segment 1 is still b's
+    cache.release(*a, 10, 10)  # a's segment 2 loses its holder; segment 1 is still b's
     assert cache.evictable.count == 6
     cache.sync(used_blocks=18)  # 18 in use + 6 evictable > 20: evict 4
     assert cache.lengths == {1: 4, 2: 2, 3: 6}  # from the top of a's tail
     cache.check_invariants(used_blocks=18)
-    cache.release(*b, 10)  # b's tail first, then segment 1: 12 evictable now
+    cache.release(*b, 10, 10)  # b's tail first, then segment 1: 12 evictable now
     cache.sync(used_blocks=10)  # evict 2
     assert cache.lengths == {1: 4, 3: 6}  # the oldest released (a's rest) went first
     cache.sync(used_blocks=12)  # 2 more
     assert cache.lengths == {1: 4, 3: 4}  # then b's tail, before the shared head
+
+
+def test_release_registers_the_blocks_computed_since_the_last_hold():
+    """release(held, end) = hold(held, end) then release: one pass, same state."""
+    one, two = PrefixCache(num_blocks=60), PrefixCache(num_blocks=60)
+    other = ((1, 3), (0, 4))
+    for cache in (one, two):
+        cache.hold(*other, 0, 9)  # another request holds segment 1 and its own 5 blocks
+        cache.release(*other, 9, 9)
+        cache.hold(*CHAIN, 0, 3)
+    one.release(*CHAIN, 3, 14)
+    two.hold(*CHAIN, 3, 14)
+    two.release(*CHAIN, 14, 14)
+    for cache in (one, two):
+        cache.check_invariants(used_blocks=0)
+    assert one.lengths == two.lengths
+    assert (one.held_refs, one.held_distinct) == (two.held_refs, two.held_distinct) == (0, 0)
+    assert one.evictable.evict(99) == two.evictable.evict(99)
+
+
+def test_evictions_wait_until_the_queue_is_read_and_evict_the_same_blocks():
+    lazy, eager = PrefixCache(num_blocks=20), PrefixCache(num_blocks=20)
+    for cache in (lazy, eager):
+        cache.hold(*CHAIN, 0, 12)
+        cache.release(*CHAIN, 12, 12)
+    lazy.allocate(used_blocks=11)  # 3 due
+    eager.sync(used_blocks=11)
+    assert lazy.due == 3 and lazy.evictable.count == 12 and eager.evictable.count == 9
+    other = ((7,), (0,))
+    for cache in (lazy, eager):  # a release appends; then a read applies what was due
+        cache.hold(*other, 0, 2)
+        cache.release(*other, 2, 2)
+        cache.allocate(used_blocks=5)  # fewer in use now: nothing more due
+    assert lazy.match(*CHAIN, 12) == eager.match(*CHAIN, 12) == (9, 9)
+    assert lazy.lengths == eager.lengths and lazy.blocks_evicted == eager.blocks_evicted == 3
 
 
 def test_a_block_computed_twice_is_adopted_not_duplicated():
@@ -127,7 +162,7 @@ def test_host_tier_keeps_evicted_blocks_and_serves_a_continuation():
     cache = PrefixCache(num_blocks=10, host=host)
     ids, starts = CHAIN
     cache.hold(ids, starts, 0, 10)
-    cache.release(ids, starts, 10)
+    cache.release(ids, starts, 10, 10)
     cache.sync(used_blocks=4)  # evicts blocks 6..9 to the host
     assert cache.match(ids, starts, 10) == (6, 6)
     assert host.match(ids, starts, 6, 10) == 4
@@ -141,7 +176,7 @@ def test_cache_deepcopies_into_an_independent_state():
     cache = PrefixCache(num_blocks=30)
     ids, starts = CHAIN
     cache.hold(ids, starts, 0, 12)
-    cache.release(ids, starts, 12)
+    cache.release(ids, starts, 12, 12)
     twin = copy.deepcopy(cache)
     twin.sync(used_blocks=30)
     assert twin.lengths == {} and cache.lengths == {10: 8, 20: 4}
@@ -234,3 +269,48 @@ def test_replica_with_cache_deepcopies_mid_episode():
     assert twin.cache.lengths == cluster.replicas[0].cache.lengths
     assert twin.cache is not cluster.replicas[0].cache
     assert np.isclose(twin.batch_end, cluster.replicas[0].batch_end)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_lazy_evictions_match_eager_ones_on_random_operations(seed):
+    """Random requests hold, extend and release chains over shared segments while allocations
+    come and go: a cache that evicts at once and one that defers evictions until the queue is
+    read end every step in the same state once flushed."""
+    rng = np.random.default_rng(seed)
+    eager, lazy = PrefixCache(num_blocks=120), PrefixCache(num_blocks=120)
+    chains = [((s % 3, 10 + s), (0, int(rng.integers(1, 12)))) for s in range(8)]
+    active: dict[int, tuple[int, int]] = {}  # request -> (chain index, blocks referenced)
+    for step in range(600):
+        used = sum(refs for _, refs in active.values()) // 2 + int(rng.integers(0, 40))
+        op = rng.random()
+        if op < 0.35 and len(active) < 12:
+            c = int(rng.integers(len(chains)))
+            hit = eager.match(*chains[c], 30)[0]
+            assert lazy.match(*chains[c], 30)[0] == hit
+            for cache in (eager, lazy):
+                cache.hold(*chains[c], 0, hit)
+            active[step] = (c, hit)
+        elif op < 0.6 and active:
+            key = list(active)[int(rng.integers(len(active)))]
+            c, refs = active[key]
+            grow = refs + int(rng.integers(1, 6))
+            for cache in (eager, lazy):
+                cache.hold(*chains[c], refs, grow)
+            active[key] = (c, grow)
+        elif op < 0.85 and active:
+            key = list(active)[int(rng.integers(len(active)))]
+            c, refs = active.pop(key)
+            end = refs + int(rng.integers(0, 4))
+            for cache in (eager, lazy):
+                cache.release(*chains[c], refs, end)
+        used = min(max(used, eager.held_distinct), 120)
+        eager.sync(used)
+        lazy.allocate(used)
+        if rng.random() < 0.3:
+            lazy.flush()
+            assert lazy.lengths == eager.lengths
+            assert lazy.blocks_evicted == eager.blocks_evicted
+            lazy.check_invariants(used)
+    lazy.flush()
+    assert lazy.lengths == eager.lengths and eager.blocks_evicted > 100
+    assert lazy.evictable.evict(10**6) == eager.evictable.evict(10**6)

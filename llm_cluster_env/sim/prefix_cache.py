@@ -364,16 +364,24 @@ class PrefixCache:
 
     The replica calls :meth:`match` at admission, :meth:`hold` for the blocks a request
     references (prefix hits and the blocks it computed), :meth:`release` when a request
-    finishes or is preempted, and :meth:`sync` whenever blocks were allocated, with the number
-    of blocks physically in use, so that exactly as many cached blocks are evicted as vLLM would
-    evict to find free blocks (oldest released first).
+    finishes or is preempted, and :meth:`allocate` whenever blocks were allocated, with the
+    number of blocks physically in use, so that exactly as many cached blocks are evicted as
+    vLLM would evict to find free blocks (oldest released first).
+
+    Evictions are applied lazily: :meth:`allocate` only records how many blocks are *due* from
+    the head of the evictable queue, and they are evicted before anything reads the cached
+    set (:meth:`match`, :meth:`flush`) or takes blocks out of the queue (a hold or
+    registration that reaches evictable blocks). Releases and new registrations in between
+    only append to the queue's tail or add blocks outside it, so the blocks evicted are the
+    same (the count due is the largest excess seen since the last flush: later releases free
+    blocks but cannot undo an earlier eviction).
 
     :param num_blocks: KV-cache capacity (blocks).
     :param host: the optional host-memory tier that receives evicted blocks.
     """
 
     __slots__ = ("num_blocks", "lengths", "holders", "evictable", "held_refs", "held_distinct",
-                 "host", "blocks_evicted")
+                 "host", "blocks_evicted", "due")
 
     def __init__(self, num_blocks: int, host: HostCache | None = None) -> None:
         self.num_blocks = num_blocks
@@ -388,6 +396,7 @@ class PrefixCache:
         self.held_refs = 0  # sum over requests of the blocks they reference
         self.held_distinct = 0  # distinct registered blocks with a holder
         self.blocks_evicted = 0
+        self.due = 0  # evictable blocks to evict from the queue's head before the next read
         if self.host is not None:
             self.host.reset()
 
@@ -396,30 +405,42 @@ class PrefixCache:
         """Blocks that sharing saves: references minus distinct referenced blocks."""
         return self.held_refs - self.held_distinct
 
-    @property
-    def cached_blocks(self) -> int:
-        """Registered blocks (in use or evictable): the reusable content (blocks)."""
-        return self.held_distinct + self.evictable.count
+    def cached_blocks(self, used_blocks: int) -> int:
+        """Registered blocks (in use or evictable) once the evictions that ``used_blocks``
+        blocks in use imply are applied: the reusable content (blocks)."""
+        evictable = self.evictable.count - self.due
+        free = self.num_blocks - used_blocks
+        return self.held_distinct + (evictable if evictable < free else free)
 
     def match(self, ids: tuple[int, ...], starts: tuple[int, ...],
               limit: int) -> tuple[int, int]:
         """Longest cached prefix of the chain, at most ``limit`` blocks: ``(blocks, of them
         evictable)`` (taking evictable blocks uses free capacity)."""
+        if self.due:
+            self.flush()
         lengths = self.lengths
         holders = self.holders
+        last = len(ids) - 1
         got = 0
         evictable = 0
-        for segment, lo, hi in chain_spans(ids, starts, 0, limit):
+        for i, segment in enumerate(ids):  # the chain's spans, as in chain_spans
+            s0 = starts[i]
+            s1 = starts[i + 1] if i < last else limit
+            if s1 > limit:
+                s1 = limit
+            if s1 <= s0:
+                continue
+            hi = s1 - s0
             length = lengths.get(segment, 0)
             end = hi if length >= hi else length
-            if end <= lo:
+            if end <= 0:
                 break
             held = holders.get(segment)
             top = held[-1] if held else 0
             if end > top:
-                evictable += end - (top if top > lo else lo)
-            got += end - lo
-            if end < hi:
+                evictable += end - top
+            got += end
+            if end < hi or s1 >= limit:
                 break
         return got, evictable
 
@@ -429,8 +450,16 @@ class PrefixCache:
         are registered as computed by it."""
         lengths = self.lengths
         holders = self.holders
-        evictable = self.evictable
-        for segment, lo, hi in chain_spans(ids, starts, begin, end):
+        last = len(ids) - 1
+        for i, segment in enumerate(ids):  # the chain's spans [begin, end), as in chain_spans
+            s0 = starts[i]
+            s1 = starts[i + 1] if i < last else end
+            if s1 > end:
+                s1 = end
+            if s1 <= begin or s1 <= s0:
+                continue
+            lo = begin - s0 if begin > s0 else 0
+            hi = s1 - s0
             held = holders.get(segment)
             if held is None:
                 holders[segment] = [hi]
@@ -443,36 +472,85 @@ class PrefixCache:
             length = lengths.get(segment, 0)
             if hi > top:
                 self.held_distinct += hi - (top if top > lo else lo)
-                if length > top:
-                    evictable.remove_below(segment, hi)
+                if length > top:  # evictable blocks gain a holder (after what is due)
+                    if self.due:
+                        self.flush()
+                        length = lengths.get(segment, 0)
+                    self.evictable.remove_below(segment, hi)
             if hi > length:
                 lengths[segment] = hi
             self.held_refs += hi - lo
+            if s1 >= end:
+                break
 
-    def release(self, ids: tuple[int, ...], starts: tuple[int, ...], end: int) -> None:
-        """A request drops its references to blocks ``[0, end)``; blocks left without holder
-        join the evictable queue, the request's last block first."""
+    def release(self, ids: tuple[int, ...], starts: tuple[int, ...], held: int,
+                end: int) -> None:
+        """A request that references the chain's blocks ``[0, held)`` and computed blocks up to
+        ``end`` registers ``[held, end)`` and drops all its references: blocks left without a
+        holder join the evictable queue, the request's last block first. (The same as
+        ``hold(..., held, end)`` then releasing ``[0, end)``, in one pass.)"""
         holders = self.holders
+        lengths = self.lengths
         evictable = self.evictable
-        spans = list(chain_spans(ids, starts, 0, end))
-        for segment, lo, hi in reversed(spans):
-            held = holders[segment]
-            del held[bisect_left(held, hi)]
-            top = held[-1] if held else 0
-            if not held:
-                del holders[segment]
-            if top < hi:
-                evictable.push(segment, top, hi)
-                self.held_distinct -= hi - top
-            self.held_refs -= hi - lo
+        i = len(ids) - 1
+        while i >= 0 and starts[i] >= end:  # segments past the end hold nothing
+            i -= 1
+        s1 = end
+        refs = 0
+        distinct = 0
+        while i >= 0:  # the chain's spans [0, end), last first
+            s0 = starts[i]
+            if s1 > s0:
+                segment = ids[i]
+                hi = s1 - s0
+                mine = held - s0  # the request's hold on this segment before
+                if mine > hi:
+                    mine = hi
+                top = 0
+                if mine > 0:
+                    others = holders[segment]
+                    del others[bisect_left(others, mine)]
+                    if others:
+                        top = others[-1]
+                    else:
+                        del holders[segment]
+                    refs += mine
+                else:
+                    others = holders.get(segment)
+                    if others:
+                        top = others[-1]
+                if top < hi:  # [top, hi) becomes evictable, the most recent run
+                    length = lengths.get(segment, 0)
+                    if length > top and mine < hi:  # registering touched evictable blocks
+                        if self.due:  # (after evicting what is due)
+                            self.flush()
+                            length = lengths.get(segment, 0)
+                        evictable.remove_below(segment, hi)
+                    evictable.push(segment, top, hi)
+                    if hi > length:
+                        lengths[segment] = hi
+                    if mine > top:
+                        distinct += mine - top
+            s1 = s0
+            i -= 1
+        self.held_distinct -= distinct
+        self.held_refs -= refs
 
-    def sync(self, used_blocks: int) -> None:
-        """Evict cached blocks until the free blocks cover the ``used_blocks`` in use (blocks
-        in use, evictable blocks and uncached free blocks add up to the capacity)."""
-        excess = self.evictable.count + used_blocks - self.num_blocks
-        if excess <= 0:
+    def allocate(self, used_blocks: int) -> None:
+        """Blocks were allocated: ``used_blocks`` are in use. Cached blocks must be evicted
+        until the free blocks cover them (blocks in use, evictable blocks and uncached free
+        blocks add up to the capacity); they are evicted lazily (see the class)."""
+        due = self.evictable.count + used_blocks - self.num_blocks
+        if due > self.due:
+            self.due = due
+
+    def flush(self) -> None:
+        """Evict the blocks due now."""
+        due = self.due
+        self.due = 0
+        if due <= 0:
             return
-        pieces = self.evictable.evict(excess)
+        pieces = self.evictable.evict(due)
         lengths = self.lengths
         for segment, lo, hi in pieces:
             if lengths.get(segment) != hi:
@@ -482,15 +560,28 @@ class PrefixCache:
                 lengths[segment] = lo
             else:
                 del lengths[segment]
-        self.blocks_evicted += sum(hi - lo for _, lo, hi in pieces)
+            self.blocks_evicted += hi - lo
         if self.host is not None:
             self.host.write(pieces)
+
+    def sync(self, used_blocks: int) -> None:
+        """:meth:`allocate` and :meth:`flush` at once."""
+        self.allocate(used_blocks)
+        self.flush()
+
+    def evict_all(self) -> None:
+        """Evict every evictable block (an allocation found no free block: vLLM preempts only
+        after that)."""
+        self.due = self.evictable.count
+        self.flush()
 
     def check_invariants(self, used_blocks: int) -> None:
         """Raise ``AssertionError`` when the cache's bookkeeping is inconsistent (tests)."""
         self.evictable.check()
-        assert self.evictable.count + used_blocks <= self.num_blocks, (
-            f"{used_blocks} blocks in use + {self.evictable.count} evictable > {self.num_blocks}")
+        assert 0 <= self.due <= self.evictable.count, f"{self.due} blocks due"
+        assert self.evictable.count - self.due + used_blocks <= self.num_blocks, (
+            f"{used_blocks} blocks in use + {self.evictable.count} evictable - {self.due} due "
+            f"> {self.num_blocks}")
         distinct = 0
         for segment, held in self.holders.items():
             assert held and held == sorted(held) and held[0] > 0, f"holders of {segment}"

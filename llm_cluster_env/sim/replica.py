@@ -375,13 +375,10 @@ class Replica:
     def _release_cached(self, req: Request, computed_tokens: int) -> None:
         """Register the request's full blocks of its ``computed_tokens`` and drop its
         references (the blocks stay cached)."""
-        cache = self.cache
         full = computed_tokens // self.block_size
-        if full > req.cache_refs:
-            cache.hold(req.chain_ids, req.chain_starts, req.cache_refs, full)
-        else:
+        if full < req.cache_refs:
             full = req.cache_refs
-        cache.release(req.chain_ids, req.chain_starts, full)
+        self.cache.release(req.chain_ids, req.chain_starts, req.cache_refs, full)
         req.cache_refs = 0
 
     def blocks_in_use(self, clock: int) -> int:
@@ -392,10 +389,12 @@ class Replica:
             used -= self.cache.held_refs - self.cache.held_distinct
         return used
 
-    def held_blocks(self, now: float) -> int:
+    def held_blocks(self, now: float, clock: int | None = None) -> int:
         """KV blocks physically in use at ``now`` (a decoding batch in flight holds the slots
-        of its current iteration; between batches, those of the last one)."""
-        clock = self.clock_at(now)
+        of its current iteration; between batches, those of the last one); ``clock`` is
+        ``clock_at(now)`` when the caller has it."""
+        if clock is None:
+            clock = self.clock_at(now)
         return self.blocks_in_use(clock if self.busy and self._batch_decodes else clock - 1)
 
     def sync_cache(self, now: float) -> None:
@@ -456,7 +455,7 @@ class Replica:
         if used > self.num_blocks:
             used = self._make_room_mixed(used)
         if self.cache is not None:
-            self.cache.sync(used)
+            self.cache.allocate(used)
         chunks = self._admit_mixed(now, used) if self.waiting or self.prefilling else []
         return self._launch(now, chunks, self.num_decoding, self.num_blocks - used)
 
@@ -471,7 +470,7 @@ class Replica:
                 raise SimulationError(
                     f"replica {self.id}: one request needs {used} KV blocks of {self.num_blocks}")
             if cache is not None:
-                cache.sync(used)  # allocation evicts every cached block before preempting
+                cache.evict_all()  # allocation evicts every cached block before preempting
             self._preempt(next(reversed(self.running.values())))
             used = self.blocks_in_use(clock)
         return used
@@ -523,7 +522,7 @@ class Replica:
             self._admit(req, need, now)
             if cache is not None:
                 self._take_cached(req, hit, loaded)
-                cache.sync(self.num_blocks - free)
+                cache.allocate(self.num_blocks - free)
             chunks.append((req, chunk))
         return chunks
 
@@ -654,9 +653,10 @@ class Replica:
         self.busy = False
         iterations = self.batch_iterations
         cache = self.cache
-        if cache is not None:  # evictions for the blocks this batch allocated
-            last = self.clock + iterations - 1 if self._batch_decodes else self.clock - 1
-            cache.sync(self.blocks_in_use(last))
+        if cache is not None and iterations > 1:
+            # evictions for the blocks a pure-decode stretch allocated after its first
+            # iteration (start_batch synced the first; nothing else allocates in a batch)
+            cache.allocate(self.blocks_in_use(self.clock + iterations - 1))
         self.busy_time += now - self.batch_start
         self.batch_time += (now - self.batch_start) * self._batch_size
         self.num_iterations += iterations
