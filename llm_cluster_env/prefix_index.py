@@ -14,7 +14,7 @@ cached, prompts it recomputed after preemption.
 
 from __future__ import annotations
 
-from llm_cluster_env.sim.prefix_cache import RunLRU, chain_spans
+from llm_cluster_env.sim.prefix_cache import RunLRU
 
 
 class ApproximatePrefixIndex:
@@ -66,11 +66,23 @@ class ApproximatePrefixIndex:
         the prompt's tail is forgotten before its head)."""
         lengths = self.lengths
         lru = self.lru
-        for segment, _, hi in reversed(list(chain_spans(ids, starts, 0, end))):
-            lru.remove_below(segment, hi)
-            lru.push(segment, 0, hi)
-            if lengths.get(segment, 0) < hi:
-                lengths[segment] = hi
+        i = len(ids) - 1
+        while i >= 0 and starts[i] >= end:  # segments past the end: nothing to remember
+            i -= 1
+        s1 = end
+        while i >= 0:  # the chain's spans [0, end), last first (as in chain_spans)
+            s0 = starts[i]
+            if s1 > s0:
+                segment = ids[i]
+                hi = s1 - s0
+                length = lengths.get(segment, 0)
+                if length:
+                    lru.remove_below(segment, hi)
+                lru.push(segment, 0, hi)
+                if length < hi:
+                    lengths[segment] = hi
+            s1 = s0
+            i -= 1
         excess = lru.count - self.capacity_blocks
         if excess > 0:
             for segment, lo, _ in lru.evict(excess):

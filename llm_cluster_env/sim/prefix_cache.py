@@ -180,6 +180,21 @@ class RunLRU:
         runs = self._by_segment.get(segment)
         if not runs:
             return 0
+        if len(runs) == 1:  # the common case: one run
+            run = runs[0]
+            lo, hi = run[3], run[4]
+            if lo >= end:
+                return 0
+            if hi <= end:
+                run[3] = run[4] = 0  # dead; dropped from the heap lazily
+                self._live -= 1
+                del self._by_segment[segment]
+                self.count -= hi - lo
+                self._maybe_compact()
+                return hi - lo
+            run[3] = end
+            self.count -= end - lo
+            return end - lo
         removed = 0
         keep = []
         for run in runs:
