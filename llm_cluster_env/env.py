@@ -47,7 +47,9 @@ class LLMClusterEnv(gym.Env):
     ``Box(0, inf, (D,), float32)``; per-replica load (queued and running requests, KV usage,
     outstanding prefill and decode tokens, recent dispatch share, static speed and capacity),
     the pending request's prompt length, the recent arrival rate and optionally a window of
-    recent decisions. ``env.unwrapped.layout.names`` lists all ``D`` features; the table is in
+    recent decisions; when the replicas cache prefixes, per replica the pending prompt's
+    estimated cached share, the router-side index fill and the cached share of the KV cache.
+    ``env.unwrapped.layout.names`` lists all ``D`` features; the table is in
     :mod:`llm_cluster_env.observation`.
 
     ## Rewards

@@ -314,3 +314,25 @@ def test_lazy_evictions_match_eager_ones_on_random_operations(seed):
     lazy.flush()
     assert lazy.lengths == eager.lengths and eager.blocks_evicted > 100
     assert lazy.evictable.evict(10**6) == eager.evictable.evict(10**6)
+
+
+def test_a_deep_copied_cluster_continues_exactly_like_the_original():
+    """Look-ahead routers simulate copies of replica state: a copy taken mid-episode (cache
+    with evictable runs and holders, a host tier) must evolve exactly as the original."""
+    from test_sim import random_requests, timestamps
+
+    cluster = make_cluster(n=2, blocks=300, prefix_caching=True, host_blocks=200)
+    reqs = random_requests(4, n=300, qps=30.0, prefix=True)
+    cluster.reset(reqs)
+    for _ in range(150):
+        req = cluster.next_arrival()
+        cluster.dispatch(req, req.id % 2)
+    twin = copy.deepcopy(cluster)
+    assert twin.replicas[0].cache.evictable.count == cluster.replicas[0].cache.evictable.count
+    for c in (cluster, twin):
+        while (req := c.next_arrival()) is not None:
+            c.dispatch(req, req.id % 2)
+        c.drain()
+    np.testing.assert_array_equal(timestamps(cluster.requests), timestamps(twin.requests))
+    for a, b in zip(cluster.replicas, twin.replicas):
+        assert a.cache.lengths == b.cache.lengths and a.hit_blocks == b.hit_blocks > 0

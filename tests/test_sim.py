@@ -134,8 +134,8 @@ def test_jump_mode_matches_iteration_mode(case, seed):
     results = []
     for jump in (True, False):
         cluster = make_cluster(jump=jump, blocks=blocks, **kw)
-        reqs = run_episode(cluster, random_requests(seed, qps=qps, ties=ties, prefix=prefix),
-                           policy, seed)
+        reqs = run_episode(cluster, random_requests(seed, n=300 if prefix else 600, qps=qps,
+                                                    ties=ties, prefix=prefix), policy, seed)
         results.append((timestamps(reqs), cluster))
     (a, jump_cluster), (b, iter_cluster) = results
     np.testing.assert_allclose(a, b, rtol=0, atol=1e-9)

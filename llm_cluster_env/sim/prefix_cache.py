@@ -52,6 +52,7 @@ blocks continue loads them over PCIe instead of recomputing them.
 from __future__ import annotations
 
 from bisect import bisect_left, insort
+from copy import deepcopy
 from heapq import heapify, heappop, heappush
 
 
@@ -155,6 +156,29 @@ class RunLRU:
 
     def __len__(self) -> int:
         return self.count
+
+    def __deepcopy__(self, memo: dict) -> RunLRU:
+        """A copy of the live runs (dead heap entries dropped): one list copy per run, fast
+        enough for look-ahead routers that copy replica state."""
+        new = RunLRU.__new__(RunLRU)
+        copies: dict[int, list] = {}
+        by_segment = {}
+        for segment, runs in self._by_segment.items():
+            mine = []
+            for run in runs:
+                twin = run[:]
+                copies[id(run)] = twin
+                mine.append(twin)
+            by_segment[segment] = mine
+        heap = [copies[id(run)] for run in self._heap if id(run) in copies]
+        heapify(heap)
+        new._heap = heap
+        new._by_segment = by_segment
+        new._counter = self._counter
+        new._live = self._live
+        new.count = self.count
+        memo[id(self)] = new
+        return new
 
     def runs(self, segment: int) -> list[list]:
         """The live runs of ``segment`` (the structure's own list: do not modify)."""
@@ -402,6 +426,20 @@ class PrefixCache:
         self.num_blocks = num_blocks
         self.host = host
         self.reset()
+
+    def __deepcopy__(self, memo: dict) -> PrefixCache:
+        new = PrefixCache.__new__(PrefixCache)
+        memo[id(self)] = new
+        new.num_blocks = self.num_blocks
+        new.host = deepcopy(self.host, memo)
+        new.lengths = dict(self.lengths)
+        new.holders = {segment: held[:] for segment, held in self.holders.items()}
+        new.evictable = deepcopy(self.evictable, memo)
+        new.held_refs = self.held_refs
+        new.held_distinct = self.held_distinct
+        new.blocks_evicted = self.blocks_evicted
+        new.due = self.due
+        return new
 
     def reset(self) -> None:
         """Empty the cache (start of an episode)."""
