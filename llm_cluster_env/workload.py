@@ -71,6 +71,13 @@ the marginals (point masses such as the 2 % of conversation prompts of exactly 1
 quantiles only to bin resolution); a Gaussian copula reduces the dependence to one
 correlation and cannot express either of the shapes above.
 
+Prompts that share prefixes
+---------------------------
+A Mooncake JSONL trace (``trace_path`` ending in ``.jsonl``) and the synthetic ``prefix``
+generators (``multiturn`` sessions, shared ``system_prompt``) give every request its prompt's
+block identities (``Workload.chains``), for replicas with prefix caching; they live in
+:mod:`llm_cluster_env.prefix_workload`. The oversize policy cuts a clipped prompt's chain too.
+
 Oversized requests (``WorkloadConfig.oversize_policy``, cap ``max_total_tokens``)
 ----------------------------------------------------------------------------------
 ``clip``: the excess ``prompt + output - cap`` is removed from both lengths in proportion to
