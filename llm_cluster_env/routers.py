@@ -395,6 +395,7 @@ class DynamoKVRouter(Router):
     """
 
     name = "dynamo_kv"
+    requires_context = True  # with the default kv_events=True
 
     def __init__(self, overlap_score_weight: float = 1.0, temperature: float = 0.0,
                  kv_events: bool = True, block_size: int = 16) -> None:

@@ -213,3 +213,12 @@ def test_existing_scenarios_keep_prefix_caching_off():
         replica = load_scenario_dict(name).get("replica", {})
         expected = name.startswith(("mooncake_conv", "multiturn", "shared_system"))
         assert replica.get("prefix_caching", False) == expected, name
+
+
+def test_context_needs_are_declared_on_the_class_and_the_instance():
+    assert make_router("dynamo_kv").requires_context and \
+        type(make_router("dynamo_kv")).requires_context
+    assert not make_router("dynamo_kv", kv_events=False).requires_context
+    assert make_router("session_affinity").requires_context
+    assert not make_router("sglang_cache_aware").requires_context
+    assert not make_router("llm_d_prefix").requires_context
