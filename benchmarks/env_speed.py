@@ -10,7 +10,13 @@ Prints, from one run on this machine (ratios are what to compare across machines
 Both are measured for each batching policy given (default: all three; loads are relative to
 the default policy's capacity).
 
-Usage: ``python -m benchmarks.env_speed [--requests 20000] [--repeats 3] [--batching ...]``
+3. ``--prefix``: prefix caching: steps/s at 4 replicas on the synthetic multi-turn workload
+   (``multiturn_chat`` at ~80% load) with the cache and the prefix features on, against the
+   same workload with caching off and the default scenario at ~80% load, in one run (raw env,
+   ``lor``); also the simulator core alone (cluster events) with caching on and off.
+
+Usage: ``python -m benchmarks.env_speed [--requests 20000] [--repeats 3] [--batching ...]
+[--prefix] [--prefix-only]``
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import numpy as np
 import llm_cluster_env  # noqa: F401  (registers the env)
 from benchmarks._common import A100_7B_CAPACITY_RPS, best_of, time_episode
 from llm_cluster_env.env import LLMClusterEnv
+from llm_cluster_env.routers import make_router
 from llm_cluster_env.sim.cluster import Cluster
 from llm_cluster_env.sim.request import Request
 
@@ -92,13 +99,87 @@ def core_seconds(replicas: int, load: float, requests: int, jump: bool,
     return seconds, cluster.num_events, sum(r.num_iterations for r in reps)
 
 
+def _cpu_seconds(env: LLMClusterEnv, requests: int) -> float:
+    """Process CPU seconds of one ``lor`` episode (reset excluded)."""
+    router = make_router("lor")
+    env.reset(seed=0)
+    router.reset(env.num_replicas, np.random.default_rng(0))
+    start = time.process_time()
+    steps = 0
+    done = False
+    while not done:
+        _, _, done, _, _ = env.step(router.select(env.view))
+        steps += 1
+    assert steps == requests
+    return time.process_time() - start
+
+
+#: ``multiturn_chat`` at ~80% of its capacity with caching off (4 x 2.92 req/s).
+MULTITURN_80 = 0.8 * 4 * 2.92
+
+
+def prefix_speed(requests: int, repeats: int) -> None:
+    """Steps/s with prefix caching on the multi-turn workload, against its cache-off twin and
+    the default scenario, alternating the runs so that machine noise hits all alike."""
+    cases = {
+        "default scenario, ~80% load": dict(scenario="a100x4_conv_70", workload={
+            "qps": 0.8 * 4 * A100_7B_CAPACITY_RPS}),
+        "multi-turn, caching off": dict(scenario="multiturn_chat", workload={
+            "qps": MULTITURN_80}, replica={"prefix_caching": False}),
+        "multi-turn, caching on": dict(scenario="multiturn_chat", workload={"qps": MULTITURN_80}),
+        "multi-turn, caching on, no prefix features": dict(
+            scenario="multiturn_chat", workload={"qps": MULTITURN_80},
+            observation={"prefix_features": False}),
+    }
+    envs = {name: LLMClusterEnv(episode_requests=requests, **kw) for name, kw in cases.items()}
+    best = {name: float("inf") for name in cases}
+    for _ in range(repeats):
+        for name, env in envs.items():
+            best[name] = min(best[name], _cpu_seconds(env, requests))
+    print(f"3) prefix caching, 4 replicas, lor, raw env (best of {repeats} x {requests:,} steps, "
+          "process CPU time: other jobs on the machine disturb it less than wall time)")
+    reference = best["multi-turn, caching off"]
+    for name in cases:
+        print(f"{name:>44}  {requests / best[name]:>8,.0f} steps/s  "
+              f"{reference / best[name]:>5.2f}x caching off")
+    core = {}
+    for caching in (False, True):
+        env = envs["multi-turn, caching on" if caching else "multi-turn, caching off"]
+        episode = env.workload.sample(requests, np.random.default_rng(0))
+        timings = []
+        for _ in range(repeats):
+            cluster = Cluster.from_configs(env.config.replica_configs)
+            reqs = [Request(i, t, p, o, c) for i, (t, p, o, c) in enumerate(zip(
+                episode.arrival_times.tolist(), episode.prompt_tokens.tolist(),
+                episode.output_tokens.tolist(), episode.chains))]
+            start = time.process_time()
+            cluster.reset(reqs)
+            reps = cluster.replicas
+            while (req := cluster.next_arrival()) is not None:
+                loads = [len(r.waiting) + len(r.running) for r in reps]
+                cluster.dispatch(req, loads.index(min(loads)))
+            cluster.drain()
+            timings.append(time.process_time() - start)
+        core[caching] = min(timings)
+    print(f"{'simulator core (events only), caching off':>44}  {requests / core[False]:>8,.0f} "
+          f"req/s\n{'simulator core, caching on':>44}  {requests / core[True]:>8,.0f} req/s  "
+          f"{core[False] / core[True]:>5.2f}x caching off")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=20000)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batching", nargs="+", choices=BATCHING, default=list(BATCHING))
+    parser.add_argument("--prefix", action="store_true", help="add the prefix-caching speeds")
+    parser.add_argument("--prefix-only", action="store_true", help="only the prefix speeds")
     args = parser.parse_args()
 
+    if args.prefix or args.prefix_only:
+        prefix_speed(args.requests, args.repeats)
+        if args.prefix_only:
+            return
+        print()
     for batching in args.batching:
         print(f"=== batching: {batching}")
         print(f"1) env steps/s, lor router, ~80% load (best of {args.repeats})")

@@ -2,7 +2,10 @@
 
 Prints a table (mean/p50/p99 E2E, TTFT, TPOT, throughput, SLO attainment, balance, the change
 in mean E2E against ``lor``) and writes ``results.csv``, ``results.json`` and a latency-CDF PNG
-into ``--output-dir/<scenario>/``. With ``--scenario all`` it runs every packaged scenario.
+into ``--output-dir/<scenario>/``. With ``--scenario all`` it runs every packaged scenario
+(skipping, with a message, those whose trace file is not there). ``--routers all`` includes the
+prefix-cache-aware routers on scenarios whose replicas cache prefixes (where they also report
+prefix hit rates); name them to run them elsewhere.
 """
 
 from __future__ import annotations
@@ -15,8 +18,9 @@ from pathlib import Path
 from llm_cluster_env.atomic import atomic_write_json
 from llm_cluster_env.config import ConfigError, EnvConfig
 from llm_cluster_env.evaluation import evaluate_routers, format_table, plot_latency_cdf, write_csv
-from llm_cluster_env.routers import ROUTERS, make_router
+from llm_cluster_env.routers import CACHE_AWARE_ROUTERS, ROUTERS, make_router
 from llm_cluster_env.scenarios import available_scenarios, scenario_description
+from llm_cluster_env.workload import TraceError
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -52,7 +56,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if name not in ROUTERS:
             parser.error(f"--routers: unknown router {name!r} (known: {', '.join(ROUTERS)})")
     args.router_names = names
+    args.all_routers = args.routers == "all"
     return args
+
+
+def _routers_for(config: EnvConfig, args: argparse.Namespace) -> list[str]:
+    """The routers to run on a scenario: with ``--routers all``, the cache-aware ones only
+    where the replicas cache prefixes."""
+    if args.all_routers and not any(r.prefix_caching for r in config.replica_configs):
+        return [n for n in args.router_names if n not in CACHE_AWARE_ROUTERS]
+    return args.router_names
 
 
 def compare_scenario(scenario: str, args: argparse.Namespace) -> dict:
@@ -60,9 +73,10 @@ def compare_scenario(scenario: str, args: argparse.Namespace) -> dict:
     if args.requests:
         env_kwargs["episode_requests"] = args.requests
     seeds = list(range(args.seed, args.seed + args.episodes))
+    names = _routers_for(EnvConfig.from_kwargs(**env_kwargs), args)
     start = time.perf_counter()
-    results = evaluate_routers(env_kwargs, {n: (lambda n=n: make_router(n))
-                                            for n in args.router_names}, seeds)
+    results = evaluate_routers(env_kwargs, {n: (lambda n=n: make_router(n)) for n in names},
+                               seeds)
     elapsed = time.perf_counter() - start
     name = Path(scenario).stem
     print(f"\n== {name}: {scenario_description(scenario)}")
@@ -84,7 +98,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     scenarios = available_scenarios() if args.scenario == "all" else [args.scenario]
     for scenario in scenarios:
-        compare_scenario(scenario, args)
+        try:
+            compare_scenario(scenario, args)
+        except TraceError as err:  # a scenario replaying a file that is not there
+            if args.scenario != "all":
+                print(f"compare: error: {err}", file=sys.stderr)
+                return 2
+            print(f"\n== {Path(scenario).stem}: skipped ({err})")
     return 0
 
 

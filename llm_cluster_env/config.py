@@ -53,6 +53,14 @@ class ReplicaConfig:
         of this length (above the watermark) is refused: lower this or raise the capacity.
     :param iteration_overhead_s: override the fitted per-iteration CPU overhead (seconds;
         ``vllm_v0`` defaults to 0, as in Vidur).
+    :param prefix_caching: keep full KV blocks after use and reuse them for later requests with
+        the same prefix (vLLM's automatic prefix caching; see
+        :mod:`llm_cluster_env.sim.prefix_cache`). Needs ``mixed_chunked`` or ``mixed``.
+    :param host_cache: add the host-memory tier behind the prefix cache: blocks evicted from
+        the GPU are kept in host memory and loaded back over PCIe on a hit.
+    :param host_cache_gb: host memory for the tier (GB, 1e9 bytes, per replica).
+    :param host_pcie_gb_s: host-to-GPU transfer bandwidth (GB/s); 25 GB/s is what pinned
+        copies reach on PCIe 4.0 x16 (32 GB/s nominal), the A100's host link.
     """
 
     model: str = "llama-2-7b"
@@ -67,6 +75,10 @@ class ReplicaConfig:
     num_kv_blocks: int | None = None
     max_model_len: int | None = None
     iteration_overhead_s: float | None = None
+    prefix_caching: bool = False
+    host_cache: bool = False
+    host_cache_gb: float = 128.0
+    host_pcie_gb_s: float = 25.0
 
     def __post_init__(self) -> None:
         require(self.model in MODELS, "model", self.model, f"unknown model (known: {sorted(MODELS)})")
@@ -86,6 +98,17 @@ class ReplicaConfig:
         if self.iteration_overhead_s is not None:
             require(self.iteration_overhead_s >= 0, "iteration_overhead_s",
                     self.iteration_overhead_s, "must be >= 0 seconds")
+        if self.prefix_caching:
+            require(self.batching != "vllm_v0", "prefix_caching", self.prefix_caching,
+                    "not available with batching='vllm_v0' (Vidur's vLLM v0 model has no prefix "
+                    "cache); use 'mixed_chunked' or 'mixed'")
+        if self.host_cache:
+            require(self.prefix_caching, "host_cache", self.host_cache,
+                    "the host tier extends the prefix cache: set prefix_caching=true")
+        require(math.isfinite(self.host_cache_gb) and self.host_cache_gb > 0, "host_cache_gb",
+                self.host_cache_gb, "must be a finite size > 0 GB")
+        require(math.isfinite(self.host_pcie_gb_s) and self.host_pcie_gb_s > 0, "host_pcie_gb_s",
+                self.host_pcie_gb_s, "must be a finite bandwidth > 0 GB/s")
         window = MODELS[self.model].max_model_len
         if self.max_model_len is not None:
             require(16 <= self.max_model_len <= window, "max_model_len", self.max_model_len,
@@ -118,6 +141,23 @@ class ReplicaConfig:
         return self.max_model_len or MODELS[self.model].max_model_len
 
     @property
+    def kv_bytes_per_block(self) -> int:
+        """Bytes of K and V one KV block holds on each GPU of the replica."""
+        return MODELS[self.model].kv_bytes_per_token(self.tensor_parallel) * self.block_size
+
+    @property
+    def host_cache_blocks(self) -> int:
+        """Blocks the host tier holds: ``host_cache_gb`` over the KV bytes of a block (a
+        tensor-parallel replica keeps each GPU's shard, so per GPU)."""
+        return int(self.host_cache_gb * 1e9 // (self.kv_bytes_per_block * self.tensor_parallel))
+
+    @property
+    def host_seconds_per_block(self) -> float:
+        """Time to load one block from host memory (seconds): each GPU of the replica loads
+        its shard over its own link."""
+        return self.kv_bytes_per_block / (self.host_pcie_gb_s * 1e9)
+
+    @property
     def kv_cache_blocks(self) -> int:
         """KV-cache capacity in blocks: ``num_kv_blocks``, else derived from GPU memory (Vidur's
         rule under ``vllm_v0``, see :mod:`llm_cluster_env.sim.hardware`)."""
@@ -145,6 +185,59 @@ class PhaseConfig:
 
 
 @dataclass(frozen=True)
+class MultiTurnConfig:
+    """Multi-turn sessions (``WorkloadConfig.prefix="multiturn"``; see
+    :mod:`llm_cluster_env.prefix_workload`).
+
+    :param turns_mean: mean requests per session (geometric, >= 1).
+    :param turn_gap_s: mean time between consecutive requests of a session (seconds,
+        exponential; it includes the reply: the workload is open loop).
+    :param system_prompt_tokens: a system prompt every session starts with (tokens; 0 = none).
+    :param max_context_tokens: a session ends before a turn whose prompt + output would exceed
+        this (tokens); ``None`` = the workload's request cap.
+    """
+
+    turns_mean: float = 4.0
+    turn_gap_s: float = 60.0
+    system_prompt_tokens: int = 0
+    max_context_tokens: int | None = None
+
+    def __post_init__(self) -> None:
+        require(math.isfinite(self.turns_mean) and self.turns_mean >= 1.0, "turns_mean",
+                self.turns_mean, "must be a finite mean >= 1 turn")
+        require(math.isfinite(self.turn_gap_s) and self.turn_gap_s > 0, "turn_gap_s",
+                self.turn_gap_s, "must be a finite time > 0 seconds")
+        require(self.system_prompt_tokens >= 0, "system_prompt_tokens",
+                self.system_prompt_tokens, "must be >= 0 tokens")
+        if self.max_context_tokens is not None:
+            require(self.max_context_tokens >= 2, "max_context_tokens", self.max_context_tokens,
+                    "must be >= 2 tokens")
+
+
+@dataclass(frozen=True)
+class SystemPromptConfig:
+    """System prompts shared across requests (``WorkloadConfig.prefix="system_prompt"``; see
+    :mod:`llm_cluster_env.prefix_workload`).
+
+    :param num_prompts: tenants (applications), each with its own system prompt.
+    :param zipf_s: popularity exponent: the tenant of rank ``r`` sends a share proportional to
+        ``r ** -zipf_s`` of the requests (0 = uniform).
+    :param prompt_tokens_range: inclusive range of the system prompts' lengths (tokens).
+    """
+
+    num_prompts: int = 64
+    zipf_s: float = 1.0
+    prompt_tokens_range: tuple[int, int] = (512, 4096)
+
+    def __post_init__(self) -> None:
+        require(self.num_prompts >= 1, "num_prompts", self.num_prompts, "must be >= 1")
+        require(math.isfinite(self.zipf_s) and self.zipf_s >= 0, "zipf_s", self.zipf_s,
+                "must be a finite exponent >= 0")
+        lo, hi = self.prompt_tokens_range
+        require(1 <= lo <= hi, "prompt_tokens_range", (lo, hi), "must satisfy 1 <= low <= high")
+
+
+@dataclass(frozen=True)
 class WorkloadConfig:
     """Request arrivals and lengths for one episode.
 
@@ -168,7 +261,9 @@ class WorkloadConfig:
         at least 1 token; drawn independently of the output length.
     :param output_lognormal: ``(median tokens, sigma)`` of log-normal output lengths.
     :param empirical: name of a packaged length summary (``llm_cluster_env/data/<name>.json``).
-    :param trace_path: CSV with columns ``arrived_at,num_prefill_tokens,num_decode_tokens``.
+    :param trace_path: CSV with columns ``arrived_at,num_prefill_tokens,num_decode_tokens``,
+        or a Mooncake JSONL trace (``.jsonl``: arrival, lengths and the prompt's block hashes;
+        see :mod:`llm_cluster_env.prefix_workload`).
     :param trace_qps: rescale replayed arrival times to this mean rate; ``None`` keeps the
         trace's own timing.
     :param trace_start: first trace row of an episode; ``None`` draws a random start per episode.
@@ -179,6 +274,18 @@ class WorkloadConfig:
         the episode metrics),
         ``"reject"`` (drop it before routing; counted as rejected) or ``"error"`` (fail, naming
         the request).
+    :param trace_format: ``"auto"`` (Mooncake JSONL for a ``.jsonl`` path, CSV otherwise),
+        ``"csv"`` or ``"mooncake"``.
+    :param trace_hash_block_tokens: tokens per ``hash_ids`` block of a Mooncake trace (512 for
+        the Mooncake release); any size works, KV blocks straddling two hash blocks belong to
+        the later one.
+    :param prefix: how synthetic prompts share prefixes: ``"none"``, ``"multiturn"``
+        (conversations, ``multiturn``; they set their own arrivals: sessions start as a
+        Poisson process so that requests arrive at ``qps``) or ``"system_prompt"`` (shared
+        system prompts, ``system_prompt``). Lengths from ``lengths`` are the new part of each
+        prompt and its output. A Mooncake trace carries its own prefixes.
+    :param multiturn: multi-turn session settings.
+    :param system_prompt: shared system prompt settings.
     """
 
     arrival: Literal["poisson", "gamma", "phases", "trace"] = "poisson"
@@ -198,6 +305,11 @@ class WorkloadConfig:
     trace_start: int | None = None
     max_total_tokens: int | None = None
     oversize_policy: Literal["clip", "reject", "error"] = "clip"
+    trace_format: Literal["auto", "csv", "mooncake"] = "auto"
+    trace_hash_block_tokens: int = 512
+    prefix: Literal["none", "multiturn", "system_prompt"] = "none"
+    multiturn: MultiTurnConfig = field(default_factory=MultiTurnConfig)
+    system_prompt: SystemPromptConfig = field(default_factory=SystemPromptConfig)
 
     def __post_init__(self) -> None:
         require(self.qps > 0 and math.isfinite(self.qps), "qps", self.qps,
@@ -228,6 +340,16 @@ class WorkloadConfig:
         if self.max_total_tokens is not None:
             require(self.max_total_tokens >= 2, "max_total_tokens", self.max_total_tokens,
                     "must be >= 2 tokens")
+        require(self.trace_hash_block_tokens >= 1, "trace_hash_block_tokens",
+                self.trace_hash_block_tokens, "must be >= 1 token")
+        if self.prefix != "none":
+            require(self.lengths != "trace", "prefix", self.prefix,
+                    "synthetic prefixes draw their new tokens from lengths='fixed', 'uniform' "
+                    "or 'empirical', not from a trace (a Mooncake trace has its own prefixes)")
+        if self.prefix == "multiturn":
+            require(self.arrival == "poisson", "arrival", self.arrival,
+                    "prefix='multiturn' draws its own arrivals (Poisson sessions, turn gaps): "
+                    "set arrival='poisson'")
 
 
 @dataclass(frozen=True)
@@ -267,6 +389,15 @@ class ObservationConfig:
         cluster's replicas); the slots past the cluster's replicas are all zero and routers
         ignore them. ``None`` = exactly the cluster's replicas. This is how one policy trains on
         clusters of several sizes.
+    :param prefix_features: add the per-replica prefix-cache features (``prefix_hit``,
+        ``prefix_index_fill``, ``cache_usage``); ``None`` = when the replicas cache prefixes.
+    :param prefix_oracle: ``prefix_hit`` is the true cached fraction of the pending prompt on
+        each replica. ``False`` (deployable) estimates it from the router's own routing
+        history, as SGLang's router does.
+    :param prefix_index_blocks: capacity of the router-side prefix index per replica (KV
+        blocks; least recently routed blocks are forgotten beyond it); ``None`` = the replica's
+        KV capacity (plus its host tier), as llm-d's prefix scorer sizes it from the engines'
+        reported block counts.
     """
 
     history_window: int = 0
@@ -275,6 +406,9 @@ class ObservationConfig:
     output_length_oracle: bool = False
     engine_signals: bool = True
     replica_slots: int | None = None
+    prefix_features: bool | None = None
+    prefix_oracle: bool = False
+    prefix_index_blocks: int | None = None
 
     def __post_init__(self) -> None:
         require(0 <= self.history_window <= 64, "history_window", self.history_window,
@@ -286,6 +420,9 @@ class ObservationConfig:
         if self.replica_slots is not None:
             require(1 <= self.replica_slots <= 1024, "replica_slots", self.replica_slots,
                     "must be in [1, 1024] replicas")
+        if self.prefix_index_blocks is not None:
+            require(self.prefix_index_blocks >= 1, "prefix_index_blocks",
+                    self.prefix_index_blocks, "must be >= 1 block")
 
 
 @dataclass(frozen=True)
@@ -386,10 +523,12 @@ class EnvConfig:
 __all__ = [
     "ConfigError",
     "EnvConfig",
+    "MultiTurnConfig",
     "ObservationConfig",
     "PhaseConfig",
     "ReplicaConfig",
     "RewardConfig",
     "SLOConfig",
+    "SystemPromptConfig",
     "WorkloadConfig",
 ]

@@ -13,13 +13,21 @@ from llm_cluster_env.config import ConfigError, EnvConfig
 from llm_cluster_env.engine_model import EngineModel, OutputLengthPrior
 from llm_cluster_env.observation import (
     ClusterView,
+    EngineFeatures,
     ObservationBuilder,
     ObservationLayout,
+    PrefixFeatures,
+    ReplicaFeatureGroup,
     RoutingContext,
 )
 from llm_cluster_env.reward import RewardFunction
 from llm_cluster_env.sim.cluster import Cluster
-from llm_cluster_env.sim.metrics import RequestLatencies, RequestRecords, episode_metrics
+from llm_cluster_env.sim.metrics import (
+    RequestLatencies,
+    RequestRecords,
+    episode_metrics,
+    prefix_cache_metrics,
+)
 from llm_cluster_env.sim.request import Request
 from llm_cluster_env.workload import Workload, WorkloadGenerator
 
@@ -41,7 +49,9 @@ class LLMClusterEnv(gym.Env):
     ``Box(0, inf, (D,), float32)``; per-replica load (queued and running requests, KV usage,
     outstanding prefill and decode tokens, recent dispatch share, static speed and capacity),
     the pending request's prompt length, the recent arrival rate and optionally a window of
-    recent decisions. ``env.unwrapped.layout.names`` lists all ``D`` features; the table is in
+    recent decisions; when the replicas cache prefixes, per replica the pending prompt's
+    estimated cached share, the router-side index fill and the cached share of the KV cache.
+    ``env.unwrapped.layout.names`` lists all ``D`` features; the table is in
     :mod:`llm_cluster_env.observation`.
 
     ## Rewards
@@ -109,7 +119,6 @@ class LLMClusterEnv(gym.Env):
                 "output) that every replica can serve (context window and KV capacity); lower "
                 "it, or leave it unset to use that limit")
         self.workload = WorkloadGenerator(cfg.workload, max_total, shared_cache)
-        self.layout = ObservationLayout(self.num_replicas, cfg.observation)
         prior_key = ("output_prior", *self.workload.length_key)
         prior = shared_cache.get(prior_key) if shared_cache is not None else None
         if prior is None:
@@ -117,11 +126,11 @@ class LLMClusterEnv(gym.Env):
             if shared_cache is not None:
                 shared_cache[prior_key] = prior
         self.output_prior = prior
-        engine = None
-        if cfg.observation.engine_signals:
-            engine = EngineModel(self.output_prior, oracle=cfg.observation.output_length_oracle)
+        groups = self._feature_groups()
+        self.layout = ObservationLayout(self.num_replicas, cfg.observation,
+                                        tuple(n for g in groups for n in g.names))
         self.builder = ObservationBuilder(self.layout, self.cluster.replicas,
-                                          self.workload.mean_output_tokens, engine)
+                                          self.workload.mean_output_tokens, groups)
         self.reward_function = RewardFunction(cfg.reward, cfg.slo)
         self.action_space = spaces.Discrete(self.layout.num_slots)
         self.observation_space = spaces.Box(0.0, np.inf, shape=(self.layout.size,),
@@ -131,6 +140,23 @@ class LLMClusterEnv(gym.Env):
         self._time_origin_s = 0.0
         self._obs = np.zeros(self.layout.size, dtype=np.float32)
         self.dispatch_counts = [0] * self.num_replicas
+
+    def _feature_groups(self) -> list[ReplicaFeatureGroup]:
+        """The optional per-replica feature groups this configuration switches on."""
+        obs = self.config.observation
+        groups: list[ReplicaFeatureGroup] = []
+        prefix_group = None
+        prefix = obs.prefix_features
+        if prefix is None:
+            prefix = self.caches_prefixes
+        if prefix:
+            prefix_group = PrefixFeatures(self.cluster.replicas, obs.prefix_oracle,
+                                          obs.prefix_index_blocks)
+            groups.append(prefix_group)
+        if obs.engine_signals:
+            model = EngineModel(self.output_prior, oracle=obs.output_length_oracle)
+            groups.append(EngineFeatures(self.cluster.replicas, model, prefix_group))
+        return groups
 
     # ------------------------------------------------------------------ gym API
     def reset(self, *, seed: int | None = None, options: dict | None = None):
@@ -153,11 +179,12 @@ class LLMClusterEnv(gym.Env):
         # 2**-13 s steps of the timestamps' magnitude. Records add the origin back.
         origin = math.floor(episode.arrival_times[0])
         self._time_origin_s = float(origin)
+        chains = episode.chains or (None,) * len(episode)
         requests = [
-            Request(i, t - origin, p, o)
-            for i, (t, p, o) in enumerate(zip(episode.arrival_times.tolist(),
-                                              episode.prompt_tokens.tolist(),
-                                              episode.output_tokens.tolist()))
+            Request(i, t - origin, p, o, c)
+            for i, (t, p, o, c) in enumerate(zip(episode.arrival_times.tolist(),
+                                                 episode.prompt_tokens.tolist(),
+                                                 episode.output_tokens.tolist(), chains))
         ]
         self.cluster.reset(requests)
         self.builder.reset()
@@ -176,7 +203,7 @@ class LLMClusterEnv(gym.Env):
         area_before = cluster.area
         finished_before = len(cluster.finished)
         cluster.dispatch(request, replica)
-        self.builder.record_dispatch(replica)
+        self.builder.record_dispatch(replica, request)
         self.dispatch_counts[replica] += 1
         self._pending = cluster.next_arrival()
         terminated = self._pending is None
@@ -190,7 +217,7 @@ class LLMClusterEnv(gym.Env):
         if terminated:
             latencies = self._latencies()
             info["metrics"] = self._metrics(latencies)
-            info["requests"] = latencies.columns()
+            info["requests"] = latencies.columns(self.caches_prefixes)
         return self._obs, reward, terminated, False, info
 
     # ----------------------------------------------------------------- helpers
@@ -216,7 +243,7 @@ class LLMClusterEnv(gym.Env):
             return self.builder.build(self.cluster.now, 0, 0)
         self.builder.record_arrival(request.arrival_time)
         return self.builder.build(self.cluster.now, request.prompt_tokens,
-                                  request.output_tokens)
+                                  request.output_tokens, request)
 
     @property
     def view(self) -> ClusterView:
@@ -229,6 +256,12 @@ class LLMClusterEnv(gym.Env):
                               self.output_prior)
 
     @property
+    def caches_prefixes(self) -> bool:
+        """Whether any replica caches prefixes (request records then carry the
+        :data:`~llm_cluster_env.sim.metrics.PREFIX_REQUEST_COLUMNS` too)."""
+        return any(r.cache is not None for r in self.cluster.replicas)
+
+    @property
     def pending_request(self) -> Request | None:
         """The request the next action routes (``None`` once the episode has ended)."""
         return self._pending
@@ -237,7 +270,7 @@ class LLMClusterEnv(gym.Env):
         """Per-request records of the requests finished so far (the whole episode once it has
         ended) as ``column -> array``, columns
         :data:`~llm_cluster_env.sim.metrics.REQUEST_COLUMNS`, in request-id order."""
-        return self._latencies().columns()
+        return self._latencies().columns(self.caches_prefixes)
 
     def episode_metrics(self) -> dict[str, float]:
         """Statistics of the requests finished so far (the whole episode once it has ended)."""
@@ -265,4 +298,6 @@ class LLMClusterEnv(gym.Env):
         for term, total in self.reward_function.totals.items():
             metrics[f"reward_{term}"] = total
         metrics["preemptions_total"] = float(sum(r.num_preemptions for r in cluster.replicas))
+        if self.caches_prefixes:
+            metrics.update(prefix_cache_metrics(latencies, cluster.replicas))
         return metrics

@@ -34,7 +34,9 @@ TABLE_COLUMNS = (
     ("balance", "balance", "{:.3f}"),
     ("preemptions_total", "preempt", "{:.0f}"),
 )
-_SCALE = {"tpot_mean": 1000.0, "slo_attainment": 100.0}
+#: Added to the table when the replicas cache prefixes.
+PREFIX_TABLE_COLUMNS = (("prefix_hit_rate_tokens", "hit %", "{:.1f}"),)
+_SCALE = {"tpot_mean": 1000.0, "slo_attainment": 100.0, "prefix_hit_rate_tokens": 100.0}
 
 
 @dataclass
@@ -104,15 +106,19 @@ def evaluate_routers(
 
 
 def format_table(results: Mapping[str, RouterResult], baseline: str | None = "lor") -> str:
-    """A plain-text table, one row per router, metrics averaged over episodes."""
-    headers = ["router"] + [h for _, h, _ in TABLE_COLUMNS]
+    """A plain-text table, one row per router, metrics averaged over episodes (with the prefix
+    hit rate when the episodes report one)."""
+    columns = TABLE_COLUMNS
+    if any("prefix_hit_rate_tokens" in ep for res in results.values() for ep in res.episodes):
+        columns += PREFIX_TABLE_COLUMNS
+    headers = ["router"] + [h for _, h, _ in columns]
     if baseline in results:
         headers.append(f"vs {baseline}")
     rows = []
     base = results[baseline].mean("e2e_mean") if baseline in results else None
     for name, res in results.items():
         row = [name]
-        for key, _, fmt in TABLE_COLUMNS:
+        for key, _, fmt in columns:
             row.append(fmt.format(res.mean(key) * _SCALE.get(key, 1.0)))
         if base is not None:
             row.append(f"{100.0 * (res.mean('e2e_mean') / base - 1.0):+.1f}%")

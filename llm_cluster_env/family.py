@@ -52,7 +52,7 @@ from llm_cluster_env.config import (
     WorkloadConfig,
 )
 from llm_cluster_env.env import LLMClusterEnv
-from llm_cluster_env.observation import ObservationLayout
+from llm_cluster_env.observation import ObservationLayout, optional_replica_features
 from llm_cluster_env.sim.cluster import latency_model
 from llm_cluster_env.sim.hardware import GPUS, MODELS
 from llm_cluster_env.validation import ConfigError, from_dict, require
@@ -366,6 +366,13 @@ class ScenarioSampler:
         return self.shared_cache[key]
 
 
+def family_layout(family: ScenarioFamilyConfig) -> ObservationLayout:
+    """The observation layout every episode of ``family`` shares (its replica slots and
+    optional feature groups; the family's replicas do not cache prefixes)."""
+    config = family.observation
+    return ObservationLayout(1, config, optional_replica_features(config, caches_prefixes=False))
+
+
 # --------------------------------------------------------------------------------- the env
 class ScenarioFamilyEnv(gym.Env):
     """``LLMCluster-v0`` with a new scenario from a family every episode (module docstring).
@@ -399,7 +406,7 @@ class ScenarioFamilyEnv(gym.Env):
         self.render_mode = None
         self.family = load_family(family, overrides)
         self.sampler = ScenarioSampler(self.family, shared_cache)
-        layout = ObservationLayout(1, self.family.observation)
+        layout = family_layout(self.family)
         self.observation_space = spaces.Box(0.0, np.inf, shape=(layout.size,), dtype=np.float32)
         self.action_space = spaces.Discrete(self.family.replica_slots)
         self.env: LLMClusterEnv | None = None
@@ -475,4 +482,4 @@ class ScenarioFamilyEnv(gym.Env):
 
 
 __all__ = ["ArrivalChoice", "LengthChoice", "ScenarioFamilyConfig", "ScenarioFamilyEnv",
-           "ScenarioSampler", "available_families", "load_family"]
+           "ScenarioSampler", "available_families", "family_layout", "load_family"]

@@ -20,6 +20,41 @@ feature                     meaning                                             
 ``hist/t-{k}/r{i}``         one-hot of the decision ``k`` steps ago (optional)     0/1
 ==========================  =====================================================  ==========
 
+Optional per-replica features follow each replica's base features, in groups switched on by
+the configuration (:class:`ReplicaFeatureGroup`; :func:`optional_replica_features` gives the
+names), the prefix-cache group first. The engine-model group (:class:`EngineFeatures`,
+``ObservationConfig.engine_signals``, on by default; see :mod:`llm_cluster_env.engine_model`):
+
+==========================  =====================================================  ==========
+feature                     meaning                                                unit
+==========================  =====================================================  ==========
+``r{i}/est_wait_s``         estimated time until the pending request's prefill      s
+                            would start on replica *i*
+``r{i}/est_ttft_s``         estimated time to its first token there                 s
+``r{i}/est_delta_s``        estimated increase of total time in system: its own     s
+                            latency plus the slow-down of replica *i*'s requests
+==========================  =====================================================  ==========
+
+The prefix-cache group (:class:`PrefixFeatures`, ``ObservationConfig.prefix_features``; on by
+default when the replicas cache prefixes, off otherwise so the layouts above do not change):
+
+==========================  =====================================================  ==========
+feature                     meaning                                                unit
+==========================  =====================================================  ==========
+``r{i}/prefix_hit``         share of the pending prompt's tokens cached on replica  fraction
+                            *i*, as the router estimates it from its own routing
+                            history (:mod:`llm_cluster_env.prefix_index`); the
+                            true GPU + host-tier value with ``prefix_oracle``
+``r{i}/prefix_index_fill``  blocks the router's index remembers for replica *i* /  fraction
+                            the index capacity (SGLang's "tree size")
+``r{i}/cache_usage``        KV blocks holding reusable cached content (in use or    fraction
+                            evictable) / capacity, as engines report through KV
+                            events
+==========================  =====================================================  ==========
+
+With both groups on, the engine model prices the pending prompt's prefill net of the cached
+prefix the prefix group reports (estimated, or true with ``prefix_oracle``).
+
 Per-replica features come first, replica-major (all of replica 0, then replica 1, ...).
 ``decode_tokens_k`` is exact with ``output_length_oracle=True``; otherwise it is the deployable
 estimate ``max(0, active requests * mean output length - tokens already generated)``, using the
@@ -48,6 +83,7 @@ from llm_cluster_env.engine_model import (
     OutputLengthPrior,
     clock_and_boundary,
 )
+from llm_cluster_env.prefix_index import ApproximatePrefixIndex
 
 if TYPE_CHECKING:
     from llm_cluster_env.sim.replica import Replica
@@ -89,11 +125,9 @@ class ObservationLayout:
         self.num_slots = slots
         self.padded = config.replica_slots is not None
         self.config = config
-        engine = ENGINE_FEATURES if config.engine_signals else ()
-        #: Per-replica feature names in column order: :data:`REPLICA_FEATURES`, then any
-        #: optional ones the configuration switches on.
-        self.replica_features: tuple[str, ...] = (REPLICA_FEATURES + engine
-                                                  + tuple(extra_replica_features))
+        #: Per-replica feature names in column order: :data:`REPLICA_FEATURES`, then the
+        #: optional groups' (:func:`optional_replica_features`).
+        self.replica_features: tuple[str, ...] = REPLICA_FEATURES + tuple(extra_replica_features)
         #: Column of each per-replica feature in ``ClusterView.replicas``.
         self.column: dict[str, int] = {f: i for i, f in enumerate(self.replica_features)}
         self.num_replica_features = len(self.replica_features)
@@ -120,6 +154,8 @@ class ObservationLayout:
             "feature_names": list(self.names),
             "history_window": self.config.history_window,
             "output_length_oracle": self.config.output_length_oracle,
+            **({"prefix_oracle": self.config.prefix_oracle}
+               if "prefix_hit" in self.replica_features else {}),
         }
 
     def view(self, obs: np.ndarray, context: RoutingContext | None = None) -> ClusterView:
@@ -227,16 +263,22 @@ class ObservationBuilder:
     :param replicas: the simulator's replicas (read-only use).
     :param mean_output_tokens: prior for a request's output length (tokens), used by the
         deployable ``decode_tokens_k`` estimate.
+    :param groups: optional per-replica feature groups, in the order their names appear in
+        ``layout.replica_features`` after the base ones.
     """
 
     def __init__(self, layout: ObservationLayout, replicas: Sequence, mean_output_tokens: float,
-                 engine_model: EngineModel | None = None) -> None:
-        if layout.config.engine_signals and engine_model is None:
-            raise ValueError("observation.engine_signals=True needs an EngineModel")
+                 groups: Sequence[ReplicaFeatureGroup] = ()) -> None:
+        names = tuple(name for group in groups for name in group.names)
+        if layout.replica_features[len(REPLICA_FEATURES):] != names:
+            raise ValueError(f"the layout's optional per-replica features "
+                             f"{layout.replica_features[len(REPLICA_FEATURES):]} differ from the "
+                             f"groups' {names}")
         self.layout = layout
         self.replicas = list(replicas)
+        self.groups = tuple(groups)
+        self._boundaries = any(group.needs_boundaries for group in self.groups)
         self.mean_output_tokens = float(mean_output_tokens)
-        self.engine_model = engine_model if layout.config.engine_signals else None
         self.oracle = layout.config.output_length_oracle
         self._tau = layout.config.arrival_rate_timescale_s
         self._share_window = layout.config.dispatch_share_window
@@ -256,6 +298,8 @@ class ObservationBuilder:
         self._decayed_arrivals = 0.0
         self._first_arrival: float | None = None
         self._last_arrival = 0.0
+        for group in self.groups:
+            group.reset()
 
     def record_arrival(self, t: float) -> None:
         """Update the arrival-rate estimate with an arrival at ``t`` (seconds)."""
@@ -266,8 +310,11 @@ class ObservationBuilder:
         self._decayed_arrivals += 1.0
         self._last_arrival = t
 
-    def record_dispatch(self, replica_id: int) -> None:
-        """Update dispatch shares and the decision history."""
+    def record_dispatch(self, replica_id: int, request: Request | None = None) -> None:
+        """Update dispatch shares, the decision history and the feature groups' state with the
+        dispatch of ``request`` to ``replica_id``."""
+        for group in self.groups:
+            group.record_dispatch(replica_id, request)
         self._recent.append(replica_id)
         self._recent_counts[replica_id] += 1
         if len(self._recent) > self._share_window:
@@ -294,22 +341,31 @@ class ObservationBuilder:
         """Dispatches per replica over the recent window (the builder's own list: do not modify)."""
         return self._recent_counts
 
-    def build(self, now: float, prompt_tokens: int, output_tokens: int) -> np.ndarray:
-        """The observation at ``now`` for a request with these lengths (tokens; 0 = none)."""
+    def build(self, now: float, prompt_tokens: int, output_tokens: int,
+              request: Request | None = None) -> np.ndarray:
+        """The observation at ``now`` for a request with these lengths (tokens; 0 = none); the
+        feature groups also see the ``request`` itself."""
         values: list[float] = []
         extend = values.extend
+        replicas = self.replicas
+        if self._boundaries:
+            timings = [clock_and_boundary(rep, now) for rep in replicas]
+            clocks = [t[0] for t in timings]
+            boundaries = [t[1] for t in timings]
+        else:
+            clocks = [rep.clock_at(now) if rep.busy else rep.clock for rep in replicas]
+            boundaries = None
+        used = [rep.blocks_in_use(clock) for rep, clock in zip(replicas, clocks)]
+        extra = None
+        for group in self.groups:
+            columns = group.columns(now, request, clocks, used, boundaries)
+            extra = columns if extra is None else [tuple(a) + tuple(b)
+                                                   for a, b in zip(extra, columns)]
         share_den = max(len(self._recent), 1)
         mean_out = self.mean_output_tokens
         oracle = self.oracle
         counts = self._recent_counts
-        engine = self.engine_model if prompt_tokens else None
-        no_engine = (0.0, 0.0, 0.0) if self.engine_model is not None else ()
-        for rep, (speed_k, capacity_k) in zip(self.replicas, self._static):
-            if engine is not None:
-                timing = clock_and_boundary(rep, now)
-                clock = timing[0]
-            else:
-                clock = rep.clock_at(now) if rep.busy else rep.clock
+        for rep, (speed_k, capacity_k), clock, in_use in zip(replicas, self._static, clocks, used):
             queued = len(rep.waiting)
             running = len(rep.running)
             generated = rep.generated_tokens_active(clock)
@@ -322,17 +378,15 @@ class ObservationBuilder:
             extend((
                 queued,
                 running,
-                (rep.decode_blocks(clock) + rep.prefill_blocks) / rep.num_blocks,
+                in_use / rep.num_blocks,
                 rep.pending_prefill_tokens * 0.001,
                 decode * 0.001,
                 counts[rep.id] / share_den,
                 speed_k,
                 capacity_k,
             ))
-            if engine is not None:
-                extend(engine.estimate(rep, now, prompt_tokens, output_tokens, timing=timing))
-            else:
-                extend(no_engine)
+            if extra is not None:
+                extend(extra[rep.id])
         layout = self.layout
         obs = np.zeros(layout.size, dtype=np.float32)
         obs[: len(values)] = values
@@ -348,6 +402,150 @@ class ObservationBuilder:
             for k, replica_id in enumerate(self._history):
                 obs[base + k * n + replica_id] = 1.0
         return obs
+
+
+class ReplicaFeatureGroup:
+    """A group of optional per-replica features (appended after the base features of each
+    replica, in :attr:`names` order). Subclasses keep whatever state they need across an
+    episode and compute their columns from the replicas at each decision."""
+
+    #: Feature names (without the ``r{i}/`` prefix).
+    names: tuple[str, ...] = ()
+    #: Whether :meth:`columns` needs each replica's time to its next iteration boundary.
+    needs_boundaries = False
+
+    def reset(self) -> None:
+        """Forget episode state (start of an episode)."""
+
+    def record_dispatch(self, replica_id: int, request: Request | None) -> None:
+        """The router sent ``request`` to ``replica_id``."""
+
+    def columns(self, now: float, request: Request | None, clocks: Sequence[int],
+                used: Sequence[int], boundaries: Sequence[float] | None
+                ) -> list[Sequence[float]]:
+        """Per replica, the group's values at ``now`` for the pending ``request``. The builder
+        computes once what several features need: ``clocks``, the replicas' iteration clocks
+        at ``now`` (``Replica.clock_at``), ``used``, their KV blocks in use then
+        (``Replica.blocks_in_use``, the ``kv_usage`` numerator), and, when some group
+        ``needs_boundaries``, the seconds from ``now`` to each one's next iteration boundary
+        (else ``None``)."""
+        raise NotImplementedError
+
+
+class PrefixFeatures(ReplicaFeatureGroup):
+    """``prefix_hit``, ``prefix_index_fill``, ``cache_usage`` (see the module table).
+
+    :param replicas: the simulator's replicas (read-only use; the true cached prefix and the
+        cache usage are read from their prefix caches).
+    :param oracle: ``prefix_hit`` is the true cached share instead of the router's estimate.
+    :param index_blocks: capacity of the router-side index per replica (blocks); ``None`` = the
+        replica's KV capacity plus its host tier.
+    """
+
+    names = ("prefix_hit", "prefix_index_fill", "cache_usage")
+
+    def __init__(self, replicas: Sequence[Replica], oracle: bool = False,
+                 index_blocks: int | None = None) -> None:
+        self.replicas = list(replicas)
+        self.oracle = oracle
+        self.indexes = []
+        for rep in self.replicas:
+            capacity = index_blocks
+            if capacity is None:
+                capacity = rep.num_blocks
+                if rep.cache is not None and rep.cache.host is not None:
+                    capacity += rep.cache.host.capacity_blocks
+            self.indexes.append(ApproximatePrefixIndex(capacity))
+        self.last_hits: list[float] | None = None  # prefix_hit per replica, last decision
+
+    def reset(self) -> None:
+        for index in self.indexes:
+            index.reset()
+
+    def record_dispatch(self, replica_id: int, request: Request | None) -> None:
+        chain = request.chain if request is not None else None
+        if chain is not None:
+            bs = self.replicas[replica_id].block_size
+            self.indexes[replica_id].insert(chain.ids, chain.block_starts(bs),
+                                            request.prompt_tokens // bs)
+
+    def columns(self, now: float, request: Request | None, clocks: Sequence[int],
+                used: Sequence[int], boundaries: Sequence[float] | None
+                ) -> list[Sequence[float]]:
+        chain = request.chain if request is not None else None
+        prompt = request.prompt_tokens if request is not None else 0
+        out = []
+        bs = starts = first = None
+        oracle = self.oracle
+        for rep, index, in_use in zip(self.replicas, self.indexes, used):
+            hit = 0.0
+            if chain is not None:
+                if oracle:
+                    hit = rep.cached_prefix_tokens(chain, prompt, now) / prompt
+                else:
+                    if rep.block_size != bs:
+                        bs = rep.block_size
+                        starts = chain.block_starts(bs)
+                        first = chain.ids[0] if starts[0] < (starts[1:] or (1,))[0] else None
+                    if first is None or first in index.lengths:  # else nothing matches
+                        hit = index.match(chain.ids, starts, prompt // bs) * bs / prompt
+            cache = rep.cache
+            num_blocks = rep.num_blocks
+            if cache is None:
+                usage = 0.0
+            else:  # cached blocks once the allocations so far have evicted what is due
+                evictable = cache.evictable.count - cache.due
+                free = num_blocks - in_use
+                usage = (cache.held_distinct + (evictable if evictable < free else free)) \
+                    / num_blocks
+            out.append((hit, index.lru.count / index.capacity_blocks, usage))
+        self.last_hits = [row[0] for row in out]
+        return out
+
+
+class EngineFeatures(ReplicaFeatureGroup):
+    """``est_wait_s``, ``est_ttft_s``, ``est_delta_s`` (see the module table and
+    :mod:`llm_cluster_env.engine_model`); zeros when no request is pending.
+
+    :param replicas: the simulator's replicas (read-only use).
+    :param model: the engine model (its output-length prior, or the oracle).
+    :param prefix: the prefix group, whose ``prefix_hit`` of this decision discounts the
+        prompt's prefill (built before this group); ``None`` without prefix features.
+    """
+
+    names = ENGINE_FEATURES
+    needs_boundaries = True
+
+    def __init__(self, replicas: Sequence[Replica], model: EngineModel,
+                 prefix: PrefixFeatures | None = None) -> None:
+        self.replicas = list(replicas)
+        self.model = model
+        self.prefix = prefix
+        self._zeros = [(0.0, 0.0, 0.0)] * len(self.replicas)
+
+    def columns(self, now: float, request: Request | None, clocks: Sequence[int],
+                used: Sequence[int], boundaries: Sequence[float] | None
+                ) -> list[Sequence[float]]:
+        if request is None:
+            return self._zeros
+        estimate = self.model.estimate
+        prompt, output = request.prompt_tokens, request.output_tokens
+        hits = self.prefix.last_hits if self.prefix is not None else None
+        out = []
+        for i, rep in enumerate(self.replicas):
+            cached = int(hits[i] * prompt) if hits is not None else 0
+            out.append(estimate(rep, now, prompt, output, cached,
+                                timing=(clocks[i], boundaries[i])))
+        return out
+
+
+def optional_replica_features(config: ObservationConfig, caches_prefixes: bool
+                              ) -> tuple[str, ...]:
+    """Names of the optional per-replica features ``config`` switches on, in layout order, for
+    a cluster whose replicas do (or do not) cache prefixes."""
+    prefix = config.prefix_features if config.prefix_features is not None else caches_prefixes
+    return ((PrefixFeatures.names if prefix else ())
+            + (EngineFeatures.names if config.engine_signals else ()))
 
 
 def reference_decode_throughput(latency) -> float:

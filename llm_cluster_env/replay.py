@@ -7,8 +7,12 @@ Usage::
 
 ``--requests`` is a CSV with (at least) the columns ``arrived_at,num_prefill_tokens,
 num_decode_tokens``: arrival time (seconds), prompt and output length (tokens), one request per
-row, arrivals non-decreasing. Every row is served, in file order from row 0, at exactly its own
-arrival time: nothing is resampled, rescaled, shifted or wrapped.
+row, arrivals non-decreasing; or a Mooncake JSONL trace (``.jsonl``: ``timestamp`` in ms,
+``input_length``, ``output_length``, ``hash_ids``; see :mod:`llm_cluster_env.prefix_workload`),
+whose prompts then carry their block identities for replicas with prefix caching (the
+scenario's ``replica.prefix_caching``; ``workload.trace_hash_block_tokens`` gives the hash block
+size). Every row is served, in file order from row 0, at exactly its own arrival time: nothing
+is resampled, rescaled, shifted or wrapped.
 
 ``--scenario`` (a packaged name or a YAML path) gives the cluster: replicas, hardware,
 batching, SLO targets and the workload's token cap (``max_total_tokens``) and
@@ -27,7 +31,8 @@ Output (``--out``): one row per input row, in input order, with the columns of
 :data:`llm_cluster_env.sim.metrics.REQUEST_COLUMNS` (the schema of the env's
 ``info["requests"]``): ``request_id`` (the 0-based data row of the input), ``arrival_s``,
 ``prompt_tokens``, ``output_tokens`` (as served), ``replica``, ``scheduling_delay_s``,
-``ttft_s``, ``e2e_s``, ``tpot_s`` (empty for one-token outputs) and ``preemptions``. Oversized
+``ttft_s``, ``e2e_s``, ``tpot_s`` (empty for one-token outputs) and ``preemptions``, and with
+prefix caching ``cached_prompt_tokens`` and ``host_prompt_tokens``. Oversized
 requests (prompt + output over the cap) follow the scenario's ``oversize_policy``:
 
 * ``clip``: served shortened; the token columns hold the served lengths and the summary counts
@@ -66,8 +71,14 @@ import numpy as np
 from llm_cluster_env.atomic import atomic_write_text
 from llm_cluster_env.env import LLMClusterEnv
 from llm_cluster_env.evaluation import run_episode
+from llm_cluster_env.prefix_workload import trace_chains
 from llm_cluster_env.routers import ROUTERS, Router, make_router
-from llm_cluster_env.sim.metrics import INTEGER_COLUMNS, PERCENTILES, REQUEST_COLUMNS
+from llm_cluster_env.sim.metrics import (
+    INTEGER_COLUMNS,
+    PERCENTILES,
+    PREFIX_REQUEST_COLUMNS,
+    REQUEST_COLUMNS,
+)
 from llm_cluster_env.validation import deep_merge
 from llm_cluster_env.workload import Trace, Workload, load_trace
 
@@ -123,8 +134,11 @@ def _served_workload(env: LLMClusterEnv, trace: Trace) -> tuple[Workload, np.nda
     generator = env.workload
     times, prompt, output = trace.arrival_times, trace.prompt_tokens, trace.output_tokens
     over = prompt + output > generator.max_total_tokens
+    chains = None
+    if trace.segments is not None:
+        chains = trace_chains(trace, np.arange(len(trace)))
     try:
-        workload = generator.apply_oversize_policy(times, prompt, output)
+        workload = generator.apply_oversize_policy(times, prompt, output, chains=chains)
     except ValueError as err:
         first = int(np.argmax(over))
         raise ReplayError(f"{trace.path}, line {trace.line_of(first)} (data row {first}): "
@@ -142,8 +156,9 @@ def replay(requests: str | os.PathLike[str] | Trace, env_kwargs: Mapping[str, An
            router: str | Router = "lor", seed: int = 0) -> ReplayResult:
     """Serve every request of a file (or loaded trace) at its own arrival time, once.
 
-    :param requests: a CSV path (``arrived_at,num_prefill_tokens,num_decode_tokens``) or a
-        :class:`~llm_cluster_env.workload.Trace` from :func:`~llm_cluster_env.workload.load_trace`.
+    :param requests: a CSV path (``arrived_at,num_prefill_tokens,num_decode_tokens``), a
+        Mooncake JSONL path (``.jsonl``), or a :class:`~llm_cluster_env.workload.Trace` from
+        :func:`~llm_cluster_env.workload.load_trace`.
     :param env_kwargs: ``LLMCluster-v0`` keyword arguments, e.g. ``{"scenario":
         "a100x4_conv_70", "num_replicas": 8}``; they define the cluster and the oversize policy.
     :param router: a router name (see :mod:`llm_cluster_env.routers`) or instance.
@@ -153,10 +168,12 @@ def replay(requests: str | os.PathLike[str] | Trace, env_kwargs: Mapping[str, An
     :raises ReplayError: ``oversize_policy="error"`` met an oversized request (names its line).
     :raises ValueError: unknown router name, or every request was rejected.
     """
-    trace = requests if isinstance(requests, Trace) else load_trace(requests)
     if isinstance(router, str):
         router = make_router(router)
     env = LLMClusterEnv(**dict(env_kwargs or {}))
+    workload_config = env.config.workload
+    trace = requests if isinstance(requests, Trace) else load_trace(
+        requests, workload_config.trace_format, workload_config.trace_hash_block_tokens)
     workload, served = _served_workload(env, trace)
     if len(workload) == 0:
         raise ReplayError(f"{trace.path}: every one of the {len(trace)} requests exceeds "
@@ -168,7 +185,7 @@ def replay(requests: str | os.PathLike[str] | Trace, env_kwargs: Mapping[str, An
         raise RuntimeError(f"{len(workload)} requests dispatched but "
                            f"{len(served_records['request_id'])} finished")
     rows = np.flatnonzero(served)  # input row of each served request, in request-id order
-    records = _empty_records(len(trace))
+    records = _empty_records(len(trace), env.caches_prefixes)
     for name, values in served_records.items():
         records[name][rows] = values
     records["request_id"] = np.arange(len(trace), dtype=np.int64)
@@ -180,10 +197,12 @@ def replay(requests: str | os.PathLike[str] | Trace, env_kwargs: Mapping[str, An
     return ReplayResult(records, metrics, ~served, clipped, env)
 
 
-def _empty_records(n: int) -> dict[str, np.ndarray]:
-    """Records of ``n`` unserved requests: replica -1, NaN latencies, 0 of everything else."""
+def _empty_records(n: int, prefix: bool = False) -> dict[str, np.ndarray]:
+    """Records of ``n`` unserved requests: replica -1, NaN latencies, 0 of everything else
+    (with the prefix-cache columns when ``prefix``)."""
+    names = REQUEST_COLUMNS + (PREFIX_REQUEST_COLUMNS if prefix else ())
     records = {name: np.zeros(n, dtype=np.int64 if name in INTEGER_COLUMNS else np.float64)
-               for name in REQUEST_COLUMNS}
+               for name in names}
     records["replica"][:] = REJECTED_REPLICA
     for name in _LATENCY_COLUMNS:
         records[name][:] = np.nan
@@ -204,7 +223,8 @@ def _cell(value: int | float) -> str:
 
 def write_records_csv(path: str | os.PathLike[str], records: Mapping[str, np.ndarray]) -> Path:
     """Write per-request records (``column -> array``, all columns of
-    :data:`~llm_cluster_env.sim.metrics.REQUEST_COLUMNS`) as CSV, atomically.
+    :data:`~llm_cluster_env.sim.metrics.REQUEST_COLUMNS`, then the
+    :data:`~llm_cluster_env.sim.metrics.PREFIX_REQUEST_COLUMNS` if present) as CSV, atomically.
 
     The file is replaced atomically (:func:`llm_cluster_env.atomic.atomic_write_text`): on any
     failure ``path`` is left as it was and no temporary file remains.
@@ -212,13 +232,16 @@ def write_records_csv(path: str | os.PathLike[str], records: Mapping[str, np.nda
     missing = [name for name in REQUEST_COLUMNS if name not in records]
     if missing:
         raise ValueError(f"records: missing column(s) {missing} (need {list(REQUEST_COLUMNS)})")
-    columns = [np.asarray(records[name]).tolist() for name in REQUEST_COLUMNS]
+    names = REQUEST_COLUMNS
+    if all(name in records for name in PREFIX_REQUEST_COLUMNS):
+        names += PREFIX_REQUEST_COLUMNS
+    columns = [np.asarray(records[name]).tolist() for name in names]
     if len({len(c) for c in columns}) > 1:
         raise ValueError("records: columns differ in length: "
-                         + ", ".join(f"{n}={len(c)}" for n, c in zip(REQUEST_COLUMNS, columns)))
+                         + ", ".join(f"{n}={len(c)}" for n, c in zip(names, columns)))
     text = io.StringIO()
     writer = csv.writer(text, lineterminator="\n")
-    writer.writerow(REQUEST_COLUMNS)
+    writer.writerow(names)
     writer.writerows([_cell(v) for v in row] for row in zip(*columns))
     return atomic_write_text(path, text.getvalue())
 
@@ -287,8 +310,9 @@ def _overrides(items: list[str], parser: argparse.ArgumentParser) -> dict[str, A
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m llm_cluster_env.replay",
                                      description=__doc__.splitlines()[0])
-    parser.add_argument("--requests", required=True, metavar="FILE.csv",
-                        help="CSV with columns arrived_at,num_prefill_tokens,num_decode_tokens")
+    parser.add_argument("--requests", required=True, metavar="FILE",
+                        help="CSV with columns arrived_at,num_prefill_tokens,num_decode_tokens, "
+                             "or a Mooncake JSONL trace (.jsonl)")
     parser.add_argument("--scenario", required=True,
                         help="packaged scenario name or YAML path: the cluster to replay on")
     parser.add_argument("--router", default="lor", help=f"heuristic router ({', '.join(ROUTERS)})")

@@ -72,6 +72,13 @@ the marginals (point masses such as the 2 % of conversation prompts of exactly 1
 quantiles only to bin resolution); a Gaussian copula reduces the dependence to one
 correlation and cannot express either of the shapes above.
 
+Prompts that share prefixes
+---------------------------
+A Mooncake JSONL trace (``trace_path`` ending in ``.jsonl``) and the synthetic ``prefix``
+generators (``multiturn`` sessions, shared ``system_prompt``) give every request its prompt's
+block identities (``Workload.chains``), for replicas with prefix caching; they live in
+:mod:`llm_cluster_env.prefix_workload`. The oversize policy cuts a clipped prompt's chain too.
+
 Oversized requests (``WorkloadConfig.oversize_policy``, cap ``max_total_tokens``)
 ----------------------------------------------------------------------------------
 ``clip``: the excess ``prompt + output - cap`` is removed from both lengths in proportion to
@@ -85,6 +92,7 @@ its trace line (for trace lengths) and its lengths.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 import os
@@ -110,6 +118,7 @@ _ARRIVAL_COLUMN, _PROMPT_COLUMN, _OUTPUT_COLUMN = TRACE_COLUMNS
 _MAX_TOKENS = 2**53  # token counts must convert to int64 exactly
 _MEAN_ESTIMATE_DRAWS = 1 << 16  # Monte Carlo draws for the mean lengths of random lengths
 _MEAN_ESTIMATE_SEED = 20240601  # private seed: the estimate is a property of the config
+_PREFIX_MEAN_REQUESTS = 1 << 13  # requests of the episode that measures prefix workloads' means
 _MAX_DRAWS_PER_BLOCK = 1 << 21  # memory bound of one vectorised block of phase gaps
 _NAME_PATTERN = re.compile(r"^[A-Za-z0-9_.-]+$")
 
@@ -160,6 +169,9 @@ class Workload:
     :param output_tokens: output lengths (tokens, >= 1).
     :param num_clipped: requests shortened by ``oversize_policy="clip"`` (they are in the arrays).
     :param num_rejected: requests dropped by ``oversize_policy="reject"`` (not in the arrays).
+    :param chains: per request, its prompt's block identities
+        (:class:`~llm_cluster_env.sim.prefix_cache.PrefixChain`, see
+        :mod:`llm_cluster_env.prefix_workload`), or ``None`` when prompts share nothing.
 
     Arrays are converted to float64/int64, validated and made read-only.
     """
@@ -169,6 +181,7 @@ class Workload:
     output_tokens: np.ndarray
     num_clipped: int = 0
     num_rejected: int = 0
+    chains: tuple | None = None
 
     def __post_init__(self) -> None:
         times = _readonly(self.arrival_times, np.float64)
@@ -187,6 +200,11 @@ class Workload:
             raise ValueError("Workload token counts must be >= 1")
         if self.num_clipped < 0 or self.num_rejected < 0:
             raise ValueError("Workload.num_clipped and num_rejected must be >= 0")
+        if self.chains is not None:
+            object.__setattr__(self, "chains", tuple(self.chains))
+            if len(self.chains) != len(times):
+                raise ValueError(f"Workload.chains has {len(self.chains)} entries for "
+                                 f"{len(times)} requests")
         object.__setattr__(self, "arrival_times", times)
         object.__setattr__(self, "prompt_tokens", prompt)
         object.__setattr__(self, "output_tokens", output)
@@ -207,6 +225,7 @@ class Workload:
             and np.array_equal(self.output_tokens, other.output_tokens)
             and self.num_clipped == other.num_clipped
             and self.num_rejected == other.num_rejected
+            and self.chains == other.chains
         )
 
     __hash__ = None  # type: ignore[assignment]
@@ -222,6 +241,11 @@ class Trace:
     :param path: the file the trace was read from.
     :param line_numbers: 1-based file line of each row (header = line 1); ``None`` means
         ``row + 2`` (no blank lines).
+    :param segments: Mooncake traces: per row, the prompt's hash blocks as interned segment
+        ids (see :mod:`llm_cluster_env.prefix_workload`); ``None`` for CSV traces.
+    :param session_keys: Mooncake traces: per row, the segment of the first two blocks.
+    :param hash_block_tokens: Mooncake traces: tokens per hash block.
+    :param num_segments: Mooncake traces: number of distinct segment ids.
     """
 
     arrival_times: np.ndarray
@@ -229,6 +253,10 @@ class Trace:
     output_tokens: np.ndarray
     path: str
     line_numbers: np.ndarray | None = None
+    segments: tuple[tuple[int, ...], ...] | None = None
+    session_keys: np.ndarray | None = None
+    hash_block_tokens: int | None = None
+    num_segments: int = 0
 
     def __len__(self) -> int:
         """Number of rows (requests)."""
@@ -369,8 +397,12 @@ def _read_trace_file(path: str) -> tuple[list[float], list[int], list[int], list
             raise _trace_error(path, None, None, None, f"not a UTF-8 text file: {err}") from None
 
 
-def load_trace(path: str | os.PathLike[str]) -> Trace:
-    """Parse and validate a trace CSV with columns ``arrived_at,num_prefill_tokens,num_decode_tokens``.
+def load_trace(path: str | os.PathLike[str], trace_format: str = "auto",
+               hash_block_tokens: int = 512) -> Trace:
+    """Parse and validate a trace CSV with columns ``arrived_at,num_prefill_tokens,num_decode_tokens``
+    (or, with ``trace_format="mooncake"`` or ``"auto"`` and a ``.jsonl`` path, a Mooncake JSONL
+    trace with ``hash_block_tokens``-token hash blocks: see
+    :func:`llm_cluster_env.prefix_workload.load_mooncake_trace`).
 
     Other columns are ignored; blank lines are skipped. ``arrived_at`` is in seconds; token
     counts must be whole numbers >= 1 (``"12.0"`` is accepted). Arrays are read-only.
@@ -381,6 +413,10 @@ def load_trace(path: str | os.PathLike[str]) -> Trace:
         arrival time is negative or smaller than the previous row's. Messages name the file,
         the 1-based line (header = line 1), the column and the value.
     """
+    from llm_cluster_env.prefix_workload import is_mooncake_path, load_mooncake_trace
+
+    if trace_format == "mooncake" or (trace_format == "auto" and is_mooncake_path(path)):
+        return load_mooncake_trace(path, hash_block_tokens)
     name = os.fspath(path)
     arrivals, prompts, outputs, lines = _read_trace_file(name)
     if not arrivals:
@@ -617,7 +653,8 @@ def _extend_segment(offset: float, length: float, shape: float, scale: float, ba
 
 def trace_window(trace: Trace, n: int, start: int,
                  trace_qps: float | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Arrival times (seconds from 0) and row indices of rows ``[start, start + n)`` of ``trace``.
+    """Arrival times (seconds from 0) and row indices of rows ``[start, start + n)`` of ``trace``
+    (how often each wrapped: ``(start + arange(n)) // len(trace)``).
 
     Rows past the end wrap to row 0 one period (``span + mean_gap``) later (module docstring);
     ``trace_qps`` rescales the time axis so the repeated trace's mean rate is ``trace_qps``.
@@ -713,10 +750,11 @@ class WorkloadGenerator:
                 if shared_cache is not None:
                     shared_cache[empirical_key] = self._empirical
         #: What determines :meth:`length_sample` (a key for caches shared between envs).
-        self.length_key = key = ("length_sample", config.lengths, config.prompt_tokens, config.output_tokens,
-               config.prompt_tokens_range, config.output_tokens_range, config.prompt_lognormal,
-               config.output_lognormal, config.empirical, config.trace_path,
-               config.oversize_policy, self.max_total_tokens)
+        #: (Every length setting; the arrival process does not change lengths.)
+        self.length_key = key = (
+            "length_sample", self.max_total_tokens,
+            dataclasses.replace(config, arrival="poisson", qps=1.0, cv=1.0, phases=(),
+                                trace_qps=None, trace_start=None))
         cached = shared_cache.get(key) if shared_cache is not None else None
         if cached is None:
             cached = self._entering_lengths()
@@ -734,7 +772,7 @@ class WorkloadGenerator:
         if config.trace_path is None:
             raise ConfigError(f"workload.trace_path=None: arrival={config.arrival!r}, "
                               f"lengths={config.lengths!r} needs a trace CSV path")
-        trace = load_trace(config.trace_path)
+        trace = load_trace(config.trace_path, config.trace_format, config.trace_hash_block_tokens)
         if config.arrival != "trace":
             return trace
         if not trace.span_s > 0:
@@ -750,12 +788,18 @@ class WorkloadGenerator:
 
     def length_sample(self) -> tuple[np.ndarray, np.ndarray]:
         """(prompt, output) lengths (tokens) representing the requests that enter the cluster,
-        after the oversize policy: exact for fixed and trace lengths, else 2**16 draws from a
-        private fixed seed. The prior of routers' output-length estimates (read-only)."""
+        after the oversize policy: exact for fixed and trace lengths, an episode of
+        ``_PREFIX_MEAN_REQUESTS`` requests for prefix workloads (prompts grow with history),
+        else 2**16 draws, all from a private fixed seed. The prior of routers' output-length
+        estimates (read-only)."""
         return self._length_sample
 
     def _entering_lengths(self) -> tuple[np.ndarray, np.ndarray]:
-        prompt, output = self._length_population()
+        if self.config.prefix != "none":  # prompts grow with history: measure an episode
+            rng = np.random.default_rng(_MEAN_ESTIMATE_SEED)
+            _, prompt, output, _, _ = self._sample_raw(_PREFIX_MEAN_REQUESTS, rng)
+        else:
+            prompt, output = self._length_population()
         policy = self.config.oversize_policy
         if policy == "clip":
             prompt, output = clip_lengths(prompt, output, self.max_total_tokens)
@@ -826,31 +870,60 @@ class WorkloadGenerator:
                 or num_requests < 0:
             raise ValueError(f"num_requests={num_requests!r}: must be an integer >= 0")
         n = int(num_requests)
-        times, rows = self._sample_arrivals(n, rng)
+        times, prompt, output, rows, chains = self._sample_raw(n, rng)
+        return self.apply_oversize_policy(times, prompt, output, rows, chains)
+
+    def _sample_raw(self, n: int, rng: np.random.Generator):
+        """Arrival times, lengths, trace rows (or ``None``) and chains (or ``None``) of ``n``
+        requests before the oversize policy."""
+        from llm_cluster_env import prefix_workload
+
+        config = self.config
+        if config.prefix == "multiturn":
+            times, prompt, output, chains = prefix_workload.multiturn_sessions(
+                n, config.qps, config.multiturn, self._sample_joint_lengths,
+                self.max_total_tokens, rng)
+            return times, prompt, output, None, chains
+        times, rows, cycles = self._sample_arrivals(n, rng)
         if rows is None:
             prompt, output, rows = self._sample_lengths(n, rng)
+            cycles = None
         else:
             assert self._trace is not None
             prompt, output = self._trace.prompt_tokens[rows], self._trace.output_tokens[rows]
-        return self.apply_oversize_policy(times, prompt, output, rows)
+        chains = None
+        if self._trace is not None and self._trace.segments is not None:
+            chains = prefix_workload.trace_chains(self._trace, rows, cycles)
+        elif config.prefix == "system_prompt":
+            prompt, chains = prefix_workload.system_prompt_requests(prompt, config.system_prompt,
+                                                                    rng)
+        return times, prompt, output, rows, chains
+
+    def _sample_joint_lengths(self, n: int, rng: np.random.Generator
+                              ) -> tuple[np.ndarray, np.ndarray]:
+        """``n`` (prompt, output) lengths (tokens) of the ``lengths`` distribution."""
+        prompt, output, _ = self._sample_lengths(n, rng)
+        return prompt, output
 
     # ---- sampling steps ---------------------------------------------------------------------
 
-    def _sample_arrivals(self, n: int,
-                         rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray | None]:
-        """Arrival times (seconds) and, when replaying a trace, the trace rows used."""
+    def _sample_arrivals(self, n: int, rng: np.random.Generator
+                         ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+        """Arrival times (seconds) and, when replaying a trace, the trace rows used and how
+        often the window wrapped before each."""
         config = self.config
         if config.arrival == "poisson":
-            return poisson_arrivals(n, config.qps, rng), None
+            return poisson_arrivals(n, config.qps, rng), None, None
         if config.arrival == "gamma":
-            return gamma_arrivals(n, config.qps, config.cv, rng), None
+            return gamma_arrivals(n, config.qps, config.cv, rng), None, None
         if config.arrival == "phases":
-            return phase_arrivals(n, config.phases, config.cv, rng), None
+            return phase_arrivals(n, config.phases, config.cv, rng), None, None
         assert self._trace is not None
         start = config.trace_start
         if start is None:
             start = int(rng.integers(len(self._trace)))
-        return trace_window(self._trace, n, start, config.trace_qps)
+        times, rows = trace_window(self._trace, n, start, config.trace_qps)
+        return times, rows, (start + np.arange(n, dtype=np.int64)) // len(self._trace)
 
     def _sample_lengths(self, n: int, rng: np.random.Generator
                         ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
@@ -874,23 +947,31 @@ class WorkloadGenerator:
         return self._trace.prompt_tokens[rows], self._trace.output_tokens[rows], rows
 
     def apply_oversize_policy(self, times: np.ndarray, prompt: np.ndarray, output: np.ndarray,
-                              rows: np.ndarray | None = None) -> Workload:
+                              rows: np.ndarray | None = None,
+                              chains: tuple | None = None) -> Workload:
         """Package given arrival times (seconds) and lengths (tokens) as a :class:`Workload`
         after ``oversize_policy`` against ``max_total_tokens``: clipped, rejected (dropped and
         counted) or ``ValueError`` naming the first oversized request (and its line in this
-        generator's trace when ``rows`` maps requests to trace rows). Times are kept as given."""
+        generator's trace when ``rows`` maps requests to trace rows). Times are kept as given.
+        ``chains`` (the requests' prefix chains) follow: a clipped prompt keeps the segments
+        that start inside it, and what follows is unique to the request."""
         cap = self.max_total_tokens
         over = prompt + output > cap
         policy = self.config.oversize_policy
         if not over.any():
-            return Workload(times, prompt, output)
+            return Workload(times, prompt, output, chains=chains)
         if policy == "clip":
             prompt, output = clip_lengths(prompt, output, cap)
-            return Workload(times, prompt, output, num_clipped=int(over.sum()))
+            if chains is not None:
+                chains = tuple(chain.truncated(int(prompt[i]), -(i + 1)) if over[i] else chain
+                               for i, chain in enumerate(chains))
+            return Workload(times, prompt, output, num_clipped=int(over.sum()), chains=chains)
         if policy == "reject":
             keep = ~over
+            if chains is not None:
+                chains = tuple(c for c, k in zip(chains, keep.tolist()) if k)
             return Workload(times[keep], prompt[keep], output[keep],
-                            num_rejected=int(over.sum()))
+                            num_rejected=int(over.sum()), chains=chains)
         index = int(np.argmax(over))
         row = None if rows is None else int(rows[index])
         raise ValueError(_oversize_message(index, int(prompt[index]), int(output[index]), cap,

@@ -26,7 +26,12 @@ from typing import Any
 import numpy as np
 from imitation.data.types import TrajectoryWithRew
 
-from llm_cluster_env.family import ScenarioFamilyConfig, ScenarioFamilyEnv, load_family
+from llm_cluster_env.family import (
+    ScenarioFamilyConfig,
+    ScenarioFamilyEnv,
+    family_layout,
+    load_family,
+)
 from llm_cluster_env.observation import ObservationLayout
 from llm_cluster_env.routers import ROUTERS, make_router
 from llm_cluster_env.sim.metrics import balance_score
@@ -98,7 +103,7 @@ def collect_best_heuristic_demonstrations(
     names = _check_candidates(candidates)
     config = load_family(family)
     env = ScenarioFamilyEnv(config, shared_cache=shared_cache)
-    layout = ObservationLayout(1, config.observation)
+    layout = family_layout(config)
     seeds = np.random.default_rng(np.random.SeedSequence(seed))
     trajectories: list[TrajectoryWithRew] = []
     experts: list[str] = []

@@ -82,7 +82,8 @@ def test_heuristic_policy_resets_routers_at_episode_starts():
         policy(np.stack([obs] * 3), state, np.zeros(3, dtype=bool))
 
 
-@pytest.mark.parametrize("name", [n for n, cls in ROUTERS.items() if not cls.requires_context])
+@pytest.mark.parametrize("name", [n for n in ROUTERS
+                                  if not make_router(n).requires_context])
 def test_heuristic_policy_matches_router_on_the_env_observation(name):
     """Any router name works, and deciding from layout.view(obs) equals the router on the env's
     own view (state-builder parity)."""

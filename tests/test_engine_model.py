@@ -77,7 +77,9 @@ def test_estimated_ttft_predicts_the_realised_ttft():
 def test_oracle_uses_true_output_lengths():
     base = LLMClusterEnv(**SMALL)
     oracle = LLMClusterEnv(**SMALL, observation={"output_length_oracle": True})
-    assert isinstance(oracle.builder.engine_model, EngineModel) and oracle.builder.engine_model.oracle
+    engine = oracle.builder.groups[-1]
+    assert isinstance(engine.model, EngineModel) and engine.model.oracle
+    assert not base.builder.groups[-1].model.oracle
     obs_a, _ = base.reset(seed=2)
     obs_b, _ = oracle.reset(seed=2)
     for _ in range(60):

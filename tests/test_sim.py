@@ -9,6 +9,7 @@ import pytest
 
 from llm_cluster_env.config import ReplicaConfig
 from llm_cluster_env.sim.cluster import Cluster, build_replica
+from llm_cluster_env.sim.prefix_cache import HostCache, PrefixChain
 from llm_cluster_env.sim.replica import Replica
 from llm_cluster_env.sim.request import Request, RequestState
 
@@ -38,23 +39,42 @@ class LinearLatency:
         return t
 
 
-def make_cluster(n=4, jump=True, blocks=4000, check=True, latency=None, **replica_kwargs):
+def make_cluster(n=4, jump=True, blocks=4000, check=True, latency=None, host_blocks=0,
+                 **replica_kwargs):
     replica_kwargs.setdefault("batching", "mixed")
     config = ReplicaConfig(**replica_kwargs)
-    replicas = [Replica(i, config, latency or LinearLatency(), blocks, 4096, jump=jump)
+    replicas = [Replica(i, config, latency or LinearLatency(), blocks, 4096, jump=jump,
+                        host_cache=HostCache(host_blocks, 2e-5) if host_blocks else None)
                 for i in range(n)]
     return Cluster(replicas, check_invariants=check)
 
 
-def random_requests(seed, n=600, qps=25.0, max_prompt=2000, max_output=400, ties=False):
+def random_requests(seed, n=600, qps=25.0, max_prompt=2000, max_output=400, ties=False,
+                    prefix=False):
+    """Random requests; with ``prefix``, prompts share prefixes: one of five system prompts,
+    then a conversation (30 sessions) whose turns grow by the previous turn's output."""
     rng = np.random.default_rng(seed)
     times = np.cumsum(rng.exponential(1.0 / qps, n))
     if ties:  # several requests at exactly the same instant, as in real traces
         times = np.round(times, 1)
     prompts = rng.integers(1, max_prompt, n)
     outputs = rng.integers(1, max_output, n)
-    return [Request(i, float(t), int(p), int(o))
-            for i, (t, p, o) in enumerate(zip(times, prompts, outputs))]
+    if not prefix:
+        return [Request(i, float(t), int(p), int(o))
+                for i, (t, p, o) in enumerate(zip(times, prompts, outputs))]
+    requests, history = [], {}
+    system = [16 * int(k) + int(j) for k, j in zip(rng.integers(1, 40, 5), rng.integers(0, 16, 5))]
+    for i, (t, o) in enumerate(zip(times, outputs)):
+        session = int(rng.integers(30))
+        sys_tokens = system[session % 5]
+        context = history.get(session, sys_tokens)
+        prompt = context + int(rng.integers(1, max_prompt // 4))
+        if prompt + o > 3000:  # the conversation starts over
+            prompt = sys_tokens + int(rng.integers(1, max_prompt // 4))
+        history[session] = prompt + int(o)
+        chain = PrefixChain((session % 5, 100 + session), (0, sys_tokens), session)
+        requests.append(Request(i, float(t), prompt, int(o), chain))
+    return requests
 
 
 def run_episode(cluster, requests, policy="lor", seed=0):
@@ -93,6 +113,15 @@ EQUIVALENCE_CASES = {
     "vllm_v0_very_tight_kv": dict(batching="vllm_v0", blocks=200, qps=40.0),
     "vllm_v0_small_batch_cap": dict(batching="vllm_v0", max_batch_size=8),
     "vllm_v0_simultaneous_arrivals": dict(batching="vllm_v0", ties=True),
+    "prefix_cache": dict(prefix_caching=True, prefix=True),
+    "prefix_cache_chunked": dict(prefix_caching=True, prefix=True, batching="mixed_chunked"),
+    "prefix_cache_tight_kv": dict(prefix_caching=True, prefix=True, blocks=400),
+    "prefix_cache_chunked_tight_kv": dict(prefix_caching=True, prefix=True, blocks=300,
+                                          batching="mixed_chunked"),
+    "prefix_cache_host_tier": dict(prefix_caching=True, prefix=True, blocks=400,
+                                   host_blocks=300),
+    "prefix_cache_simultaneous_random": dict(prefix_caching=True, prefix=True, ties=True,
+                                             policy="random", blocks=500),
 }
 
 
@@ -104,10 +133,12 @@ def test_jump_mode_matches_iteration_mode(case, seed):
     qps = kw.pop("qps", 25.0)
     ties = kw.pop("ties", False)
     policy = kw.pop("policy", "lor")
+    prefix = kw.pop("prefix", False)
     results = []
     for jump in (True, False):
         cluster = make_cluster(jump=jump, blocks=blocks, **kw)
-        reqs = run_episode(cluster, random_requests(seed, qps=qps, ties=ties), policy, seed)
+        reqs = run_episode(cluster, random_requests(seed, n=300 if prefix else 600, qps=qps,
+                                                    ties=ties, prefix=prefix), policy, seed)
         results.append((timestamps(reqs), cluster))
     (a, jump_cluster), (b, iter_cluster) = results
     np.testing.assert_allclose(a, b, rtol=0, atol=1e-9)
@@ -117,6 +148,14 @@ def test_jump_mode_matches_iteration_mode(case, seed):
             == sum(r.num_iterations for r in iter_cluster.replicas))
     if "tight" in case:
         assert a[:, 3].sum() > 0, "this case is meant to exercise preemption"
+    if prefix:  # the cache did its work, identically in both modes
+        caches = [[r.cache for r in c.replicas] for c in (jump_cluster, iter_cluster)]
+        assert sum(r.hit_blocks for r in jump_cluster.replicas) > 0
+        for a_cache, b_cache in zip(*caches):
+            assert a_cache.lengths == b_cache.lengths
+            assert a_cache.blocks_evicted == b_cache.blocks_evicted
+        if kw.get("host_blocks"):
+            assert sum(r.host_hit_blocks for r in jump_cluster.replicas) > 0
 
 
 def test_jump_mode_matches_iteration_mode_on_calibrated_model():
@@ -256,3 +295,51 @@ def test_block_boundary_modes_agree():
         return timestamps(reqs)
 
     np.testing.assert_allclose(run(True), run(False), rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize("batching", ["mixed", "mixed_chunked"])
+@pytest.mark.parametrize("blocks", [4000, 300])
+def test_prefix_caching_without_shared_prefixes_changes_only_recomputes(batching, blocks):
+    """Prompts that share nothing: caching on gives exactly the timestamps of caching off
+    until a preemption; then the recompute finds the victim's own blocks cached (vLLM keeps a
+    preempted request's blocks too), so only preempted requests, and those behind them, gain."""
+    results, clusters = [], []
+    for caching in (False, True):
+        reqs = random_requests(5, n=400, qps=30.0)
+        if caching:
+            for r in reqs:
+                r.chain = PrefixChain((-(r.id + 1),), (0,))
+        cluster = make_cluster(blocks=blocks, batching=batching, prefix_caching=caching)
+        results.append(timestamps(run_episode(cluster, reqs)))
+        clusters.append(cluster)
+    off, on = results
+    preempted = np.flatnonzero(off[:, 3] > 0)
+    if not len(preempted):
+        np.testing.assert_array_equal(off, on)
+        return
+    first = min(off[preempted[0], 0], on[np.flatnonzero(on[:, 3] > 0)[0], 0])
+    before = off[:, 2] < first  # finished before the first preempted request was admitted
+    np.testing.assert_array_equal(off[before], on[before])
+    saved = sum(r.prefill_tokens_saved for r in clusters[1].replicas)
+    assert saved > 0 and sum(r.hit_blocks for r in clusters[1].replicas) == 0  # recomputes only
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_prefix_cache_fuzz_keeps_its_invariants(seed):
+    """Random shared prefixes, tight memory, a host tier, random routing: every event keeps the
+    cache consistent (check_invariants: no block over capacity counting evictable ones,
+    reference counts match the requests' references, holders positive, cached sets
+    prefix-closed) and every request finishes exactly once."""
+    rng = np.random.default_rng(seed)
+    blocks = int(rng.integers(200, 600))
+    cluster = make_cluster(n=3, blocks=blocks, batching=["mixed", "mixed_chunked"][seed % 2],
+                           prefix_caching=True, host_blocks=int(rng.integers(0, 2)) * 200,
+                           max_batch_size=int(rng.integers(4, 64)), watermark=0.0)
+    reqs = random_requests(100 + seed, n=500, qps=float(rng.uniform(10, 60)), prefix=True,
+                           ties=bool(seed % 2))
+    run_episode(cluster, reqs, policy="random", seed=seed)
+    assert sorted(r.id for r in cluster.finished) == list(range(len(reqs)))
+    for rep in cluster.replicas:
+        assert rep.cache.held_refs == rep.cache.held_distinct == 0
+        assert not rep.cache.holders
+        assert rep.cache.evictable.count + rep.blocks_in_use(rep.clock - 1) <= rep.num_blocks

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 
 from llm_cluster_env.sim.events import ARRIVAL, BATCH_END, BATCH_START
 from llm_cluster_env.sim.latency import IterationTimeModel
+from llm_cluster_env.sim.prefix_cache import HostCache
 from llm_cluster_env.sim.replica import Replica, SimulationError
 from llm_cluster_env.sim.request import Request, RequestState
 
@@ -55,13 +56,17 @@ def build_replica(replica_id: int, config: ReplicaConfig, jump: bool = True,
 
     ``batching="vllm_v0"`` follows Vidur: no CPU overhead unless ``iteration_overhead_s`` is
     set, and KV capacity from :func:`~llm_cluster_env.sim.hardware.vidur_kv_cache_blocks`
-    (``ReplicaConfig.kv_cache_blocks``). Iteration-time models are read-only; replicas of one
-    (model, GPU, TP, overhead) share one from ``latency_cache`` when given (building one takes
-    tens of milliseconds).
+    (``ReplicaConfig.kv_cache_blocks``). With ``host_cache`` the replica gets its host tier
+    (capacity and transfer time per block from the config). Iteration-time models are
+    read-only; replicas of one (model, GPU, TP, overhead) share one from ``latency_cache`` when
+    given (building one takes tens of milliseconds).
     """
     latency = latency_model(config, latency_cache)
+    host = None
+    if config.host_cache:
+        host = HostCache(config.host_cache_blocks, config.host_seconds_per_block)
     return Replica(replica_id, config, latency, config.kv_cache_blocks, config.context_tokens,
-                   jump=jump)
+                   jump=jump, host_cache=host)
 
 
 class Cluster:

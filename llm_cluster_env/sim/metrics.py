@@ -27,6 +27,18 @@ column                  dtype    meaning                                        
 ``preemptions``         int64    times the request was preempted                      -
 ======================  =======  ===================================================  =======
 
+With prefix caching (any replica with ``prefix_caching``) two columns follow,
+:data:`PREFIX_REQUEST_COLUMNS` (replay output for inputs without prefix caching is unchanged):
+
+==========================  =======  ==============================================  =======
+column                      dtype    meaning                                         unit
+==========================  =======  ==============================================  =======
+``cached_prompt_tokens``    int64    prompt tokens found cached at the request's     tokens
+                                     first admission (GPU or host tier), not
+                                     computed
+``host_prompt_tokens``      int64    of those, loaded from the host tier             tokens
+==========================  =======  ==============================================  =======
+
 The episode statistics call the scheduling delay ``queueing`` (``queueing_mean`` ...).
 
 Per episode: mean/p50/p90/p99 of each, throughput, SLO attainment, per-replica utilisation
@@ -53,14 +65,17 @@ REQUEST_COLUMNS: tuple[str, ...] = (
     "request_id", "arrival_s", "prompt_tokens", "output_tokens", "replica",
     "scheduling_delay_s", "ttft_s", "e2e_s", "tpot_s", "preemptions",
 )
+#: Per-request columns added when the replicas cache prefixes.
+PREFIX_REQUEST_COLUMNS: tuple[str, ...] = ("cached_prompt_tokens", "host_prompt_tokens")
 #: Columns holding integers (int64); the others are float64 seconds.
 INTEGER_COLUMNS = frozenset({"request_id", "prompt_tokens", "output_tokens", "replica",
-                             "preemptions"})
+                             "preemptions", *PREFIX_REQUEST_COLUMNS})
 #: The :class:`RequestLatencies` field behind each column.
 _COLUMN_FIELDS = {
     "request_id": "request_id", "arrival_s": "arrival", "prompt_tokens": "prompt_tokens",
     "output_tokens": "output_tokens", "replica": "replica", "scheduling_delay_s": "queueing",
     "ttft_s": "ttft", "e2e_s": "e2e", "tpot_s": "tpot", "preemptions": "preemptions",
+    "cached_prompt_tokens": "cached_tokens", "host_prompt_tokens": "host_tokens",
 }
 
 
@@ -112,6 +127,8 @@ class RequestLatencies:
     finish_time: np.ndarray
     request_id: np.ndarray
     arrival: np.ndarray
+    cached_tokens: np.ndarray  # prompt tokens cached at the first admission (0 without caching)
+    host_tokens: np.ndarray  # of those, loaded from the host tier
 
     @classmethod
     def from_requests(cls, requests: Sequence[Request], time_origin_s: float = 0.0
@@ -138,23 +155,60 @@ class RequestLatencies:
             finish_time=finish + time_origin_s,
             request_id=np.array([r.id for r in done], dtype=np.int64),
             arrival=arrival + time_origin_s,
+            cached_tokens=np.array([max(r.cached_tokens, 0) for r in done], dtype=np.int64),
+            host_tokens=np.array([r.host_tokens for r in done], dtype=np.int64),
         )
 
     def __len__(self) -> int:
         """Number of finished requests."""
         return int(self.e2e.size)
 
-    def columns(self) -> RequestRecords:
-        """The per-request records as ``column -> array`` in :data:`REQUEST_COLUMNS` order
-        (fresh copies; int64 for :data:`INTEGER_COLUMNS`, float64 otherwise)."""
+    def columns(self, prefix: bool = False) -> RequestRecords:
+        """The per-request records as ``column -> array`` in :data:`REQUEST_COLUMNS` order, then
+        :data:`PREFIX_REQUEST_COLUMNS` with ``prefix`` (fresh copies; int64 for
+        :data:`INTEGER_COLUMNS`, float64 otherwise)."""
+        names = REQUEST_COLUMNS + (PREFIX_REQUEST_COLUMNS if prefix else ())
         return RequestRecords({
             name: np.array(getattr(self, _COLUMN_FIELDS[name]),
                            dtype=np.int64 if name in INTEGER_COLUMNS else np.float64)
-            for name in REQUEST_COLUMNS})
+            for name in names})
 
-    def to_rows(self) -> list[tuple[int | float, ...]]:
-        """One tuple of Python numbers per request, in :data:`REQUEST_COLUMNS` order."""
-        return list(zip(*(values.tolist() for values in self.columns().values())))
+    def to_rows(self, prefix: bool = False) -> list[tuple[int | float, ...]]:
+        """One tuple of Python numbers per request, in :meth:`columns` order."""
+        return list(zip(*(values.tolist() for values in self.columns(prefix).values())))
+
+
+def prefix_cache_metrics(latencies: RequestLatencies, replicas: Sequence) -> dict[str, float]:
+    """Prefix-cache statistics of an episode (replicas with a prefix cache), flat:
+
+    * ``prefix_hit_rate_tokens`` / ``prefix_hit_rate_blocks``: share of the prompt tokens /
+      KV blocks (``ceil(prompt / block_size)`` per request) found cached at each request's
+      first admission (GPU or host tier), over all requests and per replica (``_{i}``);
+    * ``prefix_host_hit_rate_blocks``: the share loaded from the host tier;
+    * ``prefill_tokens_saved``: tokens not prefilled thanks to the cache, over every
+      admission (recomputes after preemption included), and
+      ``prefill_tokens_saved_fraction`` = saved / (saved + prefilled);
+    * ``cache_evicted_blocks``: blocks evicted from the GPU caches.
+    """
+    out: dict[str, float] = {}
+    prompt = latencies.prompt_tokens
+    cached = latencies.cached_tokens
+    out["prefix_hit_rate_tokens"] = float(cached.sum() / max(prompt.sum(), 1))
+    blocks = sum(r.prompt_blocks for r in replicas)
+    out["prefix_hit_rate_blocks"] = sum(r.hit_blocks for r in replicas) / max(blocks, 1)
+    out["prefix_host_hit_rate_blocks"] = sum(r.host_hit_blocks for r in replicas) / max(blocks, 1)
+    saved = sum(r.prefill_tokens_saved for r in replicas)
+    computed = sum(r.prefill_tokens_computed for r in replicas)
+    out["prefill_tokens_saved"] = float(saved)
+    out["prefill_tokens_saved_fraction"] = saved / max(saved + computed, 1)
+    out["cache_evicted_blocks"] = float(sum(r.cache.blocks_evicted for r in replicas
+                                            if r.cache is not None))
+    for i, rep in enumerate(replicas):
+        mine = latencies.replica == i
+        out[f"prefix_hit_rate_tokens_{i}"] = float(cached[mine].sum()
+                                                   / max(prompt[mine].sum(), 1))
+        out[f"prefix_hit_rate_blocks_{i}"] = rep.hit_blocks / max(rep.prompt_blocks, 1)
+    return out
 
 
 def balance_score(counts: Sequence[float] | np.ndarray) -> float:

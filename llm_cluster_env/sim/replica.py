@@ -55,6 +55,23 @@ rule can bite). An arrival dispatched here mid-stretch cuts the stretch at the f
 boundary after it (``on_dispatch``). The result is identical, up to floating-point rounding, to
 simulating every iteration (``jump=False``), which the tests check for every policy.
 
+**Prefix caching** (``ReplicaConfig.prefix_caching``, ``mixed`` and ``mixed_chunked`` only)
+follows vLLM's automatic prefix caching (:mod:`llm_cluster_env.sim.prefix_cache`). At admission
+the request's longest cached prefix (whole blocks, at most ``prefill_tokens - 1`` tokens so at
+least one token is computed, as vLLM does) is referenced instead of computed: the request
+allocates only the rest, taking evictable hit blocks costs free capacity, and its prefill starts
+after the hit (``prefilled`` = hit tokens; the chunks' attention still spans the whole context,
+the prior context of a chunk being everything before it). The blocks a chunk computes are
+registered when its iteration ends; generated blocks when the request finishes or is
+preempted, after which all its blocks stay cached until evicted. With the host tier
+(``host_cache``), blocks evicted from the GPU go to host memory, and a prefix that continues
+there is loaded at ``host_pcie_gb_s`` instead of computed, the transfer adding to the time of
+the iteration that runs the request's first chunk. ``vllm_v0`` (Vidur's vLLM v0 model, which
+has no prefix cache) refuses the switch: it must stay exactly Vidur's scheduler. Jump mode is
+unchanged: blocks are only evicted (never freed) during a pure-decode stretch and the LRU
+order cannot change in it, so evicting lazily at the end of the stretch, or whenever the cache
+is read, evicts exactly the blocks iteration-by-iteration simulation evicts.
+
 KV accounting in closed form: a decoding request with prompt ``p`` and ``g`` generated tokens
 needs ``ceil((p + g) / block_size)`` blocks for its next iteration. With ``g = clock - offset``
 (``clock`` counts the iterations that carried decodes) that is ``ceil((clock - r) / block_size)``
@@ -65,12 +82,14 @@ same expression at ``clock - 1``.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections import deque
 from heapq import heapify, heappop, heappush
 from typing import TYPE_CHECKING
 
 from llm_cluster_env.sim.hardware import servable_request_tokens
+from llm_cluster_env.sim.prefix_cache import HostCache, PrefixCache
 from llm_cluster_env.sim.request import Request, RequestState
 
 if TYPE_CHECKING:  # the simulator reads configs; it never imports the config layer at run time
@@ -100,10 +119,12 @@ class Replica:
     :param max_model_len: the model's context length (tokens); the default token budget of
         ``mixed`` and ``vllm_v0``.
     :param jump: advance pure-decode stretches in closed form.
+    :param host_cache: the host-memory tier behind the prefix cache (``None``: none).
     """
 
     def __init__(self, replica_id: int, config: ReplicaConfig, latency, num_blocks: int,
-                 max_model_len: int, jump: bool = True) -> None:
+                 max_model_len: int, jump: bool = True,
+                 host_cache: HostCache | None = None) -> None:
         self.id = replica_id
         self.config = config
         self.latency = latency
@@ -126,6 +147,15 @@ class Replica:
                 f"{max_model_len}: with batching='vllm_v0' (no chunking) a long prompt could "
                 "never be scheduled; vLLM v0 rejects this too")
         self._beta = 0.0  # s per context token of the pure-decode stretch in flight
+        self.cache: PrefixCache | None = None
+        if config.prefix_caching:
+            if self._vllm_v0:
+                raise ValueError("prefix_caching=True: not available with batching='vllm_v0' "
+                                 "(Vidur's vLLM v0 model has no prefix cache); use "
+                                 "'mixed_chunked' or 'mixed'")
+            self.cache = PrefixCache(num_blocks, host_cache)
+        elif host_cache is not None:
+            raise ValueError("a host cache tier needs prefix_caching=True")
         self.reset()
 
     # ------------------------------------------------------------------ state
@@ -171,6 +201,16 @@ class Replica:
         self.num_dispatched = 0
         self.num_completed = 0
         self.tokens_generated = 0
+        # prefix caching statistics (first admissions: prompt blocks and their hits)
+        self.prompt_blocks = 0  # ceil(prompt / block_size) over first admissions
+        self.prompt_tokens_admitted = 0
+        self.hit_blocks = 0  # of prompt_blocks, found cached (GPU or host)
+        self.host_hit_blocks = 0  # of hit_blocks, loaded from the host tier
+        self.prefill_tokens_saved = 0  # hit tokens over every admission, recomputes included
+        self.prefill_tokens_computed = 0  # prompt and recompute tokens prefilled
+        self._load_s = 0.0  # host-tier transfers owed by the batch being formed (seconds)
+        if self.cache is not None:
+            self.cache.reset()
 
     @property
     def max_request_tokens(self) -> int:
@@ -245,6 +285,9 @@ class Replica:
         """Put a dispatched request at the back of the waiting queue."""
         req.replica_id = self.id
         req.state = WAITING
+        if self.cache is not None and req.chain is not None:
+            req.chain_ids = req.chain.ids
+            req.chain_starts = req.chain.block_starts(self.block_size)
         self.waiting.append(req)
         self.pending_prefill_tokens += req.prefill_tokens
         self.active_output_tokens += req.output_tokens
@@ -303,15 +346,21 @@ class Replica:
 
     # ------------------------------------------------------------- scheduling
     def _preempt(self, req: Request) -> None:
-        """Free a running request's blocks and put it back at the front of the queue."""
+        """Free a running request's blocks and put it back at the front of the queue (with
+        prefix caching its computed blocks stay cached, so the recompute may hit them)."""
         del self.running[req.admit_seq]
         if req.state == DECODING:
             self._leave_decoding(req)
             self._generated_not_decoding += req.generated
+            computed = req.prompt_tokens + req.generated - 1
         else:  # PREFILLING: progress is lost
             self.prefill_blocks -= req.blocks
             self.prefilling.remove(req)
             self.pending_prefill_tokens += req.prefilled
+            computed = req.prefilled
+            req.load_s = 0.0
+        if req.chain_ids is not None:
+            self._release_cached(req, computed)
         req.blocks = 0
         req.prefilled = 0
         req.prefill_tokens = req.prompt_tokens + req.generated
@@ -321,6 +370,51 @@ class Replica:
         req.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(req)
+
+    def _release_cached(self, req: Request, computed_tokens: int) -> None:
+        """Register the request's full blocks of its ``computed_tokens`` and drop its
+        references (the blocks stay cached)."""
+        full = computed_tokens // self.block_size
+        if full < req.cache_refs:
+            full = req.cache_refs
+        self.cache.release(req.chain_ids, req.chain_starts, req.cache_refs, full)
+        req.cache_refs = 0
+
+    def blocks_in_use(self, clock: int) -> int:
+        """KV blocks physically in use when the decoding requests hold their blocks for an
+        iteration starting at ``clock``: nominal blocks minus what prefix sharing saves."""
+        used = self.decode_blocks(clock) + self.prefill_blocks
+        if self.cache is not None:
+            used -= self.cache.held_refs - self.cache.held_distinct
+        return used
+
+    def held_blocks(self, now: float, clock: int | None = None) -> int:
+        """KV blocks physically in use at ``now`` (a decoding batch in flight holds the slots
+        of its current iteration; between batches, those of the last one); ``clock`` is
+        ``clock_at(now)`` when the caller has it."""
+        if clock is None:
+            clock = self.clock_at(now)
+        return self.blocks_in_use(clock if self.busy and self._batch_decodes else clock - 1)
+
+    def sync_cache(self, now: float) -> None:
+        """Apply the evictions that the block allocations up to ``now`` imply (a no-op
+        without prefix caching)."""
+        if self.cache is not None:
+            self.cache.sync(self.held_blocks(now))
+
+    def cached_prefix_tokens(self, chain, prompt_tokens: int, now: float) -> int:
+        """Tokens of a prompt with this chain whose KV is cached here at ``now`` (GPU, then
+        the host tier; whole blocks, at most the prompt's full blocks)."""
+        cache = self.cache
+        if cache is None or chain is None:
+            return 0
+        self.sync_cache(now)
+        ids, starts = chain.ids, chain.block_starts(self.block_size)
+        limit = prompt_tokens // self.block_size
+        hit, _ = cache.match(ids, starts, limit)
+        if cache.host is not None and hit < limit:
+            hit += cache.host.match(ids, starts, hit, limit)
+        return hit * self.block_size
 
     def _admit(self, req: Request, blocks: int, now: float) -> None:
         """Move the head of the waiting queue into the running set, holding ``blocks``."""
@@ -356,9 +450,11 @@ class Replica:
             # the stretch may run while every request still finds a free block before its turn
             headroom = self.num_blocks - 1 - self.decode_blocks(self.clock)
             return self._launch(now, [], self.num_decoding, headroom)
-        used = self.decode_blocks(self.clock) + self.prefill_blocks
+        used = self.blocks_in_use(self.clock)
         if used > self.num_blocks:
             used = self._make_room_mixed(used)
+        if self.cache is not None:
+            self.cache.allocate(used)
         chunks = self._admit_mixed(now, used) if self.waiting or self.prefilling else []
         return self._launch(now, chunks, self.num_decoding, self.num_blocks - used)
 
@@ -367,12 +463,15 @@ class Replica:
         next token; ``used`` is the blocks needed now (decode needs + prefill holdings). Returns
         the blocks needed after the preemptions."""
         clock = self.clock
+        cache = self.cache
         while used > self.num_blocks:
             if len(self.running) <= 1:
                 raise SimulationError(
                     f"replica {self.id}: one request needs {used} KV blocks of {self.num_blocks}")
+            if cache is not None:
+                cache.evict_all()  # allocation evicts every cached block before preempting
             self._preempt(next(reversed(self.running.values())))
-            used = self.decode_blocks(clock) + self.prefill_blocks
+            used = self.blocks_in_use(clock)
         return used
 
     def _admit_mixed(self, now: float, used: int) -> list[tuple[Request, int]]:
@@ -392,25 +491,63 @@ class Replica:
         bs = self.block_size
         free = self.num_blocks - used
         scheduled_tokens = 0
+        cache = self.cache
         while waiting and len(self.running) < self.max_batch_size:
             req = waiting[0]
             need = -(-req.prefill_tokens // bs)
-            if free - need < self.watermark_blocks:
+            cost = need
+            hit = loaded = 0
+            if req.chain_ids is not None:
+                limit = (req.prefill_tokens - 1) // bs  # at least one token is computed
+                hit, taken = cache.match(req.chain_ids, req.chain_starts, limit)
+                if cache.host is not None and hit < limit:
+                    loaded = cache.host.match(req.chain_ids, req.chain_starts, hit, limit)
+                cost = need - hit + taken
+            if free - cost < self.watermark_blocks:
                 break
+            skipped = (hit + loaded) * bs
+            remaining = req.prefill_tokens - skipped
             if self.chunked_prefill:
                 if budget <= 0:
                     break
-                chunk = min(req.prefill_tokens, budget)
+                chunk = min(remaining, budget)
             else:
-                chunk = req.prefill_tokens
+                chunk = remaining
                 if scheduled_tokens and scheduled_tokens + chunk > budget:
                     break
                 scheduled_tokens += chunk
             budget -= chunk
-            free -= need
+            free -= cost
             self._admit(req, need, now)
+            if cache is not None:
+                self._take_cached(req, hit, loaded)
+                cache.allocate(self.num_blocks - free)
             chunks.append((req, chunk))
         return chunks
+
+    def _take_cached(self, req: Request, hit: int, loaded: int) -> None:
+        """Reference the request's ``hit`` cached blocks, load ``loaded`` more from the host
+        tier, and start its prefill after them."""
+        cache = self.cache
+        bs = self.block_size
+        if hit:
+            cache.hold(req.chain_ids, req.chain_starts, 0, hit)
+            req.cache_refs = hit
+        skipped = (hit + loaded) * bs
+        req.prefilled = skipped
+        self.pending_prefill_tokens -= skipped
+        self.prefill_tokens_saved += skipped
+        if loaded:
+            cache.host.touch(req.chain_ids, req.chain_starts, hit, hit + loaded)
+            req.load_s = loaded * cache.host.seconds_per_block
+            self._load_s += req.load_s
+        if req.cached_tokens < 0:  # first admission: the request's hit statistics
+            req.cached_tokens = skipped
+            req.host_tokens = loaded * bs
+            self.prompt_tokens_admitted += req.prompt_tokens
+            self.prompt_blocks += -(-req.prompt_tokens // bs)
+            self.hit_blocks += hit + loaded
+            self.host_hit_blocks += loaded
 
     def _admit_vllm_v0(self, now: float) -> list[tuple[Request, int]]:
         """The prefill-only batch of ``vllm_v0`` (empty when the queue head cannot start)."""
@@ -489,6 +626,11 @@ class Replica:
             self.batch_iterations = 1
             self.batch_end = now + self.latency.iteration_time(
                 decode_batch, context, [(chunk, req.prefilled) for req, chunk in chunks])
+            if self._load_s:  # host-tier loads run before the iteration's forward pass
+                self.batch_end += self._load_s
+                self._load_s = 0.0
+                for req, _ in chunks:
+                    req.load_s = 0.0
             return self.batch_end
         self._batch_pure = True
         # base + beta * C holds while the mean context stays on one segment (ends at `end`)
@@ -512,6 +654,11 @@ class Replica:
         """Apply the batch in flight, which ends at ``now``; return the requests that finished."""
         self.busy = False
         iterations = self.batch_iterations
+        cache = self.cache
+        if cache is not None and iterations > 1:
+            # evictions for the blocks a pure-decode stretch allocated after its first
+            # iteration (start_batch synced the first; nothing else allocates in a batch)
+            cache.allocate(self.blocks_in_use(self.clock + iterations - 1))
         self.busy_time += now - self.batch_start
         self.batch_time += (now - self.batch_start) * self._batch_size
         self.num_iterations += iterations
@@ -531,6 +678,12 @@ class Replica:
         for req, chunk in self._batch_chunks:
             req.prefilled += chunk
             self.pending_prefill_tokens -= chunk
+            self.prefill_tokens_computed += chunk
+            if req.chain_ids is not None:  # the blocks computed so far become cached
+                full = req.prefilled // self.block_size
+                if full > req.cache_refs:
+                    cache.hold(req.chain_ids, req.chain_starts, req.cache_refs, full)
+                    req.cache_refs = full
             if req.prefilled < req.prefill_tokens:
                 continue
             # prefill done: this iteration emitted the next output token
@@ -553,6 +706,8 @@ class Replica:
     def _finish(self, req: Request, now: float) -> None:
         req.state = FINISHED
         req.finish_time = now
+        if req.chain_ids is not None:
+            self._release_cached(req, req.prompt_tokens + req.generated - 1)
         del self.running[req.admit_seq]
         self.active_output_tokens -= req.output_tokens
         self.num_completed += 1
@@ -574,6 +729,8 @@ class Replica:
         heapify(heap)  # entries of requests no longer here were stale anyway
         new._finish_heap = heap
         new._batch_chunks = [(copies[id(r)], chunk) for r, chunk in self._batch_chunks]
+        if self.cache is not None:  # holds no request objects, only identities and counts
+            new.cache = copy.deepcopy(self.cache)
         return new
 
     def replace_output_lengths(self, length_of) -> None:
@@ -609,7 +766,7 @@ class Replica:
         # request holds what its last iteration needed (the next need may exceed capacity until
         # the next batch start preempts)
         held_clock = clock if self.busy and self._batch_decodes else clock - 1
-        used = self.decode_blocks(held_clock) + self.prefill_blocks
+        used = self.blocks_in_use(held_clock)
         if used > self.num_blocks:
             raise SimulationError(f"replica {self.id}: {used} blocks in use > {self.num_blocks}")
         decoding = [r for r in self.running.values() if r.state == DECODING]
@@ -624,3 +781,12 @@ class Replica:
             raise SimulationError(f"replica {self.id}: prefill blocks drifted")
         if len(self.running) > self.max_batch_size:
             raise SimulationError(f"replica {self.id}: batch over its cap")
+        if self.cache is not None:
+            refs = sum(r.cache_refs for r in self.running.values())
+            if refs != self.cache.held_refs:
+                raise SimulationError(f"replica {self.id}: requests reference {refs} cached "
+                                      f"blocks, the cache counts {self.cache.held_refs}")
+            try:
+                self.cache.check_invariants(used)
+            except AssertionError as err:
+                raise SimulationError(f"replica {self.id}: prefix cache: {err}") from None

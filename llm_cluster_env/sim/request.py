@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 from enum import IntEnum
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from llm_cluster_env.sim.prefix_cache import PrefixChain
 
 
 class RequestState(IntEnum):
@@ -28,6 +32,9 @@ class Request:
     :param arrival_time: when the request reaches the router (seconds).
     :param prompt_tokens: prompt length (tokens).
     :param output_tokens: tokens to generate, including the first (>= 1).
+    :param chain: the prompt's block identities (:class:`~llm_cluster_env.sim.prefix_cache.
+        PrefixChain`) for replicas that cache prefixes; ``None`` = content shared with no other
+        request.
     """
 
     __slots__ = (
@@ -41,10 +48,17 @@ class Request:
         "blocks",  # KV blocks held while PREFILLING
         "first_scheduled_time", "first_token_time", "finish_time",
         "num_preemptions",
+        # prefix caching (replicas with a PrefixCache)
+        "chain",  # PrefixChain or None
+        "chain_ids", "chain_starts",  # the chain's segment ids and first blocks on its replica
+        "cache_refs",  # leading chain blocks this request references in the replica's cache
+        "cached_tokens",  # prompt tokens found cached at its first admission (GPU + host), -1
+        "host_tokens",  # of those, loaded from the host tier
+        "load_s",  # host-tier transfer time owed by its next iteration (seconds)
     )
 
     def __init__(self, request_id: int, arrival_time: float, prompt_tokens: int,
-                 output_tokens: int) -> None:
+                 output_tokens: int, chain: PrefixChain | None = None) -> None:
         self.id = request_id
         self.arrival_time = arrival_time
         self.prompt_tokens = prompt_tokens
@@ -61,6 +75,13 @@ class Request:
         self.first_token_time = -1.0
         self.finish_time = -1.0
         self.num_preemptions = 0
+        self.chain = chain
+        self.chain_ids: tuple[int, ...] | None = None
+        self.chain_starts: tuple[int, ...] = ()
+        self.cache_refs = 0
+        self.cached_tokens = -1
+        self.host_tokens = 0
+        self.load_s = 0.0
 
     def clone(self) -> Request:
         """A copy with every field (for what-if copies of a replica)."""
