@@ -57,7 +57,6 @@ import math
 import os
 import shutil
 import sys
-import tempfile
 import time
 import zlib
 from collections.abc import Mapping, Sequence
@@ -69,7 +68,7 @@ import gymnasium as gym
 import numpy as np
 
 import llm_cluster_env
-from llm_cluster_env.atomic import fsync_dir
+from llm_cluster_env.atomic import fsync_dir, make_temporary_dir
 from llm_cluster_env.config import EnvConfig
 from llm_cluster_env.observation import ObservationLayout
 from llm_cluster_env.routers import ROUTERS, make_router
@@ -669,7 +668,7 @@ def save_demonstrations(path: str | os.PathLike, trajectories: Sequence, stats: 
     check_output_replaceable(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps(dict(stats), indent=1)  # fails here (not half-way) if not JSON-able
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    tmp = make_temporary_dir(path.parent, f".{path.name}.tmp-")
     old: Path | None = None
     try:
         serialize.save(tmp, trajectories)
@@ -683,7 +682,7 @@ def save_demonstrations(path: str | os.PathLike, trajectories: Sequence, stats: 
         elif _rename_exchange(tmp, path):
             old = tmp  # the previous set now lives at the temporary name
         else:  # no atomic exchange: keep the old set complete under a backup name until done
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+            old = make_temporary_dir(path.parent, f".{path.name}.old-")
             os.rename(path, old / "set")
             try:
                 os.rename(tmp, path)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import sys
 from pathlib import Path
 
@@ -293,6 +294,17 @@ def test_save_load_round_trip_with_imitations_own_loader(tmp_path, mixed):
     ours, ours_stats = load_demonstrations(path)
     assert _same_trajectories(trajs, ours)  # float32 observations, bit for bit
     assert ours_stats == json.loads(json.dumps(stats))
+
+
+def test_saved_set_is_readable_by_others_under_the_umask(tmp_path, mixed):
+    trajs, stats = mixed
+    old = os.umask(0o022)
+    try:
+        path = save_demonstrations(tmp_path / "demos", trajs, stats)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o755  # not tempfile's 0700
+    assert stat.S_IMODE((path / "stats.json").stat().st_mode) == 0o644
 
 
 def test_failed_write_keeps_the_previous_set(tmp_path, monkeypatch, mixed):
