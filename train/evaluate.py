@@ -55,9 +55,13 @@ def _read_history(path: Path) -> list[dict[str, Any]]:
             for key, value in row.items():
                 if value in ("", None):
                     continue
-                try:
-                    parsed[key] = float(value)
-                except ValueError:
+                for kind in (int, float):  # episode seeds are 63-bit integers: keep them exact
+                    try:
+                        parsed[key] = kind(value)
+                        break
+                    except ValueError:
+                        continue
+                else:
                     parsed[key] = value
             rows.append(parsed)
     return rows
@@ -80,14 +84,14 @@ def load_policy(model_path: Path) -> tuple[Any, Any, dict[str, Any], list[dict[s
         return (model, obs_rms, section["env_kwargs"],
                 _read_history(model_path / "training_history.csv"), model_path.name)
     if model_path.is_dir() and (model_path / STATE_FILE).is_file():
-        manifest = CheckpointManager(model_path.parent).verify(model_path)
-        algorithm = manifest["fingerprint"]["algorithm"]
-        cls = KLRecurrentPPO if algorithm == "recurrent_ppo" else KLPPO
+        manifest = CheckpointManager(model_path.parent, max_checkpoints=1).verify(model_path)
+        training = manifest["fingerprint"]["training"]
+        cls = KLRecurrentPPO if training["ppo"]["algorithm"] == "recurrent_ppo" else KLPPO
         model = cls.load(model_path / MODEL_FILE, device="cpu")
         state = pickle.loads((model_path / STATE_FILE).read_bytes())
         history = state["stateful"].get("monitor", {}).get("rows", [])
-        return (model, state["vecnormalize"]["obs_rms"], manifest["fingerprint"]["env_kwargs"],
-                history, model_path.name)
+        return (model, state["vecnormalize"]["obs_rms"], training["env_kwargs"], history,
+                model_path.name)
     from sb3_warmstart.policy_io import load_pretrained
 
     model, meta, obs_rms = load_pretrained(model_path)
