@@ -236,6 +236,8 @@ class BCConfig:
         require(self.weight_decay >= 0, "weight_decay", self.weight_decay, "must be >= 0")
         require(0 <= self.min_learning_rate <= self.learning_rate, "min_learning_rate",
                 self.min_learning_rate, f"must be in [0, learning_rate={self.learning_rate}]")
+        require(self.lr_schedule in ("constant", "cosine"), "lr_schedule", self.lr_schedule,
+                "must be 'constant' or 'cosine'")
         require(self.vf_coef >= 0, "vf_coef", self.vf_coef, "must be >= 0")
         require(self.ent_coef >= 0, "ent_coef", self.ent_coef, "must be >= 0")
         if self.max_grad_norm is not None:

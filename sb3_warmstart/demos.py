@@ -262,7 +262,7 @@ def _largest_remainder(total: int, weights: Sequence[float]) -> list[int]:
 
 def plan_collection(*, env_kwargs: Mapping[str, Any] | None = None,
                     env_config: EnvConfig | None = None, policies: Mapping[str, float],
-                    total_steps: int, imbalance: bool | ImbalanceSpec = False) -> CollectionPlan:
+                    total_steps: int, imbalance: bool | ImbalanceSpec) -> CollectionPlan:
     """Validate the arguments of :func:`collect_demonstrations` and split the step budget.
 
     The environment is given either as ``env_kwargs`` (built here) or as an already built
@@ -427,8 +427,8 @@ def _versions() -> dict[str, str]:
 
 def collect_demonstrations(*, env_kwargs: Mapping[str, Any] | None = None,
                            env_config: EnvConfig | None = None, policies: Mapping[str, float],
-                           total_steps: int, seed: int, num_envs: int = 1,
-                           imbalance: bool | ImbalanceSpec = False, progress: bool = False):
+                           total_steps: int, seed: int, imbalance: bool | ImbalanceSpec,
+                           num_envs: int = 1, progress: bool = False):
     """Roll out heuristic routers in ``LLMCluster-v0`` with imitation (module docstring).
 
     :param env_kwargs: keyword arguments of ``gym.make("LLMCluster-v0", ...)`` (``scenario``

@@ -73,20 +73,25 @@ def make_model(config: TrainingConfig, venv, *, warm: bool):
 
 
 def build_session(config: TrainingConfig, pretrained: Pretrained | None, *,
-                  warm: bool | None = None, update_obs_stats: bool | None = None,
-                  extra: dict[str, Any] | None = None) -> TrainingSession:
+                  resumed_extra: dict[str, Any] | None = None) -> TrainingSession:
     """Environments, normaliser, algorithm and stateful callbacks; weights and reference from
-    ``pretrained`` when given. ``warm``/``update_obs_stats``/``extra`` rebuild the session a
-    checkpoint came from (see :func:`resume_session`)."""
+    ``pretrained`` when given. ``resumed_extra`` (a checkpoint manifest's ``extra``) rebuilds
+    the session that checkpoint came from, before its state is loaded into it."""
     st = config.stabilization
-    warm = pretrained is not None if warm is None else warm
-    if update_obs_stats is None:
-        update_obs_stats = st.update_obs_stats if st.update_obs_stats is not None else not warm
+    if resumed_extra is not None:
+        warm = resumed_extra.get("warm_start") is not None
+        update_obs = bool(resumed_extra.get("update_obs_stats", not warm))
+        extra = dict(resumed_extra)
+    else:
+        warm = pretrained is not None
+        update_obs = st.update_obs_stats if st.update_obs_stats is not None else not warm
+        extra = {"warm_start": pretrained.source if pretrained else None,
+                 "update_obs_stats": update_obs}
     ppo = config.ppo
     venv = make_training_venv(config.env, seed=config.seed, n_envs=ppo.n_envs, gamma=ppo.gamma,
                               norm_reward=ppo.norm_reward,
                               obs_rms=pretrained.obs_rms if pretrained else None,
-                              freeze_obs=pretrained is not None and not update_obs_stats)
+                              freeze_obs=pretrained is not None and not update_obs)
     if pretrained is not None and pretrained.return_normalizer is not None:
         stats = pretrained.return_normalizer.ret_rms
         venv.ret_rms.mean, venv.ret_rms.var = np.array(stats.mean), np.array(stats.var)
@@ -99,10 +104,7 @@ def build_session(config: TrainingConfig, pretrained: Pretrained | None, *,
     if config.temperature.enabled:
         stateful["temperature"] = TemperatureController(config.temperature)
     stateful["stabilization"] = NormalizerStabilization(st.stabilization_steps,
-                                                        update_obs_stats=update_obs_stats)
-    if extra is None:
-        extra = {"warm_start": pretrained.source if pretrained else None,
-                 "update_obs_stats": update_obs_stats}
+                                                        update_obs_stats=update_obs)
     return TrainingSession(model=model, venv=venv, stateful=_stateful_only(stateful),
                            fingerprint=session_fingerprint(config, venv), extra=dict(extra),
                            callbacks=stateful)
@@ -119,10 +121,7 @@ def resume_session(config: TrainingConfig, manager: CheckpointManager, checkpoin
     :raises sb3_warmstart.checkpoint.CheckpointError: corrupt, or of another run.
     """
     extra = manager.verify(checkpoint).get("extra", {})
-    warm = extra.get("warm_start") is not None
-    session = build_session(config, None, warm=warm,
-                            update_obs_stats=bool(extra.get("update_obs_stats", not warm)),
-                            extra=extra)
+    session = build_session(config, None, resumed_extra=extra)
     manager.load(checkpoint, session)
     return session
 
@@ -180,7 +179,8 @@ class PPOTrainer:
             model.learn(steps, callback=self.callback, reset_num_timesteps=False,
                         progress_bar=False)
         if self.checkpoints.stopped_at is not None:
-            raise TrainingInterrupted(int(model.num_timesteps), self.checkpoints.stopped_at)
+            raise TrainingInterrupted(int(self.session.extra["last_checkpoint_step"]),
+                                      self.checkpoints.stopped_at)
 
     def save_checkpoint(self) -> Path:
         return self.checkpoints.save()

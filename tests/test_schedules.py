@@ -42,7 +42,6 @@ def test_linear_decay_values_and_clamp():
 def test_entropy_coefficient_switches_at_warmup_end():
     coef = EntropyCoefficient(base=0.01, warmup_coef=0.5, warmup_steps=3)
     assert [coef(t) for t in range(5)] == [0.5, 0.5, 0.5, 0.01, 0.01]
-    assert EntropyCoefficient(0.01)(0) == 0.01
     assert EntropyCoefficient(0.01, None, 10)(0) == 0.01
     with pytest.raises(ValueError, match="warmup_steps=1.5"):
         EntropyCoefficient(0.0, 0.1, 1.5)
@@ -127,7 +126,8 @@ def test_cosine_minimum_is_min_lr_ratio_times_lr():
     lr, ratio, period = 1e-3, 0.05, 2000
     optimizer = _optimizer(lr)
     lrs = _run(optimizer, build_lr_scheduler(
-        optimizer, {"warmup_steps": 0, "restart_period": period, "min_lr_ratio": ratio}), period + 1)
+        optimizer, LRScheduleConfig(warmup_steps=0, restart_period=period, min_lr_ratio=ratio)),
+        period + 1)
     assert lrs[0] == lr
     assert min(lrs) == lrs[period - 1]
     gap = (lr - ratio * lr) * (1 - math.cos(math.pi / period)) / 2
