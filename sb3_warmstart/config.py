@@ -4,19 +4,20 @@ The YAML file follows rl-baselines3-zoo: a top-level key per env id, and under i
 block plus optional named profiles that are merged over ``default``::
 
     LLMCluster-v0:
-      default:
-        seed: 0
-        env_kwargs: {scenario: a100x4_conv_70, episode_requests: 512}
-        total_requests: 98304
-        ppo: {n_envs: 4, n_steps: 128, ...}
-        warm_start: {demo_policies: {lor: 1.0}, demo_steps: 8192, ...}
+      default: {}
       heterogeneous:
         env_kwargs: {scenario: heterogeneous}
+        temperature: {target_entropy: null, max_temperature: 3.0}
 
-Every section is a frozen dataclass below; the dataclass defaults ARE the embedded default
-config (``configs/warmstart.yaml`` restates them, and a test keeps the two equal). Unknown keys
-and wrong types fail before any work, naming the dotted key (see
-:mod:`llm_cluster_env.validation`). ``env_kwargs`` is validated by building the env config.
+Every section is a frozen dataclass below, and **the dataclass defaults are the only place a
+default lives**: the YAML states only what a profile changes, and every component takes its
+section (``KLConfig``, ``TemperatureConfig``, ``BCConfig``...) rather than keeping defaults of
+its own (``tests/test_config_defaults.py`` fails on a second default). Each section validates
+its values once, in ``__post_init__``. Unknown keys and wrong types fail before any work,
+naming the dotted key (see :mod:`llm_cluster_env.validation`). ``env_kwargs`` is resolved into
+an :class:`~llm_cluster_env.config.EnvConfig` once, when the config is built
+(:attr:`TrainingConfig.env`), and that object is what the environments, demonstrations and PPO
+are made from.
 """
 
 from __future__ import annotations

@@ -192,6 +192,7 @@ def _rollout_reference(policy: RecurrentActorCriticPolicy, obs: np.ndarray, acts
 
 @pytest.mark.parametrize("critic", [{}, {"shared_lstm": True, "enable_critic_lstm": False},
                                     {"enable_critic_lstm": False}])
+@pytest.mark.slow
 def test_chunked_sequence_forward_equals_step_by_step_rollout(small_demos, critic):
     env, trajs = small_demos
     # unequal lengths, a chunk length that divides none of them, more trajectories than lanes
@@ -364,6 +365,7 @@ def test_floor_lstm_clone_of_lor_matches_lor(capsys):
     np.testing.assert_allclose(val.predicted_share, val.expert_share, atol=0.02)
 
 
+@pytest.mark.slow
 def test_feed_forward_bc_clones_lor():
     env, trajs = collect_lor(16, 256)
     model = mlp_model(env)
@@ -621,6 +623,7 @@ def test_policy_router_paths_agree_and_reset_restarts_the_lstm(small_demos):
 
 
 # ------------------------------------------------------------------------------------ CLI
+@pytest.mark.slow
 def test_pretrain_cli_end_to_end_and_flag_errors(small_demos, tmp_path, capsys,
                                                   monkeypatch):
     from imitation.data import serialize

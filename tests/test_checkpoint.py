@@ -57,6 +57,7 @@ def params(session):
     return {k: v.clone() for k, v in session.model.policy.state_dict().items()}
 
 
+@pytest.mark.slow
 def test_restore_continues_exactly(tmp_path):
     pipeline, session = make_session(tmp_path / "a")
     manager = CheckpointManager(tmp_path / "a" / "checkpoints", max_checkpoints=3)
@@ -159,6 +160,7 @@ KILL_SCRIPT = textwrap.dedent("""
 
 
 @pytest.mark.parametrize("mode", ["state", "pointer"])
+@pytest.mark.slow
 def test_kill_during_checkpoint_write_leaves_previous_valid(tmp_path, mode):
     out = tmp_path / "run"
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))

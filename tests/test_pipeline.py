@@ -50,6 +50,7 @@ def finished_run(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_smoke_run_writes_everything(finished_run):
     out = finished_run
     for name in ("config.yaml", "command.txt", "ppo_training.log", "progress.csv",
@@ -81,6 +82,7 @@ def test_smoke_run_writes_everything(finished_run):
     assert load_config(out / "config.yaml").ppo.n_envs == 2
 
 
+@pytest.mark.slow
 def test_rerun_of_finished_run_resumes_without_training(finished_run, tmp_path):
     out = tmp_path / "run"
     shutil.copytree(finished_run, out)
@@ -93,6 +95,7 @@ def test_rerun_of_finished_run_resumes_without_training(finished_run, tmp_path):
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
+@pytest.mark.slow
 def test_chunked_run_with_resume_equals_uninterrupted_run(tmp_path):
     extra = ["--set", "advanced_optimization.learning_rate_schedule.type="
              "cosine_annealing_with_warmup",
@@ -127,6 +130,7 @@ def external_run(finished_run, tmp_path_factory) -> tuple[Path, str]:
     return out, external
 
 
+@pytest.mark.slow
 def test_ask_refuses_without_terminal_and_prompts_with_one(external_run, tmp_path):
     source, external = external_run
     out = tmp_path / "run"
@@ -147,6 +151,7 @@ def test_ask_refuses_without_terminal_and_prompts_with_one(external_run, tmp_pat
     assert "[Resume]" in (out / "ppo_training.log").read_text()
 
 
+@pytest.mark.slow
 def test_resume_external_moves_the_earlier_outputs_aside(external_run, tmp_path):
     source, external = external_run
     out = tmp_path / "run"
@@ -161,6 +166,7 @@ def test_resume_external_moves_the_earlier_outputs_aside(external_run, tmp_path)
     assert "external checkpoint" in (out / "ppo_training.log").read_text()
 
 
+@pytest.mark.slow
 def test_external_checkpoint_that_does_not_fit_is_refused(finished_run, tmp_path, capsys):
     external = str(finished_run / "pretrained" / "bc_policy.zip")
     with pytest.raises(SystemExit) as exit_info:
@@ -172,6 +178,7 @@ def test_external_checkpoint_that_does_not_fit_is_refused(finished_run, tmp_path
     assert not (tmp_path / "run").exists()  # refused before the run folder was created
 
 
+@pytest.mark.slow
 def test_corrupt_latest_checkpoint_is_reported_and_previous_used(finished_run, tmp_path):
     out = tmp_path / "run"
     shutil.copytree(finished_run, out)
@@ -189,6 +196,7 @@ def test_corrupt_latest_checkpoint_is_reported_and_previous_used(finished_run, t
     (["--set", "ppo.learning_rate=0.001"], "ppo.learning_rate: 0.0003 -> 0.001"),
     (["--set", "ppo.lstm_hidden_size=8"], "ppo.lstm_hidden_size: 16 -> 8"),
 ])
+@pytest.mark.slow
 def test_rerun_with_other_settings_never_resumes_the_old_run(finished_run, tmp_path, capsys,
                                                               change, difference):
     out = tmp_path / "run"
@@ -224,6 +232,7 @@ def test_default_folder_with_another_run_sends_the_new_run_to_a_sibling(finished
     assert "[Resume]" in (second / "ppo_training.log").read_text()
 
 
+@pytest.mark.slow
 def test_a_locked_run_folder_is_refused(tmp_path, capsys):
     out = tmp_path / "run"
     holder = subprocess.Popen(
@@ -310,6 +319,7 @@ def test_yaml_default_profile_equals_embedded_defaults():
 evaluate = load_script("evaluate")
 
 
+@pytest.mark.slow
 def test_evaluate_run_folder_checkpoint_and_pretrained(finished_run, tmp_path):
     summary = evaluate.main(["--model", str(finished_run), "--episodes", "1",
                              "--episode-requests", "60", "--routers", "lor",
@@ -335,6 +345,7 @@ def test_evaluate_run_folder_checkpoint_and_pretrained(finished_run, tmp_path):
     (["--routers", "lor,fastest"], "unknown router 'fastest'"),
     (["--episodes", "0"], "--episodes=0"),
 ])
+@pytest.mark.slow
 def test_evaluate_rejects_bad_input(finished_run, argv, message, capsys):
     with pytest.raises(SystemExit):
         evaluate.main(["--model", str(finished_run), *argv])
@@ -352,6 +363,7 @@ def test_evaluate_rejects_missing_and_corrupt_models(tmp_path, capsys):
     assert "cannot load a policy" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_external_checkpoint_is_fine_tuned_on_fresh_demos(finished_run, tmp_path):
     from sb3_warmstart.policy_io import read_metadata
 

@@ -133,6 +133,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     except Exception as err:  # a damaged or foreign file: say what and where
         parser.error(f"--model={args.model!r}: cannot load a policy from it: {err}")
     env_kwargs = dict(env_kwargs)
+    training_env_kwargs = dict(env_kwargs)
     if args.scenario:
         env_kwargs = {"scenario": args.scenario}
         history = []  # the training curves belong to another scenario
@@ -163,7 +164,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         out = model_path.parent.parent / f"report-{scenario}-{model_path.name}"
     else:
         out = model_path.parent / f"report-{scenario}-{model_path.stem}"
+    lor_by_seed = None
+    seeds_seen = [int(r["episode_seed"]) for r in history
+                  if r.get("kind") == "episode" and "episode_seed" in r]
+    if seeds_seen:  # lor on the arrivals of every training episode: the paired curve
+        from llm_cluster_env.config import EnvConfig
+        from sb3_warmstart.report import heuristic_on_episodes
+
+        lor_by_seed = heuristic_on_episodes(EnvConfig.from_kwargs(**training_env_kwargs), "lor",
+                                            seeds_seen)
     summary = write_report(out, results, title=f"{label} on {scenario}", history=history,
+                           lor_by_seed=lor_by_seed,
                            notes={"evaluation": f"{args.episodes} held-out episodes (seeds "
                                                 f"{seeds[0]}..{seeds[-1]}) of "
                                                 f"{args.episode_requests} requests"})
