@@ -16,7 +16,8 @@ ARGS ?=
 # pip prints one line per package it fetches and installs (not its redrawn progress bars, which
 # show nothing useful in a log); the filter drops the "already satisfied" noise.
 PIP_INSTALL = -m pip install --progress-bar off
-PIP_SHOW = { grep --line-buffered -E '^(Collecting|Downloading|Installing|Successfully|ERROR)' || true; } | sed -u 's/^/  /'
+HEARTBEAT = scripts/with_heartbeat.sh "[setup]" bash -o pipefail -c
+PIP_SHOW = { grep --line-buffered -E "^(Collecting|Processing|Downloading|Installing|Successfully|ERROR)" || true; } | sed -u "s/^/  /"
 
 .PHONY: setup run compare test test-train test-fast test-gym1 lint clean
 
@@ -24,9 +25,9 @@ $(VENV)/.installed: pyproject.toml
 	@echo "[setup] creating $(VENV) (first run only: about 3 minutes on 2 cores, mostly torch)"
 	$(PYTHON) -m venv $(VENV)
 	@echo "[setup] installing torch==$(TORCH_VERSION) (CPU build)"
-	$(PY) $(PIP_INSTALL) torch==$(TORCH_VERSION) 2>&1 | $(PIP_SHOW)
+	$(HEARTBEAT) '$(PY) $(PIP_INSTALL) torch==$(TORCH_VERSION) 2>&1 | $(PIP_SHOW)'
 	@echo "[setup] installing this project with its train and dev extras"
-	$(PY) $(PIP_INSTALL) -e ".[train,dev]" 2>&1 | $(PIP_SHOW)
+	$(HEARTBEAT) '$(PY) $(PIP_INSTALL) -e ".[train,dev]" 2>&1 | $(PIP_SHOW)'
 	@echo "[setup] done"
 	touch $@
 
@@ -34,7 +35,7 @@ $(VENV)/.installed: pyproject.toml
 $(VENV_GYM1)/.installed: pyproject.toml
 	@echo "[setup] creating $(VENV_GYM1): the env package alone on gymnasium $(GYM1_VERSION)"
 	$(PYTHON) -m venv $(VENV_GYM1)
-	$(PY_GYM1) $(PIP_INSTALL) "gymnasium==$(GYM1_VERSION)" -e ".[compare]" pytest 2>&1 | $(PIP_SHOW)
+	$(HEARTBEAT) '$(PY_GYM1) $(PIP_INSTALL) "gymnasium==$(GYM1_VERSION)" -e ".[compare]" pytest 2>&1 | $(PIP_SHOW)'
 	touch $@
 
 setup: $(VENV)/.installed

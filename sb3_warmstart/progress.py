@@ -81,8 +81,8 @@ class ProgressPrinter:
                 self._bar.set_postfix_str(note, refresh=False)
             return
         self.done = float(done)
-        if self.clock() - self._last_line >= self.interval_s:
-            self._print()
+        if self.done < self.total and self.clock() - self._last_line >= self.interval_s:
+            self._print()  # (the last line comes from close())
 
     def write(self, text: str) -> None:
         """A line of text that does not break the bar."""

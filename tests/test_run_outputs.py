@@ -121,7 +121,9 @@ def test_piped_progress_prints_plain_lines_at_least_every_interval():
         printer.update(step, "recent training episodes: mean E2E 5.00 s")
     printer.close()
     lines = stream.getvalue().splitlines()
-    assert len(lines) == 1 + 10 + 1  # start, one per 10 s, end
+    assert len(lines) == 1 + 9 + 1  # start, one per 10 s while running, end
+    assert [line.split("/")[0] for line in lines[1:10]] == [
+        f"[ppo] {100 * i}" for i in range(1, 10)]  # one every 10 s of the fake clock
     assert lines[1] == ("[ppo] 100/1,000 steps (10%), 10 steps/s, ~90 s left; "
                         "recent training episodes: mean E2E 5.00 s")
     assert lines[-1].startswith("[ppo] 1,000/1,000 steps (100%) in 100.0 s")
