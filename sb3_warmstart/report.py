@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import textwrap
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -126,7 +127,8 @@ def plot_learning_curve(episodes: Sequence[Mapping[str, Any]], path: str | Path,
         ax.axvspan(0, stabilization_steps, color="0.85", zorder=0,
                    label="random routing (normaliser warm-up)")
     ax.set_xlabel("env steps (routed requests)")
-    ax.set_title((title or "learning curve") + (f"\n{note}" if note else ""), fontsize=9)
+    caption = "\n" + textwrap.fill(note, 100) if note else ""
+    ax.set_title((title or "learning curve") + caption, fontsize=9)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
