@@ -52,7 +52,7 @@ test-train: setup
 	$(PY) -m pytest -q
 
 test-fast: setup
-	$(PY) -m pytest -q -m "not slow" -p no:cacheprovider
+	$(PY) -m pytest -q -m "not slow" -p no:cacheprovider -n 2
 
 test-gym1: $(VENV_GYM1)/.installed
 	$(PY_GYM1) -m pytest -q -m "not train" -p no:cacheprovider

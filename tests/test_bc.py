@@ -216,6 +216,7 @@ def test_chunked_sequence_forward_equals_step_by_step_rollout(small_demos, criti
         np.testing.assert_array_equal(chunked["pred"][sl], mode)
 
 
+@pytest.mark.slow
 def test_feed_forward_forward_equals_evaluate_actions(small_demos):
     env, trajs = small_demos
     model = mlp_model(env)
@@ -267,6 +268,7 @@ def test_without_value_pretraining_the_critic_is_untouched_and_loss_is_logged(
         assert key in header
 
 
+@pytest.mark.slow
 def test_value_pretraining_fits_discounted_returns(small_demos):
     env, trajs = small_demos
     model = lstm_model(env)

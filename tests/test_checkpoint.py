@@ -76,6 +76,7 @@ def test_restore_continues_exactly(tmp_path):
     assert pipeline2.monitor.history_rows() == expected_history
 
 
+@pytest.mark.slow
 def test_rotation_keeps_newest_and_latest_pointer(tmp_path):
     pipeline, session = make_session(tmp_path)
     manager = CheckpointManager(tmp_path / "checkpoints", max_checkpoints=2)
@@ -90,6 +91,7 @@ def test_rotation_keeps_newest_and_latest_pointer(tmp_path):
                                                                           "state.pkl"}
 
 
+@pytest.mark.slow
 def test_corrupt_checkpoints_are_reported_never_loaded(tmp_path):
     pipeline, session = make_session(tmp_path)
     manager = CheckpointManager(tmp_path / "checkpoints", max_checkpoints=3)

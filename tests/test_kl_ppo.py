@@ -404,6 +404,7 @@ def test_minibatch_reference_logits_follow_their_entries():
     assert seen == ROLLOUT
 
 
+@pytest.mark.slow
 def test_reference_kl_pulls_the_policy_towards_the_reference():
     def run(coef):
         model = recurrent(learning_rate=3e-3, kl_ref_coef_initial=coef, kl_ref_coef_final=coef,
@@ -541,6 +542,7 @@ def test_accumulated_gradient_is_the_mean_of_minibatch_gradients():
         assert th.allclose(grad, mean, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_adaptive_batch_size_rule_and_bounds():
     model = recurrent(min_batch_size=8, max_batch_size=32, batch_size=16,
                       batch_size_adaptation_rate=0.5)
@@ -625,6 +627,7 @@ def test_updates_deferred_skips_gradient_steps_but_logs():
     assert logged(model)["train/updates_deferred"] == 0.0 and model.num_minibatch_steps == 8
 
 
+@pytest.mark.slow
 def test_schedule_total_timesteps_makes_chunks_equal_one_run():
     schedule = LinearSchedule(1e-3, 1e-5, 1.0)
 

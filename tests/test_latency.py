@@ -347,6 +347,7 @@ THRESHOLDS = {
 
 
 @pytest.mark.shared_data
+@pytest.mark.slow
 def test_fit_errors_are_below_thresholds(vidur_data):
     report = []
     for combo, document in _fresh_fit(vidur_data).items():
