@@ -27,6 +27,7 @@ A run folder belongs to one run (:mod:`sb3_warmstart.run_folder`: identity, lock
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 import time
@@ -366,8 +367,6 @@ class WarmStartPipeline:
         identity = settings_hash(self.config.training_identity())
         if path.is_file():
             try:
-                import json
-
                 progress = json.loads(path.read_text())
             except ValueError:
                 log.warning("%s is unreadable; starting a new one", path)

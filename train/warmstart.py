@@ -209,9 +209,10 @@ def main(argv: list[str] | None = None, **pipeline_hooks: Any) -> dict[str, Any]
         print(f"warmstart.py: {stop}", file=sys.stderr)
         raise SystemExit(130) from None
     except KeyboardInterrupt:
-        print(f"warmstart.py: interrupted during {pipeline.stage}; nothing of that stage was "
-              "saved (finished stages are reused when the same command runs again)",
-              file=sys.stderr)
+        detail = ("no new checkpoint; the same command continues from the latest one"
+                  if pipeline.stage == "PPO" else "the same command redoes this stage and "
+                  "reuses the finished ones")
+        print(f"warmstart.py: interrupted during {pipeline.stage}: {detail}", file=sys.stderr)
         raise SystemExit(130) from None
 
 
