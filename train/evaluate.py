@@ -37,9 +37,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scenario", help="evaluate on this scenario (default: the training one)")
     p.add_argument("--replicas", type=int, help="override the number of replicas")
     p.add_argument("--qps", type=float, help="override the arrival rate, requests/s")
-    p.add_argument("--episodes", type=int, default=3, help="held-out episodes per router")
-    p.add_argument("--seed", type=int, default=100_000, help="first held-out seed")
-    p.add_argument("--episode-requests", type=int, default=2000, help="requests per episode")
+    from sb3_warmstart.config import EvaluationConfig  # the main job's report uses the same
+
+    defaults = EvaluationConfig()
+    p.add_argument("--episodes", type=int, default=defaults.episodes,
+                   help="held-out episodes per router (default %(default)s)")
+    p.add_argument("--seed", type=int, default=defaults.seed,
+                   help="first held-out seed (default %(default)s)")
+    p.add_argument("--episode-requests", type=int, default=defaults.episode_requests,
+                   help="requests per episode (default %(default)s)")
     p.add_argument("--routers", default="all", help="comma-separated heuristics or 'all'")
     p.add_argument("--output-dir", help="report folder (default: <run>/report-<scenario>)")
     return p

@@ -43,7 +43,7 @@ import numpy as np
 from llm_cluster_env.routers import ROUTERS, make_router
 from llm_cluster_env.scenarios import available_scenarios
 from sb3_warmstart.bc import PRESETS
-from sb3_warmstart.config import BCConfig, ConfigError, PPOConfig
+from sb3_warmstart.config import BCConfig, ConfigError, PPOConfig, WarmStartConfig
 from sb3_warmstart.demos import read_stats
 
 DEFAULT_SCENARIO = "a100x4_conv_70"
@@ -73,7 +73,7 @@ class Args:
     """AdamW learning rate (default: the preset's)"""
     sequence_length: int | None = None
     """truncated-BPTT chunk length in steps (default: the preset's)"""
-    val_fraction: float = 0.2
+    val_fraction: float = WarmStartConfig.validation_fraction
     """fraction of whole trajectories held out for validation"""
     seed: int = 0
     """seed of the initial weights, the split and the shuffles"""
@@ -85,7 +85,7 @@ class Args:
     """override the scenario's arrival rate, requests/s (only without stats.json)"""
     expert: str | None = None
     """router whose tie sets score tie-aware accuracy (default: the single policy in stats.json)"""
-    gamma: float = 0.99
+    gamma: float = PPOConfig.gamma
     """discount of the value-pretraining returns (use PPO's gamma)"""
     value_pretraining: bool = True
     """also fit the value head on discounted demo returns"""
