@@ -14,7 +14,7 @@ remainder). With ``imbalance`` each policy's share is further split between the 
 and an *imbalance* segment whose arrivals alternate a high and a low rate
 (``workload.arrival="phases"``, rates a multiple of the scenario's mean rate), so the clone
 also sees queues build and drain. Each (policy, segment) pair is one *run*: its own
-``DummyVecEnv`` of ``RolloutInfoWrapper(EpisodeSeedWrapper(gym.make("LLMCluster-v0", ...)))``
+``DummyVecEnv`` of ``RolloutInfoWrapper(EpisodeSeedWrapper(make_base_env(config)))``
 and one ``generate_trajectories(..., make_min_timesteps(steps))`` call.
 
 imitation only returns complete episodes, so a run yields a whole number of episodes of
@@ -74,7 +74,7 @@ from llm_cluster_env.observation import ObservationLayout
 from llm_cluster_env.routers import ROUTERS, make_router
 from llm_cluster_env.sim.metrics import balance_score
 from llm_cluster_env.validation import to_dict
-from sb3_warmstart.envs import EpisodeSeedWrapper
+from sb3_warmstart.envs import EpisodeSeedWrapper, make_base_env
 
 FORMAT = "sb3_warmstart/demos/v1"
 STATS_FILE = "stats.json"
@@ -364,7 +364,7 @@ class _ProgressPolicy:
 
 
 def make_demo_venv(env_config: EnvConfig, seed_sequences: Sequence[np.random.SeedSequence]):
-    """``DummyVecEnv`` of ``RolloutInfoWrapper(EpisodeSeedWrapper(gym.make(...)))``, one sub-env
+    """``DummyVecEnv`` of ``RolloutInfoWrapper(EpisodeSeedWrapper(make_base_env(...)))``, one sub-env
     per seed sequence (the source of that sub-env's episode seeds), all from ``env_config``."""
     from imitation.data.wrappers import RolloutInfoWrapper
     from stable_baselines3.common.vec_env import DummyVecEnv
@@ -375,8 +375,7 @@ def make_demo_venv(env_config: EnvConfig, seed_sequences: Sequence[np.random.See
 
 def _make_demo_env(rollout_wrapper: type, env_config: EnvConfig,
                    seed_sequence: np.random.SeedSequence) -> gym.Env:
-    return rollout_wrapper(EpisodeSeedWrapper(gym.make(llm_cluster_env.ENV_ID,
-                                                       config=env_config), seed_sequence))
+    return rollout_wrapper(EpisodeSeedWrapper(make_base_env(env_config), seed_sequence))
 
 
 def _clean_trajectory(traj):

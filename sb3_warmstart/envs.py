@@ -7,7 +7,10 @@ environment (e.g. by a sampler over a family of scenarios) touches this module o
 * :class:`EpisodeSeedWrapper` gives every episode an explicit seed from a ``SeedSequence`` and
   reports it in the final step's ``info["episode_seed"]``, so any training episode can be
   replayed (the report runs ``lor`` on exactly the arrivals each training episode saw).
-* :func:`make_env` builds one environment; :func:`make_training_venv` the PPO's
+* :func:`make_base_env` builds the simulator from the config: the one place an environment is
+  made (demonstrations wrap it for imitation, PPO for SB3). A sampler over a family of
+  scenarios replaces this function.
+* :func:`make_env` wraps it for training; :func:`make_training_venv` builds the PPO's
   ``VecNormalize(DummyVecEnv)``.
 """
 
@@ -67,10 +70,15 @@ def training_seed_sequence(seed: int, rank: int) -> np.random.SeedSequence:
     return np.random.SeedSequence(seed, spawn_key=(TRAINING_STREAM, rank))
 
 
+def make_base_env(config: EnvConfig) -> gym.Env:
+    """The environment ``config`` describes (``LLMCluster-v0``), before any wrapper."""
+    return LLMClusterEnv(config=config)
+
+
 def make_env(config: EnvConfig, seed_sequence: np.random.SeedSequence) -> gym.Env:
-    """One training environment: ``LLMCluster-v0`` from ``config``, every episode seeded from
+    """One training environment: :func:`make_base_env`, every episode seeded from
     ``seed_sequence``, inside SB3's ``Monitor`` (episode returns and lengths)."""
-    return Monitor(EpisodeSeedWrapper(LLMClusterEnv(config=config), seed_sequence))
+    return Monitor(EpisodeSeedWrapper(make_base_env(config), seed_sequence))
 
 
 def make_training_venv(config: EnvConfig, *, seed: int, n_envs: int, gamma: float,

@@ -30,8 +30,8 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 
-import llm_cluster_env
 from sb3_warmstart.config import PPOConfig, TrainingConfig
+from sb3_warmstart.envs import make_base_env
 from sb3_warmstart.normalize import ReturnNormalizer
 
 log = logging.getLogger("sb3_warmstart.pipeline")
@@ -74,7 +74,7 @@ def expected_architecture(ppo: PPOConfig) -> dict[str, Any]:
 
 
 def _env(config: TrainingConfig) -> gym.Env:
-    return gym.make(llm_cluster_env.ENV_ID, config=config.env)
+    return make_base_env(config.env)
 
 
 def check_external(config: TrainingConfig) -> None:
