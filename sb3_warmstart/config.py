@@ -509,8 +509,11 @@ class TrainingConfig:
     def training_identity(self) -> dict[str, Any]:
         """Everything that changes what is trained: the resolved config less the sections that
         only say how the run is kept and reported (:data:`RUN_ONLY_SECTIONS`). Two configs with
-        equal identities train bit-identical policies; a run folder belongs to one identity."""
-        return {k: v for k, v in to_dict(self).items() if k not in RUN_ONLY_SECTIONS}
+        equal identities train bit-identical policies; a run folder belongs to one identity.
+        ``env`` is the resolved environment (so an edited scenario file counts as a change)."""
+        identity = {k: v for k, v in to_dict(self).items() if k not in RUN_ONLY_SECTIONS}
+        identity["env"] = to_dict(self.env)
+        return identity
 
 
 #: Sections that do not change what is trained: where checkpoints go and how the final report

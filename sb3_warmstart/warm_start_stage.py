@@ -107,7 +107,7 @@ def demonstrations(config: TrainingConfig, run_dir: Path, *, force: bool = False
     ws = config.warm_start
     path = Path(run_dir) / "demos"
     env_config = dataclasses.replace(config.env, episode_requests=ws.demo_episode_requests)
-    settings = {"env": config.training_identity()["env_kwargs"],
+    settings = {"env": config.training_identity()["env"],
                 "episode_requests": ws.demo_episode_requests, "policies": ws.demo_policies,
                 "steps": ws.demo_steps, "imbalance": ws.imbalance, "seed": config.seed}
     if path.is_dir() and not force:
