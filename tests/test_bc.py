@@ -674,3 +674,15 @@ def test_pretrain_cli_end_to_end_and_flag_errors(small_demos, tmp_path, capsys,
         pretrain.parse_args(["--demo", str(tmp_path / "none"), "--output", str(out)])
     assert "--demo=" in capsys.readouterr().err
     assert not Path(str(out) + ".zip.tmp").exists()
+
+
+def test_progress_prints_plain_bc_lines_when_piped_and_nothing_else(small_demos, capsys):
+    """No per-epoch lines interleaved with a bar: piped output gets [BC] progress lines only."""
+    env, trajs = small_demos
+    model = lstm_model(env)
+    make_bc(policy=model.policy, trajectories=trajs, rng=np.random.default_rng(0),
+            obs_normalizer=fit_obs_normalizer(trajs), epochs=2, batch_size=2,
+            sequence_length=16, value_pretraining=False, progress=True).train()
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "[BC] 0/2 epochs (0%)" and lines[-1].startswith("[BC] 2/2 epochs (100%)")
+    assert all(line.startswith("[BC] ") for line in lines) and len(lines) <= 3

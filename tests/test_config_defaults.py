@@ -124,3 +124,33 @@ def test_components_use_the_config_values():
     optimizer = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     scheduler = schedules.build_lr_scheduler(optimizer, schedule)
     assert scheduler.eta_min == pytest.approx(schedule.min_lr_ratio) == pytest.approx(0.1)
+
+
+def test_class_names_are_unique_and_do_not_reuse_sb3_names():
+    import ast
+    from pathlib import Path
+
+    import stable_baselines3.common.callbacks as sb3_callbacks
+
+    package = Path(config.__file__).parent
+    names: dict[str, str] = {}
+    for path in sorted(package.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ClassDef):
+                assert node.name not in names, (f"class {node.name} in {path.name} and "
+                                                f"{names[node.name]}")
+                names[node.name] = path.name
+    library = {name for name in dir(sb3_callbacks) if isinstance(getattr(sb3_callbacks, name),
+                                                                 type)}
+    assert not (set(names) & library), set(names) & library
+
+
+@pytest.mark.slow
+def test_loading_a_policy_does_not_import_the_bc_trainer():
+    import subprocess
+    import sys
+
+    code = ("import sys, sb3_warmstart.policy_io, sb3_warmstart.router, sb3_warmstart.normalize;"
+            "print('sb3_warmstart.bc' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -91,6 +91,7 @@ def test_rerun_of_finished_run_resumes_without_training(finished_run, tmp_path):
     assert summary["finished"]
     log = (out / "ppo_training.log").read_text()
     assert "[Resume] continuing from" in log and log.count("start: warmstart") == 1
+    assert "to retrain from scratch instead: --resume warmstart" in log
     after = policy_params(out)
     assert all(torch.equal(before[k], after[k]) for k in before)
 
