@@ -33,7 +33,8 @@ from llm_cluster_env.evaluation import run_episode
 from llm_cluster_env.routers import make_router
 from sb3_warmstart.config import load_config
 from sb3_warmstart.pipeline import RunOptions, WarmStartPipeline
-from sb3_warmstart.report import episode_curve, plot_learning_curve
+from sb3_warmstart.ppo_stage import build_session
+from sb3_warmstart.report import episode_curve
 from sb3_warmstart.router import PolicyRouter
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -56,8 +57,8 @@ def train(profile: str, scenario: str, requests: int, out: Path, seed: int):
 
 def rebuild_pretrained(out: Path):
     """The clone of an earlier run (a resumed pipeline does not load it)."""
-    from sb3_warmstart.pipeline import Pretrained
     from sb3_warmstart.policy_io import load_pretrained
+    from sb3_warmstart.warm_start_stage import Pretrained
 
     model, meta, obs_rms = load_pretrained(out / "pretrained" / "bc_policy.zip")
     return Pretrained(model.policy, obs_rms, None, str(out), meta["bc_metrics"]["final"])
@@ -69,9 +70,9 @@ def initial_policy_stats(pipeline, seeds) -> dict[str, float]:
         policy, obs_rms = pipeline.pretrained.policy, pipeline.pretrained.obs_rms
     else:  # rebuild the untrained model with the run's seed: SB3's fresh initialisation
         torch.manual_seed(pipeline.config.seed)
-        fresh = pipeline.make_model(pipeline.make_venv(), warm=False)
+        fresh = build_session(pipeline.config, None).model
         policy, obs_rms = fresh.policy, fresh.get_vec_normalize_env().obs_rms
-    env = LLMClusterEnv(**pipeline.config.env_kwargs)
+    env = LLMClusterEnv(config=pipeline.config.env)
     router = PolicyRouter(policy, obs_rms, deterministic=False, name="initial")
     metrics = [run_episode(env, router, s)[0] for s in seeds]
     lor = [run_episode(env, make_router("lor"), s)[0] for s in seeds]
@@ -82,12 +83,40 @@ def initial_policy_stats(pipeline, seeds) -> dict[str, float]:
 
 
 def first_policy_rollout(pipeline) -> dict[str, float]:
-    rows = pipeline.monitor.history_rows("rollout")
+    rows = monitor_of(pipeline).history_rows("rollout")
     threshold = pipeline.config.stabilization.stabilization_steps
     for row in rows:
         if row["num_timesteps"] - row["steps"] >= threshold:  # started after stabilisation
             return {"num_timesteps": row["num_timesteps"], "balance": row["balance"]}
     return {}
+
+
+def monitor_of(pipeline):
+    return pipeline.session.callbacks["monitor"]
+
+
+def plot_runs(curves, path: Path, baselines, title: str) -> None:
+    """Training-episode mean E2E of several runs against env steps, heuristics as lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, rows in curves.items():
+        steps, means, moving = episode_curve(rows)
+        line, = ax.plot(steps, means, alpha=0.3)
+        ax.plot(steps, moving, color=line.get_color(), lw=2, label=f"{name} (moving mean)")
+    for i, (name, value) in enumerate(baselines.items()):
+        ax.axhline(value, linestyle="--", color=f"C{7 + i}", label=f"{name} (other seeds)")
+    ax.set_xlabel("env steps (routed requests)")
+    ax.set_ylabel("mean E2E latency per training episode (s)")
+    ax.set_title(title + "\ntraining episodes, actions sampled", fontsize=9)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def steps_to_reach(rows, target: float) -> float | None:
@@ -111,7 +140,7 @@ def main() -> None:
     seeds = [900_000 + i for i in range(3)]
     result: dict = {"scenario": args.scenario, "ppo_env_steps": args.requests}
     for name, pipeline, summary in (("warm", warm, warm_summary), ("cold", cold, cold_summary)):
-        episodes = pipeline.monitor.history_rows("episode")
+        episodes = monitor_of(pipeline).history_rows("episode")
         result[name] = {
             "initial_policy": initial_policy_stats(pipeline, seeds),
             "first_policy_rollout": first_policy_rollout(pipeline),
@@ -123,7 +152,7 @@ def main() -> None:
     cold_final = result["cold"]["final_training_e2e"]
     near_lor = 1.02 * result["warm"]["initial_policy"]["lor_e2e_mean"]
     for name, pipeline in (("warm", warm), ("cold", cold)):
-        rows = pipeline.monitor.history_rows("episode")
+        rows = monitor_of(pipeline).history_rows("episode")
         result[name]["steps_to_cold_final"] = steps_to_reach(rows, cold_final)
         result[name]["steps_to_within_2pct_of_lor"] = steps_to_reach(rows, near_lor)
     w, c = (result["warm"]["steps_to_within_2pct_of_lor"],
@@ -132,10 +161,10 @@ def main() -> None:
         f">= {args.requests / w:.0f}x (cold start not within 2% of lor in {args.requests} steps)"
         if w and not c else None)
     lor_line = {"lor": result["warm"]["initial_policy"]["lor_e2e_mean"]}
-    plot_learning_curve({"warm start": warm.monitor.history_rows("episode"),
-                         "cold start": cold.monitor.history_rows("episode")},
-                        out / "learning_curves.png", baselines=lor_line,
-                        title=f"{args.scenario}: warm vs cold start")
+    plot_runs({"warm start": monitor_of(warm).history_rows("episode"),
+               "cold start": monitor_of(cold).history_rows("episode")},
+              out / "learning_curves.png", baselines=lor_line,
+              title=f"{args.scenario}: warm vs cold start")
     (out / "summary.json").write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
     print(f"wrote {out}/learning_curves.png and summary.json")

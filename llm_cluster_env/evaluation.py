@@ -142,24 +142,35 @@ def write_csv(results: Mapping[str, RouterResult], path: str | Path) -> None:
     atomic_write_text(path, text.getvalue())
 
 
-def plot_latency_cdf(results: Mapping[str, RouterResult], path: str | Path, title: str = "") -> None:
-    """One E2E-latency CDF per router in a PNG (needs matplotlib)."""
+def plot_latency_cdf(results: Mapping[str, RouterResult], path: str | Path, title: str = ""):
+    """One E2E-latency CDF per router in a PNG (needs matplotlib); returns the (closed) figure.
+
+    Every router gets its own colour and line style (``tab10`` colours with solid lines for the
+    first ten, then dashed, dotted, dash-dotted), so 12+ routers never share one; the legend
+    sits beside the axes.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name, res in results.items():
+    colors = matplotlib.colormaps["tab10"].colors
+    line_styles = ("-", "--", ":", "-.")
+    fig, ax = plt.subplots(figsize=(8.5, 4.8))
+    for i, (name, res) in enumerate(results.items()):
         e2e = np.sort(res.pooled_e2e)
         if e2e.size:
-            ax.plot(e2e, np.arange(1, e2e.size + 1) / e2e.size, label=name)
+            ax.plot(e2e, np.arange(1, e2e.size + 1) / e2e.size, label=name,
+                    color=colors[i % len(colors)],
+                    linestyle=line_styles[(i // len(colors)) % len(line_styles)],
+                    linewidth=2.0 if i < len(colors) else 1.6)
     ax.set_xscale("log")
-    ax.set_xlabel("end-to-end latency (s)")
+    ax.set_xlabel("end-to-end latency (s, log scale)")
     ax.set_ylabel("fraction of requests")
-    ax.set_title(title or "E2E latency CDF")
+    ax.set_title(title or "E2E latency CDF", fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+    return fig

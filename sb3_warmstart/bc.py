@@ -45,209 +45,12 @@ from stable_baselines3.common.distributions import Distribution
 from stable_baselines3.common.policies import ActorCriticPolicy
 from stable_baselines3.common.running_mean_std import RunningMeanStd
 
-from sb3_warmstart.normalize import checked_moments
+from sb3_warmstart.config import BCConfig, PPOConfig
+from sb3_warmstart.normalize import ObsNormalizer, ReturnNormalizer, acting_observations
 
 if TYPE_CHECKING:  # pragma: no cover
     from imitation.data.types import Trajectory
     from stable_baselines3.common.logger import Logger
-
-# VecNormalize's defaults (stable_baselines3 2.9, common/vec_env/vec_normalize.py).
-VECNORMALIZE_CLIP_OBS = 10.0
-VECNORMALIZE_CLIP_REWARD = 10.0
-VECNORMALIZE_EPSILON = 1e-8
-
-
-# ---------------------------------------------------------------------------- normalisation
-class ObsNormalizer:
-    """``VecNormalize``'s observation transform with frozen statistics.
-
-    ``normalize(obs) = clip((obs - mean) / sqrt(var + epsilon), -clip_obs, clip_obs)`` in
-    float64, cast to float32: the expression of ``VecNormalize._normalize_obs`` followed by the
-    cast in ``VecNormalize.normalize_obs`` (stable_baselines3 2.9). That helper is an instance
-    method of the wrapper, so it is restated here rather than called.
-
-    :param obs_rms: per-feature mean and variance of the raw observations.
-    :param clip_obs: bound on the absolute value of a normalised feature (VecNormalize's
-        ``clip_obs``).
-    :param epsilon: added to the variance before the square root (VecNormalize's ``epsilon``).
-    """
-
-    def __init__(self, obs_rms: RunningMeanStd, clip_obs: float = VECNORMALIZE_CLIP_OBS,
-                 epsilon: float = VECNORMALIZE_EPSILON) -> None:
-        checked_moments(obs_rms)
-        if not clip_obs > 0:
-            raise ValueError(f"clip_obs={clip_obs!r}: must be > 0")
-        if not epsilon > 0:
-            raise ValueError(f"epsilon={epsilon!r}: must be > 0")
-        self.obs_rms = obs_rms
-        self.clip_obs = float(clip_obs)
-        self.epsilon = float(epsilon)
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return tuple(np.shape(self.obs_rms.mean))
-
-    def __call__(self, obs: np.ndarray) -> np.ndarray:
-        """Normalise raw observations (any leading batch dimensions); returns float32."""
-        rms = self.obs_rms
-        return np.clip((obs - rms.mean) / np.sqrt(rms.var + self.epsilon),
-                       -self.clip_obs, self.clip_obs).astype(np.float32)
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-able statistics (float64 values survive a JSON round trip exactly)."""
-        return {
-            "mean": np.asarray(self.obs_rms.mean, dtype=np.float64).tolist(),
-            "var": np.asarray(self.obs_rms.var, dtype=np.float64).tolist(),
-            "count": float(self.obs_rms.count),
-            "clip_obs": self.clip_obs,
-            "epsilon": self.epsilon,
-        }
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> ObsNormalizer:
-        """Inverse of :meth:`to_dict`; ``ValueError`` names a missing or malformed key."""
-        return cls(_rms_from_dict(data, "obs normalisation"), float(data["clip_obs"]),
-                   float(data["epsilon"]))
-
-    @classmethod
-    def from_vec_normalize(cls, vec_normalize) -> ObsNormalizer:
-        """The statistics and settings of a ``VecNormalize`` wrapper (copied)."""
-        return cls(vec_normalize.obs_rms.copy(), vec_normalize.clip_obs, vec_normalize.epsilon)
-
-    def apply_to(self, vec_normalize) -> None:
-        """Load these statistics into ``vec_normalize.obs_rms`` (a copy).
-
-        ``ValueError`` if the wrapper's ``clip_obs``/``epsilon`` differ (the policy would see
-        different inputs) or the shapes do not match.
-        """
-        problems = []
-        if float(vec_normalize.clip_obs) != self.clip_obs:
-            problems.append(f"clip_obs: statistics {self.clip_obs}, VecNormalize "
-                            f"{vec_normalize.clip_obs}")
-        if float(vec_normalize.epsilon) != self.epsilon:
-            problems.append(f"epsilon: statistics {self.epsilon}, VecNormalize "
-                            f"{vec_normalize.epsilon}")
-        target_shape = tuple(np.shape(vec_normalize.obs_rms.mean))
-        if target_shape != self.shape:
-            problems.append(f"shape: statistics {self.shape}, VecNormalize {target_shape}")
-        if problems:
-            raise ValueError("cannot load observation statistics: " + "; ".join(problems))
-        vec_normalize.obs_rms = self.obs_rms.copy()
-
-    def __repr__(self) -> str:
-        return (f"ObsNormalizer(shape={self.shape}, count={float(self.obs_rms.count):g}, "
-                f"clip_obs={self.clip_obs}, epsilon={self.epsilon})")
-
-
-class ReturnNormalizer:
-    """``VecNormalize(norm_reward=True)``'s reward transform with frozen statistics.
-
-    ``r -> clip(r / sqrt(ret_var + epsilon), -clip_reward, clip_reward)`` where ``ret_var`` is
-    the variance of the running discounted return (VecNormalize's ``ret_rms``; no mean is
-    subtracted). Value pretraining on these rewards fits the critic in the units PPO's value
-    loss will use under ``norm_reward=True``.
-
-    :param ret_rms: statistics of the running discounted return (only ``var`` is used).
-    :param gamma: discount factor of the running return (VecNormalize's ``gamma``).
-    :param clip_reward: bound on a normalised reward.
-    :param epsilon: added to the variance before the square root.
-    """
-
-    def __init__(self, ret_rms: RunningMeanStd, gamma: float,
-                 clip_reward: float = VECNORMALIZE_CLIP_REWARD,
-                 epsilon: float = VECNORMALIZE_EPSILON) -> None:
-        if not 0.0 <= gamma <= 1.0:
-            raise ValueError(f"gamma={gamma!r}: must be in [0, 1]")
-        if not clip_reward > 0:
-            raise ValueError(f"clip_reward={clip_reward!r}: must be > 0")
-        if not epsilon > 0:
-            raise ValueError(f"epsilon={epsilon!r}: must be > 0")
-        self.ret_rms = ret_rms
-        self.gamma = float(gamma)
-        self.clip_reward = float(clip_reward)
-        self.epsilon = float(epsilon)
-
-    def __call__(self, rewards: np.ndarray) -> np.ndarray:
-        return np.clip(np.asarray(rewards, np.float64) / np.sqrt(self.ret_rms.var + self.epsilon),
-                       -self.clip_reward, self.clip_reward)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "mean": float(self.ret_rms.mean), "var": float(self.ret_rms.var),
-            "count": float(self.ret_rms.count), "gamma": self.gamma,
-            "clip_reward": self.clip_reward, "epsilon": self.epsilon,
-        }
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> ReturnNormalizer:
-        return cls(_rms_from_dict(data, "return normalisation"), float(data["gamma"]),
-                   float(data["clip_reward"]), float(data["epsilon"]))
-
-    def __repr__(self) -> str:
-        return (f"ReturnNormalizer(std={math.sqrt(float(self.ret_rms.var)):.4g}, "
-                f"gamma={self.gamma}, clip_reward={self.clip_reward})")
-
-
-def _rms_from_dict(data: Mapping[str, Any], what: str) -> RunningMeanStd:
-    try:
-        mean = np.asarray(data["mean"], dtype=np.float64)
-        var = np.asarray(data["var"], dtype=np.float64)
-        count = float(data["count"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ValueError(f"{what}: malformed statistics ({exc!r})") from None
-    rms = RunningMeanStd(shape=mean.shape)
-    rms.mean, rms.var, rms.count = mean, var, count
-    return rms
-
-
-def _acting_obs(trajectory: Trajectory) -> np.ndarray:
-    """The observations actions were taken on: the first ``len(acts)`` rows."""
-    return np.asarray(trajectory.obs)[: len(trajectory.acts)]
-
-
-def fit_obs_normalizer(trajectories: Sequence[Trajectory],
-                       clip_obs: float = VECNORMALIZE_CLIP_OBS,
-                       epsilon: float = VECNORMALIZE_EPSILON) -> RunningMeanStd:
-    """Mean and variance of every observation an action was taken on (count = their number).
-
-    Load the result into ``VecNormalize.obs_rms`` (or wrap it in :class:`ObsNormalizer`) so PPO
-    starts from the statistics BC trained on. ``clip_obs``/``epsilon`` are only checked here.
-    """
-    if not trajectories:
-        raise ValueError("trajectories: need at least one trajectory")
-    obs = np.concatenate([_acting_obs(t) for t in trajectories]).astype(np.float64)
-    if obs.shape[0] == 0:
-        raise ValueError("trajectories: all are empty (no actions)")
-    rms = RunningMeanStd(shape=obs.shape[1:])
-    rms.mean = obs.mean(axis=0)
-    rms.var = obs.var(axis=0)
-    rms.count = float(obs.shape[0])
-    ObsNormalizer(rms, clip_obs, epsilon)  # validates
-    return rms
-
-
-def fit_return_normalizer(trajectories: Sequence[Trajectory], gamma: float = 0.99,
-                          clip_reward: float = VECNORMALIZE_CLIP_REWARD,
-                          epsilon: float = VECNORMALIZE_EPSILON) -> ReturnNormalizer:
-    """Statistics of the running discounted return ``R_t = gamma * R_{t-1} + r_t`` over the
-    demonstrations (restarted at every trajectory), as ``VecNormalize`` accumulates them."""
-    running = []
-    for i, traj in enumerate(trajectories):
-        rews = getattr(traj, "rews", None)
-        if rews is None:
-            raise ValueError(f"trajectories[{i}]: has no rews (need TrajectoryWithRew)")
-        ret, out = 0.0, np.empty(len(rews))
-        for t, r in enumerate(np.asarray(rews, np.float64)):
-            ret = ret * gamma + r
-            out[t] = ret
-        running.append(out)
-    values = np.concatenate(running) if running else np.zeros(0)
-    if values.size == 0:
-        raise ValueError("trajectories: no rewards to fit")
-    rms = RunningMeanStd(shape=())
-    rms.mean, rms.var, rms.count = float(values.mean()), float(values.var()), float(values.size)
-    return ReturnNormalizer(rms, gamma, clip_reward, epsilon)
-
 
 def discounted_returns(rewards: np.ndarray, gamma: float) -> np.ndarray:
     """``G_t = r_t + gamma * G_{t+1}`` with ``G`` = 0 after the last step (terminal)."""
@@ -262,61 +65,31 @@ def discounted_returns(rewards: np.ndarray, gamma: float) -> np.ndarray:
 # ------------------------------------------------------------------------- presets, losses
 @dataclass(frozen=True)
 class BCPreset:
-    """Policy architecture and BC hyperparameters that go together.
+    """A policy architecture and BC hyperparameters that go together (``train/pretrain.py
+    --mode``); the main job takes both from its config's ``ppo`` and ``bc`` sections instead.
 
     :param name: preset name.
-    :param net_arch: hidden layers of both the actor and the critic MLP (after the LSTM).
-    :param lstm_hidden_size: LSTM units (recurrent policies).
-    :param n_lstm_layers: stacked LSTM layers (recurrent policies).
-    :param epochs: passes over the training trajectories.
-    :param batch_size: sequences (lanes) per gradient step.
-    :param sequence_length: truncated-BPTT chunk length (steps = routed requests).
-    :param learning_rate: Adam(W) step size.
-    :param weight_decay: AdamW decoupled weight decay (per step, times the learning rate).
-    :param lr_schedule: ``"constant"`` or ``"cosine"`` (annealed per epoch to
-        ``min_learning_rate``).
-    :param min_learning_rate: final learning rate of the cosine schedule.
-    :param ent_coef: weight of the entropy bonus.
+    :param bc: the BC hyperparameters.
+    :param architecture: :class:`~sb3_warmstart.config.PPOConfig` fields that differ from its
+        defaults (``net_arch``, ``lstm_hidden_size``, ``n_lstm_layers``).
     """
 
     name: str
-    net_arch: tuple[int, ...]
-    lstm_hidden_size: int
-    n_lstm_layers: int
-    epochs: int
-    batch_size: int
-    sequence_length: int
-    learning_rate: float
-    weight_decay: float
-    lr_schedule: Literal["constant", "cosine"]
-    min_learning_rate: float = 0.0
-    ent_coef: float = 0.0
+    bc: BCConfig
+    architecture: Mapping[str, Any] = field(default_factory=dict)
 
-    def policy_kwargs(self, recurrent: bool = True) -> dict[str, Any]:
-        """``policy_kwargs`` for ``RecurrentPPO("MlpLstmPolicy", ...)`` or ``PPO("MlpPolicy")``."""
-        arch = list(self.net_arch)
-        kwargs: dict[str, Any] = {"net_arch": {"pi": arch, "vf": list(arch)}}
-        if recurrent:
-            kwargs.update(lstm_hidden_size=self.lstm_hidden_size, n_lstm_layers=self.n_lstm_layers)
-        return kwargs
-
-    def training_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments of :class:`SequenceBC` set by this preset."""
-        return {k: v for k, v in asdict(self).items()
-                if k not in ("name", "net_arch", "lstm_hidden_size", "n_lstm_layers")}
+    def ppo(self, **fields: Any) -> PPOConfig:
+        """The PPO config whose policy this preset clones into (``fields`` added)."""
+        return PPOConfig(**{**self.architecture, **fields})
 
 
 PRESETS: Mapping[str, BCPreset] = MappingProxyType({
-    # Small LSTM, constant learning rate. On 64 lor episodes of 256 requests
-    # (a100x4_conv_70) it reached ~98% validation accuracy in ~7 s of one CPU core.
-    "standard": BCPreset("standard", net_arch=(64, 64), lstm_hidden_size=64, n_lstm_layers=1,
-                         epochs=60, batch_size=16, sequence_length=32, learning_rate=5e-4,
-                         weight_decay=0.0, lr_schedule="constant"),
-    # High capacity: wider layers and LSTM, more epochs, cosine annealing, weight decay.
-    "enhanced": BCPreset("enhanced", net_arch=(256, 256), lstm_hidden_size=256,
-                         n_lstm_layers=1, epochs=100, batch_size=16, sequence_length=64,
-                         learning_rate=1e-3, weight_decay=1e-4, lr_schedule="cosine",
-                         min_learning_rate=1e-5, ent_coef=1e-3),
+    # The main job's defaults: 64-unit LSTM and layers, cosine learning rate.
+    "standard": BCPreset("standard", BCConfig()),
+    # High capacity: wider layers and LSTM, more epochs, longer sequences, weight decay.
+    "enhanced": BCPreset("enhanced", BCConfig(epochs=100, sequence_length=64, learning_rate=1e-3,
+                                              weight_decay=1e-4, ent_coef=1e-3),
+                         {"net_arch": (256, 256), "lstm_hidden_size": 256}),
 })
 
 
@@ -493,16 +266,14 @@ class SequenceBC:
     :param obs_normalizer: the ``VecNormalize`` statistics PPO will run with
         (``fit_obs_normalizer(trajectories)``), or ``None`` to train on raw observations (only
         if PPO runs without observation normalisation). Required, to make the choice explicit.
-    :param epochs: passes over the training trajectories.
-    :param batch_size: sequences (lanes) per gradient step; the feed-forward path uses
-        ``batch_size * sequence_length`` samples per step.
-    :param sequence_length: truncated-BPTT chunk length (steps = routed requests).
-    :param learning_rate: AdamW step size.
-    :param weight_decay: AdamW decoupled weight decay.
-    :param lr_schedule: ``"constant"``, or ``"cosine"`` (``torch.optim.lr_scheduler.
-        CosineAnnealingLR`` over the epochs, stepped once per epoch, down to
-        ``min_learning_rate``).
-    :param min_learning_rate: final learning rate of the cosine schedule.
+    :param config: the hyperparameters (:class:`~sb3_warmstart.config.BCConfig`: epochs,
+        batch size in sequences (lanes; the feed-forward path uses ``batch_size *
+        sequence_length`` samples per step), truncated-BPTT length, AdamW rate and weight decay,
+        ``constant`` or ``cosine`` schedule (``torch.optim.lr_scheduler.CosineAnnealingLR`` over
+        the epochs, stepped once per epoch, down to ``min_learning_rate``), entropy and value
+        weights, gradient clip applied separately to the critic-only parameters
+        (:func:`critic_only_parameters`) and to all others, so a large value error never
+        shrinks the imitation gradient).
     :param validation_fraction: fraction of whole trajectories held out for validation
         (rounded; at least one each side when > 0).
     :param value_pretraining: also fit the value head on discounted returns of the demonstration
@@ -510,14 +281,10 @@ class SequenceBC:
     :param gamma: discount factor of those returns (per step); use PPO's ``gamma``.
     :param return_normalizer: normalise rewards like ``VecNormalize(norm_reward=True)`` before
         discounting (``fit_return_normalizer``); ``None`` fits raw rewards.
-    :param vf_coef: weight of the value regression term.
-    :param ent_coef: weight of the entropy bonus (0 disables it).
-    :param max_grad_norm: gradient-norm clip, applied separately to the critic-only parameters
-        (:func:`critic_only_parameters`) and to all others, so a large value error never
-        shrinks the imitation gradient (``None`` disables clipping).
     :param tied_choices: maps a raw observation to the actions the expert rule considers
         equally good (e.g. :class:`RouterTies`), for tie-aware validation accuracy.
-    :param progress: show a tqdm bar over epochs and print one line per epoch.
+    :param progress: show the epochs' progress (a bar on a terminal, a line every 10 s when
+        the output is piped; :mod:`sb3_warmstart.progress`).
     :param logger: SB3 logger; every epoch's metrics are recorded and dumped at step = epoch.
     """
 
@@ -528,20 +295,11 @@ class SequenceBC:
         trajectories: Sequence[Trajectory],
         rng: np.random.Generator,
         obs_normalizer: ObsNormalizer | RunningMeanStd | None,
-        epochs: int = PRESETS["standard"].epochs,
-        batch_size: int = PRESETS["standard"].batch_size,
-        sequence_length: int = PRESETS["standard"].sequence_length,
-        learning_rate: float = PRESETS["standard"].learning_rate,
-        weight_decay: float = 0.0,
-        lr_schedule: Literal["constant", "cosine"] = "constant",
-        min_learning_rate: float = 0.0,
-        validation_fraction: float = 0.2,
-        value_pretraining: bool = True,
-        gamma: float = 0.99,
+        config: BCConfig,
+        validation_fraction: float,
+        value_pretraining: bool,
+        gamma: float,
         return_normalizer: ReturnNormalizer | None = None,
-        vf_coef: float = 0.5,
-        ent_coef: float = 0.0,
-        max_grad_norm: float | None = 1.0,
         tied_choices: Callable[[np.ndarray], np.ndarray] | None = None,
         progress: bool = False,
         logger: Logger | None = None,
@@ -553,25 +311,11 @@ class SequenceBC:
             raise TypeError(f"policy.action_space={policy.action_space}: only Discrete actions")
         if not isinstance(rng, np.random.Generator):
             raise TypeError(f"rng: expected np.random.Generator, got {type(rng).__name__}")
-        _require(isinstance(epochs, int) and epochs >= 1, "epochs", epochs, "must be an int >= 1")
-        _require(isinstance(batch_size, int) and batch_size >= 1, "batch_size", batch_size,
-                 "must be an int >= 1 sequences")
-        _require(isinstance(sequence_length, int) and sequence_length >= 1, "sequence_length",
-                 sequence_length, "must be an int >= 1 steps")
-        _require(learning_rate > 0 and math.isfinite(learning_rate), "learning_rate",
-                 learning_rate, "must be a finite number > 0")
-        _require(weight_decay >= 0, "weight_decay", weight_decay, "must be >= 0")
-        _require(lr_schedule in ("constant", "cosine"), "lr_schedule", lr_schedule,
-                 "must be 'constant' or 'cosine'")
-        _require(0 <= min_learning_rate <= learning_rate, "min_learning_rate", min_learning_rate,
-                 "must be in [0, learning_rate]")
+        if not isinstance(config, BCConfig):
+            raise TypeError(f"config: expected a BCConfig, got {type(config).__name__}")
         _require(0.0 <= validation_fraction < 1.0, "validation_fraction", validation_fraction,
                  "must be in [0, 1)")
         _require(0.0 <= gamma <= 1.0, "gamma", gamma, "must be in [0, 1]")
-        _require(vf_coef >= 0, "vf_coef", vf_coef, "must be >= 0")
-        _require(ent_coef >= 0, "ent_coef", ent_coef, "must be >= 0")
-        if max_grad_norm is not None:
-            _require(max_grad_norm > 0, "max_grad_norm", max_grad_norm, "must be > 0 or None")
 
         self.policy = policy
         self.recurrent = isinstance(policy, RecurrentActorCriticPolicy)
@@ -580,22 +324,23 @@ class SequenceBC:
         if isinstance(obs_normalizer, RunningMeanStd):
             obs_normalizer = ObsNormalizer(obs_normalizer)
         self.obs_normalizer = obs_normalizer
-        self.epochs = epochs
-        self.batch_size = batch_size
-        self.sequence_length = sequence_length
-        self.learning_rate = learning_rate
-        self.weight_decay = weight_decay
-        self.lr_schedule = lr_schedule
-        self.min_learning_rate = min_learning_rate
+        self.config = config
+        self.epochs = config.epochs
+        self.batch_size = config.batch_size
+        self.sequence_length = config.sequence_length
+        self.learning_rate = config.learning_rate
+        self.weight_decay = config.weight_decay
+        self.lr_schedule = config.lr_schedule
+        self.min_learning_rate = config.min_learning_rate
         self.validation_fraction = validation_fraction
         self.value_pretraining = value_pretraining
         self.gamma = gamma
         self.return_normalizer = return_normalizer
-        self.max_grad_norm = max_grad_norm
+        self.max_grad_norm = config.max_grad_norm
         self.tied_choices = tied_choices
         self.progress = progress
         self.logger = logger
-        self.loss_calculator = BCLossCalculator(ent_coef=ent_coef, vf_coef=vf_coef)
+        self.loss_calculator = BCLossCalculator(ent_coef=config.ent_coef, vf_coef=config.vf_coef)
         self.device = policy.device
 
         trajectories = list(trajectories)
@@ -617,11 +362,11 @@ class SequenceBC:
         critic = critic_only_parameters(policy)
         self._clip_groups = [[p for p in policy.parameters() if all(p is not c for c in critic)],
                              critic]
-        self.optimizer = th.optim.AdamW(policy.parameters(), lr=learning_rate,
-                                        weight_decay=weight_decay)
+        self.optimizer = th.optim.AdamW(policy.parameters(), lr=config.learning_rate,
+                                        weight_decay=config.weight_decay)
         self.scheduler = (th.optim.lr_scheduler.CosineAnnealingLR(
-            self.optimizer, T_max=epochs, eta_min=min_learning_rate)
-            if lr_schedule == "cosine" else None)
+            self.optimizer, T_max=config.epochs, eta_min=config.min_learning_rate)
+            if config.lr_schedule == "cosine" else None)
         self.gradient_steps = 0
         self.history: list[BCEpochMetrics] = []
 
@@ -651,7 +396,7 @@ class SequenceBC:
         lengths = []
         for j in ids:
             traj = trajectories[j]
-            raw = _acting_obs(traj)
+            raw = acting_observations(traj)
             obs_parts.append(self.obs_normalizer(raw) if self.obs_normalizer is not None
                              else raw.astype(np.float32))
             act_parts.append(np.asarray(traj.acts, dtype=np.int64))
@@ -797,21 +542,21 @@ class SequenceBC:
         """Run the epochs not run yet (all ``epochs`` on the first call, none afterwards, so the
         learning-rate schedule never runs past its end); returns (and appends to ``history``)
         one record per epoch run."""
-        from tqdm.auto import tqdm
+        from sb3_warmstart.progress import ProgressPrinter
 
         remaining = self.epochs - len(self.history)
-        bar = tqdm(range(remaining), desc="BC", unit="epoch", disable=not self.progress)
+        printer = ProgressPrinter("BC", self.epochs, "epochs", initial=len(self.history),
+                                  enabled=self.progress)
         new: list[BCEpochMetrics] = []
-        for _ in bar:
+        for _ in range(remaining):
             metrics = self._train_epoch()
             new.append(metrics)
             self.history.append(metrics)
             if self.logger is not None:
                 metrics.record(self.logger)
                 self.logger.dump(step=metrics.epoch)
-            if self.progress:
-                bar.write(format_epoch(metrics))
-        bar.close()
+            printer.update(len(self.history), format_epoch_short(metrics))
+        printer.close()
         return new
 
     def _train_epoch(self) -> BCEpochMetrics:
@@ -918,6 +663,16 @@ def critic_only_parameters(policy: ActorCriticPolicy) -> list[th.nn.Parameter]:
             if any(name.startswith(prefix) for prefix in prefixes)]
 
 
+def format_epoch_short(m: BCEpochMetrics) -> str:
+    """The epoch's loss and accuracies, for a progress line."""
+    text = f"loss {m.train_loss:.4f}, acc {m.train_accuracy:.3f}"
+    if m.val is not None:
+        text += f", val acc {m.val.accuracy:.3f}"
+        if not math.isnan(m.val.tie_accuracy):
+            text += f" (tie-aware {m.val.tie_accuracy:.3f})"
+    return text
+
+
 def format_epoch(m: BCEpochMetrics) -> str:
     """One line per epoch for the console."""
     line = (f"epoch {m.epoch:3d}  lr {m.learning_rate:.2e}  loss {m.train_loss:.4f}  "
@@ -975,8 +730,6 @@ __all__ = [
     "RouterTies",
     "SequenceBC",
     "discounted_returns",
-    "fit_obs_normalizer",
-    "fit_return_normalizer",
     "critic_only_parameters",
     "format_epoch",
     "plan_lanes",

@@ -37,6 +37,7 @@ from stable_baselines3.common.vec_env import VecNormalize
 
 from llm_cluster_env.atomic import atomic_write_text
 from llm_cluster_env.sim.metrics import balance_score
+from sb3_warmstart.config import TemperatureConfig
 from sb3_warmstart.normalize import freeze_obs_stats, obs_stats_frozen
 
 EPISODE_METRICS = ("e2e_mean", "e2e_p99", "ttft_mean", "tpot_mean", "slo_attainment",
@@ -101,26 +102,15 @@ class TemperatureController(BaseCallback):
     ``temperature/entropy_ema``, ``temperature/balance_ema``, ``temperature/pulse`` (1 for a
     pulse rollout) and ``temperature/paused``.
 
-    :param target_entropy: target behaviour entropy in nats, in ``[0, ln N]``. ``None`` means
-        ``0.5 * ln N``: an effective number of choices ``exp(H) = sqrt(N)`` (2 of 4 replicas,
-        4 of 16), which keeps alternatives to the preferred replica without routing at random.
-    :param target_balance: target balance score (``1 - std`` of the dispatch shares), in
-        ``(0, 1]``. 0.95 allows e.g. shares (0.3, 0.3, 0.2, 0.2) on 4 replicas; lower it (or
-        ``balance_weight``) on heterogeneous clusters where the best split is uneven.
-    :param adaptation_rate: step size of ``log T`` per rollout for unit error (1/rollout).
-    :param ema_decay: EMA decay ``d`` per rollout, in ``[0, 1)``; 0.9 averages ~10 rollouts.
-    :param entropy_weight: weight ``w_H`` of the (``ln N``-normalised) entropy error, >= 0.
-    :param balance_weight: weight ``w_B`` of the balance error, >= 0.
-    :param initial_temperature: temperature of the first rollout (dimensionless).
-    :param min_temperature: lower bound of the adaptive temperature, > 0.
-    :param max_temperature: upper bound of the adaptive temperature.
-    :param collapse_balance: a rollout whose balance score is below this collapses (0 disables).
-    :param collapse_max_share: a rollout where one replica receives more than this share
-        collapses, in ``(1/N, 1]`` (1 disables). ``None`` means ``(1 + 1/N) / 2``, halfway
-        between the fair share and everything (0.625 for 4 replicas, 0.53 for 16).
-    :param pulse_temperature: temperature during a pulse, > 0.
-    :param pulse_rollouts: length of a pulse in rollouts (0 disables pulses).
-    :param pulse_cooldown: adaptive rollouts after a pulse that cannot trigger another, >= 0.
+    :param config: the controller's knobs (:class:`~sb3_warmstart.config.TemperatureConfig`, where
+        each is documented, defaulted and validated): ``target_entropy`` in nats (``None`` =
+        ``0.5 * ln N``: an effective number of choices ``exp(H) = sqrt(N)``), ``target_balance``,
+        ``adaptation_rate`` (step of ``log T`` per rollout for unit error), ``ema_decay`` ``d``,
+        ``entropy_weight`` ``w_H``, ``balance_weight`` ``w_B``, ``initial_temperature``, the
+        bounds ``min_temperature``/``max_temperature``, ``collapse_balance``,
+        ``collapse_max_share`` (``None`` = ``(1 + 1/N) / 2``, halfway between the fair share
+        and everything), ``pulse_temperature``, ``pulse_rollouts`` (0 disables pulses) and
+        ``pulse_cooldown``. ``enabled`` is the caller's business.
     :param verbose: 1 prints pulses.
     """
 
@@ -128,69 +118,25 @@ class TemperatureController(BaseCallback):
                    "cooldown_remaining", "num_rollouts", "num_adaptive_rollouts", "num_pulses",
                    "num_timesteps", "num_actions")
 
-    def __init__(
-        self,
-        *,
-        target_entropy: float | None = None,
-        target_balance: float = 0.95,
-        adaptation_rate: float = 0.1,
-        ema_decay: float = 0.9,
-        entropy_weight: float = 1.0,
-        balance_weight: float = 1.0,
-        initial_temperature: float = 1.0,
-        min_temperature: float = 0.5,
-        max_temperature: float = 3.0,
-        collapse_balance: float = 0.7,
-        collapse_max_share: float | None = None,
-        pulse_temperature: float = 5.0,
-        pulse_rollouts: int = 3,
-        pulse_cooldown: int = 2,
-        verbose: int = 0,
-    ) -> None:
+    def __init__(self, config: TemperatureConfig, *, verbose: int = 0) -> None:
         super().__init__(verbose=verbose)
-        if target_entropy is not None and not (math.isfinite(target_entropy)
-                                               and target_entropy >= 0):
-            raise ValueError(f"target_entropy={target_entropy!r}: must be >= 0 nats or None")
-        if not 0 < target_balance <= 1:
-            raise ValueError(f"target_balance={target_balance!r}: must be in (0, 1]")
-        if not adaptation_rate >= 0:
-            raise ValueError(f"adaptation_rate={adaptation_rate!r}: must be >= 0")
-        if not 0 <= ema_decay < 1:
-            raise ValueError(f"ema_decay={ema_decay!r}: must be in [0, 1)")
-        for name, value in (("entropy_weight", entropy_weight),
-                            ("balance_weight", balance_weight)):
-            if not (math.isfinite(value) and value >= 0):
-                raise ValueError(f"{name}={value!r}: must be finite and >= 0")
-        if not 0 < min_temperature <= max_temperature < math.inf:
-            raise ValueError(f"min_temperature={min_temperature!r}, max_temperature="
-                             f"{max_temperature!r}: need 0 < min <= max < inf")
-        if not min_temperature <= initial_temperature <= max_temperature:
-            raise ValueError(f"initial_temperature={initial_temperature!r}: must be in "
-                             f"[{min_temperature}, {max_temperature}]")
-        if not 0 <= collapse_balance <= 1:
-            raise ValueError(f"collapse_balance={collapse_balance!r}: must be in [0, 1]")
-        if collapse_max_share is not None and not 0 < collapse_max_share <= 1:
-            raise ValueError(f"collapse_max_share={collapse_max_share!r}: must be in (0, 1]")
-        if not (math.isfinite(pulse_temperature) and pulse_temperature > 0):
-            raise ValueError(f"pulse_temperature={pulse_temperature!r}: must be finite and > 0")
-        if int(pulse_rollouts) != pulse_rollouts or pulse_rollouts < 0:
-            raise ValueError(f"pulse_rollouts={pulse_rollouts!r}: must be an integer >= 0")
-        if int(pulse_cooldown) != pulse_cooldown or pulse_cooldown < 0:
-            raise ValueError(f"pulse_cooldown={pulse_cooldown!r}: must be an integer >= 0")
-        self.target_entropy = target_entropy
-        self.target_balance = float(target_balance)
-        self.adaptation_rate = float(adaptation_rate)
-        self.ema_decay = float(ema_decay)
-        self.entropy_weight = float(entropy_weight)
-        self.balance_weight = float(balance_weight)
-        self.initial_temperature = float(initial_temperature)
-        self.min_temperature = float(min_temperature)
-        self.max_temperature = float(max_temperature)
-        self.collapse_balance = float(collapse_balance)
-        self.collapse_max_share = collapse_max_share
-        self.pulse_temperature = float(pulse_temperature)
-        self.pulse_rollouts = int(pulse_rollouts)
-        self.pulse_cooldown = int(pulse_cooldown)
+        if not isinstance(config, TemperatureConfig):
+            raise TypeError(f"config: expected a TemperatureConfig, got {type(config).__name__}")
+        self.config = config
+        self.target_entropy = config.target_entropy
+        self.target_balance = float(config.target_balance)
+        self.adaptation_rate = float(config.adaptation_rate)
+        self.ema_decay = float(config.ema_decay)
+        self.entropy_weight = float(config.entropy_weight)
+        self.balance_weight = float(config.balance_weight)
+        self.initial_temperature = float(config.initial_temperature)
+        self.min_temperature = float(config.min_temperature)
+        self.max_temperature = float(config.max_temperature)
+        self.collapse_balance = float(config.collapse_balance)
+        self.collapse_max_share = config.collapse_max_share
+        self.pulse_temperature = float(config.pulse_temperature)
+        self.pulse_rollouts = int(config.pulse_rollouts)
+        self.pulse_cooldown = int(config.pulse_cooldown)
         # state (see state_dict)
         self.temperature = self.initial_temperature
         self.entropy_ema: float | None = None
@@ -387,7 +333,7 @@ class NormalizerStabilization(BaseCallback):
     :param verbose: 1 prints when stabilisation ends.
     """
 
-    def __init__(self, stabilization_steps: int, *, update_obs_stats: bool = True,
+    def __init__(self, stabilization_steps: int, *, update_obs_stats: bool,
                  verbose: int = 0) -> None:
         super().__init__(verbose=verbose)
         if int(stabilization_steps) != stabilization_steps or stabilization_steps < 0:
@@ -467,8 +413,9 @@ class TrainingMonitor(BaseCallback):
 
     The history keeps one row per rollout (``kind="rollout"``: ``rollout``, ``num_timesteps``,
     ``steps``, ``reward_mean``, ``reward_std``, ``balance``, ``action_share_{i}``) and one per
-    episode (``kind="episode"``: ``episode``, ``num_timesteps``, ``env_index`` and every numeric
-    entry of ``info["metrics"]``), in the order they happened. ``state_dict()`` carries it, so a
+    episode (``kind="episode"``: ``episode``, ``num_timesteps``, ``env_index``, ``episode_seed``
+    when the env reports one, and every numeric entry of ``info["metrics"]``), in the order they
+    happened. ``state_dict()`` carries it, so a
     resumed run appends to it (and does not repeat the reward warm-up).
 
     :param warmup_rollouts: number of first rollouts that also log ``reward_warmup/*``, >= 0.
@@ -514,13 +461,16 @@ class TrainingMonitor(BaseCallback):
         for env_index, info in enumerate(self.locals["infos"]):
             metrics = info.get("metrics")
             if metrics is not None:
-                self._record_episode(env_index, metrics)
+                self._record_episode(env_index, metrics, info.get("episode_seed"))
         return True
 
-    def _record_episode(self, env_index: int, metrics: Mapping[str, Any]) -> None:
+    def _record_episode(self, env_index: int, metrics: Mapping[str, Any],
+                        episode_seed: int | None = None) -> None:
         self.num_episodes += 1
         row: dict[str, Any] = {"kind": "episode", "num_timesteps": int(self.num_timesteps),
                                "episode": self.num_episodes, "env_index": env_index}
+        if episode_seed is not None:  # replays the episode's arrivals (sb3_warmstart.envs)
+            row["episode_seed"] = int(episode_seed)
         for key, value in metrics.items():
             if isinstance(value, (int, float, np.integer, np.floating)):
                 row[key] = float(value)

@@ -39,7 +39,7 @@ import pickle
 import random
 import shutil
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -96,6 +96,9 @@ class TrainingSession:
     :param stateful: named objects with ``state_dict()``/``load_state_dict()`` (callbacks).
     :param fingerprint: JSON-able description of what this run is (compared on resume).
     :param extra: JSON-able facts stored in the manifest (chunk index, stage...).
+    :param callbacks: the run's callbacks by name (those in ``stateful`` and stateless ones).
+    :param pending_log_values: set by :func:`restore_state`: logger values the checkpoint held
+        (apply them with :func:`restore_pending_log_values` once the logger is set).
     """
 
     model: OnPolicyAlgorithm
@@ -103,6 +106,8 @@ class TrainingSession:
     stateful: dict[str, Any] = field(default_factory=dict)
     fingerprint: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
+    pending_log_values: dict[str, Any] | None = None
+    callbacks: dict[str, Any] = field(default_factory=dict)
 
 
 def _sha256(path: Path) -> str:
@@ -144,10 +149,21 @@ def capture_state(session: TrainingSession) -> dict[str, Any]:
         "envs": inner.envs,
         "stateful": {name: obj.state_dict() for name, obj in session.stateful.items()},
         "rng": rng_state(),
+        "logger": _pending_log_values(model),
     }
     if state["training_state"] is not None:
         state["training_state"] = dict(state["training_state"], updates_deferred=False)
     return state
+
+
+def _pending_log_values(model: OnPolicyAlgorithm) -> dict[str, Any] | None:
+    """Values recorded but not yet dumped (the ``train/`` metrics of the update before the
+    checkpoint, dumped with the next rollout's row): a resumed run writes that row in full."""
+    logger = getattr(model, "_logger", None)
+    if logger is None:
+        return None
+    return {"values": dict(logger.name_to_value), "counts": dict(logger.name_to_count),
+            "excluded": dict(logger.name_to_excluded)}
 
 
 def restore_state(session: TrainingSession, state: Mapping[str, Any]) -> None:
@@ -174,16 +190,35 @@ def restore_state(session: TrainingSession, state: Mapping[str, Any]) -> None:
     for name, obj in session.stateful.items():
         if name in state["stateful"]:
             obj.load_state_dict(state["stateful"][name])
+    session.pending_log_values = state.get("logger")
     set_rng_state(state["rng"])
 
 
-def fingerprint_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
-    """Human-readable differences between two fingerprints (empty = compatible)."""
+def restore_pending_log_values(logger: Any, pending: Mapping[str, Any] | None) -> None:
+    """Put the values a checkpoint found recorded-but-not-dumped back into ``logger`` (an SB3
+    ``Logger``, set on the model after loading), so the next row is the uninterrupted run's."""
+    if pending is None:
+        return
+    logger.name_to_value.clear()
+    logger.name_to_value.update(pending["values"])
+    logger.name_to_count.clear()
+    logger.name_to_count.update(pending["counts"])
+    logger.name_to_excluded.clear()
+    logger.name_to_excluded.update(pending["excluded"])
+
+
+def fingerprint_differences(saved: Mapping[str, Any], current: Mapping[str, Any],
+                            prefix: str = "") -> list[str]:
+    """Human-readable differences between two fingerprints, one per differing leaf, named by
+    dotted path (empty = compatible)."""
     out = []
     for key in sorted(set(saved) | set(current)):
         a, b = saved.get(key), current.get(key)
-        if json.dumps(a, sort_keys=True, default=str) != json.dumps(b, sort_keys=True, default=str):
-            out.append(f"{key}: checkpoint {a!r}, this run {b!r}")
+        if isinstance(a, Mapping) and isinstance(b, Mapping):
+            out += fingerprint_differences(a, b, f"{prefix}{key}.")
+        elif json.dumps(a, sort_keys=True, default=str) != json.dumps(b, sort_keys=True,
+                                                                       default=str):
+            out.append(f"{prefix}{key}: checkpoint {a!r}, this run {b!r}")
     return out
 
 
@@ -195,7 +230,7 @@ class CheckpointManager:
         removed).
     """
 
-    def __init__(self, directory: str | os.PathLike, max_checkpoints: int = 3) -> None:
+    def __init__(self, directory: str | os.PathLike, max_checkpoints: int) -> None:
         self.directory = Path(directory)
         self.max_checkpoints = max_checkpoints
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -335,42 +370,55 @@ class CheckpointManager:
         return manifest
 
 
-class CheckpointCallback(BaseCallback):
-    """Saves a checkpoint every ``interval`` env steps, at rollout boundaries.
+class PeriodicCheckpoint(BaseCallback):
+    """Saves a checkpoint every ``interval`` env steps, at rollout boundaries, and on request
+    (:meth:`request_stop`: Ctrl-C) saves one at the next boundary and stops training.
 
     It acts at the start of a rollout, i.e. right after the previous update, before any other
-    callback has changed anything for the new rollout — put it FIRST in the callback list. The
+    callback has changed anything for the new rollout -- put it FIRST in the callback list. The
     state it captures is then exactly the state a resumed ``learn()`` starts from.
 
     :param manager: where checkpoints go.
     :param session: the session to capture.
     :param interval: env steps between checkpoints.
+    :param after_save: called with the checkpoint's directory after each save (e.g. to rewrite
+        logs that are derived from the checkpointed state).
     """
 
     def __init__(self, manager: CheckpointManager, session: TrainingSession, interval: int,
-                 verbose: int = 0) -> None:
+                 after_save: Callable[[Path], None] | None = None, verbose: int = 0) -> None:
         super().__init__(verbose)
         self.manager = manager
         self.session = session
         self.interval = interval
+        self.after_save = after_save
         self.saved: list[Path] = []
+        self.stop_requested = False
+        self.stopped_at: Path | None = None
+
+    def request_stop(self) -> None:
+        """Save at the next rollout boundary and end ``learn()`` (safe from a signal handler)."""
+        self.stop_requested = True
 
     def _next_due(self) -> int:
         last = self.session.extra.get("last_checkpoint_step", 0)
         return (last // self.interval + 1) * self.interval
 
     def _on_rollout_start(self) -> None:
-        if self.model.num_timesteps >= self._next_due():
+        if self.stop_requested and self.stopped_at is None:
+            self.stopped_at = self.save()
+        elif self.model.num_timesteps >= self._next_due():
             self.save()
 
     def save(self) -> Path:
         self.session.extra["last_checkpoint_step"] = int(self.model.num_timesteps)
         path = self.manager.save(self.session)
         self.saved.append(path)
-        self.logger.record("checkpoint/num_timesteps", self.model.num_timesteps)
+        if self.after_save is not None:
+            self.after_save(path)
         if self.verbose:
             log.info("checkpoint %s", path)
         return path
 
     def _on_step(self) -> bool:
-        return True
+        return self.stopped_at is None

@@ -8,7 +8,8 @@ normalised rewards, accuracy scored up to the expert's ties.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,19 +18,10 @@ from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.running_mean_std import RunningMeanStd
 
 from llm_cluster_env.routers import make_router
-from sb3_warmstart.bc import (
-    PRESETS,
-    BCEpochMetrics,
-    BCPreset,
-    ReturnNormalizer,
-    RouterTies,
-    SequenceBC,
-    fit_obs_normalizer,
-    fit_return_normalizer,
-)
+from sb3_warmstart.bc import BCEpochMetrics, RouterTies, SequenceBC
+from sb3_warmstart.config import BCConfig, PPOConfig
+from sb3_warmstart.normalize import ReturnNormalizer, fit_obs_normalizer, fit_return_normalizer
 from sb3_warmstart.policy_io import build_model
-
-BC_OVERRIDES = ("epochs", "batch_size", "learning_rate", "sequence_length")
 
 
 @dataclass
@@ -68,14 +60,11 @@ def clone_demonstrations(
     trajectories: Sequence,
     *,
     env,
-    preset: str | BCPreset = "standard",
-    recurrent: bool = True,
-    seed: int = 0,
-    gamma: float = 0.99,
-    overrides: Mapping[str, Any] | None = None,
-    validation_fraction: float = 0.2,
-    value_pretraining: bool = True,
-    norm_reward: bool = True,
+    bc: BCConfig,
+    ppo: PPOConfig,
+    seed: int,
+    validation_fraction: float,
+    value_pretraining: bool,
     expert: str | None = None,
     init_model: BaseAlgorithm | None = None,
     init_obs_rms: RunningMeanStd | None = None,
@@ -86,38 +75,28 @@ def clone_demonstrations(
 
     :param trajectories: imitation trajectories (with rewards for value pretraining).
     :param env: the environment (gym env) defining spaces and the observation layout.
-    :param preset: a :data:`~sb3_warmstart.bc.PRESETS` name or a :class:`BCPreset`.
-    :param recurrent: clone into ``MlpLstmPolicy`` (RecurrentPPO) rather than ``MlpPolicy``.
+    :param bc: BC hyperparameters.
+    :param ppo: the PPO the clone is for: its architecture (``algorithm``, ``net_arch``, LSTM),
+        ``gamma`` (value-pretraining returns) and ``norm_reward`` (fit the critic in
+        VecNormalize-normalised reward units).
     :param seed: initial weights, split and shuffles.
-    :param gamma: discount of the value-pretraining returns (PPO's gamma).
-    :param overrides: replace preset values: ``epochs``, ``batch_size``, ``learning_rate``,
-        ``sequence_length`` (``None`` values are ignored).
     :param validation_fraction: share of whole trajectories held out.
     :param value_pretraining: also fit the critic on discounted demo returns.
-    :param norm_reward: fit the critic in VecNormalize-normalised reward units.
     :param expert: router name whose tie sets score tie-aware accuracy.
     :param init_model: fine-tune this model's policy instead of a fresh one (external
         checkpoints); its architecture is kept.
     :param init_obs_rms: observation statistics of ``init_model`` (kept when fine-tuning, so the
         policy's inputs keep their meaning); fitted on the demos when None.
     :param logger: SB3 logger for per-epoch metrics.
-    :param progress: tqdm bar and per-epoch lines.
+    :param progress: show progress (:mod:`sb3_warmstart.progress`).
     """
-    preset = PRESETS[preset] if isinstance(preset, str) else preset
-    training = preset.training_kwargs()
-    for key, value in (overrides or {}).items():
-        if key not in BC_OVERRIDES:
-            raise ValueError(f"overrides: unknown BC setting {key!r} (known: {BC_OVERRIDES})")
-        if value is not None:
-            training[key] = value
-    if training["lr_schedule"] == "cosine":
-        training["min_learning_rate"] = min(training["min_learning_rate"],
-                                            training["learning_rate"])
+    recurrent = ppo.recurrent
+    gamma = ppo.gamma
     if init_model is not None:
         model = init_model
         policy_kwargs: dict[str, Any] = {}
     else:
-        policy_kwargs = preset.policy_kwargs(recurrent)
+        policy_kwargs = ppo.policy_kwargs()
         model = build_model("MlpLstmPolicy" if recurrent else "MlpPolicy", env.observation_space,
                             env.action_space, recurrent=recurrent, policy_kwargs=policy_kwargs,
                             seed=seed, algorithm_kwargs={"gamma": gamma})
@@ -125,15 +104,17 @@ def clone_demonstrations(
     value_pretraining = value_pretraining and all(
         getattr(t, "rews", None) is not None for t in trajectories)
     returns = (fit_return_normalizer(trajectories, gamma)
-               if value_pretraining and norm_reward else None)
+               if value_pretraining and ppo.norm_reward else None)
     layout = env.unwrapped.layout
-    bc = SequenceBC(policy=model.policy, trajectories=trajectories,
-                    rng=np.random.default_rng(seed), obs_normalizer=obs_rms,
-                    validation_fraction=validation_fraction, value_pretraining=value_pretraining,
-                    gamma=gamma, return_normalizer=returns,
-                    tied_choices=tie_scorer(expert, layout, np.asarray(trajectories[0].obs)[0]),
-                    progress=progress, logger=logger, **training)
-    history = bc.train()
+    trainer = SequenceBC(policy=model.policy, trajectories=trajectories,
+                         rng=np.random.default_rng(seed), obs_normalizer=obs_rms, config=bc,
+                         validation_fraction=validation_fraction,
+                         value_pretraining=value_pretraining, gamma=gamma,
+                         return_normalizer=returns,
+                         tied_choices=tie_scorer(expert, layout,
+                                                 np.asarray(trajectories[0].obs)[0]),
+                         progress=progress, logger=logger)
+    history = trainer.train()
     final = history[-1]
     val = final.val
     summary: dict[str, Any] = {
@@ -150,4 +131,5 @@ def clone_demonstrations(
         "fine_tuned": init_model is not None,
     }
     return CloneResult(model=model, obs_rms=obs_rms, return_normalizer=returns, history=history,
-                       summary=summary, training_kwargs=training, policy_kwargs=policy_kwargs)
+                       summary=summary, training_kwargs=dataclasses.asdict(bc),
+                       policy_kwargs=policy_kwargs)

@@ -4,23 +4,25 @@ The YAML file follows rl-baselines3-zoo: a top-level key per env id, and under i
 block plus optional named profiles that are merged over ``default``::
 
     LLMCluster-v0:
-      default:
-        seed: 0
-        env_kwargs: {scenario: a100x4_conv_70, episode_requests: 512}
-        total_requests: 98304
-        ppo: {n_envs: 4, n_steps: 128, ...}
-        warm_start: {demo_policies: {lor: 1.0}, demo_steps: 8192, ...}
+      default: {}
       heterogeneous:
         env_kwargs: {scenario: heterogeneous}
+        temperature: {target_entropy: null, max_temperature: 3.0}
 
-Every section is a frozen dataclass below; the dataclass defaults ARE the embedded default
-config (``configs/warmstart.yaml`` restates them, and a test keeps the two equal). Unknown keys
-and wrong types fail before any work, naming the dotted key (see
-:mod:`llm_cluster_env.validation`). ``env_kwargs`` is validated by building the env config.
+Every section is a frozen dataclass below, and **the dataclass defaults are the only place a
+default lives**: the YAML states only what a profile changes, and every component takes its
+section (``KLConfig``, ``TemperatureConfig``, ``BCConfig``...) rather than keeping defaults of
+its own (``tests/test_config_defaults.py`` fails on a second default). Each section validates
+its values once, in ``__post_init__``. Unknown keys and wrong types fail before any work,
+naming the dotted key (see :mod:`llm_cluster_env.validation`). ``env_kwargs`` is resolved into
+an :class:`~llm_cluster_env.config.EnvConfig` once, when the config is built
+(:attr:`TrainingConfig.env`), and that object is what the environments, demonstrations and PPO
+are made from.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -93,6 +95,14 @@ class PPOConfig:
         """Env steps per rollout (all environments)."""
         return self.n_envs * self.n_steps
 
+    def policy_kwargs(self) -> dict[str, Any]:
+        """SB3 ``policy_kwargs`` of this architecture (``MlpLstmPolicy`` or ``MlpPolicy``)."""
+        kwargs: dict[str, Any] = {"net_arch": {"pi": list(self.net_arch),
+                                               "vf": list(self.net_arch)}}
+        if self.recurrent:
+            kwargs.update(lstm_hidden_size=self.lstm_hidden_size, n_lstm_layers=self.n_lstm_layers)
+        return kwargs
+
 
 @dataclass(frozen=True)
 class KLConfig:
@@ -102,7 +112,8 @@ class KLConfig:
     :param kl_ref_coef_final: weight after ``kl_ref_decay_steps`` optimiser (minibatch) steps.
     :param kl_ref_decay_steps: linear decay length, optimiser steps.
     :param kl_coef: instant KL penalty against the rollout policy.
-    :param target_kl_early_stop: stop an update's epochs when approx_kl > 1.5 * target_kl.
+    :param target_kl_early_stop: stop an update's epochs when approx_kl > 1.5 * target_kl
+        (stock SB3 always does; here ``target_kl`` is otherwise only monitored).
     :param entropy_warmup_coef: entropy coefficient during the first ``warmup_steps``.
     :param warmup_steps: entropy warm-up length, optimiser steps.
     :param entropy_min: entropy floor (nats); ``None`` = no floor.
@@ -121,28 +132,35 @@ class KLConfig:
 
     def __post_init__(self) -> None:
         for name in ("kl_ref_coef_initial", "kl_ref_coef_final", "kl_coef",
-                     "entropy_floor_coef", "kl_ref_decay_steps", "warmup_steps"):
-            require(getattr(self, name) >= 0, name, getattr(self, name), "must be >= 0")
+                     "entropy_floor_coef"):
+            value = getattr(self, name)
+            require(math.isfinite(value) and value >= 0, name, value, "must be finite and >= 0")
+        for name in ("kl_ref_decay_steps", "warmup_steps"):
+            value = getattr(self, name)
+            require(isinstance(value, int) and not isinstance(value, bool) and value >= 0, name,
+                    value, "must be an integer >= 0")
+
+    @classmethod
+    def disabled(cls) -> KLConfig:
+        """No regularisation at all: the algorithm trains exactly like stock (Recurrent)PPO."""
+        return cls(kl_ref_coef_initial=0.0, kl_ref_coef_final=0.0, kl_ref_decay_steps=0,
+                   kl_coef=0.0, target_kl_early_stop=True, entropy_warmup_coef=None,
+                   warmup_steps=0, entropy_min=None, entropy_floor_coef=0.0)
+
+    def without_reference(self) -> KLConfig:
+        """The same settings with the reference KL off (a cold start has no reference)."""
+        return dataclasses.replace(self, kl_ref_coef_initial=0.0, kl_ref_coef_final=0.0)
 
 
 @dataclass(frozen=True)
 class WarmStartConfig:
-    """Demonstrations and behaviour cloning before PPO.
+    """Demonstrations and behaviour cloning before PPO (BC's hyperparameters: :class:`BCConfig`).
 
     :param enabled: warm start at all (False = cold-start PPO, no reference policy).
     :param demo_policies: router name -> weight of its share of the demonstrations.
     :param demo_steps: demonstration transitions (env steps) to collect.
     :param demo_episode_requests: episode length of the demonstration runs (requests).
     :param imbalance: also collect under alternating high/low load phases.
-    :param bc_mode: BC training preset (``standard``, or ``enhanced``: more epochs, cosine
-        learning rate, weight decay). The network architecture always comes from the ``ppo``
-        section, so the clone's weights are exactly PPO's policy; for high capacity, raise
-        ``ppo.net_arch``/``ppo.lstm_hidden_size`` too (the ``enhanced`` profile of
-        ``configs/warmstart.yaml`` does both).
-    :param bc_epochs: override the preset's epochs. :param bc_batch_size: sequences per step.
-    :param bc_learning_rate: override. :param bc_sequence_length: truncated-BPTT length.
-    :param bc_lr_schedule: override the preset's schedule (``cosine`` anneals to 1e-5; on the
-        default scenario it took lor's clone from 98.5% to 99.6% validation accuracy).
     :param validation_fraction: share of demo trajectories held out.
     :param value_pretraining: fit the critic on demo returns too.
     :param external_pretrain: a pretrained checkpoint (``sb3_warmstart.policy_io`` zip) to use
@@ -156,12 +174,6 @@ class WarmStartConfig:
     demo_steps: int = 16384
     demo_episode_requests: int = 256
     imbalance: bool = False
-    bc_mode: Literal["standard", "enhanced"] = "standard"
-    bc_epochs: int | None = 60
-    bc_batch_size: int | None = None
-    bc_learning_rate: float | None = 2e-3
-    bc_lr_schedule: Literal["constant", "cosine"] | None = "cosine"
-    bc_sequence_length: int | None = None
     validation_fraction: float = 0.2
     value_pretraining: bool = True
     external_pretrain: str | None = None
@@ -180,22 +192,84 @@ class WarmStartConfig:
                 self.demo_episode_requests, "must be >= 8")
         require(0.0 <= self.validation_fraction < 1.0, "validation_fraction",
                 self.validation_fraction, "must be in [0, 1)")
-        if self.bc_epochs is not None:
-            require(self.bc_epochs >= 1, "bc_epochs", self.bc_epochs, "must be >= 1")
         if self.skip_bc_training:
             require(self.external_pretrain is not None, "skip_bc_training", True,
                     "needs external_pretrain (there is nothing to skip BC for)")
 
 
 @dataclass(frozen=True)
-class TemperatureConfig:
-    """Temperature control (``sb3_warmstart.callbacks.TemperatureController``).
+class BCConfig:
+    """Behaviour cloning (:class:`sb3_warmstart.bc.SequenceBC`). The network architecture is
+    always the ``ppo`` section's, so the clone's weights are exactly PPO's policy.
 
-    :param enabled: use the controller. Other fields: its keyword arguments.
+    :param epochs: passes over the training trajectories.
+    :param batch_size: sequences (lanes) per gradient step; the feed-forward path uses
+        ``batch_size * sequence_length`` samples per step.
+    :param sequence_length: truncated-BPTT chunk length (steps = routed requests).
+    :param learning_rate: AdamW step size.
+    :param weight_decay: AdamW decoupled weight decay.
+    :param lr_schedule: ``constant``, or ``cosine`` (annealed per epoch to
+        ``min_learning_rate``; on the default scenario it took lor's clone from 98.5% to 99.6%
+        validation accuracy).
+    :param min_learning_rate: final learning rate of the cosine schedule.
+    :param ent_coef: weight of the entropy bonus (0 disables it).
+    :param vf_coef: weight of the value regression term.
+    :param max_grad_norm: gradient-norm clip, applied separately to the critic-only parameters
+        and to all others (``None`` disables clipping).
+    """
+
+    epochs: int = 60
+    batch_size: int = 16
+    sequence_length: int = 32
+    learning_rate: float = 2e-3
+    weight_decay: float = 0.0
+    lr_schedule: Literal["constant", "cosine"] = "cosine"
+    min_learning_rate: float = 1e-5
+    ent_coef: float = 0.0
+    vf_coef: float = 0.5
+    max_grad_norm: float | None = 1.0
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "sequence_length"):
+            require(getattr(self, name) >= 1, name, getattr(self, name), "must be >= 1")
+        require(math.isfinite(self.learning_rate) and self.learning_rate > 0, "learning_rate",
+                self.learning_rate, "must be a finite number > 0")
+        require(self.weight_decay >= 0, "weight_decay", self.weight_decay, "must be >= 0")
+        require(0 <= self.min_learning_rate <= self.learning_rate, "min_learning_rate",
+                self.min_learning_rate, f"must be in [0, learning_rate={self.learning_rate}]")
+        require(self.lr_schedule in ("constant", "cosine"), "lr_schedule", self.lr_schedule,
+                "must be 'constant' or 'cosine'")
+        require(self.vf_coef >= 0, "vf_coef", self.vf_coef, "must be >= 0")
+        require(self.ent_coef >= 0, "ent_coef", self.ent_coef, "must be >= 0")
+        if self.max_grad_norm is not None:
+            require(self.max_grad_norm > 0, "max_grad_norm", self.max_grad_norm,
+                    "must be > 0 or null")
+
+
+@dataclass(frozen=True)
+class TemperatureConfig:
+    """Temperature control (``sb3_warmstart.callbacks.TemperatureController``, whose docstring
+    gives the rule).
+
+    :param enabled: use the controller.
     :param target_entropy: policy entropy the controller steers rollouts toward (nats). A good
         router is nearly deterministic given the state (a clone of ``lor`` has ~0.06 nats), so
-        the default asks for a little exploration only; ``None`` = the controller's
-        ``0.5 * ln(num_replicas)``, which drove a clone's rollouts to the temperature ceiling.
+        the default asks for a little exploration only; ``None`` = ``0.5 * ln(num_replicas)``,
+        which drove a clone's rollouts to the temperature ceiling.
+    :param target_balance: target balance score (``1 - std`` of the dispatch shares), (0, 1].
+    :param adaptation_rate: step size of ``log T`` per rollout for unit error (>= 0).
+    :param ema_decay: EMA decay per rollout, in [0, 1); 0.9 averages ~10 rollouts.
+    :param entropy_weight: weight of the (``ln N``-normalised) entropy error (>= 0).
+    :param balance_weight: weight of the balance error (>= 0).
+    :param initial_temperature: temperature of the first rollout.
+    :param min_temperature: lower bound of the adaptive temperature (> 0).
+    :param max_temperature: upper bound of the adaptive temperature.
+    :param collapse_balance: a rollout whose balance is below this collapses (0 disables).
+    :param collapse_max_share: a rollout where one replica receives more than this share
+        collapses, in (0, 1]; ``None`` = ``(1 + 1/N) / 2``.
+    :param pulse_temperature: temperature during an exploration pulse (> 0).
+    :param pulse_rollouts: length of a pulse in rollouts (0 disables pulses).
+    :param pulse_cooldown: adaptive rollouts after a pulse that cannot trigger another.
     """
 
     enabled: bool = True
@@ -203,20 +277,44 @@ class TemperatureConfig:
     target_balance: float = 0.95
     adaptation_rate: float = 0.1
     ema_decay: float = 0.9
+    entropy_weight: float = 1.0
+    balance_weight: float = 1.0
     initial_temperature: float = 1.0
     min_temperature: float = 0.5
     max_temperature: float = 2.0
     collapse_balance: float = 0.7
+    collapse_max_share: float | None = None
     pulse_temperature: float = 5.0
     pulse_rollouts: int = 3
+    pulse_cooldown: int = 2
 
     def __post_init__(self) -> None:
-        require(0 < self.min_temperature <= self.initial_temperature <= self.max_temperature,
+        if self.target_entropy is not None:
+            require(math.isfinite(self.target_entropy) and self.target_entropy >= 0,
+                    "target_entropy", self.target_entropy, "must be >= 0 nats or null")
+        require(0 < self.target_balance <= 1, "target_balance", self.target_balance,
+                "must be in (0, 1]")
+        require(self.adaptation_rate >= 0, "adaptation_rate", self.adaptation_rate,
+                "must be >= 0")
+        require(0 <= self.ema_decay < 1, "ema_decay", self.ema_decay, "must be in [0, 1)")
+        for name in ("entropy_weight", "balance_weight"):
+            value = getattr(self, name)
+            require(math.isfinite(value) and value >= 0, name, value, "must be finite and >= 0")
+        require(0 < self.min_temperature <= self.max_temperature < math.inf, "min_temperature",
+                self.min_temperature, f"need 0 < min_temperature <= max_temperature="
+                f"{self.max_temperature} < inf")
+        require(self.min_temperature <= self.initial_temperature <= self.max_temperature,
                 "initial_temperature", self.initial_temperature,
-                "must satisfy 0 < min_temperature <= initial_temperature <= max_temperature")
-
-    def controller_kwargs(self) -> dict[str, Any]:
-        return {k: v for k, v in to_dict(self).items() if k != "enabled"}
+                f"must be in [{self.min_temperature}, {self.max_temperature}]")
+        require(0 <= self.collapse_balance <= 1, "collapse_balance", self.collapse_balance,
+                "must be in [0, 1]")
+        if self.collapse_max_share is not None:
+            require(0 < self.collapse_max_share <= 1, "collapse_max_share",
+                    self.collapse_max_share, "must be in (0, 1]")
+        require(math.isfinite(self.pulse_temperature) and self.pulse_temperature > 0,
+                "pulse_temperature", self.pulse_temperature, "must be finite and > 0")
+        for name in ("pulse_rollouts", "pulse_cooldown"):
+            require(getattr(self, name) >= 0, name, getattr(self, name), "must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -257,13 +355,16 @@ class CheckpointConfig:
 
 @dataclass(frozen=True)
 class LearningRateScheduleConfig:
-    """``advanced_optimization.learning_rate_schedule``.
+    """``advanced_optimization.learning_rate_schedule``, stepped once per optimiser step by
+    :func:`sb3_warmstart.schedules.build_lr_scheduler` (torch's ``LinearLR`` warm-up, then
+    ``CosineAnnealingWarmRestarts``; the formula is in that module's docstring).
 
-    :param type: ``constant`` or ``cosine_annealing_with_warmup`` (linear warm-up, then cosine
-        with warm restarts, stepped per optimiser step; torch's schedulers).
-    :param warmup_steps: warm-up optimiser steps. :param min_lr_ratio: floor as a fraction of
-        the base rate. :param restart_period: optimiser steps per cosine cycle.
-    :param period_multiplier: growth of the period after each restart.
+    :param type: ``constant`` (SB3's own learning rate) or ``cosine_annealing_with_warmup``.
+    :param warmup_steps: optimiser steps of linear warm-up (0 starts the cosine at once).
+    :param min_lr_ratio: ``eta_min / lr``, the floor the cosine approaches, in [0, 1].
+    :param restart_period: optimiser steps per cosine cycle (``T_0``).
+    :param period_multiplier: growth of the period after each restart (``T_mult``).
+    :param warmup_start_factor: the first warm-up step uses this fraction of the rate, (0, 1].
     """
 
     type: Literal["constant", "cosine_annealing_with_warmup"] = "constant"
@@ -271,14 +372,22 @@ class LearningRateScheduleConfig:
     min_lr_ratio: float = 0.1
     restart_period: int = 1000
     period_multiplier: int = 1
+    warmup_start_factor: float = 1e-3
 
     def __post_init__(self) -> None:
         require(0.0 <= self.min_lr_ratio <= 1.0, "min_lr_ratio", self.min_lr_ratio,
                 "must be in [0, 1]")
-        require(self.restart_period >= 1, "restart_period", self.restart_period, "must be >= 1")
-        require(self.warmup_steps >= 0, "warmup_steps", self.warmup_steps, "must be >= 0")
-        require(self.period_multiplier >= 1, "period_multiplier", self.period_multiplier,
-                "must be >= 1")
+        for name, minimum in (("warmup_steps", 0), ("restart_period", 1),
+                              ("period_multiplier", 1)):
+            value = getattr(self, name)
+            require(isinstance(value, int) and not isinstance(value, bool) and value >= minimum,
+                    name, value, f"must be an integer >= {minimum}")
+        require(0.0 < self.warmup_start_factor <= 1.0, "warmup_start_factor",
+                self.warmup_start_factor, "must be in (0, 1]")
+
+    @property
+    def enabled(self) -> bool:
+        return self.type != "constant"
 
 
 @dataclass(frozen=True)
@@ -365,6 +474,7 @@ class TrainingConfig:
     ppo: PPOConfig = field(default_factory=PPOConfig)
     kl: KLConfig = field(default_factory=KLConfig)
     warm_start: WarmStartConfig = field(default_factory=WarmStartConfig)
+    bc: BCConfig = field(default_factory=BCConfig)
     temperature: TemperatureConfig = field(default_factory=TemperatureConfig)
     stabilization: StabilizationConfig = field(default_factory=StabilizationConfig)
     checkpointing: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -373,17 +483,21 @@ class TrainingConfig:
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
 
     def __post_init__(self) -> None:
+        require(0 <= self.seed <= MAX_SEED, "seed", self.seed, f"must be in [0, {MAX_SEED}]")
         require(self.total_requests >= 1, "total_requests", self.total_requests,
                 "must be >= 1 step")
         try:
-            EnvConfig.from_kwargs(**self.env_kwargs)
+            env = EnvConfig.from_kwargs(**self.env_kwargs)
         except ConfigError as err:
             raise ConfigError(f"env_kwargs.{err}") from None
         except TypeError as err:
             raise ConfigError(f"env_kwargs={self.env_kwargs!r}: {err}") from None
+        object.__setattr__(self, "_env", env)  # built once; not a field (not compared, dumped)
 
-    def env_config(self) -> EnvConfig:
-        return EnvConfig.from_kwargs(**self.env_kwargs)
+    @property
+    def env(self) -> EnvConfig:
+        """The training environment's configuration, resolved once from ``env_kwargs``."""
+        return self._env  # type: ignore[attr-defined]
 
     def with_overrides(self, overrides: Mapping[str, Any]) -> TrainingConfig:
         """A copy with ``overrides`` (nested dict) merged in and validated again."""
@@ -391,6 +505,37 @@ class TrainingConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)
+
+    def training_identity(self) -> dict[str, Any]:
+        """Everything that changes what is trained: the resolved config less the sections that
+        only say how the run is kept and reported (:data:`RUN_ONLY_SECTIONS`). Two configs with
+        equal identities train bit-identical policies; a run folder belongs to one identity.
+        ``env`` is the resolved environment (so an edited scenario file counts as a change)."""
+        identity = {k: v for k, v in to_dict(self).items() if k not in RUN_ONLY_SECTIONS}
+        identity["env"] = to_dict(self.env)
+        return identity
+
+
+#: Sections that do not change what is trained: where checkpoints go and how the final report
+#: is evaluated. Changing them resumes the same run; changing anything else is another run.
+RUN_ONLY_SECTIONS = ("checkpointing", "evaluation")
+#: Largest seed: seeds feed NumPy's SeedSequence, torch and Python's ``random`` (all 64-bit).
+MAX_SEED = 2**32 - 1
+
+
+def identity_differences(saved: Mapping[str, Any], current: Mapping[str, Any],
+                         prefix: str = "") -> list[str]:
+    """``"key.path: <saved> -> <current>"`` for every leaf that differs between two
+    :meth:`TrainingConfig.training_identity` dicts (empty when they are equal)."""
+    out: list[str] = []
+    for key in list(saved) + [k for k in current if k not in saved]:
+        a, b = saved.get(key, "<absent>"), current.get(key, "<absent>")
+        path = f"{prefix}{key}"
+        if isinstance(a, Mapping) and isinstance(b, Mapping):
+            out += identity_differences(a, b, f"{path}.")
+        elif a != b:
+            out.append(f"{path}: {a!r} -> {b!r}")
+    return out
 
 
 #: Free-form maps that a layer replaces rather than merges into (a profile naming its demo
@@ -421,8 +566,13 @@ def load_config(path: str | Path | None = None, profile: str = DEFAULT_PROFILE,
     merged over its ``default`` block, then ``overrides`` merged on top; validated.
 
     Layers, each merged over the previous one: the embedded defaults, the file's ``default``
-    block, the profile, the overrides."""
-    data: dict[str, Any] = {}
+    block, the profile, the overrides. The config (and its environment) is built once; only
+    when that fails are the file's blocks checked one by one, so the error names the block it
+    comes from.
+
+    :raises ConfigError: naming the file, profile, dotted key and value.
+    """
+    blocks: list[tuple[str, dict[str, Any]]] = []
     if path is not None:
         path = Path(path)
         if not path.is_file():
@@ -443,26 +593,49 @@ def load_config(path: str | Path | None = None, profile: str = DEFAULT_PROFILE,
         if profile not in profiles and profile != DEFAULT_PROFILE:
             raise ConfigError(f"--profile={profile!r}: not in {path} "
                               f"(profiles: {', '.join(profiles)})")
-        for name in (DEFAULT_PROFILE, profile):
+        for name in dict.fromkeys((DEFAULT_PROFILE, profile)):
             block = profiles.get(name) or {}
             if not isinstance(block, dict):
                 raise ConfigError(f"{ENV_ID}.{name}: expected a mapping of settings")
-            # validate each layer on its own first, so errors name the block they come from
-            from_dict(TrainingConfig, merge_layer(to_dict(TrainingConfig()), block),
-                      path=f"{ENV_ID}.{name}")
-            data = merge_layer(data, block)
+            blocks.append((name, block))
+    elif profile != DEFAULT_PROFILE:
+        raise ConfigError(f"--profile={profile!r}: profiles live in a config file; pass "
+                          "--config configs/warmstart.yaml (or another file) with it")
+    data: dict[str, Any] = {}
+    for _, block in blocks:
+        data = merge_layer(data, block)
     if overrides:
         data = merge_layer(data, overrides)
-    return from_dict(TrainingConfig, merge_layer(to_dict(TrainingConfig()), data),
-                     path=f"{ENV_ID}.{profile}")
+    try:
+        return from_dict(TrainingConfig, merge_layer(_defaults_dict(), data),
+                         path=f"{ENV_ID}.{profile}")
+    except ConfigError:
+        for name, block in blocks:  # name the block the error comes from
+            from_dict(TrainingConfig, merge_layer(_defaults_dict(), block),
+                      path=f"{ENV_ID}.{name}")
+        raise
+
+
+def _defaults_dict() -> dict[str, Any]:
+    """The embedded defaults as plain data, read off the dataclass fields (the only place they
+    live) without building a config, so the environment is resolved once per load."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(TrainingConfig):
+        value = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        out[f.name] = to_dict(value)
+    return out
+
+
+def dump_config_text(config: TrainingConfig, profile: str = DEFAULT_PROFILE) -> str:
+    """The resolved config as a loadable YAML document."""
+    return _yaml().safe_dump({ENV_ID: {profile: to_dict(config)}}, sort_keys=False)
 
 
 def dump_config(config: TrainingConfig, path: str | Path, profile: str = DEFAULT_PROFILE) -> None:
     """Write the resolved config as a loadable YAML document (atomically)."""
     from llm_cluster_env.atomic import atomic_write_text
 
-    text = _yaml().safe_dump({ENV_ID: {profile: to_dict(config)}}, sort_keys=False)
-    atomic_write_text(path, text)
+    atomic_write_text(path, dump_config_text(config, profile))
 
 
-__all__ = ["ConfigError", "TrainingConfig", "dump_config", "load_config"]
+__all__ = ["ConfigError", "TrainingConfig", "dump_config", "identity_differences", "load_config"]

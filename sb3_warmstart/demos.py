@@ -14,7 +14,7 @@ remainder). With ``imbalance`` each policy's share is further split between the 
 and an *imbalance* segment whose arrivals alternate a high and a low rate
 (``workload.arrival="phases"``, rates a multiple of the scenario's mean rate), so the clone
 also sees queues build and drain. Each (policy, segment) pair is one *run*: its own
-``DummyVecEnv`` of ``RolloutInfoWrapper(EpisodeSeedWrapper(gym.make("LLMCluster-v0", ...)))``
+``DummyVecEnv`` of ``RolloutInfoWrapper(EpisodeSeedWrapper(make_base_env(config)))``
 and one ``generate_trajectories(..., make_min_timesteps(steps))`` call.
 
 imitation only returns complete episodes, so a run yields a whole number of episodes of
@@ -57,7 +57,6 @@ import math
 import os
 import shutil
 import sys
-import tempfile
 import time
 import zlib
 from collections.abc import Mapping, Sequence
@@ -69,17 +68,18 @@ import gymnasium as gym
 import numpy as np
 
 import llm_cluster_env
-from llm_cluster_env.atomic import fsync_dir
-from llm_cluster_env.config import EnvConfig
+from llm_cluster_env.atomic import fsync_dir, make_temporary_dir
+from llm_cluster_env.config import EnvConfig, PhaseConfig
 from llm_cluster_env.observation import ObservationLayout
 from llm_cluster_env.routers import ROUTERS, make_router
 from llm_cluster_env.sim.metrics import balance_score
+from llm_cluster_env.validation import to_dict
+from sb3_warmstart.envs import EpisodeSeedWrapper, make_base_env
 
 FORMAT = "sb3_warmstart/demos/v1"
 STATS_FILE = "stats.json"
 SEGMENTS = ("base", "imbalance")
 _ENV_STREAM, _ROUTER_STREAM, _SHUFFLE_STREAM = range(3)
-_MAX_SEED = 2**63 - 1
 
 
 # --------------------------------------------------------------------------------- policy
@@ -137,37 +137,6 @@ class HeuristicPolicy:
 
     def __repr__(self) -> str:
         return f"HeuristicPolicy(router={self.router_name!r}, num_envs={self.num_envs})"
-
-
-class EpisodeSeedWrapper(gym.Wrapper):
-    """Gives every episode an explicit seed and reports it in the final step's ``info``.
-
-    ``reset()`` without a seed (as a VecEnv auto-reset does) draws the episode's seed from
-    ``seed_sequence``; ``reset(seed=s)`` uses ``s``. The final step's ``info["episode_seed"]``
-    holds it, so any episode can be replayed with ``env.reset(seed=episode_seed)``.
-
-    :param env: the environment.
-    :param seed_sequence: source of the episode seeds.
-    """
-
-    def __init__(self, env: gym.Env, seed_sequence: np.random.SeedSequence) -> None:
-        super().__init__(env)
-        self._seeds = np.random.default_rng(seed_sequence)
-        self.episode_seed: int | None = None
-
-    def reset(self, *, seed: int | None = None, options: dict | None = None):
-        if seed is None:
-            seed = int(self._seeds.integers(_MAX_SEED))
-        self.episode_seed = int(seed)
-        obs, info = self.env.reset(seed=self.episode_seed, options=options)
-        info["episode_seed"] = self.episode_seed
-        return obs, info
-
-    def step(self, action):
-        obs, reward, terminated, truncated, info = self.env.step(action)
-        if terminated or truncated:
-            info["episode_seed"] = self.episode_seed
-        return obs, reward, terminated, truncated, info
 
 
 # ----------------------------------------------------------------------------- planning
@@ -237,13 +206,15 @@ class CollectionRun:
     :param policy: router name.
     :param segment: ``"base"`` or ``"imbalance"``.
     :param steps: transitions planned (the run returns at least this many, whole episodes).
-    :param env_kwargs: keyword arguments of ``LLMCluster-v0`` for this run.
+    :param env_kwargs: keyword arguments of ``LLMCluster-v0`` for this run (JSON-able record).
+    :param env_config: the same, built: what the run's environments are made from.
     """
 
     policy: str
     segment: str
     steps: int
     env_kwargs: Mapping[str, Any]
+    env_config: EnvConfig
 
     def seed_sequence(self, seed: int, stream: int, index: int = 0) -> np.random.SeedSequence:
         """The seed stream ``stream`` (env episodes, router, shuffle) of env ``index``."""
@@ -289,12 +260,15 @@ def _largest_remainder(total: int, weights: Sequence[float]) -> list[int]:
     return [int(c) for c in counts]
 
 
-def plan_collection(*, env_kwargs: Mapping[str, Any], policies: Mapping[str, float],
-                    total_steps: int, imbalance: bool | ImbalanceSpec = False) -> CollectionPlan:
+def plan_collection(*, env_kwargs: Mapping[str, Any] | None = None,
+                    env_config: EnvConfig | None = None, policies: Mapping[str, float],
+                    total_steps: int, imbalance: bool | ImbalanceSpec) -> CollectionPlan:
     """Validate the arguments of :func:`collect_demonstrations` and split the step budget.
 
-    Raises ``ValueError`` (or :class:`llm_cluster_env.ConfigError`) naming the argument and
-    value before any rollout. See :func:`collect_demonstrations` for the arguments.
+    The environment is given either as ``env_kwargs`` (built here) or as an already built
+    ``env_config`` (whose ``episode_requests`` is then the episode length). Raises
+    ``ValueError`` (or :class:`llm_cluster_env.ConfigError`) naming the argument and value
+    before any rollout. See :func:`collect_demonstrations` for the arguments.
     """
     weights = _check_policies(policies)
     if isinstance(total_steps, bool) or not isinstance(total_steps, (int, np.integer)) \
@@ -306,12 +280,22 @@ def plan_collection(*, env_kwargs: Mapping[str, Any], policies: Mapping[str, flo
         imbalance = None
     elif not isinstance(imbalance, ImbalanceSpec):
         raise ValueError(f"imbalance={imbalance!r}: must be a bool or an ImbalanceSpec")
-    try:  # a private deep copy, JSON-able because it is stored in stats.json
-        env_kwargs = json.loads(json.dumps(dict(env_kwargs)))
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"env_kwargs: must be JSON-able (it is stored with the "
-                         f"demonstrations): {err}") from err
-    config = EnvConfig.from_kwargs(**env_kwargs)  # ConfigError names the field
+    if (env_kwargs is None) == (env_config is None):
+        raise ValueError("give exactly one of env_kwargs and env_config")
+    if env_config is not None:
+        if not isinstance(env_config, EnvConfig):
+            raise ValueError(f"env_config: expected an EnvConfig, got {type(env_config).__name__}")
+        config = env_config
+        env_kwargs = to_dict(config)  # a complete, JSON-able record that rebuilds it
+        explicit_length = True
+    else:
+        try:  # a private deep copy, JSON-able because it is stored in stats.json
+            env_kwargs = json.loads(json.dumps(dict(env_kwargs)))
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"env_kwargs: must be JSON-able (it is stored with the "
+                             f"demonstrations): {err}") from err
+        config = EnvConfig.from_kwargs(**env_kwargs)  # ConfigError names the field
+        explicit_length = "episode_requests" in env_kwargs
 
     fraction = imbalance.fraction if imbalance else 0.0
     keys: list[tuple[str, str]] = []
@@ -328,7 +312,7 @@ def plan_collection(*, env_kwargs: Mapping[str, Any], policies: Mapping[str, flo
         raise ValueError(f"total_steps={total_steps}: too small to give policy {name!r} "
                          f"(weight {weights[name]:g}, segment {segment!r}) a single step")
 
-    if "episode_requests" in env_kwargs:
+    if explicit_length:
         episode_requests = config.episode_requests
         if steps[smallest] < episode_requests:
             name, segment = keys[smallest]
@@ -340,17 +324,23 @@ def plan_collection(*, env_kwargs: Mapping[str, Any], policies: Mapping[str, flo
     else:
         episode_requests = min(config.episode_requests, steps[smallest])
         env_kwargs["episode_requests"] = episode_requests
-        config = EnvConfig.from_kwargs(**env_kwargs)
+        config = dataclasses.replace(config, episode_requests=episode_requests)
 
     imbalance_kwargs: dict[str, Any] | None = None
+    imbalance_config: EnvConfig | None = None
     if imbalance:
+        phases = imbalance.phases(config)
         imbalance_kwargs = json.loads(json.dumps(env_kwargs))
         workload = dict(imbalance_kwargs.get("workload") or {})
-        workload.update(arrival="phases", phases=imbalance.phases(config))
+        workload.update(arrival="phases", phases=phases)
         imbalance_kwargs["workload"] = workload
-        EnvConfig.from_kwargs(**imbalance_kwargs)
+        imbalance_config = dataclasses.replace(config, workload=dataclasses.replace(
+            config.workload, arrival="phases",
+            phases=tuple(PhaseConfig(**phase) for phase in phases)))
     runs = tuple(
-        CollectionRun(name, segment, n, imbalance_kwargs if segment == "imbalance" else env_kwargs)
+        CollectionRun(name, segment, n,
+                      imbalance_kwargs if segment == "imbalance" else env_kwargs,
+                      imbalance_config if segment == "imbalance" else config)
         for (name, segment), n in zip(keys, steps))
     return CollectionPlan(runs=runs, env_kwargs=env_kwargs, episode_requests=episode_requests,
                           total_steps=int(total_steps), weights=weights, imbalance=imbalance)
@@ -358,32 +348,34 @@ def plan_collection(*, env_kwargs: Mapping[str, Any], policies: Mapping[str, flo
 
 # ---------------------------------------------------------------------------- collection
 class _ProgressPolicy:
-    """Advances a tqdm bar by the batch size on every call of the wrapped policy."""
+    """Reports the steps taken to a :class:`~sb3_warmstart.progress.ProgressPrinter` on every
+    call of the wrapped policy."""
 
-    def __init__(self, policy: HeuristicPolicy, bar: Any) -> None:
+    def __init__(self, policy: HeuristicPolicy, printer: Any, done: int) -> None:
         self.policy = policy
-        self.bar = bar
+        self.printer = printer
+        self.done = done
 
     def __call__(self, observations, states=None, episode_starts=None):
         out = self.policy(observations, states, episode_starts)
-        self.bar.update(len(observations))
+        self.done += len(observations)
+        self.printer.update(self.done)
         return out
 
 
-def make_demo_venv(env_kwargs: Mapping[str, Any], seed_sequences: Sequence[np.random.SeedSequence]):
-    """``DummyVecEnv`` of ``RolloutInfoWrapper(EpisodeSeedWrapper(gym.make(...)))``, one sub-env
-    per seed sequence (the source of that sub-env's episode seeds)."""
+def make_demo_venv(env_config: EnvConfig, seed_sequences: Sequence[np.random.SeedSequence]):
+    """``DummyVecEnv`` of ``RolloutInfoWrapper(EpisodeSeedWrapper(make_base_env(...)))``, one sub-env
+    per seed sequence (the source of that sub-env's episode seeds), all from ``env_config``."""
     from imitation.data.wrappers import RolloutInfoWrapper
     from stable_baselines3.common.vec_env import DummyVecEnv
 
-    return DummyVecEnv([functools.partial(_make_demo_env, RolloutInfoWrapper, env_kwargs, seq)
+    return DummyVecEnv([functools.partial(_make_demo_env, RolloutInfoWrapper, env_config, seq)
                         for seq in seed_sequences])
 
 
-def _make_demo_env(rollout_wrapper: type, env_kwargs: Mapping[str, Any],
+def _make_demo_env(rollout_wrapper: type, env_config: EnvConfig,
                    seed_sequence: np.random.SeedSequence) -> gym.Env:
-    return rollout_wrapper(EpisodeSeedWrapper(gym.make(llm_cluster_env.ENV_ID, **env_kwargs),
-                                              seed_sequence))
+    return rollout_wrapper(EpisodeSeedWrapper(make_base_env(env_config), seed_sequence))
 
 
 def _clean_trajectory(traj):
@@ -432,13 +424,16 @@ def _versions() -> dict[str, str]:
     }
 
 
-def collect_demonstrations(*, env_kwargs: Mapping[str, Any], policies: Mapping[str, float],
-                           total_steps: int, seed: int, num_envs: int = 1,
-                           imbalance: bool | ImbalanceSpec = False, progress: bool = False):
+def collect_demonstrations(*, env_kwargs: Mapping[str, Any] | None = None,
+                           env_config: EnvConfig | None = None, policies: Mapping[str, float],
+                           total_steps: int, seed: int, imbalance: bool | ImbalanceSpec,
+                           num_envs: int = 1, progress: bool = False):
     """Roll out heuristic routers in ``LLMCluster-v0`` with imitation (module docstring).
 
     :param env_kwargs: keyword arguments of ``gym.make("LLMCluster-v0", ...)`` (``scenario``
         and any :class:`~llm_cluster_env.config.EnvConfig` field, nested configs as dicts).
+    :param env_config: instead of ``env_kwargs``, the built config (its ``episode_requests`` is
+        the episode length; ``stats["env_kwargs"]`` then records all of it).
     :param policies: router name -> weight (> 0); ``{"lor": 1.0}`` collects one policy.
     :param total_steps: transitions wanted in total (routed requests); split across policies
         in proportion to the weights, each rounded up to whole episodes.
@@ -446,7 +441,7 @@ def collect_demonstrations(*, env_kwargs: Mapping[str, Any], policies: Mapping[s
     :param num_envs: sub-envs per run (capped at the run's episode count).
     :param imbalance: ``True`` or an :class:`ImbalanceSpec`: also collect under alternating
         high/low arrival rates.
-    :param progress: show a tqdm progress bar (transitions).
+    :param progress: show progress (transitions; :mod:`sb3_warmstart.progress`).
     :return: ``(trajectories, stats)``. ``trajectories`` is a list of imitation
         ``TrajectoryWithRew``, run after run. ``stats`` (JSON-able) holds ``format``,
         ``seed``, ``env_kwargs`` (base run, with the ``episode_requests`` used),
@@ -462,26 +457,28 @@ def collect_demonstrations(*, env_kwargs: Mapping[str, Any], policies: Mapping[s
         ``schema`` (the env's ``layout.schema()``), ``versions`` and ``timing``.
     """
     from imitation.data import rollout
-    from tqdm.auto import tqdm
+
+    from sb3_warmstart.progress import ProgressPrinter
 
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"seed={seed!r}: must be an integer >= 0")
     if isinstance(num_envs, bool) or not isinstance(num_envs, (int, np.integer)) or num_envs < 1:
         raise ValueError(f"num_envs={num_envs!r}: must be an integer >= 1")
-    plan = plan_collection(env_kwargs=env_kwargs, policies=policies, total_steps=total_steps,
-                           imbalance=imbalance)
+    plan = plan_collection(env_kwargs=env_kwargs, env_config=env_config, policies=policies,
+                           total_steps=total_steps, imbalance=imbalance)
     seed = int(seed)
     trajectories: list = []
     run_stats: list[dict[str, Any]] = []
     labels: list[tuple[str, str]] = []
     schema: dict | None = None
     start = time.perf_counter()
-    bar = tqdm(total=sum(r.steps for r in plan.runs), unit="step", disable=not progress,
-               desc="demos")
+    printer = ProgressPrinter("demos", sum(r.steps for r in plan.runs), "steps",
+                              enabled=progress)
+    done = 0
     try:
         for run in plan.runs:
             n_envs = min(int(num_envs), math.ceil(run.steps / plan.episode_requests))
-            venv = make_demo_venv(run.env_kwargs, [run.seed_sequence(seed, _ENV_STREAM, i)
+            venv = make_demo_venv(run.env_config, [run.seed_sequence(seed, _ENV_STREAM, i)
                                                    for i in range(n_envs)])
             try:
                 layout = venv.get_attr("layout", indices=[0])[0]
@@ -493,9 +490,9 @@ def collect_demonstrations(*, env_kwargs: Mapping[str, Any], policies: Mapping[s
                                        "differs from the first run's")
                 policy = HeuristicPolicy(run.policy, layout, n_envs,
                                          seed=run.seed_sequence(seed, _ROUTER_STREAM))
-                bar.set_postfix_str(f"{run.policy}/{run.segment}")
+                printer.update(done, f"{run.policy}/{run.segment}")
                 raw = rollout.generate_trajectories(
-                    _ProgressPolicy(policy, bar) if progress else policy, venv,
+                    _ProgressPolicy(policy, printer, done) if progress else policy, venv,
                     rollout.make_min_timesteps(run.steps),
                     rng=np.random.default_rng(run.seed_sequence(seed, _SHUFFLE_STREAM)))
             finally:
@@ -513,8 +510,9 @@ def collect_demonstrations(*, env_kwargs: Mapping[str, Any], policies: Mapping[s
                               "steps_requested": run.steps, **stats,
                               "episodes_collected": len(raw), "num_envs": n_envs,
                               "env_kwargs": run.env_kwargs})
+            done += run.steps
     finally:
-        bar.close()
+        printer.close()
     elapsed = time.perf_counter() - start
 
     total = sum(len(t.acts) for t in trajectories)
@@ -669,7 +667,7 @@ def save_demonstrations(path: str | os.PathLike, trajectories: Sequence, stats: 
     check_output_replaceable(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps(dict(stats), indent=1)  # fails here (not half-way) if not JSON-able
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    tmp = make_temporary_dir(path.parent, f".{path.name}.tmp-")
     old: Path | None = None
     try:
         serialize.save(tmp, trajectories)
@@ -683,7 +681,7 @@ def save_demonstrations(path: str | os.PathLike, trajectories: Sequence, stats: 
         elif _rename_exchange(tmp, path):
             old = tmp  # the previous set now lives at the temporary name
         else:  # no atomic exchange: keep the old set complete under a backup name until done
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+            old = make_temporary_dir(path.parent, f".{path.name}.old-")
             os.rename(path, old / "set")
             try:
                 os.rename(tmp, path)
@@ -700,6 +698,24 @@ def save_demonstrations(path: str | os.PathLike, trajectories: Sequence, stats: 
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
     return path
+
+
+def read_stats(path: str | os.PathLike) -> dict[str, Any] | None:
+    """``<path>/stats.json`` as a dict (``None`` when the set has none, e.g. a bare
+    ``imitation.data.serialize.save`` directory).
+
+    :raises ValueError: the file is not a JSON object.
+    """
+    stats_path = Path(path) / STATS_FILE
+    if not stats_path.is_file():
+        return None
+    try:
+        stats = json.loads(stats_path.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ValueError(f"{stats_path}: corrupt JSON ({err})") from err
+    if not isinstance(stats, dict):
+        raise ValueError(f"{stats_path}: expected a JSON object, got {type(stats).__name__}")
+    return stats
 
 
 def load_demonstrations(path: str | os.PathLike) -> tuple[list, dict[str, Any]]:
@@ -720,15 +736,10 @@ def load_demonstrations(path: str | os.PathLike) -> tuple[list, dict[str, Any]]:
         raise ValueError(f"demonstrations path={str(path)!r}: not a directory (a demonstration "
                          "set is the directory written by save_demonstrations)")
     stats_path = path / STATS_FILE
-    if not stats_path.is_file():
+    stats = read_stats(path)
+    if stats is None:
         raise FileNotFoundError(f"demonstrations path={str(path)!r}: missing {STATS_FILE} (not "
                                 "written by save_demonstrations, or an incomplete copy)")
-    try:
-        stats = json.loads(stats_path.read_text())
-    except (ValueError, UnicodeDecodeError) as err:
-        raise ValueError(f"{stats_path}: corrupt JSON ({err})") from err
-    if not isinstance(stats, dict):
-        raise ValueError(f"{stats_path}: expected a JSON object, got {type(stats).__name__}")
     if stats.get("format") != FORMAT:
         raise ValueError(f"{stats_path}: format={stats.get('format')!r}, expected {FORMAT!r}")
     for key in ("schema", "trajectory_policies", "total_steps", "total_episodes"):
@@ -775,6 +786,7 @@ __all__ = [
     "check_output_replaceable",
     "collect_demonstrations",
     "load_demonstrations",
+    "read_stats",
     "make_demo_venv",
     "plan_collection",
     "save_demonstrations",

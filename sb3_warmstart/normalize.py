@@ -9,6 +9,12 @@ and keep updating. The class lives at module level, so it survives ``VecNormaliz
 (pickling) and ``set_venv`` with its values and its flag, and ``sync_envs_normalization`` copies
 it like the stock class.
 
+The same transforms with frozen statistics, outside the wrapper, live here too:
+:class:`ObsNormalizer` (what behaviour cloning trains on and what a saved policy routes with) and
+:class:`ReturnNormalizer` (value pretraining), fitted on demonstrations by
+:func:`fit_obs_normalizer` / :func:`fit_return_normalizer`. Loading or evaluating a policy needs
+only this module, not the BC trainer.
+
 Typical use::
 
     venv = make_vec_normalize(venv, obs_rms=bc_obs_rms, freeze_obs=True, gamma=model_gamma)
@@ -18,9 +24,21 @@ Typical use::
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
 import numpy as np
 from stable_baselines3.common.running_mean_std import RunningMeanStd
 from stable_baselines3.common.vec_env import VecEnv, VecNormalize
+
+if TYPE_CHECKING:  # pragma: no cover
+    from imitation.data.types import Trajectory
+
+# VecNormalize's defaults (stable_baselines3 2.9, common/vec_env/vec_normalize.py).
+VECNORMALIZE_CLIP_OBS = 10.0
+VECNORMALIZE_CLIP_REWARD = 10.0
+VECNORMALIZE_EPSILON = 1e-8
 
 
 def checked_moments(stats: RunningMeanStd, what: str = "obs_rms") -> tuple[np.ndarray, np.ndarray]:
@@ -88,8 +106,8 @@ def make_vec_normalize(
     obs_rms: RunningMeanStd | None = None,
     freeze_obs: bool = False,
     norm_reward: bool = True,
-    clip_obs: float = 10.0,
-    clip_reward: float = 10.0,
+    clip_obs: float = VECNORMALIZE_CLIP_OBS,
+    clip_reward: float = VECNORMALIZE_CLIP_REWARD,
 ) -> VecNormalize:
     """Wrap ``venv`` in SB3's ``VecNormalize`` with a freezable observation normaliser.
 
@@ -165,3 +183,197 @@ def _freezable(rms: RunningMeanStd, frozen: bool) -> FrozenRunningMeanStd:
         rms.frozen = bool(frozen)
         return rms
     return FrozenRunningMeanStd.from_stats(rms, frozen=frozen)
+
+
+
+
+# ---------------------------------------------------------------------------- normalisation
+class ObsNormalizer:
+    """``VecNormalize``'s observation transform with frozen statistics.
+
+    ``normalize(obs) = clip((obs - mean) / sqrt(var + epsilon), -clip_obs, clip_obs)`` in
+    float64, cast to float32: the expression of ``VecNormalize._normalize_obs`` followed by the
+    cast in ``VecNormalize.normalize_obs`` (stable_baselines3 2.9). That helper is an instance
+    method of the wrapper, so it is restated here rather than called.
+
+    :param obs_rms: per-feature mean and variance of the raw observations.
+    :param clip_obs: bound on the absolute value of a normalised feature (VecNormalize's
+        ``clip_obs``).
+    :param epsilon: added to the variance before the square root (VecNormalize's ``epsilon``).
+    """
+
+    def __init__(self, obs_rms: RunningMeanStd, clip_obs: float = VECNORMALIZE_CLIP_OBS,
+                 epsilon: float = VECNORMALIZE_EPSILON) -> None:
+        checked_moments(obs_rms)
+        if not clip_obs > 0:
+            raise ValueError(f"clip_obs={clip_obs!r}: must be > 0")
+        if not epsilon > 0:
+            raise ValueError(f"epsilon={epsilon!r}: must be > 0")
+        self.obs_rms = obs_rms
+        self.clip_obs = float(clip_obs)
+        self.epsilon = float(epsilon)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(np.shape(self.obs_rms.mean))
+
+    def __call__(self, obs: np.ndarray) -> np.ndarray:
+        """Normalise raw observations (any leading batch dimensions); returns float32."""
+        rms = self.obs_rms
+        return np.clip((obs - rms.mean) / np.sqrt(rms.var + self.epsilon),
+                       -self.clip_obs, self.clip_obs).astype(np.float32)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able statistics (float64 values survive a JSON round trip exactly)."""
+        return {
+            "mean": np.asarray(self.obs_rms.mean, dtype=np.float64).tolist(),
+            "var": np.asarray(self.obs_rms.var, dtype=np.float64).tolist(),
+            "count": float(self.obs_rms.count),
+            "clip_obs": self.clip_obs,
+            "epsilon": self.epsilon,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ObsNormalizer:
+        """Inverse of :meth:`to_dict`; ``ValueError`` names a missing or malformed key."""
+        return cls(_rms_from_dict(data, "obs normalisation"), float(data["clip_obs"]),
+                   float(data["epsilon"]))
+
+    @classmethod
+    def from_vec_normalize(cls, vec_normalize) -> ObsNormalizer:
+        """The statistics and settings of a ``VecNormalize`` wrapper (copied)."""
+        return cls(vec_normalize.obs_rms.copy(), vec_normalize.clip_obs, vec_normalize.epsilon)
+
+    def apply_to(self, vec_normalize) -> None:
+        """Load these statistics into ``vec_normalize.obs_rms`` (a copy).
+
+        ``ValueError`` if the wrapper's ``clip_obs``/``epsilon`` differ (the policy would see
+        different inputs) or the shapes do not match.
+        """
+        problems = []
+        if float(vec_normalize.clip_obs) != self.clip_obs:
+            problems.append(f"clip_obs: statistics {self.clip_obs}, VecNormalize "
+                            f"{vec_normalize.clip_obs}")
+        if float(vec_normalize.epsilon) != self.epsilon:
+            problems.append(f"epsilon: statistics {self.epsilon}, VecNormalize "
+                            f"{vec_normalize.epsilon}")
+        target_shape = tuple(np.shape(vec_normalize.obs_rms.mean))
+        if target_shape != self.shape:
+            problems.append(f"shape: statistics {self.shape}, VecNormalize {target_shape}")
+        if problems:
+            raise ValueError("cannot load observation statistics: " + "; ".join(problems))
+        vec_normalize.obs_rms = self.obs_rms.copy()
+
+    def __repr__(self) -> str:
+        return (f"ObsNormalizer(shape={self.shape}, count={float(self.obs_rms.count):g}, "
+                f"clip_obs={self.clip_obs}, epsilon={self.epsilon})")
+
+
+class ReturnNormalizer:
+    """``VecNormalize(norm_reward=True)``'s reward transform with frozen statistics.
+
+    ``r -> clip(r / sqrt(ret_var + epsilon), -clip_reward, clip_reward)`` where ``ret_var`` is
+    the variance of the running discounted return (VecNormalize's ``ret_rms``; no mean is
+    subtracted). Value pretraining on these rewards fits the critic in the units PPO's value
+    loss will use under ``norm_reward=True``.
+
+    :param ret_rms: statistics of the running discounted return (only ``var`` is used).
+    :param gamma: discount factor of the running return (VecNormalize's ``gamma``).
+    :param clip_reward: bound on a normalised reward.
+    :param epsilon: added to the variance before the square root.
+    """
+
+    def __init__(self, ret_rms: RunningMeanStd, gamma: float,
+                 clip_reward: float = VECNORMALIZE_CLIP_REWARD,
+                 epsilon: float = VECNORMALIZE_EPSILON) -> None:
+        if not 0.0 <= gamma <= 1.0:
+            raise ValueError(f"gamma={gamma!r}: must be in [0, 1]")
+        if not clip_reward > 0:
+            raise ValueError(f"clip_reward={clip_reward!r}: must be > 0")
+        if not epsilon > 0:
+            raise ValueError(f"epsilon={epsilon!r}: must be > 0")
+        self.ret_rms = ret_rms
+        self.gamma = float(gamma)
+        self.clip_reward = float(clip_reward)
+        self.epsilon = float(epsilon)
+
+    def __call__(self, rewards: np.ndarray) -> np.ndarray:
+        return np.clip(np.asarray(rewards, np.float64) / np.sqrt(self.ret_rms.var + self.epsilon),
+                       -self.clip_reward, self.clip_reward)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "mean": float(self.ret_rms.mean), "var": float(self.ret_rms.var),
+            "count": float(self.ret_rms.count), "gamma": self.gamma,
+            "clip_reward": self.clip_reward, "epsilon": self.epsilon,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ReturnNormalizer:
+        return cls(_rms_from_dict(data, "return normalisation"), float(data["gamma"]),
+                   float(data["clip_reward"]), float(data["epsilon"]))
+
+    def __repr__(self) -> str:
+        return (f"ReturnNormalizer(std={math.sqrt(float(self.ret_rms.var)):.4g}, "
+                f"gamma={self.gamma}, clip_reward={self.clip_reward})")
+
+
+def _rms_from_dict(data: Mapping[str, Any], what: str) -> RunningMeanStd:
+    try:
+        mean = np.asarray(data["mean"], dtype=np.float64)
+        var = np.asarray(data["var"], dtype=np.float64)
+        count = float(data["count"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"{what}: malformed statistics ({exc!r})") from None
+    rms = RunningMeanStd(shape=mean.shape)
+    rms.mean, rms.var, rms.count = mean, var, count
+    return rms
+
+
+def acting_observations(trajectory: Trajectory) -> np.ndarray:
+    """The observations actions were taken on: the first ``len(acts)`` rows."""
+    return np.asarray(trajectory.obs)[: len(trajectory.acts)]
+
+
+def fit_obs_normalizer(trajectories: Sequence[Trajectory],
+                       clip_obs: float = VECNORMALIZE_CLIP_OBS,
+                       epsilon: float = VECNORMALIZE_EPSILON) -> RunningMeanStd:
+    """Mean and variance of every observation an action was taken on (count = their number).
+
+    Load the result into ``VecNormalize.obs_rms`` (or wrap it in :class:`ObsNormalizer`) so PPO
+    starts from the statistics BC trained on. ``clip_obs``/``epsilon`` are only checked here.
+    """
+    if not trajectories:
+        raise ValueError("trajectories: need at least one trajectory")
+    obs = np.concatenate([acting_observations(t) for t in trajectories]).astype(np.float64)
+    if obs.shape[0] == 0:
+        raise ValueError("trajectories: all are empty (no actions)")
+    rms = RunningMeanStd(shape=obs.shape[1:])
+    rms.mean = obs.mean(axis=0)
+    rms.var = obs.var(axis=0)
+    rms.count = float(obs.shape[0])
+    ObsNormalizer(rms, clip_obs, epsilon)  # validates
+    return rms
+
+
+def fit_return_normalizer(trajectories: Sequence[Trajectory], gamma: float,
+                          clip_reward: float = VECNORMALIZE_CLIP_REWARD,
+                          epsilon: float = VECNORMALIZE_EPSILON) -> ReturnNormalizer:
+    """Statistics of the running discounted return ``R_t = gamma * R_{t-1} + r_t`` over the
+    demonstrations (restarted at every trajectory), as ``VecNormalize`` accumulates them."""
+    running = []
+    for i, traj in enumerate(trajectories):
+        rews = getattr(traj, "rews", None)
+        if rews is None:
+            raise ValueError(f"trajectories[{i}]: has no rews (need TrajectoryWithRew)")
+        ret, out = 0.0, np.empty(len(rews))
+        for t, r in enumerate(np.asarray(rews, np.float64)):
+            ret = ret * gamma + r
+            out[t] = ret
+        running.append(out)
+    values = np.concatenate(running) if running else np.zeros(0)
+    if values.size == 0:
+        raise ValueError("trajectories: no rewards to fit")
+    rms = RunningMeanStd(shape=())
+    rms.mean, rms.var, rms.count = float(values.mean()), float(values.var()), float(values.size)
+    return ReturnNormalizer(rms, gamma, clip_reward, epsilon)

@@ -20,11 +20,11 @@ path has no suffix):
 The archive is built in memory, written to a temporary file next to the target, fsynced and
 moved into place with ``os.replace``: readers see the old file or the new one, never half. On
 load every member's CRC is checked before anything is deserialised, so a truncated or corrupt
-file raises :class:`CheckpointError` instead of loading half a model.
+file raises :class:`PretrainedCheckpointError` instead of loading half a model.
 
 :func:`validate_pretrained` compares a checkpoint with an environment (and optionally with the
 architecture the caller is about to build) and lists every mismatch in one
-:class:`CheckpointMismatchError`.
+:class:`PretrainedMismatchError`.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ from stable_baselines3.common.running_mean_std import RunningMeanStd
 from stable_baselines3.common.vec_env import VecEnv
 
 from llm_cluster_env.atomic import atomic_write_bytes
-from sb3_warmstart.bc import ObsNormalizer, ReturnNormalizer
+from sb3_warmstart.normalize import ObsNormalizer, ReturnNormalizer
 
 FORMAT = "sb3_warmstart/pretrained"
 FORMAT_VERSION = 1
@@ -76,11 +76,11 @@ ARCHITECTURE_KEYS = ("policy_class", "recurrent", "net_arch", "activation_fn",
                      "n_lstm_layers", "shared_lstm", "enable_critic_lstm")
 
 
-class CheckpointError(RuntimeError):
+class PretrainedCheckpointError(RuntimeError):
     """A checkpoint is missing, unreadable, corrupt or not written by :func:`save_pretrained`."""
 
 
-class CheckpointMismatchError(CheckpointError):
+class PretrainedMismatchError(PretrainedCheckpointError):
     """A checkpoint does not fit an environment or architecture; ``mismatches`` lists each."""
 
     def __init__(self, source: str, mismatches: list[str]) -> None:
@@ -360,20 +360,20 @@ def save_pretrained(
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
     """The metadata of a checkpoint after checking the whole archive (every member's CRC).
 
-    ``CheckpointError`` for a missing path, a directory, a truncated/corrupt archive, missing
+    ``PretrainedCheckpointError`` for a missing path, a directory, a truncated/corrupt archive, missing
     members, unparsable metadata or an unknown format version.
     """
     p = Path(path)
     if not p.exists():
-        raise CheckpointError(f"checkpoint not found: {p}")
+        raise PretrainedCheckpointError(f"checkpoint not found: {p}")
     if not p.is_file():
-        raise CheckpointError(f"checkpoint {p}: not a file")
+        raise PretrainedCheckpointError(f"checkpoint {p}: not a file")
     size = p.stat().st_size
     with open(p, "rb") as f:  # our archives have no comment: the end record closes the file
         f.seek(max(size - _EOCD_SIZE, 0))
         tail = f.read()
     if len(tail) < _EOCD_SIZE or tail[:4] != _EOCD_SIGNATURE:
-        raise CheckpointError(f"checkpoint {p}: not a complete zip archive (no end-of-archive "
+        raise PretrainedCheckpointError(f"checkpoint {p}: not a complete zip archive (no end-of-archive "
                               f"record at the end of its {size} bytes: truncated or corrupt)")
     try:
         with zipfile.ZipFile(p) as archive:
@@ -381,25 +381,25 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
             names = set(archive.namelist())
             raw = archive.read(META_MEMBER) if META_MEMBER in names else None
     except (zipfile.BadZipFile, zlib.error, EOFError, OSError, NotImplementedError) as exc:
-        raise CheckpointError(f"checkpoint {p}: not a readable zip archive (truncated or "
+        raise PretrainedCheckpointError(f"checkpoint {p}: not a readable zip archive (truncated or "
                               f"corrupt file, {size} bytes): {exc}") from exc
     if bad is not None:
-        raise CheckpointError(f"checkpoint {p}: member {bad!r} fails its CRC check (corrupt file)")
+        raise PretrainedCheckpointError(f"checkpoint {p}: member {bad!r} fails its CRC check (corrupt file)")
     missing = [m for m in REQUIRED_MEMBERS if m not in names]
     if missing:
-        raise CheckpointError(f"checkpoint {p}: missing member(s) {missing}; not written by "
+        raise PretrainedCheckpointError(f"checkpoint {p}: missing member(s) {missing}; not written by "
                               "sb3_warmstart.policy_io.save_pretrained")
     try:
         meta = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"checkpoint {p}: {META_MEMBER} is not valid JSON: {exc}") from exc
+        raise PretrainedCheckpointError(f"checkpoint {p}: {META_MEMBER} is not valid JSON: {exc}") from exc
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise CheckpointError(f"checkpoint {p}: {META_MEMBER} has format "
+        raise PretrainedCheckpointError(f"checkpoint {p}: {META_MEMBER} has format "
                               f"{meta.get('format') if isinstance(meta, dict) else None!r}, "
                               f"expected {FORMAT!r}")
     version = meta.get("format_version")
     if not isinstance(version, int) or not 1 <= version <= FORMAT_VERSION:
-        raise CheckpointError(f"checkpoint {p}: format_version={version!r}, this code reads "
+        raise PretrainedCheckpointError(f"checkpoint {p}: format_version={version!r}, this code reads "
                               f"1..{FORMAT_VERSION}")
     return meta
 
@@ -409,10 +409,10 @@ def _resolve_algorithm(dotted: str, source: Path) -> type[BaseAlgorithm]:
     try:
         cls = getattr(importlib.import_module(module_name), name)
     except (ImportError, AttributeError, ValueError) as exc:
-        raise CheckpointError(f"checkpoint {source}: algorithm class {dotted!r} cannot be "
+        raise PretrainedCheckpointError(f"checkpoint {source}: algorithm class {dotted!r} cannot be "
                               f"imported: {exc}") from exc
     if not (isinstance(cls, type) and issubclass(cls, BaseAlgorithm)):
-        raise CheckpointError(f"checkpoint {source}: algorithm {dotted!r} is not an SB3 "
+        raise PretrainedCheckpointError(f"checkpoint {source}: algorithm {dotted!r} is not an SB3 "
                               "algorithm class")
     return cls
 
@@ -442,11 +442,11 @@ def load_pretrained(path: str | os.PathLike, device: str = "cpu"
     try:
         model = cls.load(p, device=device)
     except Exception as exc:  # SB3/torch raise many types; never return half a model
-        raise CheckpointError(f"checkpoint {p}: {cls.__name__}.load failed: {exc}") from exc
+        raise PretrainedCheckpointError(f"checkpoint {p}: {cls.__name__}.load failed: {exc}") from exc
     try:
         obs_rms = obs_rms_from_metadata(meta)
     except (ValueError, KeyError) as exc:
-        raise CheckpointError(f"checkpoint {p}: bad obs_normalization: {exc}") from exc
+        raise PretrainedCheckpointError(f"checkpoint {p}: bad obs_normalization: {exc}") from exc
     return model, meta, obs_rms
 
 
@@ -499,14 +499,14 @@ def _compare_architecture(ckpt: Mapping[str, Any], expected: Mapping[str, Any]) 
 
 def validate_pretrained(path_or_metadata: str | os.PathLike | Mapping[str, Any], env: Any,
                         expected_arch: Mapping[str, Any] | None = None) -> None:
-    """Raise :class:`CheckpointMismatchError` listing every way the checkpoint does not fit.
+    """Raise :class:`PretrainedMismatchError` listing every way the checkpoint does not fit.
 
     Checked: observation shape, action count, the observation schema (``num_replicas``,
     ``history_window``, ``output_length_oracle``, replica feature list, every feature name by
     index), the normalisation statistics' shape, and -- for each key of ``expected_arch``
     (``policy_kwargs``-style, see :data:`ARCHITECTURE_KEYS`) -- the stored architecture.
 
-    :param path_or_metadata: a checkpoint path (fully verified first; ``CheckpointError`` if
+    :param path_or_metadata: a checkpoint path (fully verified first; ``PretrainedCheckpointError`` if
         missing or corrupt) or its metadata dict.
     :param env: a gymnasium env (any wrappers) or an SB3 ``VecEnv`` (e.g. ``VecNormalize``).
     :param expected_arch: the architecture about to be built, e.g. PPO's ``policy_kwargs``
@@ -541,7 +541,7 @@ def validate_pretrained(path_or_metadata: str | os.PathLike | Mapping[str, Any],
     if expected_arch:
         mismatches += _compare_architecture(meta.get("architecture") or {}, expected_arch)
     if mismatches:
-        raise CheckpointMismatchError(source, mismatches)
+        raise PretrainedMismatchError(source, mismatches)
 
 
 __all__ = [
@@ -549,8 +549,8 @@ __all__ = [
     "FORMAT",
     "FORMAT_VERSION",
     "META_MEMBER",
-    "CheckpointError",
-    "CheckpointMismatchError",
+    "PretrainedCheckpointError",
+    "PretrainedMismatchError",
     "SpacesEnv",
     "architecture_of",
     "build_model",

@@ -58,6 +58,7 @@ from stable_baselines3.common.policies import ActorCriticPolicy, BasePolicy
 from stable_baselines3.common.utils import explained_variance
 from stable_baselines3.common.vec_env import VecNormalize
 
+from sb3_warmstart.config import AdvancedOptimizationConfig, KLConfig
 from sb3_warmstart.kl import PPOLossTerms, ppo_loss_terms
 from sb3_warmstart.policies import (
     TemperatureMlpLstmPolicy,
@@ -65,12 +66,7 @@ from sb3_warmstart.policies import (
     action_log_probs,
     distribution_log_probs,
 )
-from sb3_warmstart.schedules import (
-    EntropyCoefficient,
-    LinearDecay,
-    LRScheduleConfig,
-    build_lr_scheduler,
-)
+from sb3_warmstart.schedules import EntropyCoefficient, LinearDecay, build_lr_scheduler
 
 TRAINING_STATE_KEYS = (
     "num_minibatch_steps",
@@ -97,35 +93,27 @@ class KLRegularisedMixin:
     :class:`KLRecurrentPPO` (put it first in the bases). Every argument of the wrapped algorithm
     is accepted and passed on; ours are keyword-only:
 
-    :param kl_ref_coef_initial: coefficient of ``KL(pi || pi_ref)`` at optimiser step 0 (>= 0).
-        Without a reference policy the term is skipped (with a warning if the coefficient > 0).
-    :param kl_ref_coef_final: the coefficient from step ``kl_ref_decay_steps`` on (>= 0).
-    :param kl_ref_decay_steps: length of the linear decay in optimiser steps (>= 0).
-    :param kl_coef: coefficient of the instant KL penalty against the rollout policy (>= 0).
-    :param target_kl_early_stop: stop the epoch loop when a minibatch's ``approx_kl`` exceeds
-        ``1.5 * target_kl`` (SB3's rule). When False, ``target_kl`` is only monitored
-        (``train/target_kl_exceeded``); stock SB3 always stops.
-    :param entropy_warmup_coef: entropy coefficient for the first ``warmup_steps`` optimiser steps
-        (None = no warm-up).
-    :param warmup_steps: entropy warm-up length in optimiser steps (>= 0).
-    :param entropy_min: entropy floor in nats (None = no floor).
-    :param entropy_floor_coef: coefficient of the hinge ``relu(entropy_min - mean entropy)``.
-    :param lr_schedule_config: an :class:`~sb3_warmstart.schedules.LRScheduleConfig` (or a
-        mapping of its fields): warm-up then cosine with restarts, stepped once per optimiser
-        step from the base rate ``learning_rate`` (its value at progress 1 if a schedule). When
-        set, SB3's per-``train()`` learning-rate update is disabled.
-    :param gradient_accumulation_steps: minibatches whose gradients are averaged into one
-        optimiser step (>= 1). ``max_grad_norm`` clips the global norm of the averaged gradient
-        right before the step. A partial group at the end of an epoch (or at an early stop) is
-        applied as the mean of the minibatches it has.
-    :param min_batch_size: lower bound of the adaptive minibatch size (with ``max_batch_size``;
-        both None = fixed ``batch_size``).
-    :param max_batch_size: upper bound of the adaptive minibatch size.
-    :param batch_size_adaptation_rate: ``r`` in [0, 1] of the adaptation rule. After each update
-        with mean pre-clip gradient norm ``g``: ``b <- clip(b * (g_ref / g) ** r, min, max)``,
-        then ``g_ref <- (1 - r) * g_ref + r * g`` (``g_ref`` starts at the first ``g``; ``b`` is
-        kept as a float and rounded when used). A larger norm than the running reference gives a
-        smaller batch, a smaller norm a larger one.
+    :param kl: the regularisation (:class:`~sb3_warmstart.config.KLConfig`, which documents and
+        validates every knob: reference KL ``kl_ref_coef_initial -> kl_ref_coef_final`` over
+        ``kl_ref_decay_steps`` optimiser steps, instant KL ``kl_coef``, ``target_kl_early_stop``,
+        entropy warm-up and floor). Without a reference policy the reference term is skipped
+        (with a warning if its coefficient > 0). ``None``: :meth:`KLConfig.disabled`, i.e. the
+        stock algorithm.
+    :param optimization: :class:`~sb3_warmstart.config.AdvancedOptimizationConfig` (``None``:
+        SB3's own optimisation):
+
+        * ``learning_rate_schedule``: warm-up then cosine with restarts, stepped once per
+          optimiser step from the base rate ``learning_rate`` (its value at progress 1 if a
+          schedule). When enabled, SB3's per-``train()`` learning-rate update is disabled.
+        * ``gradient_optimization.accumulation_steps``: minibatches whose gradients are averaged
+          into one optimiser step. ``max_grad_norm`` clips the global norm of the averaged
+          gradient right before the step. A partial group at the end of an epoch (or at an early
+          stop) is applied as the mean of the minibatches it has.
+        * ``adaptive_batch_size``: with ``enable``, after each update with mean pre-clip
+          gradient norm ``g``: ``b <- clip(b * (g_ref / g) ** r, min, max)``, then
+          ``g_ref <- (1 - r) * g_ref + r * g`` (``r = adaptation_rate``; ``g_ref`` starts at the
+          first ``g``; ``b`` is kept as a float and rounded when used). A larger norm than the
+          running reference gives a smaller batch, a smaller norm a larger one.
     :param schedule_total_timesteps: when set, ``_current_progress_remaining`` (which drives SB3's
         learning-rate and clip-range schedules) is ``1 - num_timesteps / schedule_total_timesteps``
         instead of using each ``learn()`` call's total, so chunked ``learn(...,
@@ -137,63 +125,40 @@ class KLRegularisedMixin:
         policy: str | type[BasePolicy],
         env: Any,
         *,
-        kl_ref_coef_initial: float = 0.0,
-        kl_ref_coef_final: float = 0.0,
-        kl_ref_decay_steps: int = 0,
-        kl_coef: float = 0.0,
-        target_kl_early_stop: bool = False,
-        entropy_warmup_coef: float | None = None,
-        warmup_steps: int = 0,
-        entropy_min: float | None = None,
-        entropy_floor_coef: float = 0.0,
-        lr_schedule_config: LRScheduleConfig | Mapping[str, Any] | None = None,
-        gradient_accumulation_steps: int = 1,
-        min_batch_size: int | None = None,
-        max_batch_size: int | None = None,
-        batch_size_adaptation_rate: float = 0.1,
+        kl: KLConfig | None = None,
+        optimization: AdvancedOptimizationConfig | None = None,
         schedule_total_timesteps: int | None = None,
         **kwargs: Any,
     ) -> None:
-        for name, value in (("kl_ref_coef_initial", kl_ref_coef_initial),
-                            ("kl_ref_coef_final", kl_ref_coef_final), ("kl_coef", kl_coef),
-                            ("entropy_floor_coef", entropy_floor_coef)):
-            _check(name, value, float(value) >= 0.0, "must be >= 0")
-        for name, value in (("kl_ref_decay_steps", kl_ref_decay_steps),
-                            ("warmup_steps", warmup_steps)):
-            _check(name, value, _is_int(value) and value >= 0, "must be an integer >= 0")
-        _check("gradient_accumulation_steps", gradient_accumulation_steps,
-               _is_int(gradient_accumulation_steps) and gradient_accumulation_steps >= 1,
-               "must be an integer >= 1")
-        _check("batch_size_adaptation_rate", batch_size_adaptation_rate,
-               0.0 <= batch_size_adaptation_rate <= 1.0, "must be in [0, 1]")
-        _check("min_batch_size/max_batch_size", (min_batch_size, max_batch_size),
-               (min_batch_size is None) == (max_batch_size is None),
-               "give both bounds or neither")
-        if min_batch_size is not None:
-            _check("min_batch_size", min_batch_size, _is_int(min_batch_size) and min_batch_size >= 2,
-                   "must be an integer >= 2")
-            _check("max_batch_size", max_batch_size,
-                   _is_int(max_batch_size) and max_batch_size >= min_batch_size,
-                   f"must be an integer >= min_batch_size={min_batch_size}")
+        kl = KLConfig.disabled() if kl is None else kl
+        optimization = AdvancedOptimizationConfig() if optimization is None else optimization
+        if not isinstance(kl, KLConfig):
+            raise TypeError(f"kl: expected a KLConfig, got {type(kl).__name__}")
+        if not isinstance(optimization, AdvancedOptimizationConfig):
+            raise TypeError(f"optimization: expected an AdvancedOptimizationConfig, got "
+                            f"{type(optimization).__name__}")
         _check("schedule_total_timesteps", schedule_total_timesteps,
                schedule_total_timesteps is None or (_is_int(schedule_total_timesteps)
                                                     and schedule_total_timesteps > 0),
                "must be None or an integer > 0")
-        self.kl_ref_coef_initial = float(kl_ref_coef_initial)
-        self.kl_ref_coef_final = float(kl_ref_coef_final)
-        self.kl_ref_decay_steps = int(kl_ref_decay_steps)
-        self.kl_coef = float(kl_coef)
-        self.target_kl_early_stop = bool(target_kl_early_stop)
-        self.entropy_warmup_coef = entropy_warmup_coef
-        self.warmup_steps = int(warmup_steps)
-        self.entropy_min = entropy_min
-        self.entropy_floor_coef = float(entropy_floor_coef)
-        self.lr_schedule_config = (None if lr_schedule_config is None
-                                   else LRScheduleConfig.coerce(lr_schedule_config))
-        self.gradient_accumulation_steps = int(gradient_accumulation_steps)
-        self.min_batch_size = min_batch_size
-        self.max_batch_size = max_batch_size
-        self.batch_size_adaptation_rate = float(batch_size_adaptation_rate)
+        self.kl = kl
+        self.optimization = optimization
+        self.kl_ref_coef_initial = kl.kl_ref_coef_initial
+        self.kl_ref_coef_final = kl.kl_ref_coef_final
+        self.kl_ref_decay_steps = kl.kl_ref_decay_steps
+        self.kl_coef = kl.kl_coef
+        self.target_kl_early_stop = kl.target_kl_early_stop
+        self.entropy_warmup_coef = kl.entropy_warmup_coef
+        self.warmup_steps = kl.warmup_steps
+        self.entropy_min = kl.entropy_min
+        self.entropy_floor_coef = kl.entropy_floor_coef
+        schedule = optimization.learning_rate_schedule
+        self.lr_schedule_config = schedule if schedule.enabled else None
+        self.gradient_accumulation_steps = optimization.gradient_optimization.accumulation_steps
+        adaptive = optimization.adaptive_batch_size
+        self.min_batch_size = adaptive.min_batch_size if adaptive.enable else None
+        self.max_batch_size = adaptive.max_batch_size if adaptive.enable else None
+        self.batch_size_adaptation_rate = adaptive.adaptation_rate
         self.schedule_total_timesteps = schedule_total_timesteps
         #: When True, ``train()`` takes no gradient step (it logs ``train/updates_deferred``).
         self.updates_deferred = False
@@ -226,6 +191,13 @@ class KLRegularisedMixin:
         if self.schedule_total_timesteps is not None:
             total_timesteps = self.schedule_total_timesteps
         super()._update_current_progress_remaining(num_timesteps, total_timesteps)  # type: ignore[misc]
+
+    def dump_logs(self, iteration: int = 0) -> None:
+        """SB3's per-rollout dump, with ``time/iterations`` counted in rollouts since step 0
+        rather than since this ``learn()`` call, so a resumed run logs the rows an
+        uninterrupted run logs."""
+        rollout = self.n_steps * self.n_envs  # type: ignore[attr-defined]
+        super().dump_logs(self.num_timesteps // rollout if iteration > 0 else 0)  # type: ignore[misc]
 
     @property
     def num_minibatch_steps(self) -> int:

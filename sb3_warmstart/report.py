@@ -10,14 +10,17 @@ saved policy on any scenario.
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections.abc import Mapping, Sequence
+import textwrap
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from llm_cluster_env.atomic import atomic_write_json, atomic_write_text
+from llm_cluster_env.config import EnvConfig
 from llm_cluster_env.env import LLMClusterEnv
 from llm_cluster_env.evaluation import (
     RouterResult,
@@ -32,14 +35,23 @@ from sb3_warmstart.router import PolicyRouter
 
 POLICY_NAME = "ppo"
 CLONE_NAME = "bc_clone"
+LEARNING_CURVE_NOTE = ("points: training episodes, actions sampled (exploration, temperature "
+                       "control); the results table evaluates the greedy policy on held-out "
+                       "episodes")
 
 
 def evaluate_policy(policy_routers: Mapping[str, Any], env_kwargs: Mapping[str, Any],
-                    heuristics: Sequence[str], seeds: Sequence[int]) -> dict[str, RouterResult]:
-    """Learned routers (name -> ``PolicyRouter``) and heuristics on the same held-out seeds."""
+                    heuristics: Sequence[str], seeds: Sequence[int],
+                    progress: Callable[[str], None] | None = None) -> dict[str, RouterResult]:
+    """Learned routers (name -> ``PolicyRouter``) and heuristics on the same held-out seeds.
+
+    :param env_kwargs: ``LLMClusterEnv`` keyword arguments (``{"config": EnvConfig}`` for a
+        built config).
+    :param progress: called after each episode (see ``evaluate_routers``).
+    """
     factories = {name: (lambda r=router: r) for name, router in policy_routers.items()}
     factories.update({name: (lambda n=name: make_router(n)) for name in heuristics})
-    return evaluate_routers(env_kwargs, factories, seeds)
+    return evaluate_routers(env_kwargs, factories, seeds, progress=progress)
 
 
 def episode_curve(rows: Sequence[Mapping[str, Any]], window: int = 4,
@@ -60,35 +72,69 @@ def episode_curve(rows: Sequence[Mapping[str, Any]], window: int = 4,
     return unique, means, moving
 
 
-def plot_learning_curve(curves: Mapping[str, Sequence[Mapping[str, Any]]], path: str | Path,
-                        baselines: Mapping[str, float] | None = None, title: str = "") -> None:
-    """Training-episode mean E2E latency against env steps, one line per run.
+def relative_to_reference(rows: Sequence[Mapping[str, Any]], reference: Mapping[int, float],
+                          key: str = "e2e_mean") -> list[dict[str, Any]]:
+    """Episode rows with ``"vs_reference_pct"``: 100 * (value / reference's value on the same
+    episode seed - 1). Rows without a seed (or a reference for it) are left out."""
+    out = []
+    for row in rows:
+        seed = row.get("episode_seed")
+        if seed is None or int(seed) not in reference or key not in row:
+            continue
+        out.append({**row, "vs_reference_pct": 100.0 * (row[key] / reference[int(seed)] - 1.0)})
+    return out
 
-    :param curves: run name -> episode rows (``num_timesteps``, ``e2e_mean``).
-    :param baselines: name -> mean E2E of a heuristic on episodes of the same length.
+
+def plot_learning_curve(episodes: Sequence[Mapping[str, Any]], path: str | Path, *,
+                        lor_by_seed: Mapping[int, float] | None = None,
+                        stabilization_steps: int = 0, title: str = "",
+                        note: str = "") -> dict[str, float]:
+    """The training curve, explained on the figure itself.
+
+    With ``lor_by_seed`` (``lor``'s mean E2E on each training episode's arrivals), the curve is
+    paired: each training episode's mean E2E relative to ``lor`` on exactly the same requests,
+    so workload noise cancels and 0 % means "as good as lor". Without it: absolute mean E2E.
+    The stabilisation rollouts (random routing while the normaliser settles) are shaded.
+
+    :param episodes: ``kind="episode"`` history rows (``num_timesteps``, ``e2e_mean``, and
+        ``episode_seed`` for the paired curve).
+    :param note: a caption line under the title (what the points are).
+    :return: ``{"last_quarter_vs_lor_pct": ...}`` (mean over the last quarter of the paired
+        episodes), empty without pairs.
     """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name, rows in curves.items():
-        if not rows:
-            continue
-        steps, means, moving = episode_curve(rows)
-        line, = ax.plot(steps, means, alpha=0.3)
-        ax.plot(steps, moving, color=line.get_color(), lw=2, label=f"{name} (moving mean)")
-    for i, (name, value) in enumerate((baselines or {}).items()):
-        ax.axhline(value, linestyle="--", color=f"C{7 + i}", label=f"{name} (same episodes)")
+    paired = relative_to_reference(episodes, lor_by_seed) if lor_by_seed else []
+    fig, ax = plt.subplots(figsize=(8, 5))
+    summary: dict[str, float] = {}
+    if paired:
+        steps, means, moving = episode_curve(paired, key="vs_reference_pct")
+        ax.plot(steps, means, ".", alpha=0.35, color="C0", label="training episodes")
+        ax.plot(steps, moving, color="C0", lw=2, label="moving mean (4 points)")
+        ax.axhline(0.0, color="C3", linestyle="--", lw=1.2, label="lor on the same arrivals")
+        ax.set_ylabel("mean E2E vs lor on the same requests (%)")
+        tail = [r["vs_reference_pct"] for r in paired[-max(1, len(paired) // 4):]]
+        summary["last_quarter_vs_lor_pct"] = float(np.mean(tail))
+    elif episodes:
+        steps, means, moving = episode_curve(episodes)
+        ax.plot(steps, means, ".", alpha=0.35, color="C0", label="training episodes")
+        ax.plot(steps, moving, color="C0", lw=2, label="moving mean (4 points)")
+        ax.set_ylabel("mean E2E latency per episode (s)")
+    if stabilization_steps > 0:
+        ax.axvspan(0, stabilization_steps, color="0.85", zorder=0,
+                   label="random routing (normaliser warm-up)")
     ax.set_xlabel("env steps (routed requests)")
-    ax.set_ylabel("mean E2E latency per episode (s)")
-    ax.set_title(title or "learning curve")
+    caption = "\n" + textwrap.fill(note, 100) if note else ""
+    ax.set_title((title or "learning curve") + caption, fontsize=9)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+    return summary
 
 
 def plot_dispatch_distribution(rollout_rows: Sequence[Mapping[str, Any]], path: str | Path,
@@ -104,26 +150,36 @@ def plot_dispatch_distribution(rollout_rows: Sequence[Mapping[str, Any]], path: 
     n = len([k for k in rollout_rows[0] if k.startswith("action_share_")])
     steps = np.array([r["num_timesteps"] for r in rollout_rows])
     shares = np.array([[r[f"action_share_{i}"] for i in range(n)] for r in rollout_rows])
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    ax.stackplot(steps, shares.T, labels=[f"replica {i}" for i in range(n)], alpha=0.85)
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    colors = [plt.get_cmap("tab20")(i % 20) for i in range(n)]
+    ax.stackplot(steps, shares.T, labels=[f"replica {i}" for i in range(n)], alpha=0.85,
+                 colors=colors)
     ax.plot(steps, [r["balance"] for r in rollout_rows], color="black", lw=1.2,
             label="balance (1 - std)")
     ax.set_ylim(0, 1)
     ax.set_xlabel("env steps (routed requests)")
     ax.set_ylabel("share of the rollout's requests")
-    ax.set_title(title or "dispatch distribution over training")
-    ax.legend(fontsize=7, loc="lower right", ncol=2)
+    ax.set_title((title or "dispatch distribution over training")
+                 + "\neach replica's share of every rollout's requests (sampled actions)",
+                 fontsize=9)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5),
+              ncol=1 if n <= 16 else 2)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-def heuristic_on_training_episodes(env_kwargs: Mapping[str, Any], router: str,
-                                   seeds: Sequence[int]) -> float:
-    """Mean E2E of a heuristic on episodes shaped like the training episodes (baseline line)."""
-    env = LLMClusterEnv(**env_kwargs)
-    return float(np.mean([run_episode(env, make_router(router), s)[0]["e2e_mean"]
-                          for s in seeds]))
+def heuristic_on_episodes(env_config: EnvConfig, router: str, seeds: Sequence[int],
+                          progress: Callable[[str], None] | None = None) -> dict[int, float]:
+    """Mean E2E of a heuristic on each episode seed (the same arrivals the training episode with
+    that seed saw: :class:`sb3_warmstart.envs.EpisodeSeedWrapper`)."""
+    env = LLMClusterEnv(config=env_config)
+    out = {}
+    for seed in seeds:
+        out[int(seed)] = float(run_episode(env, make_router(router), int(seed))[0]["e2e_mean"])
+        if progress is not None:
+            progress(f"{router} on the training episodes")
+    return out
 
 
 def _fmt(value: Any) -> str:
@@ -133,9 +189,14 @@ def _fmt(value: Any) -> str:
 
 
 def write_report(folder: str | Path, results: Mapping[str, RouterResult], *, title: str,
-                 history: Sequence[Mapping[str, Any]] = (), baselines: Mapping[str, float] | None
-                 = None, notes: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """Write the report files; returns a JSON-able summary (per-router means, comparisons)."""
+                 history: Sequence[Mapping[str, Any]] = (),
+                 lor_by_seed: Mapping[int, float] | None = None, stabilization_steps: int = 0,
+                 notes: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Write the report files; returns a JSON-able summary (per-router means, comparisons).
+
+    :param lor_by_seed: ``lor``'s mean E2E on each training episode's seed (paired curve).
+    :param stabilization_steps: env steps of random routing at the start (shaded).
+    """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     table = format_table(results)
@@ -156,12 +217,19 @@ def write_report(folder: str | Path, results: Mapping[str, RouterResult], *, tit
                                if "lor" in results else None),
         }
     atomic_write_json(folder / "results.json", summary)
-    plot_latency_cdf(results, folder / "latency_cdf.png", title=f"{title}: E2E latency CDF")
+    episodes_per_router = len(next(iter(results.values())).episodes) if results else 0
+    plot_latency_cdf(results, folder / "latency_cdf.png",
+                     title=f"{title}: E2E latency CDF, all requests of {episodes_per_router} "
+                           "held-out episodes per router (deterministic actions)")
     episodes = [r for r in history if r.get("kind") == "episode" and "e2e_mean" in r]
     rollouts = [r for r in history if r.get("kind") == "rollout"]
+    curve: dict[str, float] = {}
     if episodes:
-        plot_learning_curve({POLICY_NAME: episodes}, folder / "learning_curve.png", baselines,
-                            title=f"{title}: learning curve")
+        curve = plot_learning_curve(
+            episodes, folder / "learning_curve.png", lor_by_seed=lor_by_seed,
+            stabilization_steps=stabilization_steps, title=f"{title}: learning curve",
+            note=LEARNING_CURVE_NOTE)
+        summary.update(curve)
     if rollouts:
         plot_dispatch_distribution(rollouts, folder / "dispatch_distribution.png",
                                    title=f"{title}: dispatch distribution over training")
@@ -174,6 +242,10 @@ def write_report(folder: str | Path, results: Mapping[str, RouterResult], *, tit
         if c["ppo_vs_lor"] is not None:
             lines += [f"* PPO vs lor: {100 * c['ppo_vs_lor']:+.1f}% mean E2E, "
                       f"{100 * c['ppo_p99_vs_lor']:+.1f}% p99 E2E"]
+    if "last_quarter_vs_lor_pct" in curve:
+        lines += [f"* training episodes, last quarter: {curve['last_quarter_vs_lor_pct']:+.1f}% "
+                  "mean E2E vs lor on the same arrivals (actions sampled while exploring; the "
+                  "table above is the greedy policy on held-out episodes)"]
     for key, value in (notes or {}).items():
         if isinstance(value, Mapping):
             value = ", ".join(f"{k}={_fmt(v)}" for k, v in value.items())
@@ -187,13 +259,16 @@ def write_report(folder: str | Path, results: Mapping[str, RouterResult], *, tit
 
 
 def build_report(run_dir: str | Path, config, session, monitor, *, pretrained=None,
-                 timings: Mapping[str, float] | None = None) -> dict[str, Any]:
+                 timings: Mapping[str, float] | None = None,
+                 progress: bool = True) -> dict[str, Any]:
     """The pipeline's final stage: evaluate, print the table, write ``<run>/report``."""
+    from sb3_warmstart.progress import ProgressPrinter
+
     run_dir = Path(run_dir)
     ev = config.evaluation
-    env_kwargs = dict(config.env_kwargs)
+    env_config = config.env
     if ev.episode_requests is not None:
-        env_kwargs["episode_requests"] = ev.episode_requests
+        env_config = dataclasses.replace(env_config, episode_requests=ev.episode_requests)
     seeds = list(range(ev.seed, ev.seed + ev.episodes))
     model, venv = session.model, session.venv
     learned = {POLICY_NAME: PolicyRouter(model, venv.obs_rms, name=POLICY_NAME)}
@@ -201,22 +276,41 @@ def build_report(run_dir: str | Path, config, session, monitor, *, pretrained=No
     if reference is not None:
         obs_rms = pretrained.obs_rms if pretrained is not None else venv.obs_rms
         learned[CLONE_NAME] = PolicyRouter(reference, obs_rms, name=CLONE_NAME)
-    results = evaluate_policy(learned, env_kwargs, ev.router_names, seeds)
     history = monitor.history_rows() if monitor is not None else []
-    baselines = {"lor": heuristic_on_training_episodes(config.env_kwargs, "lor",
-                                                       [ev.seed + 500 + i for i in range(3)])}
+    training_seeds = [int(r["episode_seed"]) for r in history
+                      if r.get("kind") == "episode" and "episode_seed" in r]
+    names = [*learned, *ev.router_names]
+    printer = ProgressPrinter("report", len(names) * len(seeds) + len(training_seeds),
+                              "episodes", enabled=progress)
+    done = [0]
+
+    def advance(message: str) -> None:
+        done[0] += 1
+        printer.update(done[0], message.split(":")[0])
+
+    results = evaluate_policy(learned, {"config": env_config}, ev.router_names, seeds,
+                              progress=advance)
+    lor_by_seed = heuristic_on_episodes(config.env, "lor", training_seeds, progress=advance)
+    printer.close()
     scenario = config.env_kwargs.get("scenario", "custom")
     notes: dict[str, Any] = {"evaluation": f"{ev.episodes} held-out episodes (seeds {seeds[0]}.."
-                             f"{seeds[-1]}) of {env_kwargs.get('episode_requests', 'scenario')} "
-                             "requests", "ppo env steps": int(model.num_timesteps)}
+                             f"{seeds[-1]}) of {env_config.episode_requests} requests",
+                             "ppo env steps": int(model.num_timesteps)}
     if pretrained is not None:
         notes["warm start"] = {k: pretrained.summary.get(k) for k in
                                ("val_accuracy", "val_tie_accuracy", "fine_tuned")
                                if k in pretrained.summary}
     if timings:
         notes["wall time (s)"] = {k: round(v, 1) for k, v in timings.items()}
+    rollout = config.ppo.rollout_steps
+    stabilization = -(-config.stabilization.stabilization_steps // rollout) * rollout
     summary = write_report(run_dir / "report", results, title=f"{scenario}", history=history,
-                           baselines=baselines, notes=notes)
-    print(f"\n== {scenario}: trained policy vs heuristics ({len(seeds)} held-out episodes)")
+                           lor_by_seed=lor_by_seed, stabilization_steps=stabilization,
+                           notes=notes)
+    print(f"\n== {scenario}: trained policy vs heuristics ({len(seeds)} held-out episodes, "
+          "greedy actions)")
     print(summary["table"])
+    if "last_quarter_vs_lor_pct" in summary:
+        print(f"training episodes, last quarter: {summary['last_quarter_vs_lor_pct']:+.1f}% vs "
+              "lor on the same arrivals (sampled actions; see report/learning_curve.png)")
     return summary

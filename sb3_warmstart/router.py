@@ -18,7 +18,7 @@ from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.policies import ActorCriticPolicy
 from stable_baselines3.common.running_mean_std import RunningMeanStd
 
-from sb3_warmstart.bc import ObsNormalizer
+from sb3_warmstart.normalize import ObsNormalizer
 
 
 class PolicyRouter:

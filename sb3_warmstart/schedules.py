@@ -4,7 +4,8 @@
   steps, then held (the reference-KL coefficient).
 * :class:`EntropyCoefficient` -- ``warmup_coef`` for the first ``warmup_steps`` steps, then
   ``base`` (entropy warm-up).
-* :class:`LRScheduleConfig` and :func:`build_lr_scheduler` -- linear warm-up followed by cosine
+* :func:`build_lr_scheduler` (from :class:`~sb3_warmstart.config.LearningRateScheduleConfig`,
+  where its knobs and their defaults live) -- linear warm-up followed by cosine
   annealing with warm restarts, composed from ``torch.optim.lr_scheduler`` (``LinearLR``,
   ``CosineAnnealingWarmRestarts``, ``SequentialLR``). The scheduler is stepped once per
   optimiser step; its ``state_dict()`` restores it exactly.
@@ -24,8 +25,6 @@ it (the last step of a period uses ``T_cur = T_i - 1``).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import torch as th
@@ -35,6 +34,8 @@ from torch.optim.lr_scheduler import (
     LRScheduler,
     SequentialLR,
 )
+
+from sb3_warmstart.config import LearningRateScheduleConfig
 
 
 def _check_steps(name: str, value: Any, minimum: int = 0) -> int:
@@ -76,7 +77,7 @@ class EntropyCoefficient:
     :param warmup_steps: warm-up length in optimiser steps (>= 0).
     """
 
-    def __init__(self, base: float, warmup_coef: float | None = None, warmup_steps: int = 0) -> None:
+    def __init__(self, base: float, warmup_coef: float | None, warmup_steps: int) -> None:
         self.base = base
         self.warmup_coef = warmup_coef
         self.warmup_steps = _check_steps("warmup_steps", warmup_steps)
@@ -91,53 +92,8 @@ class EntropyCoefficient:
                 f"warmup_steps={self.warmup_steps!r})")
 
 
-@dataclass(frozen=True)
-class LRScheduleConfig:
-    """Linear warm-up then cosine annealing with warm restarts, in optimiser steps.
-
-    :param warmup_steps: steps of linear warm-up from ``warmup_start_factor * lr`` to ``lr``
-        (>= 0; 0 starts the cosine at once).
-    :param restart_period: length ``T_0`` of the first cosine period, in steps (>= 1).
-    :param min_lr_ratio: ``eta_min / lr``, the floor the cosine approaches (in [0, 1]).
-    :param period_multiplier: ``T_mult``, factor applied to the period at each restart (int >= 1).
-    :param warmup_start_factor: the first warm-up step uses ``warmup_start_factor * lr``
-        (in (0, 1]; torch's ``LinearLR`` needs it > 0, hence "from ~0").
-    """
-
-    warmup_steps: int = 0
-    restart_period: int = 1000
-    min_lr_ratio: float = 0.0
-    period_multiplier: int = 1
-    warmup_start_factor: float = 1e-3
-
-    def __post_init__(self) -> None:
-        _check_steps("warmup_steps", self.warmup_steps)
-        _check_steps("restart_period", self.restart_period, 1)
-        _check_steps("period_multiplier", self.period_multiplier, 1)
-        if not 0.0 <= self.min_lr_ratio <= 1.0:
-            raise ValueError(f"min_lr_ratio={self.min_lr_ratio!r}: must be in [0, 1]")
-        if not 0.0 < self.warmup_start_factor <= 1.0:
-            raise ValueError(
-                f"warmup_start_factor={self.warmup_start_factor!r}: must be in (0, 1]")
-
-    @classmethod
-    def coerce(cls, config: LRScheduleConfig | Mapping[str, Any]) -> LRScheduleConfig:
-        """Accept a config or a mapping of its fields (as read from YAML)."""
-        if isinstance(config, cls):
-            return config
-        if not isinstance(config, Mapping):
-            raise ValueError(f"lr_schedule_config={config!r}: expected a mapping or "
-                             f"LRScheduleConfig")
-        unknown = set(config) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"lr_schedule_config: unknown field(s) {sorted(unknown)}; known: "
-                             f"{sorted(cls.__dataclass_fields__)}")
-        return cls(**config)
-
-
-def build_lr_scheduler(
-    optimizer: th.optim.Optimizer, config: LRScheduleConfig | Mapping[str, Any]
-) -> LRScheduler:
+def build_lr_scheduler(optimizer: th.optim.Optimizer,
+                       config: LearningRateScheduleConfig) -> LRScheduler:
     """The per-optimiser-step LR scheduler described in the module docstring.
 
     Build it on a fresh optimiser whose ``lr`` is the base rate (it becomes each group's
@@ -145,9 +101,12 @@ def build_lr_scheduler(
     rebuild it the same way, restore the optimiser's state dict, then the scheduler's.
 
     :param optimizer: the optimiser whose learning rate is driven.
-    :param config: the schedule (an :class:`LRScheduleConfig` or a mapping of its fields).
+    :param config: the schedule (validated by the dataclass).
     """
-    cfg = LRScheduleConfig.coerce(config)
+    if not isinstance(config, LearningRateScheduleConfig):
+        raise TypeError(f"config: expected a LearningRateScheduleConfig, got "
+                        f"{type(config).__name__}")
+    cfg = config
     base_lrs = [group.get("initial_lr", group["lr"]) for group in optimizer.param_groups]
     if len(set(base_lrs)) != 1:
         raise ValueError(f"optimizer: param groups have different learning rates {base_lrs}; "

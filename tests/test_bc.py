@@ -29,18 +29,21 @@ from llm_cluster_env.evaluation import run_episode  # noqa: E402
 from llm_cluster_env.routers import make_router  # noqa: E402
 from sb3_warmstart.bc import (  # noqa: E402
     PRESETS,
-    ObsNormalizer,
     RouterTies,
     SequenceBC,
     critic_only_parameters,
     discounted_returns,
-    fit_obs_normalizer,
-    fit_return_normalizer,
     plan_lanes,
 )
+from sb3_warmstart.config import BCConfig  # noqa: E402
+from sb3_warmstart.normalize import (  # noqa: E402
+    ObsNormalizer,
+    fit_obs_normalizer,
+    fit_return_normalizer,
+)
 from sb3_warmstart.policy_io import (  # noqa: E402
-    CheckpointError,
-    CheckpointMismatchError,
+    PretrainedCheckpointError,
+    PretrainedMismatchError,
     architecture_of,
     build_model,
     load_pretrained,
@@ -52,6 +55,17 @@ from sb3_warmstart.router import PolicyRouter  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCENARIO = "a100x4_conv_70"
+
+
+BC_FIELDS = {f for f in BCConfig.__dataclass_fields__}
+
+
+def make_bc(*, validation_fraction: float = 0.2, value_pretraining: bool = True,
+            gamma: float = 0.99, **kwargs) -> SequenceBC:
+    """``SequenceBC`` with BC hyperparameters given flat (they become its ``BCConfig``)."""
+    config = BCConfig(**{k: kwargs.pop(k) for k in list(kwargs) if k in BC_FIELDS})
+    return SequenceBC(config=config, validation_fraction=validation_fraction,
+                      value_pretraining=value_pretraining, gamma=gamma, **kwargs)
 
 
 def collect_lor(num_episodes: int, episode_requests: int, seed0: int = 0, **env_kwargs):
@@ -178,6 +192,7 @@ def _rollout_reference(policy: RecurrentActorCriticPolicy, obs: np.ndarray, acts
 
 @pytest.mark.parametrize("critic", [{}, {"shared_lstm": True, "enable_critic_lstm": False},
                                     {"enable_critic_lstm": False}])
+@pytest.mark.slow
 def test_chunked_sequence_forward_equals_step_by_step_rollout(small_demos, critic):
     env, trajs = small_demos
     # unequal lengths, a chunk length that divides none of them, more trajectories than lanes
@@ -185,7 +200,7 @@ def test_chunked_sequence_forward_equals_step_by_step_rollout(small_demos, criti
                              rews=t.rews[:n]) for t, n in zip(trajs, (96, 41, 77, 13, 60, 96))]
     model = lstm_model(env, **critic)
     norm = ObsNormalizer(fit_obs_normalizer(cut))
-    bc = SequenceBC(policy=model.policy, trajectories=cut, rng=np.random.default_rng(1),
+    bc = make_bc(policy=model.policy, trajectories=cut, rng=np.random.default_rng(1),
                     obs_normalizer=norm, validation_fraction=0.0, batch_size=2,
                     sequence_length=7, value_pretraining=True)
     chunked = bc.predict_split("train", sequence_length=7)
@@ -201,11 +216,12 @@ def test_chunked_sequence_forward_equals_step_by_step_rollout(small_demos, criti
         np.testing.assert_array_equal(chunked["pred"][sl], mode)
 
 
+@pytest.mark.slow
 def test_feed_forward_forward_equals_evaluate_actions(small_demos):
     env, trajs = small_demos
     model = mlp_model(env)
     norm = ObsNormalizer(fit_obs_normalizer(trajs))
-    bc = SequenceBC(policy=model.policy, trajectories=trajs, rng=np.random.default_rng(0),
+    bc = make_bc(policy=model.policy, trajectories=trajs, rng=np.random.default_rng(0),
                     obs_normalizer=norm, validation_fraction=0.0)
     out = bc.predict_split("train")
     obs = th.as_tensor(np.concatenate([norm(trajs[j].obs[:-1])
@@ -228,7 +244,7 @@ def test_without_value_pretraining_the_critic_is_untouched_and_loss_is_logged(
     assert len(critic) >= 4  # value_net, the critic MLP and the critic LSTM
     actor_before = model.policy.action_net.weight.detach().clone()
     logger = configure(str(tmp_path), ["csv"])
-    bc = SequenceBC(policy=model.policy, trajectories=trajs, rng=np.random.default_rng(0),
+    bc = make_bc(policy=model.policy, trajectories=trajs, rng=np.random.default_rng(0),
                     obs_normalizer=fit_obs_normalizer(trajs), epochs=2, batch_size=2,
                     sequence_length=16, value_pretraining=False, weight_decay=0.01,
                     tied_choices=RouterTies(make_router("lor"), env.unwrapped.layout),
@@ -252,11 +268,12 @@ def test_without_value_pretraining_the_critic_is_untouched_and_loss_is_logged(
         assert key in header
 
 
+@pytest.mark.slow
 def test_value_pretraining_fits_discounted_returns(small_demos):
     env, trajs = small_demos
     model = lstm_model(env)
     returns = fit_return_normalizer(trajs, 0.99)
-    bc = SequenceBC(policy=model.policy, trajectories=trajs, rng=np.random.default_rng(0),
+    bc = make_bc(policy=model.policy, trajectories=trajs, rng=np.random.default_rng(0),
                     obs_normalizer=fit_obs_normalizer(trajs), epochs=25, batch_size=4,
                     sequence_length=32, learning_rate=3e-3, value_pretraining=True, gamma=0.99,
                     return_normalizer=returns)
@@ -271,7 +288,7 @@ def test_value_pretraining_fits_discounted_returns(small_demos):
 def test_cosine_schedule_and_bad_arguments(small_demos):
     env, trajs = small_demos
     model = lstm_model(env)
-    bc = SequenceBC(policy=model.policy, trajectories=trajs, rng=np.random.default_rng(0),
+    bc = make_bc(policy=model.policy, trajectories=trajs, rng=np.random.default_rng(0),
                     obs_normalizer=None, epochs=3, batch_size=4, learning_rate=1e-3,
                     lr_schedule="cosine", min_learning_rate=1e-5, value_pretraining=False)
     lrs = [m.learning_rate for m in bc.train()]
@@ -284,26 +301,28 @@ def test_cosine_schedule_and_bad_arguments(small_demos):
                             ({"lr_schedule": "step"}, "lr_schedule='step'"),
                             ({"learning_rate": -1.0}, "learning_rate=-1.0")):
         with pytest.raises(ValueError, match=message):
-            SequenceBC(**common, **kwargs)
+            make_bc(**common, **kwargs)
     no_rews = [TrajectoryWithRew(obs=t.obs, acts=t.acts, infos=None, terminal=True,
                                  rews=t.rews) for t in trajs]
     object.__setattr__(no_rews[2], "rews", None)
     with pytest.raises(ValueError, match=r"trajectories\[2\] has no rews"):
-        SequenceBC(**{**common, "trajectories": no_rews}, value_pretraining=True)
+        make_bc(**{**common, "trajectories": no_rews}, value_pretraining=True)
     bad = list(trajs)
     bad[1] = TrajectoryWithRew(obs=trajs[1].obs[:, :30], acts=trajs[1].acts, infos=None,
                                terminal=True, rews=trajs[1].rews)
     with pytest.raises(ValueError, match=r"trajectories\[1\].obs: shape \(97, 30\)"):
-        SequenceBC(**{**common, "trajectories": bad})
+        make_bc(**{**common, "trajectories": bad})
 
 
 def test_presets_build_the_documented_policies():
     std, enh = PRESETS["standard"], PRESETS["enhanced"]
-    assert enh.lstm_hidden_size > std.lstm_hidden_size and enh.net_arch[0] > std.net_arch[0]
-    assert enh.epochs > std.epochs and enh.weight_decay > 0 and enh.lr_schedule == "cosine"
-    assert std.policy_kwargs(recurrent=False) == {"net_arch": {"pi": [64, 64], "vf": [64, 64]}}
-    assert std.policy_kwargs()["lstm_hidden_size"] == 64
-    assert set(std.training_kwargs()) <= set(SequenceBC.__init__.__code__.co_varnames)
+    assert std.bc == BCConfig() and std.ppo() == std.ppo(gamma=0.99)  # the main job's defaults
+    assert enh.ppo().lstm_hidden_size > std.ppo().lstm_hidden_size
+    assert enh.ppo().net_arch[0] > std.ppo().net_arch[0]
+    assert enh.bc.epochs > std.bc.epochs and enh.bc.weight_decay > 0
+    assert std.ppo(algorithm="ppo").policy_kwargs() == {
+        "net_arch": {"pi": [64, 64], "vf": [64, 64]}}
+    assert std.ppo().policy_kwargs()["lstm_hidden_size"] == 64
 
 
 class TaggedLstmPolicy(RecurrentActorCriticPolicy):
@@ -325,10 +344,10 @@ def test_floor_lstm_clone_of_lor_matches_lor(capsys):
     env, trajs = collect_lor(48, 256)
     model = lstm_model(env, net_arch=[64, 64], lstm_hidden_size=64)
     rms = fit_obs_normalizer(trajs)
-    bc = SequenceBC(policy=model.policy, trajectories=trajs, rng=np.random.default_rng(0),
+    bc = make_bc(policy=model.policy, trajectories=trajs, rng=np.random.default_rng(0),
                     obs_normalizer=rms, epochs=60, batch_size=16, sequence_length=32,
                     learning_rate=2e-3, lr_schedule="cosine", min_learning_rate=1e-5,
-                    value_pretraining=True, return_normalizer=fit_return_normalizer(trajs),
+                    value_pretraining=True, return_normalizer=fit_return_normalizer(trajs, 0.99),
                     tied_choices=RouterTies(make_router("lor"), env.unwrapped.layout))
     val = bc.train()[-1].val
     bc_seconds = time.perf_counter() - start
@@ -348,14 +367,15 @@ def test_floor_lstm_clone_of_lor_matches_lor(capsys):
     np.testing.assert_allclose(val.predicted_share, val.expert_share, atol=0.02)
 
 
+@pytest.mark.slow
 def test_feed_forward_bc_clones_lor():
     env, trajs = collect_lor(16, 256)
     model = mlp_model(env)
     rms = fit_obs_normalizer(trajs)
-    bc = SequenceBC(policy=model.policy, trajectories=trajs, rng=np.random.default_rng(0),
+    bc = make_bc(policy=model.policy, trajectories=trajs, rng=np.random.default_rng(0),
                     obs_normalizer=rms, epochs=30, batch_size=8, sequence_length=32,
                     learning_rate=2e-3, lr_schedule="cosine", value_pretraining=True,
-                    return_normalizer=fit_return_normalizer(trajs),
+                    return_normalizer=fit_return_normalizer(trajs, 0.99),
                     tied_choices=RouterTies(make_router("lor"), env.unwrapped.layout))
     val = bc.train()[-1].val
     assert val.tie_accuracy >= 0.9 and val.tie_accuracy >= val.accuracy  # lor ties are random
@@ -394,8 +414,8 @@ def test_checkpoint_roundtrip_gives_identical_logits(small_demos, tmp_path, kind
     else:
         model = lstm_model(env) if kind == "lstm" else mlp_model(env)
     rms = fit_obs_normalizer(trajs)
-    ret = fit_return_normalizer(trajs)
-    bc = SequenceBC(policy=model.policy, trajectories=trajs, rng=np.random.default_rng(0),
+    ret = fit_return_normalizer(trajs, 0.99)
+    bc = make_bc(policy=model.policy, trajectories=trajs, rng=np.random.default_rng(0),
                     obs_normalizer=rms, epochs=1, batch_size=2, return_normalizer=ret)
     bc.train()
     metadata = {"bc_metrics": bc.history[-1], "demos": {"source": "test"}}
@@ -456,7 +476,7 @@ def test_validator_lists_every_mismatch(checkpoint):
     validate_pretrained(path, make())
     validate_pretrained(path, VecNormalize(DummyVecEnv([make])))
 
-    with pytest.raises(CheckpointMismatchError) as err:
+    with pytest.raises(PretrainedMismatchError) as err:
         validate_pretrained(path, make(num_replicas=8))
     m = err.value.mismatches
     assert m[:3] == ["observation shape: checkpoint (46,), env (90,)",
@@ -469,7 +489,7 @@ def test_validator_lists_every_mismatch(checkpoint):
     assert len(m) == 3 + 46 + 1  # features 0..43 agree; 44..89 differ
     assert str(path) in str(err.value) and "50 mismatch(es)" in str(err.value)
 
-    with pytest.raises(CheckpointMismatchError) as err:
+    with pytest.raises(PretrainedMismatchError) as err:
         validate_pretrained(path, make(observation={"history_window": 1}))
     assert err.value.mismatches == [
         "observation shape: checkpoint (46,), env (50,)",
@@ -481,7 +501,7 @@ def test_validator_lists_every_mismatch(checkpoint):
         "obs normalisation: statistics for 46 features, env observations have shape (50,)",
     ]
 
-    with pytest.raises(CheckpointMismatchError) as err:
+    with pytest.raises(PretrainedMismatchError) as err:
         validate_pretrained(path, make(observation={"output_length_oracle": True}))
     assert err.value.mismatches == [
         "observation shape: checkpoint (46,), env (47,)",
@@ -495,14 +515,14 @@ def test_validator_lists_every_mismatch(checkpoint):
     meta = read_metadata(path)  # features reordered by a hypothetical older layout
     names = meta["observation_schema"]["feature_names"]
     names[11], names[12] = names[12], names[11]
-    with pytest.raises(CheckpointMismatchError) as err:
+    with pytest.raises(PretrainedMismatchError) as err:
         validate_pretrained(meta, make())
     assert err.value.mismatches == [
         "observation feature 11: checkpoint has 'r1/running', env has 'r1/queued'",
         "observation feature 12: checkpoint has 'r1/queued', env has 'r1/running'",
     ]
 
-    with pytest.raises(CheckpointMismatchError) as err:
+    with pytest.raises(PretrainedMismatchError) as err:
         validate_pretrained(path, make(), expected_arch={
             "lstm_hidden_size": 128, "net_arch": [64, 64], "policy_class": "MlpPolicy",
             "shared_lstm": False, "activation_fn": th.nn.ReLU})
@@ -526,19 +546,19 @@ def test_validator_lists_every_mismatch(checkpoint):
 def test_missing_truncated_and_corrupt_checkpoints_raise_clear_errors(checkpoint, tmp_path):
     path, model = checkpoint
     data = path.read_bytes()
-    with pytest.raises(CheckpointError, match="checkpoint not found"):
+    with pytest.raises(PretrainedCheckpointError, match="checkpoint not found"):
         load_pretrained(tmp_path / "nope.zip")
     truncated = tmp_path / "truncated.zip"
     truncated.write_bytes(data[: len(data) // 2])
-    with pytest.raises(CheckpointError, match="not a complete zip archive"):
+    with pytest.raises(PretrainedCheckpointError, match="not a complete zip archive"):
         load_pretrained(truncated)
     (tmp_path / "empty.zip").write_bytes(b"")
-    with pytest.raises(CheckpointError, match="not a complete zip archive"):
+    with pytest.raises(PretrainedCheckpointError, match="not a complete zip archive"):
         load_pretrained(tmp_path / "empty.zip")
     mangled = bytearray(data)  # a broken central directory behind an intact end record
     mangled[len(data) - 200:len(data) - 40] = bytes(160)
     (tmp_path / "mangled.zip").write_bytes(bytes(mangled))
-    with pytest.raises(CheckpointError, match="not a readable zip archive|corrupt"):
+    with pytest.raises(PretrainedCheckpointError, match="not a readable zip archive|corrupt"):
         load_pretrained(tmp_path / "mangled.zip")
     with zipfile.ZipFile(path) as archive:  # flip a byte inside the policy weights
         info = archive.getinfo("policy.pth")
@@ -546,13 +566,13 @@ def test_missing_truncated_and_corrupt_checkpoints_raise_clear_errors(checkpoint
     at = info.header_offset + 30 + len(info.filename) + len(info.extra) + info.compress_size // 2
     corrupt[at] ^= 0xFF
     (tmp_path / "corrupt.zip").write_bytes(bytes(corrupt))
-    with pytest.raises(CheckpointError, match="corrupt"):
+    with pytest.raises(PretrainedCheckpointError, match="corrupt"):
         load_pretrained(tmp_path / "corrupt.zip")
     plain = tmp_path / "plain.zip"  # a stock SB3 save has no metadata
     model.save(plain)
-    with pytest.raises(CheckpointError, match=r"missing member\(s\) \['warmstart_meta.json'\]"):
+    with pytest.raises(PretrainedCheckpointError, match=r"missing member\(s\) \['warmstart_meta.json'\]"):
         load_pretrained(plain)
-    with pytest.raises(CheckpointError, match="not a file"):
+    with pytest.raises(PretrainedCheckpointError, match="not a file"):
         read_metadata(tmp_path)
 
 
@@ -605,6 +625,7 @@ def test_policy_router_paths_agree_and_reset_restarts_the_lstm(small_demos):
 
 
 # ------------------------------------------------------------------------------------ CLI
+@pytest.mark.slow
 def test_pretrain_cli_end_to_end_and_flag_errors(small_demos, tmp_path, capsys,
                                                   monkeypatch):
     from imitation.data import serialize
@@ -653,3 +674,15 @@ def test_pretrain_cli_end_to_end_and_flag_errors(small_demos, tmp_path, capsys,
         pretrain.parse_args(["--demo", str(tmp_path / "none"), "--output", str(out)])
     assert "--demo=" in capsys.readouterr().err
     assert not Path(str(out) + ".zip.tmp").exists()
+
+
+def test_progress_prints_plain_bc_lines_when_piped_and_nothing_else(small_demos, capsys):
+    """No per-epoch lines interleaved with a bar: piped output gets [BC] progress lines only."""
+    env, trajs = small_demos
+    model = lstm_model(env)
+    make_bc(policy=model.policy, trajectories=trajs, rng=np.random.default_rng(0),
+            obs_normalizer=fit_obs_normalizer(trajs), epochs=2, batch_size=2,
+            sequence_length=16, value_pretraining=False, progress=True).train()
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "[BC] 0/2 epochs (0%)" and lines[-1].startswith("[BC] 2/2 epochs (100%)")
+    assert all(line.startswith("[BC] ") for line in lines) and len(lines) <= 3

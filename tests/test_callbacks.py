@@ -34,12 +34,21 @@ from sb3_warmstart.callbacks import (
     TemperatureController,
     TrainingMonitor,
 )
+from sb3_warmstart.config import TemperatureConfig
 from sb3_warmstart.normalize import (
     FrozenRunningMeanStd,
     freeze_obs_stats,
     make_vec_normalize,
     obs_stats_frozen,
 )
+
+
+def make_controller(**kwargs) -> TemperatureController:
+    """A controller with ``kwargs``; the rule tests below were written for a ceiling of 3 and
+    the ``0.5 ln N`` entropy target, so those are the base here (the rest: the config's)."""
+    return TemperatureController(TemperatureConfig(
+        **{"target_entropy": None, "max_temperature": 3.0, **kwargs}))
+
 
 pytestmark = pytest.mark.train
 
@@ -286,7 +295,7 @@ def test_stabilization_is_a_noop_after_resume_past_threshold(tmp_path):
     model.policy.uniform_actions = True
     probe = RolloutProbe()
     model.learn(N_STEPS, reset_num_timesteps=False,
-                callback=CallbackList([NormalizerStabilization(N_STEPS), probe]))
+                callback=CallbackList([NormalizerStabilization(N_STEPS, update_obs_stats=True), probe]))
     assert probe.ends[0]["uniform"] is False and probe.ends[0]["deferred"] is False
     assert model.gradient_updates == 2
     assert "stabilization/done" not in read_progress(tmp_path)[-1]
@@ -296,18 +305,18 @@ def test_stabilization_rejects_models_without_support(tmp_path):
     venv = make_env()
     stock = PPO("MlpPolicy", venv, n_steps=N_STEPS, device="cpu")
     with pytest.raises(TypeError, match="uniform_actions"):
-        stock.learn(N_STEPS, callback=NormalizerStabilization(N_STEPS))
+        stock.learn(N_STEPS, callback=NormalizerStabilization(N_STEPS, update_obs_stats=True))
     no_defer = PPO(StandInPolicy, venv, n_steps=N_STEPS, device="cpu")
     with pytest.raises(TypeError, match="updates_deferred"):
-        no_defer.learn(N_STEPS, callback=NormalizerStabilization(N_STEPS))
+        no_defer.learn(N_STEPS, callback=NormalizerStabilization(N_STEPS, update_obs_stats=True))
     unnormalised = make_ppo(make_env(normalize=False), tmp_path)
     with pytest.raises(ValueError, match="VecNormalize"):
-        unnormalised.learn(N_STEPS, callback=NormalizerStabilization(N_STEPS))
+        unnormalised.learn(N_STEPS, callback=NormalizerStabilization(N_STEPS, update_obs_stats=True))
     frozen = make_ppo(make_env(obs_rms=RunningMeanStd(shape=(46,)), freeze_obs=True), tmp_path)
     with pytest.raises(ValueError, match="update_obs_stats=True"):
-        frozen.learn(N_STEPS, callback=NormalizerStabilization(N_STEPS))
+        frozen.learn(N_STEPS, callback=NormalizerStabilization(N_STEPS, update_obs_stats=True))
     with pytest.raises(TypeError, match="temperature"):
-        stock.learn(N_STEPS, callback=TemperatureController())
+        stock.learn(N_STEPS, callback=make_controller())
 
 
 # ---------------------------------------------------------------- temperature
@@ -319,7 +328,7 @@ def _fixed_policy_run(tmp_path, bias, rollouts, **controller_kwargs):
             model.policy.action_net.weight.zero_()
             model.policy.action_net.bias.zero_()
     model.updates_deferred = True
-    controller = TemperatureController(**controller_kwargs)
+    controller = make_controller(**controller_kwargs)
     probe = RolloutProbe()
     model.learn(rollouts * N_STEPS, callback=CallbackList([controller, probe]))
     return model, controller, probe
@@ -384,11 +393,11 @@ def _synthetic_rollouts(rng, count):
 
 def test_temperature_state_dict_round_trip(rng):
     kwargs = {"adaptation_rate": 0.2, "pulse_rollouts": 2, "pulse_cooldown": 1}
-    original = TemperatureController(**kwargs)
+    original = make_controller(**kwargs)
     rollouts = _synthetic_rollouts(rng, 30)
     for entropy, counts in rollouts[:9]:
         original.update(entropy, counts)
-    restored = TemperatureController(**kwargs)
+    restored = make_controller(**kwargs)
     restored.load_state_dict(json.loads(json.dumps(original.state_dict())))
     assert restored.state_dict() == original.state_dict()
     for entropy, counts in rollouts[9:]:
@@ -398,17 +407,17 @@ def test_temperature_state_dict_round_trip(rng):
     with pytest.raises(KeyError, match="pulse_remaining"):
         restored.load_state_dict({"temperature": 1.0})
     with pytest.raises(ValueError, match="outside"):
-        TemperatureController(max_temperature=1.5).load_state_dict(
+        make_controller(max_temperature=1.5).load_state_dict(
             {**original.state_dict(), "temperature": 2.0})
 
 
 def test_temperature_controller_validates_arguments():
     with pytest.raises(ValueError, match="initial_temperature=9"):
-        TemperatureController(initial_temperature=9)
+        make_controller(initial_temperature=9)
     with pytest.raises(ValueError, match="collapse_max_share=0.2"):
-        TemperatureController(collapse_max_share=0.2).update(0.5, [1, 1, 1, 1])
+        make_controller(collapse_max_share=0.2).update(0.5, [1, 1, 1, 1])
     with pytest.raises(ValueError, match="target_entropy=2"):
-        TemperatureController(target_entropy=2).update(0.5, [1, 1, 1, 1])
+        make_controller(target_entropy=2).update(0.5, [1, 1, 1, 1])
 
 
 # -------------------------------------------------------------------- monitor
@@ -465,8 +474,8 @@ def test_recurrent_run_with_all_callbacks(tmp_path):
         policy_kwargs={"net_arch": [16], "lstm_hidden_size": 16})
     model.set_logger(configure(str(tmp_path), ["csv"]))
     probe = RolloutProbe()
-    controller = TemperatureController(initial_temperature=1.5, pulse_rollouts=0)
-    callbacks = [NormalizerStabilization(32), controller, TrainingMonitor(), probe]
+    controller = make_controller(initial_temperature=1.5, pulse_rollouts=0)
+    callbacks = [NormalizerStabilization(32, update_obs_stats=True), controller, TrainingMonitor(), probe]
     model.learn(3 * 32, callback=CallbackList(callbacks))
     assert [end["uniform"] for end in probe.ends] == [True, False, False]
     assert [end["deferred"] for end in probe.ends] == [True, False, False]
@@ -485,9 +494,9 @@ def test_callbacks_drive_the_project_policy(tmp_path):
     policies = pytest.importorskip("sb3_warmstart.policies")
     model = make_ppo(make_env(), tmp_path, bias=5.0, policy=policies.TemperatureMlpPolicy)
     probe = RolloutProbe()
-    controller = TemperatureController(initial_temperature=2.0, pulse_rollouts=0)
+    controller = make_controller(initial_temperature=2.0, pulse_rollouts=0)
     model.learn(2 * N_STEPS, callback=CallbackList(
-        [NormalizerStabilization(N_STEPS), controller, probe]))
+        [NormalizerStabilization(N_STEPS, update_obs_stats=True), controller, probe]))
     uniform, biased = probe.ends
     assert uniform["uniform"] and not biased["uniform"]
     np.testing.assert_allclose(uniform["log_probs"], -math.log(N), rtol=1e-6)

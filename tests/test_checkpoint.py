@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -21,7 +22,7 @@ from sb3_warmstart.checkpoint import (  # noqa: E402
     CorruptCheckpoint,
 )
 from sb3_warmstart.config import load_config  # noqa: E402
-from sb3_warmstart.pipeline import RunOptions, WarmStartPipeline  # noqa: E402
+from sb3_warmstart.ppo_stage import build_session  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 OVERRIDES = {
@@ -35,30 +36,31 @@ OVERRIDES = {
 
 
 def make_session(tmp_path: Path, **ppo):
+    """``(run, session)``: a cold-start session of the tiny config; ``run.monitor`` is its
+    training monitor."""
     overrides = json.loads(json.dumps(OVERRIDES))
     overrides["ppo"].update(ppo)
-    pipeline = WarmStartPipeline(load_config(None, overrides=overrides),
-                                 RunOptions(output_dir=tmp_path, progress=False))
     tmp_path.mkdir(parents=True, exist_ok=True)
-    session = pipeline.build_session(None)
-    return pipeline, session
+    session = build_session(load_config(None, overrides=overrides), None)
+    return SimpleNamespace(monitor=session.callbacks["monitor"]), session
 
 
-def learn(pipeline, session, steps):
+def learn(run, session, steps):
     from stable_baselines3.common.callbacks import CallbackList
 
-    callbacks = [pipeline.stabilization, pipeline.temperature, pipeline.monitor]
-    session.model.learn(steps, callback=CallbackList([c for c in callbacks if c]),
-                        reset_num_timesteps=False)
+    callbacks = [session.callbacks[name] for name in ("stabilization", "temperature", "monitor")
+                 if name in session.callbacks]
+    session.model.learn(steps, callback=CallbackList(callbacks), reset_num_timesteps=False)
 
 
 def params(session):
     return {k: v.clone() for k, v in session.model.policy.state_dict().items()}
 
 
+@pytest.mark.slow
 def test_restore_continues_exactly(tmp_path):
     pipeline, session = make_session(tmp_path / "a")
-    manager = CheckpointManager(tmp_path / "a" / "checkpoints")
+    manager = CheckpointManager(tmp_path / "a" / "checkpoints", max_checkpoints=3)
     learn(pipeline, session, 128)
     path = manager.save(session)
     learn(pipeline, session, 128)
@@ -74,6 +76,7 @@ def test_restore_continues_exactly(tmp_path):
     assert pipeline2.monitor.history_rows() == expected_history
 
 
+@pytest.mark.slow
 def test_rotation_keeps_newest_and_latest_pointer(tmp_path):
     pipeline, session = make_session(tmp_path)
     manager = CheckpointManager(tmp_path / "checkpoints", max_checkpoints=2)
@@ -88,9 +91,10 @@ def test_rotation_keeps_newest_and_latest_pointer(tmp_path):
                                                                           "state.pkl"}
 
 
+@pytest.mark.slow
 def test_corrupt_checkpoints_are_reported_never_loaded(tmp_path):
     pipeline, session = make_session(tmp_path)
-    manager = CheckpointManager(tmp_path / "checkpoints")
+    manager = CheckpointManager(tmp_path / "checkpoints", max_checkpoints=3)
     learn(pipeline, session, 64)
     old = manager.save(session)
     learn(pipeline, session, 64)
@@ -113,14 +117,14 @@ def test_corrupt_checkpoints_are_reported_never_loaded(tmp_path):
 
 def test_mismatched_checkpoint_lists_differences_and_changes_nothing(tmp_path):
     pipeline, session = make_session(tmp_path / "a")
-    manager = CheckpointManager(tmp_path / "a" / "checkpoints")
+    manager = CheckpointManager(tmp_path / "a" / "checkpoints", max_checkpoints=3)
     learn(pipeline, session, 64)
     path = manager.save(session)
     _, other = make_session(tmp_path / "b", lstm_hidden_size=4)
     before = params(other)
     with pytest.raises(CheckpointMismatch) as err:
         manager.load(path, other)
-    assert "lstm: checkpoint [8, 1], this run [4, 1]" in str(err.value)
+    assert "training.ppo.lstm_hidden_size: checkpoint 8, this run 4" in str(err.value)
     assert all(torch.equal(before[k], v) for k, v in params(other).items())
 
 
@@ -133,7 +137,7 @@ KILL_SCRIPT = textwrap.dedent("""
 
     out, mode = Path(sys.argv[1]), sys.argv[2]
     pipeline, session = make_session(out)
-    manager = ck.CheckpointManager(out / "checkpoints")
+    manager = ck.CheckpointManager(out / "checkpoints", max_checkpoints=3)
     learn(pipeline, session, 64)
     manager.save(session)
     learn(pipeline, session, 64)
@@ -158,6 +162,7 @@ KILL_SCRIPT = textwrap.dedent("""
 
 
 @pytest.mark.parametrize("mode", ["state", "pointer"])
+@pytest.mark.slow
 def test_kill_during_checkpoint_write_leaves_previous_valid(tmp_path, mode):
     out = tmp_path / "run"
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
@@ -174,7 +179,7 @@ def test_kill_during_checkpoint_write_leaves_previous_valid(tmp_path, mode):
     folder = out / "checkpoints"
     leftovers = list(folder.glob(".tmp-*"))
     assert bool(leftovers) == (mode == "state")  # an interrupted write leaves only a temp dir
-    manager = CheckpointManager(folder)  # cleans leftovers on start
+    manager = CheckpointManager(folder, max_checkpoints=3)  # cleans leftovers on start
     assert not list(folder.glob(".tmp-*"))
     assert manager.latest().name == "step_000000000064"
     resumable, problems = manager.find_resumable()

@@ -10,6 +10,7 @@ import pytest
 from llm_cluster_env.compare import main, parse_args
 
 
+@pytest.mark.slow
 def test_compare_writes_table_csv_json_and_plot(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     code = main(["--scenario", "heterogeneous", "--routers", "lor,round_robin,least_work_time",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import sys
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import numpy as np
 import pytest
 
 import llm_cluster_env
-from llm_cluster_env.config import ConfigError
+from llm_cluster_env.config import ConfigError, EnvConfig
 from llm_cluster_env.routers import ROUTERS, make_router
 from llm_cluster_env.sim.metrics import balance_score
 
@@ -41,7 +42,8 @@ SMALL = {"scenario": "a100x4_conv_70", "episode_requests": 64}
 
 
 def _collect(**overrides):
-    kwargs = dict(env_kwargs=SMALL, policies={"lor": 1.0}, total_steps=128, seed=3)
+    kwargs = dict(env_kwargs=SMALL, policies={"lor": 1.0}, total_steps=128, seed=3,
+                  imbalance=False)
     kwargs.update(overrides)
     return collect_demonstrations(**kwargs)
 
@@ -49,7 +51,7 @@ def _collect(**overrides):
 @pytest.fixture(scope="module")
 def mixed():
     """lor/round_robin/random at 0.6/0.3/0.1 over 640 steps of 64-request episodes."""
-    return collect_demonstrations(env_kwargs=SMALL, total_steps=640, seed=11,
+    return collect_demonstrations(imbalance=False, env_kwargs=SMALL, total_steps=640, seed=11,
                                   policies={"lor": 0.6, "round_robin": 0.3, "random": 0.1})
 
 
@@ -256,27 +258,27 @@ def test_imbalance_default_splits_each_policy_between_base_and_imbalance():
 
 def test_plan_validates_arguments_and_chooses_episode_requests():
     with pytest.raises(ValueError, match="router='nope'"):
-        plan_collection(env_kwargs=SMALL, policies={"nope": 1.0}, total_steps=64)
+        plan_collection(imbalance=False, env_kwargs=SMALL, policies={"nope": 1.0}, total_steps=64)
     with pytest.raises(ValueError, match=r"policies\['lor'\]=0"):
-        plan_collection(env_kwargs=SMALL, policies={"lor": 0}, total_steps=64)
+        plan_collection(imbalance=False, env_kwargs=SMALL, policies={"lor": 0}, total_steps=64)
     with pytest.raises(ValueError, match="total_steps=0"):
-        plan_collection(env_kwargs=SMALL, policies={"lor": 1.0}, total_steps=0)
+        plan_collection(imbalance=False, env_kwargs=SMALL, policies={"lor": 1.0}, total_steps=0)
     with pytest.raises(ValueError, match="episode_requests=64: exceeds the 50 steps"):
-        plan_collection(env_kwargs=SMALL, policies={"lor": 1, "random": 1}, total_steps=100)
+        plan_collection(imbalance=False, env_kwargs=SMALL, policies={"lor": 1, "random": 1}, total_steps=100)
     with pytest.raises(ConfigError, match="num_replicas"):
-        plan_collection(env_kwargs={**SMALL, "num_replicas": 0}, policies={"lor": 1},
+        plan_collection(imbalance=False, env_kwargs={**SMALL, "num_replicas": 0}, policies={"lor": 1},
                         total_steps=64)
     with pytest.raises(ValueError, match="imbalance.fraction=0"):
         ImbalanceSpec(fraction=0)
     # without episode_requests: min(scenario's 2000, the smallest run's steps)
-    plan = plan_collection(env_kwargs={"scenario": "a100x4_conv_70"},
+    plan = plan_collection(imbalance=False, env_kwargs={"scenario": "a100x4_conv_70"},
                            policies={"lor": 3, "random": 1}, total_steps=400)
     assert plan.episode_requests == 100 and plan.env_kwargs["episode_requests"] == 100
     with pytest.raises(ValueError, match="env_kwargs: must be JSON-able"):
-        plan_collection(env_kwargs={**SMALL, "name": object()}, policies={"lor": 1},
+        plan_collection(imbalance=False, env_kwargs={**SMALL, "name": object()}, policies={"lor": 1},
                         total_steps=64)
     with pytest.raises(ValueError, match="seed=-1"):
-        collect_demonstrations(env_kwargs=SMALL, policies={"lor": 1}, total_steps=64, seed=-1)
+        collect_demonstrations(imbalance=False, env_kwargs=SMALL, policies={"lor": 1}, total_steps=64, seed=-1)
 
 
 # ------------------------------------------------------------------------------ storage
@@ -294,6 +296,17 @@ def test_save_load_round_trip_with_imitations_own_loader(tmp_path, mixed):
     ours, ours_stats = load_demonstrations(path)
     assert _same_trajectories(trajs, ours)  # float32 observations, bit for bit
     assert ours_stats == json.loads(json.dumps(stats))
+
+
+def test_saved_set_is_readable_by_others_under_the_umask(tmp_path, mixed):
+    trajs, stats = mixed
+    old = os.umask(0o022)
+    try:
+        path = save_demonstrations(tmp_path / "demos", trajs, stats)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o755  # not tempfile's 0700
+    assert stat.S_IMODE((path / "stats.json").stat().st_mode) == 0o644
 
 
 def test_failed_write_keeps_the_previous_set(tmp_path, monkeypatch, mixed):
@@ -382,11 +395,12 @@ def test_load_errors_are_clear(tmp_path, mixed):
 def test_schema_mismatch_names_the_field(mixed):
     _, stats = mixed
     check_demonstrations_match_env(stats, _make_env(SMALL))  # same layout: no error
-    venv = demos.make_demo_venv(SMALL, [np.random.SeedSequence(0)])
+    venv = demos.make_demo_venv(EnvConfig.from_kwargs(**SMALL), [np.random.SeedSequence(0)])
     check_demonstrations_match_env(stats, venv)  # an SB3 VecEnv works too
     with pytest.raises(DemonstrationMismatchError, match="num_replicas: 4 in the demo"):
         check_demonstrations_match_env(stats, demos.make_demo_venv(
-            {**SMALL, "num_replicas": 2}, [np.random.SeedSequence(0)]))
+            EnvConfig.from_kwargs(**{**SMALL, "num_replicas": 2}),
+            [np.random.SeedSequence(0)]))
     with pytest.raises(DemonstrationMismatchError) as err:
         check_demonstrations_match_env(stats, _make_env({**SMALL, "num_replicas": 3}))
     message = str(err.value)
@@ -454,7 +468,7 @@ def test_cli_collects_prints_a_summary_and_writes_the_output(tmp_path, capsys):
         "lor": 0.75, "round_robin": 0.25}
     assert [loaded["policies"][p]["steps"] for p in ("lor", "round_robin")] == [192, 64]
     assert loaded["total_steps"] == stats["total_steps"] == 256
-    direct, _ = collect_demonstrations(env_kwargs={"scenario": "a100x4_conv_70",
+    direct, _ = collect_demonstrations(imbalance=False, env_kwargs={"scenario": "a100x4_conv_70",
                                                    "episode_requests": 64},
                                        policies={"lor": 0.75, "round_robin": 0.25},
                                        total_steps=256, seed=5)

@@ -322,6 +322,7 @@ def test_sb3_make_vec_env_and_render_mode():
 
 
 @pytest.mark.train
+@pytest.mark.slow
 def test_sb3_subproc_vec_env():
     vec_env = pytest.importorskip("stable_baselines3.common.vec_env")
     venv = vec_env.SubprocVecEnv([lambda: LLMClusterEnv(episode_requests=20)] * 2)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from functools import partial
 
@@ -21,6 +22,13 @@ from stable_baselines3.common.utils import LinearSchedule  # noqa: E402
 from stable_baselines3.common.vec_env import DummyVecEnv  # noqa: E402
 
 import llm_cluster_env  # noqa: E402,F401
+from sb3_warmstart.config import (  # noqa: E402
+    AdaptiveBatchSizeConfig,
+    AdvancedOptimizationConfig,
+    GradientOptimizationConfig,
+    KLConfig,
+    LearningRateScheduleConfig,
+)
 from sb3_warmstart.kl import (  # noqa: E402
     PPOLossTerms,
     approx_kl,
@@ -48,15 +56,41 @@ def make_env(episode_requests: int = 64) -> DummyVecEnv:
                        * N_ENVS)
 
 
+KL_FIELDS = set(KLConfig.__dataclass_fields__)
+
+
+def config_kwargs(kw: dict) -> dict:
+    """Flat test settings -> the algorithm's ``kl``/``optimization`` configs (knobs not given
+    are off: ``KLConfig.disabled()``, SB3's own optimisation)."""
+    kw = dict(kw)
+    kl = {k: kw.pop(k) for k in list(kw) if k in KL_FIELDS}
+    if kl:
+        kw["kl"] = dataclasses.replace(KLConfig.disabled(), **kl)
+    optimization = {}
+    if "lr_schedule_config" in kw:
+        optimization["learning_rate_schedule"] = kw.pop("lr_schedule_config")
+    if "gradient_accumulation_steps" in kw:
+        optimization["gradient_optimization"] = GradientOptimizationConfig(
+            accumulation_steps=kw.pop("gradient_accumulation_steps"))
+    if "min_batch_size" in kw:
+        optimization["adaptive_batch_size"] = AdaptiveBatchSizeConfig(
+            enable=True, min_batch_size=kw.pop("min_batch_size"),
+            max_batch_size=kw.pop("max_batch_size"),
+            adaptation_rate=kw.pop("batch_size_adaptation_rate", 0.1))
+    if optimization:
+        kw["optimization"] = AdvancedOptimizationConfig(**optimization)
+    return kw
+
+
 def recurrent(policy=TemperatureMlpLstmPolicy, algo=KLRecurrentPPO, episode_requests=64, **kw):
     args = dict(n_steps=N_STEPS, batch_size=16, n_epochs=2, seed=0, policy_kwargs=LSTM_KW)
-    args.update(kw)
+    args.update(config_kwargs(kw))
     return algo(policy, make_env(episode_requests), **args)
 
 
 def feedforward(policy=TemperatureMlpPolicy, algo=KLPPO, **kw):
     args = dict(n_steps=N_STEPS, batch_size=16, n_epochs=2, seed=0, policy_kwargs=MLP_KW)
-    args.update(kw)
+    args.update(config_kwargs(kw))
     return algo(policy, make_env(), **args)
 
 
@@ -370,6 +404,7 @@ def test_minibatch_reference_logits_follow_their_entries():
     assert seen == ROLLOUT
 
 
+@pytest.mark.slow
 def test_reference_kl_pulls_the_policy_towards_the_reference():
     def run(coef):
         model = recurrent(learning_rate=3e-3, kl_ref_coef_initial=coef, kl_ref_coef_final=coef,
@@ -507,6 +542,7 @@ def test_accumulated_gradient_is_the_mean_of_minibatch_gradients():
         assert th.allclose(grad, mean, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_adaptive_batch_size_rule_and_bounds():
     model = recurrent(min_batch_size=8, max_batch_size=32, batch_size=16,
                       batch_size_adaptation_rate=0.5)
@@ -535,8 +571,8 @@ def test_adaptive_batch_size_rule_and_bounds():
     assert state["batch_size"] is not None and state["grad_norm_reference"] is not None
     with pytest.raises(ValueError, match="batch_size=64"):
         recurrent(min_batch_size=8, max_batch_size=32, batch_size=64)
-    with pytest.raises(ValueError, match="min_batch_size/max_batch_size"):
-        recurrent(min_batch_size=8)
+    with pytest.raises(ValueError, match="min_batch_size=300"):
+        AdaptiveBatchSizeConfig(enable=True, min_batch_size=300)
 
 
 @pytest.mark.parametrize("enabled", [False, True])
@@ -552,9 +588,8 @@ def test_early_stop_only_when_enabled(enabled):
 
 
 def test_lr_scheduler_drives_the_optimizer_per_step():
-    from sb3_warmstart.schedules import LRScheduleConfig
-
-    cfg = LRScheduleConfig(warmup_steps=4, restart_period=6, min_lr_ratio=0.1)
+    cfg = LearningRateScheduleConfig(type="cosine_annealing_with_warmup", warmup_steps=4,
+                                     restart_period=6, min_lr_ratio=0.1)
     model = feedforward(learning_rate=1e-3, lr_schedule_config=cfg)
     used = []
     model.policy.optimizer.register_step_pre_hook(
@@ -592,6 +627,7 @@ def test_updates_deferred_skips_gradient_steps_but_logs():
     assert logged(model)["train/updates_deferred"] == 0.0 and model.num_minibatch_steps == 8
 
 
+@pytest.mark.slow
 def test_schedule_total_timesteps_makes_chunks_equal_one_run():
     schedule = LinearSchedule(1e-3, 1e-5, 1.0)
 
@@ -615,7 +651,7 @@ def test_schedule_total_timesteps_makes_chunks_equal_one_run():
 def test_constructor_errors_name_the_field():
     with pytest.raises(ValueError, match="kl_ref_coef_initial=-1"):
         feedforward(kl_ref_coef_initial=-1)
-    with pytest.raises(ValueError, match="gradient_accumulation_steps=0"):
+    with pytest.raises(ValueError, match="accumulation_steps=0"):
         feedforward(gradient_accumulation_steps=0)
     with pytest.raises(ValueError, match="schedule_total_timesteps=0"):
         feedforward(schedule_total_timesteps=0)

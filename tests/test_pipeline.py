@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -17,6 +20,7 @@ pytestmark = pytest.mark.train
 from conftest import load_script  # noqa: E402
 
 warmstart = load_script("warmstart")
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 TINY = [
     "--ppo-requests", "512", "--demo-steps", "512", "--bc-epochs", "2", "--no-progress",
@@ -46,6 +50,7 @@ def finished_run(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_smoke_run_writes_everything(finished_run):
     out = finished_run
     for name in ("config.yaml", "command.txt", "ppo_training.log", "progress.csv",
@@ -77,6 +82,7 @@ def test_smoke_run_writes_everything(finished_run):
     assert load_config(out / "config.yaml").ppo.n_envs == 2
 
 
+@pytest.mark.slow
 def test_rerun_of_finished_run_resumes_without_training(finished_run, tmp_path):
     out = tmp_path / "run"
     shutil.copytree(finished_run, out)
@@ -85,10 +91,12 @@ def test_rerun_of_finished_run_resumes_without_training(finished_run, tmp_path):
     assert summary["finished"]
     log = (out / "ppo_training.log").read_text()
     assert "[Resume] continuing from" in log and log.count("start: warmstart") == 1
+    assert "to retrain from scratch instead: --resume warmstart" in log
     after = policy_params(out)
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
+@pytest.mark.slow
 def test_chunked_run_with_resume_equals_uninterrupted_run(tmp_path):
     extra = ["--set", "advanced_optimization.learning_rate_schedule.type="
              "cosine_annealing_with_warmup",
@@ -114,12 +122,23 @@ def test_chunked_run_with_resume_equals_uninterrupted_run(tmp_path):
     assert ra["e2e_mean"] == rb["e2e_mean"]
 
 
-def test_ask_refuses_without_terminal_and_prompts_with_one(finished_run, tmp_path):
-    out = tmp_path / "run"
-    shutil.copytree(finished_run, out)
+@pytest.fixture(scope="module")
+def external_run(finished_run, tmp_path_factory) -> tuple[Path, str]:
+    """A run started from the smoke run's clone as an external model (no demos, no BC)."""
+    out = tmp_path_factory.mktemp("external") / "run"
     external = str(finished_run / "pretrained" / "bc_policy.zip")
+    run(out, "--external-pretrain", external, "--skip-bc-training")
+    return out, external
+
+
+@pytest.mark.slow
+def test_ask_refuses_without_terminal_and_prompts_with_one(external_run, tmp_path):
+    source, external = external_run
+    out = tmp_path / "run"
+    shutil.copytree(source, out)
     with pytest.raises(SystemExit) as exit_info:
-        run(out, "--external-pretrain", external, interactive=lambda: False)
+        run(out, "--external-pretrain", external, "--skip-bc-training",
+            interactive=lambda: False)
     assert exit_info.value.code == 2
     questions = []
 
@@ -127,21 +146,28 @@ def test_ask_refuses_without_terminal_and_prompts_with_one(finished_run, tmp_pat
         questions.append(text)
         return "1"
 
-    summary = run(out, "--external-pretrain", external, interactive=lambda: True, prompt=answer)
+    summary = run(out, "--external-pretrain", external, "--skip-bc-training",
+                  interactive=lambda: True, prompt=answer)
     assert summary["finished"] and "[1] resume the checkpoint" in questions[0]
     assert "[Resume]" in (out / "ppo_training.log").read_text()
 
 
-def test_resume_external_archives_checkpoints_and_validates(finished_run, tmp_path):
+@pytest.mark.slow
+def test_resume_external_moves_the_earlier_outputs_aside(external_run, tmp_path):
+    source, external = external_run
     out = tmp_path / "run"
-    shutil.copytree(finished_run, out)
-    external = str(finished_run / "pretrained" / "bc_policy.zip")
+    shutil.copytree(source, out)
+    before = (out / "progress.csv").read_text()
     run(out, "--external-pretrain", external, "--skip-bc-training", "--resume", "external")
     assert (out / "pretrained" / "external.zip").is_file()
-    assert list(out.glob("checkpoints.previous-*/step_*"))  # earlier checkpoints kept
+    previous = list(out.glob("previous-*"))
+    assert len(previous) == 1  # the earlier run's outputs, kept whole
+    assert list(previous[0].glob("checkpoints/step_*"))
+    assert (previous[0] / "progress.csv").read_text() == before
     assert "external checkpoint" in (out / "ppo_training.log").read_text()
 
 
+@pytest.mark.slow
 def test_external_checkpoint_that_does_not_fit_is_refused(finished_run, tmp_path, capsys):
     external = str(finished_run / "pretrained" / "bc_policy.zip")
     with pytest.raises(SystemExit) as exit_info:
@@ -153,6 +179,7 @@ def test_external_checkpoint_that_does_not_fit_is_refused(finished_run, tmp_path
     assert not (tmp_path / "run").exists()  # refused before the run folder was created
 
 
+@pytest.mark.slow
 def test_corrupt_latest_checkpoint_is_reported_and_previous_used(finished_run, tmp_path):
     out = tmp_path / "run"
     shutil.copytree(finished_run, out)
@@ -165,22 +192,84 @@ def test_corrupt_latest_checkpoint_is_reported_and_previous_used(finished_run, t
     assert "[Resume] continuing from" in log and "step_000000000384" in log
 
 
-def test_checkpoint_of_another_env_starts_fresh_or_fails_strict(finished_run, tmp_path, capsys):
+@pytest.mark.parametrize("change, difference", [
+    (["--seed", "1"], "seed: 0 -> 1"),
+    (["--set", "ppo.learning_rate=0.001"], "ppo.learning_rate: 0.0003 -> 0.001"),
+    (["--set", "ppo.lstm_hidden_size=8"], "ppo.lstm_hidden_size: 16 -> 8"),
+])
+@pytest.mark.slow
+def test_rerun_with_other_settings_never_resumes_the_old_run(finished_run, tmp_path, capsys,
+                                                              change, difference):
     out = tmp_path / "run"
     shutil.copytree(finished_run, out)
-    with pytest.raises(SystemExit):
-        run(out, "--set", "ppo.lstm_hidden_size=8", "--strict-resume")
-    assert "lstm: checkpoint [16, 1], this run [8, 1]" in capsys.readouterr().err
-    run(out, "--set", "ppo.lstm_hidden_size=8")
-    log = (out / "ppo_training.log").read_text()
-    assert "continuing with a fresh training state" in log
-    earlier = list(out.glob("config.*.yaml"))  # the first run's config was kept
-    assert len(earlier) == 1 and "lstm_hidden_size: 16" in earlier[0].read_text()
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    for strict in ([], ["--strict-resume"]):
+        with pytest.raises(SystemExit) as exit_info:
+            run(out, *change, *strict)
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert "holds a run with other settings" in err and difference in err
+    after = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    assert after == before  # config.yaml, command.txt, logs: nothing rewritten
+
+
+@pytest.mark.slow
+def test_default_folder_with_another_run_sends_the_new_run_to_a_sibling(finished_run, tmp_path,
+                                                                        monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(finished_run, tmp_path / "runs" / "default")
+    args = [a for a in TINY] + ["--seed", "2"]
+    summary = warmstart.main(args)
+    assert summary["finished"]
+    out = capsys.readouterr().out
+    assert "runs/default holds a run with other settings (seed: 0 -> 2)" in out
+    assert "runs/default-2" in out
+    second = tmp_path / "runs" / "default-2"
+    assert json.loads((second / "run.json").read_text())["training"]["seed"] == 2
+    assert yaml.safe_load((tmp_path / "runs" / "default" / "config.yaml").read_text())[
+        "LLMCluster-v0"]["default"]["seed"] == 0  # the first run's config is untouched
+    again = warmstart.main(args)  # the same command again resumes the sibling
+    assert again["finished"] and not (tmp_path / "runs" / "default-3").exists()
+    assert "[Resume]" in (second / "ppo_training.log").read_text()
+
+
+@pytest.mark.slow
+def test_a_locked_run_folder_is_refused(tmp_path, capsys):
+    out = tmp_path / "run"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", LOCK_HOLDER, str(out)], stdout=subprocess.PIPE, text=True,
+        env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)))
+    try:
+        assert holder.stdout.readline().strip() == "LOCKED"
+        with pytest.raises(SystemExit) as exit_info:
+            run(out)
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert "is in use by another training run" in err and f"pid {holder.pid}" in err
+        assert not (out / "config.yaml").exists()  # refused before anything was written
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)
+
+
+LOCK_HOLDER = """
+import sys, time
+from pathlib import Path
+from sb3_warmstart.run_folder import RunLock
+lock = RunLock(Path(sys.argv[1]), "another training run")
+lock.acquire()
+print("LOCKED", flush=True)
+time.sleep(120)
+"""
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--ppo-requests", "0"], "--ppo-requests=0: must be >= 1"),
-    (["--qps", "-3"], "--qps=-3.0: must be > 0"),
+    (["--ppo-requests", "0"], "total_requests=0: must be >= 1"),
+    (["--qps", "-3"], "env_kwargs.workload.qps=-3.0"),
+    (["--seed", "-1"], "LLMCluster-v0.default.seed=-1: must be in [0, 4294967295]"),
+    (["--replicas", "0"], "env_kwargs.num_replicas=0"),
+    (["--bc-epochs", "0"], "bc.epochs=0: must be >= 1"),
+    (["--profile", "nope"], "--profile='nope': not in"),
     (["--chunk-size", "100"], "--chunk-size=100: needs --chunk-mode"),
     (["--skip-bc-training"], "--skip-bc-training: needs --external-pretrain"),
     (["--external-pretrain", "/nonexistent.zip"], "no such file"),
@@ -231,6 +320,7 @@ def test_yaml_default_profile_equals_embedded_defaults():
 evaluate = load_script("evaluate")
 
 
+@pytest.mark.slow
 def test_evaluate_run_folder_checkpoint_and_pretrained(finished_run, tmp_path):
     summary = evaluate.main(["--model", str(finished_run), "--episodes", "1",
                              "--episode-requests", "60", "--routers", "lor",
@@ -256,6 +346,7 @@ def test_evaluate_run_folder_checkpoint_and_pretrained(finished_run, tmp_path):
     (["--routers", "lor,fastest"], "unknown router 'fastest'"),
     (["--episodes", "0"], "--episodes=0"),
 ])
+@pytest.mark.slow
 def test_evaluate_rejects_bad_input(finished_run, argv, message, capsys):
     with pytest.raises(SystemExit):
         evaluate.main(["--model", str(finished_run), *argv])
@@ -273,6 +364,7 @@ def test_evaluate_rejects_missing_and_corrupt_models(tmp_path, capsys):
     assert "cannot load a policy" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_external_checkpoint_is_fine_tuned_on_fresh_demos(finished_run, tmp_path):
     from sb3_warmstart.policy_io import read_metadata
 

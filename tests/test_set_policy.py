@@ -135,6 +135,7 @@ def test_a_different_feature_schema_is_refused_naming_the_feature():
 def test_kl_ppo_trains_saves_and_loads_a_set_policy(tmp_path, algo):
     from stable_baselines3.common.vec_env import DummyVecEnv
 
+    from sb3_warmstart.config import KLConfig
     from sb3_warmstart.ppo import KLPPO, KLRecurrentPPO
 
     def make():
@@ -149,7 +150,8 @@ def test_kl_ppo_trains_saves_and_loads_a_set_policy(tmp_path, algo):
                                                                    RecurrentReplicaSetPolicy)
     extra = {} if algo == "ppo" else {"lstm_hidden_size": 16}
     model = cls(policy, venv, n_steps=32, batch_size=32, n_epochs=2, seed=0, device="cpu",
-                policy_kwargs={**kwargs, **extra}, kl_ref_coef_initial=0.5, kl_coef=0.1)
+                policy_kwargs={**kwargs, **extra},
+                kl=KLConfig(kl_ref_coef_initial=0.5, kl_coef=0.1))
     model.set_reference_policy(model.policy)
     model.learn(128)
     path = tmp_path / "model.zip"

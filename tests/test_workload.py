@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-import time
 from pathlib import Path
 
 import numpy as np
@@ -151,21 +150,6 @@ def test_phase_arrivals_with_short_phases_still_complete(rng):
     assert mean_rate(times) == pytest.approx((0.05 + 0.2) / 0.3, rel=0.05)  # s.e. 1 %
 
 
-def test_synthetic_sample_is_fast(rng):
-    for kwargs in ({"arrival": "poisson"}, {"arrival": "gamma", "cv": 2.0},
-                   {"arrival": "phases", "phases": (PhaseConfig(60, 3.0), PhaseConfig(30, 9.0))}):
-        gen = WorkloadGenerator(WorkloadConfig(lengths="empirical", **kwargs), 4096)
-        gen.sample(2000, rng)
-        best = min(_timed(lambda g=gen: g.sample(2000, rng)) for _ in range(5))
-        assert best < 0.010, f"{kwargs}: sample(2000) took {best * 1e3:.1f} ms"
-
-
-def _timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
 # --------------------------------------------------------------------------------------------
 # Lengths: fixed, uniform, empirical
 # --------------------------------------------------------------------------------------------
@@ -260,12 +244,9 @@ def test_empirical_sampler_matches_the_real_trace(vidur_data, rng, name, source)
 
 
 @pytest.mark.shared_data
-def test_load_real_trace_fast(vidur_data):
-    start = time.perf_counter()
+def test_load_real_trace(vidur_data):
     trace = load_trace(vidur_data / CONV)
-    elapsed = time.perf_counter() - start
     assert len(trace) == 19_366
-    assert elapsed < 1.0
     assert trace.arrival_times[0] == 0.0
     assert np.median(trace.prompt_tokens) == 1020 and trace.output_tokens.max() == 1000
     assert trace.mean_qps == pytest.approx(5.53, abs=0.01)

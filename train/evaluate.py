@@ -37,9 +37,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scenario", help="evaluate on this scenario (default: the training one)")
     p.add_argument("--replicas", type=int, help="override the number of replicas")
     p.add_argument("--qps", type=float, help="override the arrival rate, requests/s")
-    p.add_argument("--episodes", type=int, default=3, help="held-out episodes per router")
-    p.add_argument("--seed", type=int, default=100_000, help="first held-out seed")
-    p.add_argument("--episode-requests", type=int, default=2000, help="requests per episode")
+    from sb3_warmstart.config import EvaluationConfig  # the main job's report uses the same
+
+    defaults = EvaluationConfig()
+    p.add_argument("--episodes", type=int, default=defaults.episodes,
+                   help="held-out episodes per router (default %(default)s)")
+    p.add_argument("--seed", type=int, default=defaults.seed,
+                   help="first held-out seed (default %(default)s)")
+    p.add_argument("--episode-requests", type=int, default=defaults.episode_requests,
+                   help="requests per episode (default %(default)s)")
     p.add_argument("--routers", default="all", help="comma-separated heuristics or 'all'")
     p.add_argument("--output-dir", help="report folder (default: <run>/report-<scenario>)")
     return p
@@ -55,9 +61,13 @@ def _read_history(path: Path) -> list[dict[str, Any]]:
             for key, value in row.items():
                 if value in ("", None):
                     continue
-                try:
-                    parsed[key] = float(value)
-                except ValueError:
+                for kind in (int, float):  # episode seeds are 63-bit integers: keep them exact
+                    try:
+                        parsed[key] = kind(value)
+                        break
+                    except ValueError:
+                        continue
+                else:
                     parsed[key] = value
             rows.append(parsed)
     return rows
@@ -80,14 +90,14 @@ def load_policy(model_path: Path) -> tuple[Any, Any, dict[str, Any], list[dict[s
         return (model, obs_rms, section["env_kwargs"],
                 _read_history(model_path / "training_history.csv"), model_path.name)
     if model_path.is_dir() and (model_path / STATE_FILE).is_file():
-        manifest = CheckpointManager(model_path.parent).verify(model_path)
-        algorithm = manifest["fingerprint"]["algorithm"]
-        cls = KLRecurrentPPO if algorithm == "recurrent_ppo" else KLPPO
+        manifest = CheckpointManager(model_path.parent, max_checkpoints=1).verify(model_path)
+        training = manifest["fingerprint"]["training"]
+        cls = KLRecurrentPPO if training["ppo"]["algorithm"] == "recurrent_ppo" else KLPPO
         model = cls.load(model_path / MODEL_FILE, device="cpu")
         state = pickle.loads((model_path / STATE_FILE).read_bytes())
         history = state["stateful"].get("monitor", {}).get("rows", [])
-        return (model, state["vecnormalize"]["obs_rms"], manifest["fingerprint"]["env_kwargs"],
-                history, model_path.name)
+        return (model, state["vecnormalize"]["obs_rms"], training["env_kwargs"], history,
+                model_path.name)
     from sb3_warmstart.policy_io import load_pretrained
 
     model, meta, obs_rms = load_pretrained(model_path)
@@ -129,6 +139,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     except Exception as err:  # a damaged or foreign file: say what and where
         parser.error(f"--model={args.model!r}: cannot load a policy from it: {err}")
     env_kwargs = dict(env_kwargs)
+    training_env_kwargs = dict(env_kwargs)
     if args.scenario:
         env_kwargs = {"scenario": args.scenario}
         history = []  # the training curves belong to another scenario
@@ -159,7 +170,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         out = model_path.parent.parent / f"report-{scenario}-{model_path.name}"
     else:
         out = model_path.parent / f"report-{scenario}-{model_path.stem}"
+    lor_by_seed = None
+    seeds_seen = [int(r["episode_seed"]) for r in history
+                  if r.get("kind") == "episode" and "episode_seed" in r]
+    if seeds_seen:  # lor on the arrivals of every training episode: the paired curve
+        from llm_cluster_env.config import EnvConfig
+        from sb3_warmstart.report import heuristic_on_episodes
+
+        lor_by_seed = heuristic_on_episodes(EnvConfig.from_kwargs(**training_env_kwargs), "lor",
+                                            seeds_seen)
     summary = write_report(out, results, title=f"{label} on {scenario}", history=history,
+                           lor_by_seed=lor_by_seed,
                            notes={"evaluation": f"{args.episodes} held-out episodes (seeds "
                                                 f"{seeds[0]}..{seeds[-1]}) of "
                                                 f"{args.episode_requests} requests"})

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import sys
 import time
@@ -44,9 +43,13 @@ import numpy as np
 from llm_cluster_env.routers import ROUTERS, make_router
 from llm_cluster_env.scenarios import available_scenarios
 from sb3_warmstart.bc import PRESETS
+from sb3_warmstart.config import BCConfig, ConfigError, PPOConfig, WarmStartConfig
+from sb3_warmstart.demos import read_stats
 
 DEFAULT_SCENARIO = "a100x4_conv_70"
-STATS_FILE = "stats.json"
+#: BCConfig fields that have a flag here.
+BC_FLAGS = {"epochs": "--epochs", "batch_size": "--batch-size", "learning_rate": "--lr",
+            "sequence_length": "--sequence-length"}
 EVAL_SEED_BASE = 1_000_000  # held-out episode seeds start here (demos use other seeds)
 
 
@@ -70,7 +73,7 @@ class Args:
     """AdamW learning rate (default: the preset's)"""
     sequence_length: int | None = None
     """truncated-BPTT chunk length in steps (default: the preset's)"""
-    val_fraction: float = 0.2
+    val_fraction: float = WarmStartConfig.validation_fraction
     """fraction of whole trajectories held out for validation"""
     seed: int = 0
     """seed of the initial weights, the split and the shuffles"""
@@ -82,7 +85,7 @@ class Args:
     """override the scenario's arrival rate, requests/s (only without stats.json)"""
     expert: str | None = None
     """router whose tie sets score tie-aware accuracy (default: the single policy in stats.json)"""
-    gamma: float = 0.99
+    gamma: float = PPOConfig.gamma
     """discount of the value-pretraining returns (use PPO's gamma)"""
     value_pretraining: bool = True
     """also fit the value head on discounted demo returns"""
@@ -94,6 +97,19 @@ class Args:
     """directory for TensorBoard + CSV logs of the per-epoch metrics"""
     progress: bool = True
     """show a tqdm bar and one line per epoch"""
+
+    def bc_config(self) -> BCConfig:
+        """The preset's BC hyperparameters with the flags' overrides (validated)."""
+        overrides = {"epochs": self.epochs, "batch_size": self.batch_size,
+                     "learning_rate": self.lr, "sequence_length": self.sequence_length}
+        return dataclasses.replace(PRESETS[self.mode].bc,
+                                   **{k: v for k, v in overrides.items() if v is not None})
+
+    def ppo_config(self) -> PPOConfig:
+        """The architecture the clone is for (the preset's), its discount and reward scaling."""
+        return PRESETS[self.mode].ppo(
+            algorithm="recurrent_ppo" if self.policy_type == "lstm" else "ppo",
+            gamma=self.gamma, norm_reward=self.norm_reward)
 
     def env_kwargs(self) -> dict[str, Any]:
         kwargs: dict[str, Any] = {"scenario": self.scenario or DEFAULT_SCENARIO}
@@ -142,20 +158,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def read_stats(demo: Path) -> dict[str, Any] | None:
-    """``<demo>/stats.json`` if present (the demos module's provenance), else ``None``."""
-    path = demo / STATS_FILE
-    if not path.is_file():
-        return None
-    try:
-        stats = json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from err
-    if not isinstance(stats, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(stats).__name__}")
-    return stats
-
-
 def _single_policy(stats: dict[str, Any] | None) -> str | None:
     weights = (stats or {}).get("weights") or (stats or {}).get("policies") or {}
     return next(iter(weights)) if isinstance(weights, dict) and len(weights) == 1 else None
@@ -173,13 +175,6 @@ def parse_args(argv: Sequence[str] | None = None) -> Args:
         ("--mode", ns.mode, ns.mode in PRESETS, f"unknown preset (known: {', '.join(PRESETS)})"),
         ("--policy-type", ns.policy_type, ns.policy_type in ("lstm", "mlp"),
          "must be lstm or mlp"),
-        ("--epochs", ns.epochs, ns.epochs is None or ns.epochs >= 1, "must be >= 1"),
-        ("--batch-size", ns.batch_size, ns.batch_size is None or ns.batch_size >= 1,
-         "must be >= 1 sequences"),
-        ("--lr", ns.lr, ns.lr is None or (math.isfinite(ns.lr) and ns.lr > 0),
-         "must be a finite number > 0"),
-        ("--sequence-length", ns.sequence_length,
-         ns.sequence_length is None or ns.sequence_length >= 1, "must be >= 1 steps"),
         ("--val-fraction", ns.val_fraction, 0.0 <= ns.val_fraction < 1.0, "must be in [0, 1)"),
         ("--seed", ns.seed, ns.seed >= 0, "must be >= 0"),
         ("--replicas", ns.replicas, ns.replicas is None or ns.replicas >= 1, "must be >= 1"),
@@ -216,13 +211,20 @@ def parse_args(argv: Sequence[str] | None = None) -> Args:
         parser.error(f"--output={ns.output!r}: is a directory (give a file path)")
     if output.parent.exists() and not output.parent.is_dir():
         parser.error(f"--output={ns.output!r}: parent is not a directory")
-    return Args(demo=ns.demo, output=ns.output, mode=ns.mode, policy_type=ns.policy_type,
+    args = Args(demo=ns.demo, output=ns.output, mode=ns.mode, policy_type=ns.policy_type,
                 epochs=ns.epochs, batch_size=ns.batch_size, lr=ns.lr,
                 sequence_length=ns.sequence_length, val_fraction=ns.val_fraction, seed=ns.seed,
                 scenario=ns.scenario, replicas=ns.replicas, qps=ns.qps, expert=expert,
                 gamma=ns.gamma, value_pretraining=not ns.no_value_pretraining,
                 norm_reward=not ns.no_norm_reward, eval_episodes=ns.eval_episodes,
                 tensorboard=ns.tensorboard, progress=not ns.no_progress)
+    try:  # BC hyperparameters and architecture are validated by their configs, once
+        args.bc_config()
+        args.ppo_config()
+    except ConfigError as err:
+        field, _, rest = str(err).partition("=")
+        parser.error(f"{BC_FLAGS.get(field, '--' + field.replace('_', '-'))}={rest}")
+    return args
 
 
 @dataclass(frozen=True)
@@ -285,13 +287,9 @@ def run(args: Args, command: Sequence[str]) -> PretrainResult:
     print(f"BC: {len(trajectories)} trajectories, {sum(len(t.acts) for t in trajectories)} "
           f"steps, preset {args.mode}, policy {args.policy_type}")
     clone = clone_demonstrations(
-        trajectories, env=env, preset=args.mode, recurrent=args.policy_type == "lstm",
-        seed=args.seed, gamma=args.gamma,
-        overrides={"epochs": args.epochs, "batch_size": args.batch_size,
-                   "learning_rate": args.lr, "sequence_length": args.sequence_length},
+        trajectories, env=env, bc=args.bc_config(), ppo=args.ppo_config(), seed=args.seed,
         validation_fraction=args.val_fraction, value_pretraining=args.value_pretraining,
-        norm_reward=args.norm_reward, expert=args.expert, logger=logger,
-        progress=args.progress)
+        expert=args.expert, logger=logger, progress=args.progress)
     model, obs_rms, returns, summary = (clone.model, clone.obs_rms, clone.return_normalizer,
                                         clone.summary)
     if args.eval_episodes:

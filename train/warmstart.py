@@ -1,21 +1,25 @@
 """The main job: heuristic demos -> behaviour cloning -> KL-regularised PPO -> report.
 
-With no arguments it runs the embedded default configuration (:class:`TrainingConfig`'s
-defaults, restated in ``configs/warmstart.yaml``) on ``a100x4_conv_70`` in ``runs/default`` and
-prints the trained router against every heuristic. Running the same command again resumes from
-the latest checkpoint; with ``--chunk-mode`` it continues with the next chunk.
+With no arguments it runs the default configuration (the dataclass defaults of
+``sb3_warmstart/config.py``; ``--print-config`` shows them) on ``a100x4_conv_70`` in
+``runs/default`` and prints the trained router against every heuristic. Running the same command
+again resumes from the latest checkpoint (``--resume warmstart`` retrains from scratch); with
+``--chunk-mode`` it continues with the next chunk. A run with other settings (seed,
+hyperparameters, environment, budget) never resumes a different run: it goes to a new folder
+(``runs/default-2``...), or with ``--output-dir``/``--strict-resume`` it is refused.
 
 Examples::
 
     python train/warmstart.py
-    python train/warmstart.py --config configs/warmstart.yaml --profile heterogeneous
+    python train/warmstart.py --profile heterogeneous          # from configs/warmstart.yaml
     python train/warmstart.py --replicas 8 --qps 30 --ppo-requests 50000
     python train/warmstart.py --chunk-mode --chunk-size 8192 --total-requests 32768
     python train/warmstart.py --external-pretrain runs/bc.zip --skip-bc-training
     python train/warmstart.py --set kl.kl_ref_coef_initial=0.8 --set ppo.n_epochs=6
 
 Every value is checked before any work starts; a bad one exits with status 2 and a message
-naming the flag or key and the value.
+naming the flag or key and the value. Ctrl-C during PPO saves a checkpoint and exits with
+status 130.
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ from typing import Any
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # run as a script from a checkout
     sys.path.insert(0, str(REPO_ROOT))
+#: The profiles file of the checkout (``--config`` when not given).
+DEFAULT_CONFIG = REPO_ROOT / "configs" / "warmstart.yaml"
 
 from llm_cluster_env.validation import ConfigError, deep_merge  # noqa: E402
 
@@ -35,10 +41,14 @@ from llm_cluster_env.validation import ConfigError, deep_merge  # noqa: E402
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="train/warmstart.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", help="YAML file keyed by env id (default: embedded defaults)")
+    p.add_argument("--config", help="YAML file keyed by env id (default: configs/warmstart.yaml "
+                   "of this checkout, whose 'default' profile is the embedded defaults)")
     p.add_argument("--profile", default="default",
                    help="profile under LLMCluster-v0 in --config, merged over 'default'")
-    p.add_argument("--output-dir", help="run folder (default: runs/<profile>)")
+    p.add_argument("--output-dir", help="run folder (default: runs/<profile>, or runs/<profile>-N "
+                   "when that folder holds a run with other settings)")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved configuration as YAML and exit")
     g = p.add_argument_group("environment")
     g.add_argument("--scenario", help="packaged scenario name or YAML path")
     g.add_argument("--replicas", type=int, help="number of replicas")
@@ -61,10 +71,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="collect demos and clone again even if the run folder has them")
     g = p.add_argument_group("resume and chunks")
     g.add_argument("--resume", choices=["ask", "checkpoint", "warmstart", "external"],
-                   default="ask", help="when a checkpoint exists: ask (only if an external model "
-                   "exists too; needs a terminal), or decide")
+                   default="ask", help="when a checkpoint exists: resume it (ask: also asks if "
+                   "an external model exists; needs a terminal), or retrain from scratch "
+                   "(warmstart: demos + BC + PPO again; the earlier outputs are moved to "
+                   "previous-<time>/), or start from the external model")
     g.add_argument("--strict-resume", action="store_true",
-                   help="fail instead of starting fresh when the checkpoint does not fit")
+                   help="refuse, rather than use a new folder or start fresh, when the folder "
+                   "or its checkpoint holds a run with other settings")
     g.add_argument("--chunk-mode", action="store_true",
                    help="train in chunks, checkpointing after each; rerun to continue")
     g.add_argument("--chunk-size", type=int, help="env steps per chunk (with --chunk-mode)")
@@ -87,18 +100,14 @@ def _set_dotted(target: dict[str, Any], key: str, value: Any) -> None:
 
 def overrides_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser
                         ) -> dict[str, Any]:
-    """The config overrides the flags ask for (flag errors exit with status 2)."""
+    """The config overrides the flags ask for. Values are validated once, by the config
+    (errors name the key); only how-to-run flags are checked here (status 2)."""
     import yaml
 
     out: dict[str, Any] = {}
-    for flag, value in (("--replicas", args.replicas), ("--ppo-requests", args.ppo_requests),
-                        ("--total-requests", args.total_requests),
-                        ("--demo-steps", args.demo_steps), ("--bc-epochs", args.bc_epochs),
-                        ("--chunk-size", args.chunk_size), ("--max-chunks", args.max_chunks)):
+    for flag, value in (("--chunk-size", args.chunk_size), ("--max-chunks", args.max_chunks)):
         if value is not None and value < 1:
             parser.error(f"{flag}={value}: must be >= 1")
-    if args.qps is not None and not args.qps > 0:
-        parser.error(f"--qps={args.qps}: must be > 0 requests/s")
     if (args.ppo_requests and args.total_requests and args.ppo_requests != args.total_requests):
         parser.error(f"--ppo-requests={args.ppo_requests} and --total-requests="
                      f"{args.total_requests} disagree (they are the same budget)")
@@ -122,16 +131,16 @@ def overrides_from_args(args: argparse.Namespace, parser: argparse.ArgumentParse
         out["env_kwargs"] = env
     if args.seed is not None:
         out["seed"] = args.seed
-    budget = args.ppo_requests or args.total_requests
-    if budget:
+    budget = args.ppo_requests if args.ppo_requests is not None else args.total_requests
+    if budget is not None:
         out["total_requests"] = budget
     if args.algorithm:
         out.setdefault("ppo", {})["algorithm"] = args.algorithm
     ws: dict[str, Any] = {}
-    if args.demo_steps:
+    if args.demo_steps is not None:
         ws["demo_steps"] = args.demo_steps
-    if args.bc_epochs:
-        ws["bc_epochs"] = args.bc_epochs
+    if args.bc_epochs is not None:
+        out["bc"] = {"epochs": args.bc_epochs}
     if args.external_pretrain:
         ws["external_pretrain"] = args.external_pretrain
     if args.skip_bc_training:
@@ -159,28 +168,52 @@ def main(argv: list[str] | None = None, **pipeline_hooks: Any) -> dict[str, Any]
     ``interactive``) let tests answer the resume question."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    from sb3_warmstart.config import load_config
+    print("[warmstart] checking the configuration", flush=True)
+    from sb3_warmstart.config import dump_config_text, load_config
 
+    config_path = args.config
+    if config_path is None and DEFAULT_CONFIG.is_file():
+        config_path = DEFAULT_CONFIG
     try:
         overrides = overrides_from_args(args, parser)
-        config = load_config(args.config, args.profile, overrides)
+        config = load_config(config_path, args.profile, overrides)
     except ConfigError as err:
         parser.error(str(err))
-    from sb3_warmstart.pipeline import PipelineError, RunOptions, WarmStartPipeline
+    if args.print_config:
+        print(dump_config_text(config, args.profile), end="")
+        return {"config": config.to_dict()}
+    print("[warmstart] loading the training stack (torch, Stable-Baselines3)", flush=True)
+    from sb3_warmstart.pipeline import (
+        PipelineError,
+        RunOptions,
+        TrainingInterrupted,
+        WarmStartPipeline,
+    )
 
     command = [Path(sys.argv[0]).name if argv is None else "train/warmstart.py",
                *(sys.argv[1:] if argv is None else argv)]
     options = RunOptions(
-        output_dir=Path(args.output_dir or f"runs/{args.profile}"), resume=args.resume,
+        output_dir=Path(args.output_dir or f"runs/{args.profile}"),
+        output_dir_given=args.output_dir is not None, resume=args.resume,
         strict_resume=args.strict_resume, force_warmstart=args.force_warmstart,
         chunk_mode=args.chunk_mode, chunk_size=args.chunk_size, max_chunks=args.max_chunks,
         progress=not args.no_progress,
         command=command, **pipeline_hooks)
+    pipeline = WarmStartPipeline(config, options)
     try:
-        return WarmStartPipeline(config, options).run()
+        return pipeline.run()
     except PipelineError as err:
         print(f"warmstart.py: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
+    except TrainingInterrupted as stop:
+        print(f"warmstart.py: {stop}", file=sys.stderr)
+        raise SystemExit(130) from None
+    except KeyboardInterrupt:
+        detail = ("no new checkpoint; the same command continues from the latest one"
+                  if pipeline.stage == "PPO" else "the same command redoes this stage and "
+                  "reuses the finished ones")
+        print(f"warmstart.py: interrupted during {pipeline.stage}: {detail}", file=sys.stderr)
+        raise SystemExit(130) from None
 
 
 if __name__ == "__main__":

@@ -1,0 +1,98 @@
+"""Where training environments come from: one factory from a built config and a seed.
+
+Every stage builds its environments here, from the :class:`~llm_cluster_env.config.EnvConfig`
+resolved once by :class:`~sb3_warmstart.config.TrainingConfig`, so replacing the training
+environment (e.g. by a sampler over a family of scenarios) touches this module only.
+
+* :class:`EpisodeSeedWrapper` gives every episode an explicit seed from a ``SeedSequence`` and
+  reports it in the final step's ``info["episode_seed"]``, so any training episode can be
+  replayed (the report runs ``lor`` on exactly the arrivals each training episode saw).
+* :func:`make_base_env` builds the simulator from the config: the one place an environment is
+  made (demonstrations wrap it for imitation, PPO for SB3). A sampler over a family of
+  scenarios replaces this function.
+* :func:`make_env` wraps it for training; :func:`make_training_venv` builds the PPO's
+  ``VecNormalize(DummyVecEnv)``.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import gymnasium as gym
+import numpy as np
+from stable_baselines3.common.monitor import Monitor
+from stable_baselines3.common.running_mean_std import RunningMeanStd
+from stable_baselines3.common.vec_env import DummyVecEnv, VecNormalize
+
+from llm_cluster_env.config import EnvConfig
+from llm_cluster_env.env import LLMClusterEnv
+from sb3_warmstart.normalize import make_vec_normalize
+
+_MAX_SEED = 2**63 - 1
+#: ``spawn_key`` of the training environments' episode seeds (demos use other streams).
+TRAINING_STREAM = 7
+
+
+class EpisodeSeedWrapper(gym.Wrapper):
+    """Gives every episode an explicit seed and reports it in the final step's ``info``.
+
+    ``reset()`` without a seed (as a VecEnv auto-reset does) draws the episode's seed from
+    ``seed_sequence``; ``reset(seed=s)`` uses ``s``. The final step's ``info["episode_seed"]``
+    holds it, so any episode can be replayed with ``env.reset(seed=episode_seed)``.
+
+    :param env: the environment.
+    :param seed_sequence: source of the episode seeds.
+    """
+
+    def __init__(self, env: gym.Env, seed_sequence: np.random.SeedSequence) -> None:
+        super().__init__(env)
+        self._seeds = np.random.default_rng(seed_sequence)
+        self.episode_seed: int | None = None
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        if seed is None:
+            seed = int(self._seeds.integers(_MAX_SEED))
+        self.episode_seed = int(seed)
+        obs, info = self.env.reset(seed=self.episode_seed, options=options)
+        info["episode_seed"] = self.episode_seed
+        return obs, info
+
+    def step(self, action):
+        obs, reward, terminated, truncated, info = self.env.step(action)
+        if terminated or truncated:
+            info["episode_seed"] = self.episode_seed
+        return obs, reward, terminated, truncated, info
+
+
+def training_seed_sequence(seed: int, rank: int) -> np.random.SeedSequence:
+    """The source of the episode seeds of training environment ``rank`` of a run seeded
+    ``seed`` (independent of the demonstrations' and the evaluation's seeds)."""
+    return np.random.SeedSequence(seed, spawn_key=(TRAINING_STREAM, rank))
+
+
+def make_base_env(config: EnvConfig) -> gym.Env:
+    """The environment ``config`` describes (``LLMCluster-v0``), before any wrapper."""
+    return LLMClusterEnv(config=config)
+
+
+def make_env(config: EnvConfig, seed_sequence: np.random.SeedSequence) -> gym.Env:
+    """One training environment: :func:`make_base_env`, every episode seeded from
+    ``seed_sequence``, inside SB3's ``Monitor`` (episode returns and lengths)."""
+    return Monitor(EpisodeSeedWrapper(make_base_env(config), seed_sequence))
+
+
+def make_training_venv(config: EnvConfig, *, seed: int, n_envs: int, gamma: float,
+                       norm_reward: bool, obs_rms: RunningMeanStd | None = None,
+                       freeze_obs: bool = False) -> VecNormalize:
+    """PPO's environments: ``n_envs`` of :func:`make_env` in a ``DummyVecEnv`` (checkpoints
+    pickle them), wrapped in :func:`~sb3_warmstart.normalize.make_vec_normalize`.
+
+    :param config: the training environment. :param seed: the run's seed.
+    :param n_envs: parallel environments. :param gamma: discount of the reward normaliser.
+    :param norm_reward: normalise rewards. :param obs_rms: initial observation statistics
+        (from behaviour cloning). :param freeze_obs: keep them fixed.
+    """
+    venv = DummyVecEnv([functools.partial(make_env, config, training_seed_sequence(seed, rank))
+                        for rank in range(n_envs)])
+    return make_vec_normalize(venv, gamma=gamma, obs_rms=obs_rms, freeze_obs=freeze_obs,
+                              norm_reward=norm_reward)

@@ -1,0 +1,156 @@
+"""One default per knob: the config dataclasses hold every default; no component restates one.
+
+A component parameter named like a config field is the same knob, so it must not carry a
+default of its own (it would drift from the config's, as ``max_temperature`` 3.0 vs 2.0 and
+``min_lr_ratio`` 0.0 vs 0.1 once did). Components take their config object instead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+
+import pytest
+
+pytestmark = pytest.mark.train
+
+from sb3_warmstart import (  # noqa: E402
+    bc,
+    callbacks,
+    checkpoint,
+    cloning,
+    config,
+    demos,
+    envs,
+    normalize,
+    ppo,
+    ppo_stage,
+    schedules,
+    warm_start_stage,
+)
+
+#: Sections that are not knobs: the environment's own config (given as a mapping).
+SECTIONS_GIVEN_WHOLE = {"env_kwargs"}
+
+
+def config_fields() -> set[str]:
+    """The knobs: every leaf field of every config dataclass (nested sections walked, the
+    sections themselves -- ``kl``, ``ppo``... -- are not knobs)."""
+    names: set[str] = set()
+    todo = [config.TrainingConfig]
+    while todo:
+        cls = todo.pop()
+        for f in dataclasses.fields(cls):
+            hint = cls.__dataclass_fields__[f.name].type
+            sub = getattr(config, str(hint), None)
+            if isinstance(sub, type) and dataclasses.is_dataclass(sub):
+                todo.append(sub)
+            elif f.name not in SECTIONS_GIVEN_WHOLE:
+                names.add(f.name)
+    return names
+
+
+#: The components that read configuration, and what they are called.
+COMPONENTS = {
+    "KLRegularisedMixin": ppo.KLRegularisedMixin.__init__,
+    "TemperatureController": callbacks.TemperatureController.__init__,
+    "NormalizerStabilization": callbacks.NormalizerStabilization.__init__,
+    "TrainingMonitor": callbacks.TrainingMonitor.__init__,
+    "PeriodicCheckpoint": checkpoint.PeriodicCheckpoint.__init__,
+    "CheckpointManager": checkpoint.CheckpointManager.__init__,
+    "build_lr_scheduler": schedules.build_lr_scheduler,
+    "EntropyCoefficient": schedules.EntropyCoefficient.__init__,
+    "SequenceBC": bc.SequenceBC.__init__,
+    "clone_demonstrations": cloning.clone_demonstrations,
+    "collect_demonstrations": demos.collect_demonstrations,
+    "plan_collection": demos.plan_collection,
+    "fit_return_normalizer": normalize.fit_return_normalizer,
+    "make_training_venv": envs.make_training_venv,
+    "build_session": ppo_stage.build_session,
+    "make_model": ppo_stage.make_model,
+    "demonstrations": warm_start_stage.demonstrations,
+    "clone": warm_start_stage.clone,
+}
+#: Names shared with a config field that are not that knob (documented here, on purpose).
+NOT_THE_SAME_KNOB = {
+    ("TrainingMonitor", "verbose"), ("TemperatureController", "verbose"),
+    ("NormalizerStabilization", "verbose"), ("PeriodicCheckpoint", "verbose"),
+}
+
+
+def test_config_fields_are_found():
+    fields = config_fields()
+    assert {"kl_ref_coef_initial", "max_temperature", "min_lr_ratio", "epochs",
+            "checkpoint_interval", "accumulation_steps"} <= fields
+
+
+@pytest.mark.parametrize("name", sorted(COMPONENTS))
+def test_no_component_restates_a_config_default(name):
+    fields = config_fields()
+    second_defaults = [
+        f"{p.name}={p.default!r}"
+        for p in inspect.signature(COMPONENTS[name]).parameters.values()
+        if p.name in fields and p.default is not inspect.Parameter.empty
+        and (name, p.name) not in NOT_THE_SAME_KNOB]
+    assert not second_defaults, (f"{name} has its own default for config knob(s) "
+                                 f"{second_defaults}: take it from the config instead")
+
+
+def test_every_knob_has_exactly_one_default_in_the_configs():
+    """A field name used by two config sections is two knobs; each has one default."""
+    seen: dict[tuple[str, str], object] = {}
+    todo = [config.TrainingConfig]
+    while todo:
+        cls = todo.pop()
+        for f in dataclasses.fields(cls):
+            key = (cls.__name__, f.name)
+            assert key not in seen
+            seen[key] = f.default
+            sub = getattr(config, str(cls.__dataclass_fields__[f.name].type), None)
+            if isinstance(sub, type) and dataclasses.is_dataclass(sub):
+                todo.append(sub)
+    assert ("TemperatureConfig", "max_temperature") in seen
+
+
+def test_components_use_the_config_values():
+    """The values the defaults used to disagree on now come from one place."""
+    temperature = callbacks.TemperatureController(config.TemperatureConfig())
+    assert temperature.max_temperature == config.TemperatureConfig().max_temperature == 2.0
+    kl = config.KLConfig()
+    assert kl.kl_ref_coef_initial == 0.5
+    schedule = config.LearningRateScheduleConfig(type="cosine_annealing_with_warmup")
+    import torch
+
+    optimizer = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = schedules.build_lr_scheduler(optimizer, schedule)
+    assert scheduler.eta_min == pytest.approx(schedule.min_lr_ratio) == pytest.approx(0.1)
+
+
+def test_class_names_are_unique_and_do_not_reuse_sb3_names():
+    import ast
+    from pathlib import Path
+
+    import stable_baselines3.common.callbacks as sb3_callbacks
+
+    package = Path(config.__file__).parent
+    names: dict[str, str] = {}
+    for path in sorted(package.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ClassDef):
+                assert node.name not in names, (f"class {node.name} in {path.name} and "
+                                                f"{names[node.name]}")
+                names[node.name] = path.name
+    library = {name for name in dir(sb3_callbacks) if isinstance(getattr(sb3_callbacks, name),
+                                                                 type)}
+    assert not (set(names) & library), set(names) & library
+
+
+@pytest.mark.slow
+def test_loading_a_policy_does_not_import_the_bc_trainer():
+    import subprocess
+    import sys
+
+    code = ("import sys, sb3_warmstart.policy_io, sb3_warmstart.router, sb3_warmstart.normalize;"
+            "print('sb3_warmstart.bc' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
