@@ -301,8 +301,7 @@ class ScenarioSampler:
         sigma = _grid(rng, choice.sigma, min(points, 3))
         return ({"lengths": "lognormal", "prompt_lognormal": (round(prompt, 1), sigma),
                  "output_lognormal": (round(output, 1), sigma)},
-                {"lengths": f"lognormal(prompt {prompt:.0f}, output {output:.0f}, "
-                            f"sigma {sigma:.2f})"})
+                {"lengths": f"lognormal(p~{prompt:.0f}, o~{output:.0f}, s{sigma:.2f})"})
 
     def _arrivals(self, rng: np.random.Generator, qps: float
                   ) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -406,7 +405,7 @@ class ScenarioFamilyEnv(gym.Env):
         self.render_mode = None
         self.family = load_family(family, overrides)
         self.sampler = ScenarioSampler(self.family, shared_cache)
-        layout = family_layout(self.family)
+        self._layout = layout = family_layout(self.family)
         self.observation_space = spaces.Box(0.0, np.inf, shape=(layout.size,), dtype=np.float32)
         self.action_space = spaces.Discrete(self.family.replica_slots)
         self.env: LLMClusterEnv | None = None
@@ -442,7 +441,9 @@ class ScenarioFamilyEnv(gym.Env):
 
     @property
     def layout(self) -> ObservationLayout:
-        return self._current().layout
+        """The layout every episode shares (``replica_slots`` slots; a view of an observation
+        finds the replicas present itself)."""
+        return self._layout
 
     @property
     def view(self):

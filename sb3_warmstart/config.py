@@ -41,8 +41,12 @@ DEFAULT_PROFILE = "default"
 class PPOConfig:
     """The PPO algorithm and its policy network.
 
-    :param algorithm: ``recurrent_ppo`` (KLRecurrentPPO, LSTM policy) or ``ppo`` (KLPPO, MLP
-        policy; ~10x faster per step).
+    :param algorithm: ``ppo`` (KLPPO, a feed-forward policy) or ``recurrent_ppo``
+        (KLRecurrentPPO, an LSTM policy; several times slower per step).
+    :param policy: ``replica_set`` (one network scores every replica, so one policy routes
+        any number of replicas and any GPU mix: :mod:`sb3_warmstart.set_policy`; needed to
+        train across a scenario family) or ``mlp`` (SB3's ``MlpPolicy``/``MlpLstmPolicy``
+        over the flat observation, tied to one replica count).
     :param n_envs: parallel environments (DummyVecEnv).
     :param n_steps: steps per environment per rollout.
     :param batch_size: minibatch size (steps; sequences are cut to fit for recurrent PPO).
@@ -55,9 +59,12 @@ class PPOConfig:
     :param net_arch: hidden layers of the actor and critic heads.
     :param lstm_hidden_size: LSTM units (recurrent). :param n_lstm_layers: stacked LSTMs.
     :param norm_reward: normalise rewards with VecNormalize.
+    :param set_embed_dim: ``replica_set``: size of each replica's encoding.
+    :param set_hidden_dim: ``replica_set``: hidden width of its encoder and heads.
     """
 
-    algorithm: Literal["recurrent_ppo", "ppo"] = "recurrent_ppo"
+    algorithm: Literal["recurrent_ppo", "ppo"] = "ppo"
+    policy: Literal["replica_set", "mlp"] = "replica_set"
     n_envs: int = 4
     n_steps: int = 128
     batch_size: int = 128
@@ -74,9 +81,12 @@ class PPOConfig:
     lstm_hidden_size: int = 64
     n_lstm_layers: int = 1
     norm_reward: bool = True
+    set_embed_dim: int = 64
+    set_hidden_dim: int = 64
 
     def __post_init__(self) -> None:
-        for name in ("n_envs", "n_steps", "n_epochs", "lstm_hidden_size", "n_lstm_layers"):
+        for name in ("n_envs", "n_steps", "n_epochs", "lstm_hidden_size", "n_lstm_layers",
+                     "set_embed_dim", "set_hidden_dim"):
             require(getattr(self, name) >= 1, name, getattr(self, name), "must be >= 1")
         require(self.batch_size >= 2, "batch_size", self.batch_size, "must be >= 2")
         require(self.learning_rate > 0, "learning_rate", self.learning_rate, "must be > 0")
@@ -95,10 +105,24 @@ class PPOConfig:
         """Env steps per rollout (all environments)."""
         return self.n_envs * self.n_steps
 
-    def policy_kwargs(self) -> dict[str, Any]:
-        """SB3 ``policy_kwargs`` of this architecture (``MlpLstmPolicy`` or ``MlpPolicy``)."""
-        kwargs: dict[str, Any] = {"net_arch": {"pi": list(self.net_arch),
-                                               "vf": list(self.net_arch)}}
+    @property
+    def replica_set(self) -> bool:
+        return self.policy == "replica_set"
+
+    def policy_kwargs(self, layout=None) -> dict[str, Any]:
+        """SB3 ``policy_kwargs`` of this architecture: ``MlpLstmPolicy``/``MlpPolicy``, or
+        the replica-set policies, whose feature names come from the env's observation
+        ``layout`` (an :class:`~llm_cluster_env.observation.ObservationLayout`)."""
+        if self.replica_set:
+            if layout is None:
+                raise ValueError("ppo.policy='replica_set': policy_kwargs needs the env's "
+                                 "observation layout")
+            kwargs: dict[str, Any] = {
+                "replica_features": list(layout.replica_features),
+                "tail_features": list(layout.names[layout.replica_block:layout.history_offset]),
+                "embed_dim": self.set_embed_dim, "hidden_dim": self.set_hidden_dim}
+        else:
+            kwargs = {"net_arch": {"pi": list(self.net_arch), "vf": list(self.net_arch)}}
         if self.recurrent:
             kwargs.update(lstm_hidden_size=self.lstm_hidden_size, n_lstm_layers=self.n_lstm_layers)
         return kwargs
@@ -167,10 +191,18 @@ class WarmStartConfig:
         instead of cloning from scratch; validated against the env, copied into the run folder.
     :param skip_bc_training: with ``external_pretrain``: use it as is (else BC fine-tunes it on
         fresh demos).
+    :param demo_candidates: training across a family: the routers tried on every sampled
+        scenario, in order of preference; the best one's episode is the demonstration
+        (:mod:`sb3_warmstart.family_demos`). ``demo_policies`` applies to one scenario.
+    :param demo_margin: relative mean-E2E margin within which an earlier candidate counts as
+        the best (keeps near-ties from switching the expert between similar scenarios).
     """
 
     enabled: bool = True
     demo_policies: dict[str, float] = field(default_factory=lambda: {"lor": 1.0})
+    demo_candidates: tuple[str, ...] = ("least_added_time", "lor", "weighted_lor",
+                                        "least_work_time", "llm_d")
+    demo_margin: float = 0.005
     demo_steps: int = 16384
     demo_episode_requests: int = 256
     imbalance: bool = False
@@ -187,6 +219,16 @@ class WarmStartConfig:
                     f"unknown router (known: {', '.join(ROUTERS)})")
             require(weight > 0 and math.isfinite(weight), f"demo_policies.{name}", weight,
                     "weight must be > 0")
+        require(bool(self.demo_candidates), "demo_candidates", self.demo_candidates,
+                "needs at least one router")
+        for name in self.demo_candidates:
+            require(name in ROUTERS, "demo_candidates", name,
+                    f"unknown router (known: {', '.join(ROUTERS)})")
+            require(not ROUTERS[name].requires_context, "demo_candidates", name,
+                    "needs the simulator's state; demonstrations come from routers that read "
+                    "the observation")
+        require(0.0 <= self.demo_margin < 1.0, "demo_margin", self.demo_margin,
+                "must be in [0, 1)")
         require(self.demo_steps >= 1, "demo_steps", self.demo_steps, "must be >= 1")
         require(self.demo_episode_requests >= 8, "demo_episode_requests",
                 self.demo_episode_requests, "must be >= 8")
@@ -218,7 +260,7 @@ class BCConfig:
         and to all others (``None`` disables clipping).
     """
 
-    epochs: int = 60
+    epochs: int = 20
     batch_size: int = 16
     sequence_length: int = 32
     learning_rate: float = 2e-3
@@ -463,11 +505,18 @@ class TrainingConfig:
     """Everything ``train/warmstart.py`` runs.
 
     :param seed: seeds demos, BC, PPO and the environments.
-    :param env_kwargs: ``LLMCluster-v0`` keyword arguments for training.
+    :param family: train across this scenario family, a new scenario every episode
+        (a packaged name from ``llm_cluster_env/families`` or a YAML path; see
+        :mod:`llm_cluster_env.family`); ``None`` trains on ``env_kwargs`` alone.
+    :param family_overrides: fields of the family replaced (``{replicas: [2, 8]}``).
+    :param env_kwargs: ``LLMCluster-v0`` keyword arguments: the training scenario when
+        ``family`` is ``None``.
     :param total_requests: PPO budget in env steps (routed requests), all environments.
     """
 
     seed: int = 0
+    family: str | None = "generalist"
+    family_overrides: dict[str, Any] = field(default_factory=dict)
     env_kwargs: dict[str, Any] = field(default_factory=lambda: {
         "scenario": "a100x4_conv_70", "episode_requests": 512})
     total_requests: int = 98304
@@ -493,11 +542,34 @@ class TrainingConfig:
         except TypeError as err:
             raise ConfigError(f"env_kwargs={self.env_kwargs!r}: {err}") from None
         object.__setattr__(self, "_env", env)  # built once; not a field (not compared, dumped)
+        family = None
+        if self.family is not None:
+            from llm_cluster_env.family import load_family
+
+            try:
+                family = load_family(self.family, self.family_overrides)
+            except ConfigError as err:
+                message = str(err).removeprefix("family.")
+                raise ConfigError(f"family_overrides.{message}" if self.family_overrides
+                                  else str(err)) from None
+            require(self.ppo.replica_set, "ppo.policy", self.ppo.policy,
+                    f"family={self.family!r} trains one policy on clusters of "
+                    f"{family.replicas[0]}-{family.replicas[1]} replicas: use 'replica_set' "
+                    "(or family: null to train on env_kwargs alone)")
+        elif self.family_overrides:
+            raise ConfigError(f"family_overrides={self.family_overrides!r}: needs a family")
+        object.__setattr__(self, "_family", family)
 
     @property
     def env(self) -> EnvConfig:
-        """The training environment's configuration, resolved once from ``env_kwargs``."""
+        """The training environment's configuration, resolved once from ``env_kwargs`` (the
+        scenario trained on when there is no family)."""
         return self._env  # type: ignore[attr-defined]
+
+    @property
+    def family_config(self):
+        """The resolved :class:`~llm_cluster_env.family.ScenarioFamilyConfig`, or ``None``."""
+        return self._family  # type: ignore[attr-defined]
 
     def with_overrides(self, overrides: Mapping[str, Any]) -> TrainingConfig:
         """A copy with ``overrides`` (nested dict) merged in and validated again."""
@@ -513,6 +585,8 @@ class TrainingConfig:
         ``env`` is the resolved environment (so an edited scenario file counts as a change)."""
         identity = {k: v for k, v in to_dict(self).items() if k not in RUN_ONLY_SECTIONS}
         identity["env"] = to_dict(self.env)
+        if self.family_config is not None:
+            identity["family"] = to_dict(self.family_config)
         return identity
 
 

@@ -364,6 +364,17 @@ class RecurrentReplicaSetPolicy(_ReplicaSetMixin, RecurrentActorCriticPolicy):
 SET_POLICIES = (ReplicaSetPolicy, RecurrentReplicaSetPolicy)
 
 
+def policy_class_for(replica_set: bool, recurrent: bool) -> type[ActorCriticPolicy]:
+    """The policy class PPO trains and behaviour cloning fills: a replica-set policy, or SB3's
+    MLP / sb3-contrib's LSTM policy (with the temperature switches of
+    :mod:`sb3_warmstart.policies`)."""
+    from sb3_warmstart.policies import TemperatureMlpLstmPolicy, TemperatureMlpPolicy
+
+    if replica_set:
+        return RecurrentReplicaSetPolicy if recurrent else ReplicaSetPolicy
+    return TemperatureMlpLstmPolicy if recurrent else TemperatureMlpPolicy
+
+
 def policy_for_spaces(policy: ActorCriticPolicy, observation_space: spaces.Box,
                       action_space: spaces.Discrete) -> ActorCriticPolicy:
     """The same set policy (class, settings and weights) for another number of replica slots;
@@ -385,7 +396,7 @@ def slots_of(observation_space: spaces.Box, num_replica_features: int, num_tail:
     return (width - num_tail) // num_replica_features
 
 
-__all__ = ["CLIP", "MASKED_LOGIT", "SET_POLICIES", "RecurrentReplicaSetPolicy",
+__all__ = ["CLIP", "MASKED_LOGIT", "SET_POLICIES", "policy_class_for", "RecurrentReplicaSetPolicy",
            "ReplicaSetExtractor", "ReplicaSetHeads", "ReplicaSetPolicy", "SchemaMismatch",
            "clip_share", "policy_for_spaces", "slots_of"]
 
