@@ -21,7 +21,7 @@ from stable_baselines3.common.policies import ActorCriticPolicy
 from stable_baselines3.common.running_mean_std import RunningMeanStd
 
 from sb3_warmstart.normalize import ObsNormalizer
-from sb3_warmstart.set_policy import SET_POLICIES, SchemaMismatch, policy_for_spaces
+from sb3_warmstart.set_policy import SET_POLICIES, SchemaMismatch, clip_share, policy_for_spaces
 
 
 class PolicyRouter:
@@ -79,6 +79,7 @@ class PolicyRouter:
         self._trained = policy  # the replica-set policy as trained (for other widths)
         self._by_width = {shape: policy}
         self._checked_layouts: set[int] = set()
+        self._seen: list[np.ndarray] = []  # observations routed since clip_report()
 
     def reset(self, num_replicas: int, rng: np.random.Generator | None = None) -> None:
         """Start an episode on ``num_replicas`` replicas (must equal the action count, except
@@ -121,10 +122,29 @@ class PolicyRouter:
         self.policy, self.obs_shape = policy, shape
         self.num_actions = int(policy.action_space.n)
 
+    def clip_report(self) -> dict[str, float]:
+        """For a replica-set policy: the share of the decisions since the last call with any
+        input at the clip bound of its input scaling (and of all inputs); empty otherwise."""
+        seen, self._seen = self._seen, []
+        if not self.replica_set or not seen:
+            return {}
+        by_width: dict[tuple[int, ...], list[np.ndarray]] = {}
+        for obs in seen:
+            by_width.setdefault(obs.shape, []).append(obs)
+        rows = total = 0.0
+        inputs = 0.0
+        for shape, group in by_width.items():
+            share = clip_share(self._by_width[shape].features_extractor, np.stack(group))
+            rows += share["decisions_at_clip"] * len(group)
+            inputs += share["inputs_at_clip"] * len(group)
+            total += len(group)
+        return {"decisions_at_clip": rows / total, "inputs_at_clip": inputs / total}
+
     def select(self, view) -> int:
         """The replica for the pending request of ``view`` (a ``ClusterView``)."""
         if self.replica_set:
             self._adapt(view)
+            self._seen.append(np.asarray(view.obs, dtype=np.float32))
         obs = self.normalize(view.obs)
         if self.use_predict:
             return self._select_predict(obs)
