@@ -487,7 +487,7 @@ class EvaluationConfig:
     episodes: int = 3
     seed: int = 100_000
     routers: tuple[str, ...] = ()
-    episode_requests: int | None = 2000
+    episode_requests: int | None = 1000
 
     def __post_init__(self) -> None:
         require(self.episodes >= 1, "episodes", self.episodes, "must be >= 1")
