@@ -428,7 +428,7 @@ def build_report(run_dir: str | Path, config, session, monitor, *, pretrained=No
         return build_family_report(run_dir, config, learned, history,
                                    num_timesteps=int(model.num_timesteps), pretrained=pretrained,
                                    timings=timings, progress=progress)
-    env_config = config.env
+    env_config = config.evaluation_env
     if ev.episode_requests is not None:
         env_config = dataclasses.replace(env_config, episode_requests=ev.episode_requests)
     seeds = list(range(ev.seed, ev.seed + ev.episodes))
