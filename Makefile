@@ -1,6 +1,7 @@
 # One-command front door. `make run` sets up and runs the main job; `make test` sets up and
-# runs the tests (the training stack on gymnasium 0.29, then the env alone on gymnasium 1.x);
-# `make test-fast` is the edit loop (the suite without tests marked slow).
+# runs the tests (the training stack on gymnasium 0.29, then the env alone on gymnasium 1.x,
+# then RL Zoo on gymnasium 1.x); `make test-fast` is the edit loop (the suite without tests
+# marked slow). `make test-ray` (RLlib, Ray Tune; a 1.9 GB venv) is not part of `make test`.
 SHELL := /bin/bash
 .SHELLFLAGS := -o pipefail -c
 PYTHON ?= python3
@@ -72,7 +73,7 @@ run: setup
 compare: setup
 	$(PY) -m llm_cluster_env.compare $(ARGS)
 
-test: test-train test-gym1
+test: test-train test-gym1 test-zoo
 
 test-train: setup
 	$(PY) -m pytest -q
