@@ -13,8 +13,10 @@ there has no ``LLMCluster-v0`` and ``gym.make`` fails with ``NameNotFound: Envir
 
 Either way the workers need the package installed (``pip install llm-cluster-rl``, or
 ``runtime_env={"py_modules": [...]}`` on a cluster). Observations go through RLlib's
-``MeanStdFilter`` (their scales span 1e-3 to 1e2) and rewards are scaled by 0.01 (a
-512-request episode returns about -2,700 request-seconds unscaled); every finished episode's
+``MeanStdFilter`` (their scales span 1e-3 to 1e2); the environment settings and the short
+credit horizon (gamma 0.9, lambda 0.8) are those of ``configs/zoo/ppo.yml`` (why: README, RL
+Zoo), with rewards scaled by 0.01 (a 512-request episode returns about -2,700
+request-seconds unscaled) for RLlib's value function; every finished episode's
 mean E2E latency and dispatch balance (``info["metrics"]``) are logged as custom metrics.
 After training, the greedy policy is evaluated on ``--eval-episodes`` episodes and compared
 with ``lor`` on as many episodes of its own.
@@ -70,8 +72,11 @@ def build_config(args: argparse.Namespace):
     from ray.rllib.connectors.env_to_module.mean_std_filter import MeanStdFilter
     from ray.tune.registry import register_env
 
+    # the environment settings of configs/zoo/ppo.yml (see the README's RL Zoo section): the
+    # imbalance term gives each decision an immediate signal; rewards scaled to O(1)
     env_config = {"scenario": args.scenario, "episode_requests": args.episode_requests,
-                  "reward": {"scale": 0.01}}
+                  "reward": {"scale": 0.01, "imbalance_penalty": 20.0},
+                  "observation": {"dispatch_share_window": 16}}
     if args.registration == "register_env":
         register_env(ENV_NAME, make_env)
         env = ENV_NAME
@@ -85,7 +90,7 @@ def build_config(args: argparse.Namespace):
                      env_to_module_connector=lambda env, spaces=None, device=None:
                          MeanStdFilter())
         .learners(num_learners=0)
-        .training(lr=args.lr, gamma=0.99, lambda_=0.95,
+        .training(lr=args.lr, gamma=0.9, lambda_=0.8,
                   train_batch_size_per_learner=args.train_batch_size,
                   minibatch_size=min(256, args.train_batch_size), num_epochs=args.epochs,
                   entropy_coeff=0.0, vf_clip_param=100.0)
