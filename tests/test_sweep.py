@@ -83,6 +83,20 @@ def test_report_lists_every_trial_failed_ones_with_their_error(tmp_path):
     assert len(csv_lines) == 4 and csv_lines[0].startswith("trial,seed,status")
 
 
+def test_an_earlier_report_of_other_trials_is_moved_aside_not_overwritten(tmp_path):
+    sweep = _sweep()
+    first = sweep.build_trials(None, "default", sweep.parse_grid([], "0,1"), {})
+    sweep.write_report(tmp_path, first, {})
+    earlier = (tmp_path / "sweep_report.md").read_text()
+    sweep.write_report(tmp_path, first, {})  # the same sweep again: updated in place
+    assert not list(tmp_path.glob("previous-*"))
+    other = sweep.build_trials(None, "default", sweep.parse_grid([], "5"), {})
+    sweep.write_report(tmp_path, other, {})
+    (moved,) = tmp_path.glob("previous-*")
+    assert (moved / "sweep_report.md").read_text() == earlier
+    assert other[0].name in (tmp_path / "sweep_report.md").read_text()
+
+
 def test_max_concurrency_counts_overlapping_trials():
     sweep = _sweep()
     rows = [{"start_time": 0, "end_time": 5}, {"start_time": 1, "end_time": 3},

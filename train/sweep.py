@@ -222,9 +222,36 @@ def _fmt(value: Any) -> str:
     return "" if value is None else str(value)
 
 
+REPORT_FILES = ("sweep_report.md", "sweep_results.csv", "sweep_results.json")
+
+
+def keep_earlier_report(folder: Path, trial_names: list[str]) -> Path | None:
+    """Move an earlier sweep's report files aside to ``previous-<time>/`` when they list other
+    trials (a rerun of the same sweep updates its report in place); returns where."""
+    earlier = folder / "sweep_results.json"
+    if not earlier.is_file():
+        return None
+    try:
+        listed = [r["trial"] for r in json.loads(earlier.read_text())["trials"]]
+    except (ValueError, KeyError, TypeError):
+        listed = None
+    if listed == trial_names:
+        return None
+    target = folder / f"previous-{time.strftime('%Y%m%d-%H%M%S')}"
+    target.mkdir(parents=True, exist_ok=True)
+    for name in REPORT_FILES:
+        if (folder / name).exists():
+            (folder / name).rename(target / name)
+    return target
+
+
 def write_report(folder: Path, trials: list[Trial], rows: dict[str, dict[str, Any]]) -> dict:
     """``sweep_report.md``, ``sweep_results.csv`` and ``sweep_results.json`` in ``folder``:
-    one row per trial (``status`` ok or the error), then each trial's final table."""
+    one row per trial (``status`` ok or the error), then each trial's final table. An earlier
+    report of other trials is moved aside first (:func:`keep_earlier_report`)."""
+    moved = keep_earlier_report(folder, [t.name for t in trials])
+    if moved is not None:
+        print(f"[sweep] the earlier sweep's report (other trials) moved to {moved}", flush=True)
     axes = list(trials[0].overrides) if trials else []
     records = []
     for trial in trials:
@@ -293,8 +320,8 @@ def run_sweep(trials: list[Trial], output_dir: Path, *, address: str | None = No
             tune.with_resources(trainable, {"cpu": cpus_per_trial}),
             param_space={"trial": tune.grid_search([t.name for t in trials])},
             tune_config=tune.TuneConfig(max_concurrent_trials=len(trials)),
-            run_config=tune.RunConfig(name="tune", storage_path=str(output_dir),
-                                      verbose=1),
+            run_config=tune.RunConfig(name=f"tune-{time.strftime('%Y%m%d-%H%M%S')}",
+                                      storage_path=str(output_dir), verbose=1),
         )
         grid = tuner.fit()
         rows: dict[str, dict[str, Any]] = {}
