@@ -87,6 +87,9 @@ def build_config(args: argparse.Namespace):
         .environment(env, env_config=env_config)
         .env_runners(num_env_runners=args.env_runners, num_envs_per_env_runner=1,
                      num_cpus_per_env_runner=1, create_env_on_local_worker=True,
+                     # RLlib's 60 s default drops a runner's whole sample when a busy
+                     # machine makes it slower: the iteration then reports 0 env steps
+                     sample_timeout_s=args.sample_timeout,
                      env_to_module_connector=lambda env, spaces=None, device=None:
                          MeanStdFilter())
         .learners(num_learners=0)
@@ -97,6 +100,7 @@ def build_config(args: argparse.Namespace):
         .callbacks(episode_metrics_callback())
         .evaluation(evaluation_interval=None, evaluation_num_env_runners=0,
                     evaluation_duration=args.eval_episodes, evaluation_duration_unit="episodes",
+                    evaluation_sample_timeout_s=args.sample_timeout,
                     evaluation_config={"explore": False, "use_worker_filter_stats": False,
                                        "env_config": {
                         **env_config, "episode_requests": args.eval_episode_requests}})
@@ -138,6 +142,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--eval-episodes", type=int, default=2)
     parser.add_argument("--eval-episode-requests", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--sample-timeout", type=float, default=600.0,
+                        help="seconds an env runner may take to sample its share of a batch")
     parser.add_argument("--address", help="a running Ray cluster (default: a local Ray)")
     parser.add_argument("--num-cpus", type=int, help="CPUs of the local Ray (default: all)")
     parser.add_argument("--summary-json", help="also write the summary (training history, "
