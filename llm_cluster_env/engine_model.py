@@ -27,18 +27,17 @@ budget); ``T_pf(x)`` is ``ceil(x / cap)`` iterations each carrying a chunk of
   ``k``-th smallest expected remaining decode length among the running requests times ``t_d``
   (and ``E[O] * t_d / B`` per completion beyond them);
 * ``ttft = wait + T_pf(p)``;
-* ``delta = ttft + B * (T_pf(p) - n_pf * t_d) + own decode + co-runners' slow-down``. Over
-  the request's ``H = E[O | p] - 1`` decode iterations a decode iteration costs
-  ``a(B') + b(B') * context`` (the iteration-time model's decode segment at the batch it
-  would join, ``B' = B + queued + 1``). Each co-runner ``i`` (running or queued ahead) keeps
-  its context ``c_i`` growing by one token per iteration for its expected remaining
-  ``r_i`` tokens and is then replaced by a request of the workload's mean context (prompt
-  plus half the output): the batch stays full in a steady state instead of keeping today's
-  contexts for the whole horizon, which made replicas whose long requests are about to
-  finish look cheap. Own decode is ``H * a(B') + b(B') * (summed co-runner and own context
-  over H iterations)``; the slow-down is ``B'' * (H * (a(B') - a(B'')) + b(B') * own
-  context over H)`` for the ``B'' = B'-1`` co-runners. Under ``vllm_v0`` the ``B`` decoding
-  requests wait out the whole prefill.
+* ``delta = ttft + B * (T_pf(p) - n_pf * t_d) + H * t' + B'' * H * (t' - t'')``: over the
+  request's ``H = E[O | p] - 1`` decode iterations it decodes beside ``B'' = B + queued``
+  co-runners (the running requests and those queued ahead). Each co-runner keeps its context
+  growing by one token per iteration for its expected remaining tokens and is then replaced by
+  a request of the workload's mean context (prompt plus half the output): the batch stays full
+  in a steady state instead of keeping today's contexts for the whole horizon, which made
+  replicas whose long requests are about to finish look cheap. ``t'`` is the decode iteration
+  with ``B'' + 1`` requests at the co-runners' mean total context over the horizon plus the
+  request's own mean context, ``t''`` the same without the request; the iteration-time model
+  is non-decreasing in batch and context, so the co-runners' slow-down is never negative.
+  Under ``vllm_v0`` the ``B`` decoding requests wait out the whole prefill.
 
 Expected lengths come from :class:`OutputLengthPrior`: ``E[O | p]`` for the new request (mean
 output of its prompt-length decile) and ``E[O - g | O > g]`` for a request that has produced
@@ -200,34 +199,36 @@ class EngineModel:
         # own decoding, beside co-runners: the running requests and those queued ahead (admitted
         # first); each co-runner stays for its expected remaining tokens and is then replaced
         # by a request of the workload's mean context (the batch keeps its size in a steady
-        # state). Per iteration ``base + beta * context`` (the decode segment at the start).
+        # state). Decode iterations are costed at the mean context over our horizon.
         queued = len(replica.waiting)
         co_batch = batch + queued
         if co_batch >= replica.max_batch_size:
             co_batch = replica.max_batch_size - 1
         horizon = expected_out - 1.0 if expected_out > 1.0 else 0.0
-        steady = prior.mean_context
-        co_context = 0.0  # co-runners' context tokens summed over our ``horizon`` iterations
-        for r, c in zip(remaining, contexts):
-            m = r if r < horizon else horizon
-            co_context += m * c + 0.5 * m * (m - 1.0) + (horizon - m) * steady
-        if queued:
-            fresh = ahead / queued if ahead > 0 else steady
-            m = prior.mean_output if prior.mean_output < horizon else horizon
-            co_context += queued * (m * fresh + 0.5 * m * (m - 1.0) + (horizon - m) * steady)
-        start = context + ahead + prompt_tokens
-        base1, beta1, _ = latency.decode_segment(co_batch + 1, start)
-        own_context = horizon * prompt_tokens + 0.5 * horizon * (horizon - 1.0)
-        delta = ttft + horizon * base1 + beta1 * (co_context + own_context)
+        delta = ttft
         if batch:
             if v0:
                 delta += batch * own_prefill
             else:
                 extra = own_prefill - prefill_iterations * t_dec
                 delta += batch * extra if extra > 0.0 else 0.0
-        if co_batch:  # the co-runners' iterations are longer while we decode beside them
-            base0, _, _ = latency.decode_segment(co_batch, max(start - prompt_tokens, 1))
-            delta += co_batch * (horizon * (base1 - base0) + beta1 * own_context)
+        if horizon > 0.0:
+            steady = prior.mean_context
+            co_context = 0.0  # co-runners' context tokens summed over our ``horizon`` iterations
+            for r, c in zip(remaining, contexts):
+                m = r if r < horizon else horizon
+                co_context += m * c + 0.5 * m * (m - 1.0) + (horizon - m) * steady
+            if queued:
+                fresh = ahead / queued if ahead > 0 else steady
+                m = prior.mean_output if prior.mean_output < horizon else horizon
+                co_context += queued * (m * fresh + 0.5 * m * (m - 1.0) + (horizon - m) * steady)
+            mean_co = co_context / horizon
+            mean_own = prompt_tokens + 0.5 * (horizon - 1.0)
+            with_us = iteration_time(co_batch + 1, int(mean_co + mean_own + 0.5))
+            delta += horizon * with_us
+            if co_batch:  # the co-runners' iterations are longer while we decode beside them
+                without_us = iteration_time(co_batch, max(int(mean_co + 0.5), 1))
+                delta += co_batch * horizon * (with_us - without_us)
         return wait, ttft, delta
 
     def estimate_all(self, replicas: Sequence, now: float, prompt_tokens: int,
