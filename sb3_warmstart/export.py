@@ -33,7 +33,6 @@ and SB3 artefacts that load without this project.
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 import shutil
 import time
@@ -231,14 +230,13 @@ def write_onnx(spec: GraphSpec, sample: dict[str, np.ndarray], path: Path) -> No
     args = _example_inputs(spec, sample)
     batch = th.export.Dim("batch", min=1)
     shapes: dict[str, Any] = {}
-    for name, tensor in zip(spec.inputs, args):
+    for name in spec.inputs:
         if name == "replicas":
             shapes[name] = {0: batch, 1: th.export.Dim("replicas", min=1)}
         elif name.startswith("lstm"):
             shapes[name] = {1: batch}
         else:
             shapes[name] = {0: batch}
-    del tensor
     program = th.onnx.export(spec.module, args, dynamo=True, external_data=False,
                              input_names=list(spec.inputs), output_names=list(spec.outputs),
                              dynamic_shapes=shapes, opset_version=OPSET, verbose=False)
