@@ -216,10 +216,10 @@ class ExportedRouter:
         if not np.isfinite(matrix).all() or (matrix < 0).any():
             i, j = np.argwhere(~np.isfinite(matrix) | (matrix < 0))[0]
             raise RouterInputError(f"replica {i}: {self.replica_features[j]}="
-                                   f"{matrix[i, j]!r}: must be finite and >= 0")
+                                   f"{float(matrix[i, j])!r}: must be finite and >= 0")
         if not (matrix[:, self._presence] > 0).all():
             i = int(np.argmin(matrix[:, self._presence] > 0))
-            raise RouterInputError(f"replica {i}: speed_k={matrix[i, self._presence]!r}: must "
+            raise RouterInputError(f"replica {i}: speed_k={float(matrix[i, self._presence])!r}: must "
                                    "be > 0 (a replica with speed_k 0 reads as an empty slot)")
 
     def request_vector(self, request: Mapping[str, float]) -> np.ndarray:
@@ -241,7 +241,7 @@ class ExportedRouter:
             raise RouterInputError(f"request: {bad}={request[bad]!r}: not a number") from None
         if not np.isfinite(vector).all() or (vector < 0).any():
             j = int(np.argmax(~np.isfinite(vector) | (vector < 0)))
-            raise RouterInputError(f"request: {self.request_features[j]}={vector[j]!r}: must "
+            raise RouterInputError(f"request: {self.request_features[j]}={float(vector[j])!r}: must "
                                    "be finite and >= 0")
         return vector
 
