@@ -25,6 +25,7 @@ with ``history_window > 0`` are the router's own last decisions, kept here.
 from __future__ import annotations
 
 import json
+import math
 from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -159,8 +160,8 @@ class ExportedRouter:
             raise RouterInputError(
                 f"replicas: an array needs columns= naming its {replicas.shape[-1]} columns "
                 f"(the policy's per-replica features: {list(self.replica_features)})")
-        columns = tuple(columns)
-        if columns != self.replica_features:
+        if columns is not self.replica_features and tuple(columns) != self.replica_features:
+            columns = tuple(columns)
             self._schema_difference(columns)
         if replicas.ndim != 2 or replicas.shape[1] != len(self.replica_features):
             raise RouterInputError(f"replicas: shape {replicas.shape}, expected (N, "
@@ -213,37 +214,39 @@ class ExportedRouter:
         if self.fixed_replicas is not None and n != self.fixed_replicas:
             raise RouterInputError(f"replicas: {n} given, this (flat) policy routes exactly "
                                    f"{self.fixed_replicas}")
-        if not np.isfinite(matrix).all() or (matrix < 0).any():
-            i, j = np.argwhere(~np.isfinite(matrix) | (matrix < 0))[0]
-            raise RouterInputError(f"replica {i}: {self.replica_features[j]}="
-                                   f"{float(matrix[i, j])!r}: must be finite and >= 0")
-        if not (matrix[:, self._presence] > 0).all():
+        # fast path (three reductions): all >= 0 (NaN fails it), the sum finite (no inf), every
+        # replica present; the slow path finds and names the culprit
+        if not (matrix.min() >= 0 and math.isfinite(matrix.sum())
+                and matrix[:, self._presence].min() > 0):
+            bad = ~np.isfinite(matrix) | (matrix < 0)
+            if bad.any():
+                i, j = np.argwhere(bad)[0]
+                raise RouterInputError(f"replica {i}: {self.replica_features[j]}="
+                                       f"{float(matrix[i, j])!r}: must be finite and >= 0")
             i = int(np.argmin(matrix[:, self._presence] > 0))
-            raise RouterInputError(f"replica {i}: speed_k={float(matrix[i, self._presence])!r}: must "
-                                   "be > 0 (a replica with speed_k 0 reads as an empty slot)")
+            raise RouterInputError(f"replica {i}: speed_k={float(matrix[i, self._presence])!r}: "
+                                   "must be > 0 (a replica with speed_k 0 reads as an empty "
+                                   "slot)")
 
     def request_vector(self, request: Mapping[str, float]) -> np.ndarray:
         """The validated request/global features, float32 ``(T,)``."""
         try:
-            values = [request[f] for f in self.request_features]
+            values = [float(request[f]) for f in self.request_features]
         except KeyError:
             missing = [f for f in self.request_features if f not in request]
             raise RouterInputError(f"request: missing feature(s) {missing} (expected "
                                    f"{list(self.request_features)})") from None
-        unknown = sorted(set(request) - set(self.request_features))
-        if unknown:
+        except (TypeError, ValueError):
+            bad = next(f for f in self.request_features if not _is_number(request[f]))
+            raise RouterInputError(f"request: {bad}={request[bad]!r}: not a number") from None
+        if len(request) != len(values):
+            unknown = sorted(set(request) - set(self.request_features))
             raise RouterInputError(f"request: unknown feature(s) {unknown} (expected "
                                    f"{list(self.request_features)})")
-        try:
-            vector = np.asarray(values, dtype=np.float32)
-        except (TypeError, ValueError):
-            bad = next(f for f, v in zip(self.request_features, values) if not _is_number(v))
-            raise RouterInputError(f"request: {bad}={request[bad]!r}: not a number") from None
-        if not np.isfinite(vector).all() or (vector < 0).any():
-            j = int(np.argmax(~np.isfinite(vector) | (vector < 0)))
-            raise RouterInputError(f"request: {self.request_features[j]}={float(vector[j])!r}: must "
-                                   "be finite and >= 0")
-        return vector
+        for name, value in zip(self.request_features, values):
+            if not (value >= 0.0 and math.isfinite(value)):
+                raise RouterInputError(f"request: {name}={value!r}: must be finite and >= 0")
+        return np.asarray(values, dtype=np.float32)
 
     # ------------------------------------------------------------------ routing
     def decide(self, replicas: Sequence[Mapping[str, float]] | np.ndarray,

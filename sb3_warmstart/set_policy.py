@@ -106,6 +106,13 @@ class ReplicaSetExtractor(BaseFeaturesExtractor):
             replica_features else None
         self._rate = tail_features.index("global/arrival_rate") if "global/arrival_rate" in \
             tail_features else None
+        # one-hot of the columns made size-free (constants, not in the state dict)
+        self.register_buffer("share_column", th.zeros(per), persistent=False)
+        self.register_buffer("rate_column", th.zeros(tail), persistent=False)
+        if self._share is not None:
+            self.share_column[self._share] = 1.0
+        if self._rate is not None:
+            self.rate_column[self._rate] = 1.0
         # standardisation of the log1p-transformed inputs (fitted by fit_feature_scaling)
         self.register_buffer("replica_mean", th.zeros(per))
         self.register_buffer("replica_std", th.ones(per))
@@ -129,12 +136,12 @@ class ReplicaSetExtractor(BaseFeaturesExtractor):
         (an exported graph takes it as a dynamic axis)."""
         mask = (block[:, :, self._presence] > 0).to(block.dtype)
         count = mask.sum(dim=1, keepdim=True).clamp(min=1.0)
+        # one column scaled by the replica count: 1 + onehot * (count - 1) is exactly count
+        # there and exactly 1 elsewhere (no scatter: an exported graph stays small)
         if self._share is not None:
-            block = block.clone()
-            block[:, :, self._share] = block[:, :, self._share] * count
+            block = block * (1.0 + self.share_column * (count.unsqueeze(-1) - 1.0))
         if self._rate is not None:
-            tail = tail.clone()
-            tail[:, self._rate] = tail[:, self._rate] / count[:, 0]
+            tail = tail / (1.0 + self.rate_column * (count - 1.0))
         return th.log1p(block.clamp(min=0.0)), th.log1p(tail.clamp(min=0.0)), mask
 
     def transformed(self, obs: th.Tensor) -> tuple[th.Tensor, th.Tensor, th.Tensor]:
@@ -183,7 +190,6 @@ class ReplicaSetExtractor(BaseFeaturesExtractor):
         count = mask.sum(dim=1, keepdim=True).clamp(min=1.0)
         mean = h.sum(dim=1) / count
         maximum = h.masked_fill(mask.unsqueeze(-1) == 0, -1e4).max(dim=1).values
-        maximum = th.where(count > 0, maximum, th.zeros_like(maximum))
         summary = th.cat([mean, maximum, tail, th.log(count)], dim=1)
         return summary, h, mask
 

@@ -398,3 +398,23 @@ def test_saved_models_load_with_stock_sb3_where_the_project_is_not_importable(tm
                                        else "stable_baselines3.")
     assert theirs["actions"] == ours
     assert len(set(ours)) > 1  # the comparison is not trivially constant
+
+
+def test_the_graph_on_present_replicas_equals_the_policy_on_a_padded_observation():
+    """The runtime passes one row per replica present; training pads to a fixed slot count.
+    Both paths share the encoder and agree (the padded slots get probability 0)."""
+    from sb3_warmstart.export import SetPolicyGraph
+
+    env_kwargs = conv(6, observation={"replica_slots": 9})
+    policy = set_policy(ReplicaSetPolicy, env_kwargs)
+    obs, layout = sample_observations(env_kwargs, requests=80, seed=4)
+    graph = SetPolicyGraph(policy)
+    block = obs[:, : layout.replica_block].reshape(len(obs), 9, -1)
+    assert not block[:, 6:].any() and (block[:, :6, layout.column["speed_k"]] > 0).all()
+    tail = obs[:, layout.replica_block:layout.history_offset]
+    with th.no_grad():
+        padded = policy.get_distribution(th.as_tensor(obs)).distribution.probs.numpy()
+        _, present = graph(th.as_tensor(block[:, :6].copy()), th.as_tensor(tail))
+    np.testing.assert_allclose(present.numpy(), padded[:, :6], rtol=1e-5, atol=1e-7)
+    assert (padded[:, 6:] == 0).all()
+    assert (present.numpy().argmax(1) == padded.argmax(1)).mean() > 0.97
