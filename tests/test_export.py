@@ -418,3 +418,56 @@ def test_the_graph_on_present_replicas_equals_the_policy_on_a_padded_observation
     np.testing.assert_allclose(present.numpy(), padded[:, :6], rtol=1e-5, atol=1e-7)
     assert (padded[:, 6:] == 0).all()
     assert (present.numpy().argmax(1) == padded.argmax(1)).mean() > 0.97
+
+
+# --------------------------------------------------------------------------- end to end
+warmstart = load_script("warmstart")
+
+TINY_RUN = [
+    "--ppo-requests", "512", "--demo-steps", "384", "--bc-epochs", "2", "--no-progress",
+    "--set", "warm_start.demo_episode_requests=64",
+    "--set", "family_overrides={replicas: [2, 5], replica_slots: 6, episode_requests: 64, "
+             "capacity_requests: 200}",
+    "--set", "evaluation.episodes=1", "--set", "evaluation.episode_requests=40",
+    "--set", "evaluation.routers=[lor]",
+    "--set", "stabilization.stabilization_steps=128", "--set", "ppo.n_steps=64",
+    "--set", "ppo.batch_size=64", "--set", "ppo.n_envs=2", "--set", "ppo.set_embed_dim=16",
+    "--set", "ppo.set_hidden_dim=16", "--set", "checkpointing.checkpoint_interval=256",
+]
+
+
+@pytest.mark.slow
+def test_a_trained_run_exports_routes_as_in_the_simulator_and_loads_with_stock_sb3(
+        tmp_path, capsys):
+    from sb3_warmstart.ppo import KLPPO
+    from sb3_warmstart.router import load_policy_router
+
+    run = tmp_path / "run"
+    assert warmstart.main([*TINY_RUN, "--output-dir", str(run)])["finished"]
+    final_stats = json.loads((run / "final_vecnormalize.json").read_text())
+    assert final_stats["norm_obs"] is False and final_stats["format"] == "vecnormalize/json"
+    checkpoint = sorted((run / "checkpoints").glob("step_*"))[-1]
+    manifest = json.loads((checkpoint / "manifest.json").read_text())
+    assert "vecnormalize.json" in manifest["files"]
+
+    out = tmp_path / "export"
+    assert export_cli.main([str(run), "--out", str(out), "--sample-requests", "64"]) == 0
+    printed = capsys.readouterr().out
+    assert "replicas: any number" in printed and "greedy agreement 100%" in printed
+    runtime = ExportedRouter.load(out)
+    for replicas in (3, 7):
+        total, disagreements = compare_decisions(load_policy_router(run), runtime,
+                                                 conv(replicas), seeds=[901], requests=120)
+        assert_same_decisions(total, disagreements, 120)
+
+    obs, _ = sample_observations(conv(6, observation={"replica_slots": 6}), requests=40,
+                                 seed=5)
+    for model_zip in (run / "final_model.zip", checkpoint / "model.zip"):
+        ours = project_actions(KLPPO.load(model_zip, device="cpu"), obs)
+        work = tmp_path / model_zip.parent.name
+        work.mkdir(exist_ok=True)
+        theirs = load_without_project(work, out / "sb3", model_zip, "ppo", obs)
+        assert theirs["project_loaded"] == []
+        assert theirs["actions"] == ours
+    readme = (out / "sb3" / "README.md").read_text()
+    assert str(run / "final_model.zip") in readme and "custom_objects(path)" in readme
