@@ -289,9 +289,12 @@ class PolicyRoutingLogic:
     # ------------------------------------------------------------------ routing
     def route_request(self, endpoints: Sequence[Any], engine_stats: Mapping[str, Any],
                       request_stats: Mapping[str, Any], request: Any,
-                      request_json: Mapping[str, Any] | None = None) -> str:
+                      request_json: Mapping[str, Any] | None = None, *,
+                      request_id: str | None = None) -> str:
         """The url of the endpoint for ``request`` (production-stack's signature; the
-        request's JSON body as ``request_json``). Records the arrival and the dispatch."""
+        request's JSON body as ``request_json``). Records the arrival and the dispatch under
+        ``request_id`` (default: the ``X-Request-Id`` header, else a new id), the id the
+        progress hooks name."""
         if not endpoints:
             raise RouterInputError("endpoints: no endpoint to route to")
         urls = [e.url for e in endpoints]
@@ -319,17 +322,19 @@ class PolicyRoutingLogic:
         request_row = {f: features[f] for f in self.router.request_features}
         chosen = urls[self.router.route(rows, request_row)]
         self.last_features = {"replicas": dict(zip(urls, rows)), "request": request_row}
-        self._record_dispatch(chosen, prompt, request)
+        self._record_dispatch(chosen, prompt, request, request_id)
         return chosen
 
-    def _record_dispatch(self, url: str, prompt: int, request: Any) -> None:
+    def _record_dispatch(self, url: str, prompt: int, request: Any,
+                         request_id: str | None) -> None:
         self._recent.append(url)
         self._recent_counts[url] = self._recent_counts.get(url, 0) + 1
         if len(self._recent) > self.share_window:
             old = self._recent.popleft()
             self._recent_counts[old] -= 1
-        headers = getattr(request, "headers", None) or {}
-        request_id = headers.get("x-request-id") if hasattr(headers, "get") else None
+        if request_id is None:
+            headers = getattr(request, "headers", None) or {}
+            request_id = headers.get("x-request-id") if hasattr(headers, "get") else None
         request_id = str(request_id) if request_id else uuid.uuid4().hex
         self._in_flight.setdefault(url, {})[request_id] = _InFlight(prompt)
         self._prompts_routed += 1

@@ -142,7 +142,9 @@ def test_fabricated_stats_route_to_the_least_loaded_endpoint(runtime):
     assert row["est_wait_s"] == pytest.approx(1000 / 9000)
     assert row["dispatch_share"] == 1.0
     logic.on_tokens(endpoints[1].url, "r-1", 50)
-    logic.route_request(endpoints, engine, {}, Request({}), {"prompt_token_ids": [1]})
+    logic.route_request(endpoints, engine, {}, Request({}), {"prompt_token_ids": [1]},
+                        request_id="r-3")
+    assert logic.last_request_id == "r-3"
     row = logic.last_features["replicas"][endpoints[1].url]
     assert row["prefill_tokens_k"] == pytest.approx(0.3)  # r-1 decodes, r-2 still prefills
     assert row["decode_tokens_k"] == pytest.approx((1 * 200 - 50) / 1000)
