@@ -95,7 +95,8 @@ REPLICA_FEATURE_SPECS: dict[str, FeatureSpec] = {spec.name: spec for spec in (
     FeatureSpec("speed_k", "1k tokens/s", "decode throughput at the reference batch (32 "
                 "requests with 1,024 context tokens each); > 0 marks a present replica",
                 "static_hardware", "from profiling the endpoint's GPU and model (the "
-                "simulator's value for the same GPU/model is in the export's schema)"),
+                "simulator's value for the same GPU/model is in the export's schema.json, "
+                "reference_hardware)"),
     FeatureSpec("kv_capacity_k", "1k tokens", "KV-cache capacity", "static_hardware",
                 "num_gpu_blocks * block_size / 1000, both labels of the engine's "
                 "vllm:cache_config_info", "vllm:cache_config_info"),

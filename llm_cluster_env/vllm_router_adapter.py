@@ -36,7 +36,7 @@ feature                how it is obtained here
                        overestimates)
 ``dispatch_share``     exact: this router's last ``dispatch_share_window`` dispatches
 ``speed_k``,           static, from :class:`EndpointHardware` (profiling, or the simulator's
-``kv_capacity_k``      value for the same GPU/model in ``schema.json`` ``training_hardware``)
+``kv_capacity_k``      value for the same GPU/model in ``schema.json`` ``reference_hardware``)
 ``est_wait_s``,        **approximate** (the simulator's engine model needs every request's
 ``est_ttft_s``,        progress and the iteration-time model): with ``P`` the prefill tokens
 ``est_delta_s``        ahead, ``p`` the prompt, ``B`` the running requests, ``r`` the

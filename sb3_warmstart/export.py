@@ -17,9 +17,9 @@ and SB3 artefacts that load without this project.
 ``schema.json``
     the feature list (:func:`llm_cluster_env.feature_catalog.deployment_schema`: names in
     order, units, meaning, engine metric or router-computed, vLLM ``/metrics`` names), how the
-    replica count is handled, the tensors' names and shapes, the hardware features of the
-    training clusters, the export check (ONNX vs torch on observations of the training
-    environment) and provenance.
+    replica count is handled, the tensors' names and shapes, the simulator's static features
+    of every GPU it models for the training model (``reference_hardware``), the export check
+    (ONNX vs torch on observations of the training environment) and provenance.
 ``router_runtime.py``, ``vllm_router_adapter.py``
     copies of :mod:`llm_cluster_env.router_runtime` (numpy + onnxruntime) and
     :mod:`llm_cluster_env.vllm_router_adapter`, so the folder is all a deployment needs.
@@ -46,6 +46,7 @@ import numpy as np
 import torch as th
 from sb3_contrib.common.recurrent.policies import RecurrentActorCriticPolicy
 from stable_baselines3.common.policies import ActorCriticPolicy
+from stable_baselines3.common.torch_layers import FlattenExtractor
 from torch import nn
 
 from llm_cluster_env.atomic import atomic_write_json
@@ -199,16 +200,16 @@ def policy_graph(policy: ActorCriticPolicy, normalizer: ObsNormalizer | None = N
         module = RecurrentSetPolicyGraph(policy) if recurrent else SetPolicyGraph(policy)
         inputs: tuple[str, ...] = ("replicas", "request") + state_in
         kind = "replica_set"
-    elif type(policy).__name__ in ("TemperatureMlpPolicy", "TemperatureMlpLstmPolicy",
-                                   "ActorCriticPolicy", "MlpPolicy", "MlpLstmPolicy",
-                                   "RecurrentActorCriticPolicy"):
+    elif isinstance(policy, ActorCriticPolicy) and isinstance(
+            policy.pi_features_extractor, FlattenExtractor):
         module = (RecurrentFlatPolicyGraph(policy, normalizer) if recurrent
                   else FlatPolicyGraph(policy, normalizer))
         inputs = ("observation",) + state_in
         kind = "flat"
     else:
         raise ExportError(f"policy class {type(policy).__name__}: the export handles the "
-                          "replica-set policies and SB3's MLP / MLP-LSTM policies")
+                          "replica-set policies and SB3's MLP / MLP-LSTM policies (flat "
+                          "observations, FlattenExtractor)")
     module.eval()
     return GraphSpec(module, kind, recurrent, inputs, ("logits", "probabilities") + state_out,
                      lstm_shape)
@@ -313,21 +314,41 @@ def graph_inputs(spec: GraphSpec, observations: np.ndarray, layout) -> dict[str,
 
 
 # --------------------------------------------------------------------------- schema
+#: Prompt tokens of the prefill chunk the reference prefill throughput is timed at.
+PREFILL_REFERENCE_TOKENS = 2048
+
+
 def _hardware_table(env_kwargs: dict[str, Any]) -> list[dict[str, Any]]:
-    """The static per-replica features of the training cluster, per GPU and model (what the
-    simulator computes for them: reference values for a deployment's own hardware)."""
+    """The simulator's static per-replica features for every GPU it has coefficients for, for
+    the training cluster's model(s): reference values a deployment can use for its own
+    endpoints (``speed_k``, ``kv_capacity_k``, and ``prefill_tokens_per_s``: a 2,048-token
+    prefill chunk alone, for the adapter's engine-model approximation)."""
+    from dataclasses import replace
+
     from llm_cluster_env.env import LLMClusterEnv
+    from llm_cluster_env.observation import reference_decode_throughput
+    from llm_cluster_env.sim.latency import IterationTimeModel
 
     env = LLMClusterEnv(**dict(env_kwargs, episode_requests=2))
-    env.reset(seed=0)
-    view = env.view
-    rows: dict[tuple, dict[str, Any]] = {}
-    for i, cfg in enumerate(env.config.replica_configs):
-        key = (cfg.gpu, cfg.model, cfg.tensor_parallel)
-        rows[key] = {"gpu": cfg.gpu, "model": cfg.model, "tensor_parallel": cfg.tensor_parallel,
-                     "speed_k": float(view.column("speed_k")[i]),
-                     "kv_capacity_k": float(view.column("kv_capacity_k")[i])}
-    return list(rows.values())
+    trained = {(c.gpu, c.model, c.tensor_parallel) for c in env.config.replica_configs}
+    rows = []
+    for base in {c.model: c for c in env.config.replica_configs}.values():
+        for model, gpu, tp in IterationTimeModel.available():
+            if model != base.model:
+                continue
+            config = replace(base, gpu=gpu, tensor_parallel=tp, num_kv_blocks=None)
+            try:
+                blocks = config.kv_cache_blocks
+            except ValueError:  # the model does not fit that GPU
+                continue
+            latency = IterationTimeModel.for_replica(model, gpu, tp)
+            chunk = latency.iteration_time(0, 0, [(PREFILL_REFERENCE_TOKENS, 0)])
+            rows.append({"gpu": gpu, "model": model, "tensor_parallel": tp,
+                         "in_training_cluster": (gpu, model, tp) in trained,
+                         "speed_k": reference_decode_throughput(latency) / 1000.0,
+                         "kv_capacity_k": blocks * config.block_size / 1000.0,
+                         "prefill_tokens_per_s": PREFILL_REFERENCE_TOKENS / chunk})
+    return rows
 
 
 def _versions() -> dict[str, str]:
@@ -405,7 +426,7 @@ def build_schema(spec: GraphSpec, layout, *, source: str, hardware: list[dict[st
         "inputs": {name: tensors[name] for name in spec.inputs},
         "outputs": {name: outputs[name] for name in spec.outputs},
         "onnx": {"file": onnx_path.name, "opset": OPSET, "sha256": _sha256(onnx_path)},
-        "training_hardware": hardware,
+        "reference_hardware": hardware,
         "export_check": check,
         "provenance": {"source": source, "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ",
                                                                        time.gmtime()),
@@ -458,6 +479,7 @@ import pickletools
 import zipfile
 
 from stable_baselines3.common.policies import ActorCriticPolicy
+from stable_baselines3.common.torch_layers import FlattenExtractor
 from sb3_contrib.common.recurrent.policies import RecurrentActorCriticPolicy
 
 from .set_policy import RecurrentReplicaSetPolicy, ReplicaSetPolicy
@@ -538,9 +560,10 @@ path = "final_model.zip"                    # or checkpoints/step_<n>/model.zip
 model = PPO.load(path, custom_objects=custom_objects(path), device="cpu")
 ```
 
-`vecnormalize.json` holds the observation statistics the policy was trained with
-(`obs_rms.mean`, `obs_rms.var`, `clip_obs`, `epsilon`; `norm_obs: false` for the replica-set
-policies, which scale their inputs inside the network). An MLP policy acts on
+`vecnormalize.json` holds the observation statistics the policy acts with (`obs_rms.mean`,
+`obs_rms.var`, `clip_obs`, `epsilon`; `norm_obs: false` for the replica-set policies, which
+scale their inputs inside the network); the run folder's `final_vecnormalize.json` and each
+checkpoint's `vecnormalize.json` hold the whole `VecNormalize` (reward statistics too). An MLP policy acts on
 `clip((obs - mean) / sqrt(var + epsilon), -clip_obs, clip_obs)`, as `VecNormalize` computes.
 """
 
@@ -639,9 +662,12 @@ def export_policy(policy: ActorCriticPolicy, obs_rms: Any, env_kwargs: dict[str,
         atomic_write_json(tmp / SCHEMA_FILE, schema)
         for file in _runtime_sources():
             shutil.copy2(file, tmp / file.name)
-        norm_json: dict[str, Any] = {"norm_obs": False}
+        norm_json: dict[str, Any] = {"format": "vecnormalize/json", "format_version": 1,
+                                     "norm_obs": normalizer is not None}
         if normalizer is not None:
-            norm_json = {"norm_obs": True, **normalizer.to_dict()}
+            stats = normalizer.to_dict()
+            norm_json.update(clip_obs=stats["clip_obs"], epsilon=stats["epsilon"],
+                             obs_rms={k: stats[k] for k in ("mean", "var", "count")})
         write_sb3_artefacts(tmp, obs_normalizer_json=norm_json, model_files=model_files)
         if out.exists():
             old = out.with_name(f".{out.name}.old-{time.monotonic_ns()}")

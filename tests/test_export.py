@@ -184,6 +184,9 @@ def test_exported_mlp_policy_folds_vecnormalize_and_keeps_its_decision_history(t
     assert schema["replica_count"] == {"mode": "fixed", "replicas": 4,
                                        "text": schema["replica_count"]["text"]}
     assert list(schema["inputs"]) == ["observation"]
+    stats = json.loads((out / "sb3" / "vecnormalize.json").read_text())
+    assert stats["norm_obs"] and stats["clip_obs"] == 10.0
+    np.testing.assert_array_equal(stats["obs_rms"]["var"], normalizer.obs_rms.var)
     runtime = ExportedRouter.load(out)
     total, disagreements = compare_decisions(PolicyRouter(policy, normalizer.obs_rms), runtime,
                                              env_kwargs, seeds=[701, 702])
@@ -212,9 +215,12 @@ def test_schema_names_units_sources_and_vllm_metrics(set_export):
     assert schema["replica_count"]["mode"] == "dynamic"
     assert schema["inputs"]["replicas"]["shape"] == ["batch", "N", 11]
     assert schema["export_check"]["greedy_agreement"] == 1.0
-    assert schema["training_hardware"] == [
-        {"gpu": "a100", "model": "llama-2-7b", "tensor_parallel": 1,
-         "speed_k": pytest.approx(1.4307, abs=1e-3), "kv_capacity_k": pytest.approx(117.648)}]
+    hardware = schema["reference_hardware"]
+    assert [r for r in hardware if r["in_training_cluster"]] == [
+        {"gpu": "a100", "model": "llama-2-7b", "tensor_parallel": 1, "in_training_cluster": True,
+         "speed_k": pytest.approx(1.4307, abs=1e-3), "kv_capacity_k": pytest.approx(117.648),
+         "prefill_tokens_per_s": pytest.approx(12730, rel=1e-3)}]
+    assert {r["gpu"] for r in hardware} >= {"a100", "h100", "a40"}
     assert (out / "router_runtime.py").read_text().startswith('"""Route with an exported')
 
 
