@@ -472,6 +472,10 @@ class EnvConfig:
     :param reward: reward terms.
     :param slo: latency targets.
     :param episode_requests: requests per episode; after the last one the cluster drains.
+    :param step_limit: end an episode after this many steps (routed requests) with
+        ``truncated=True``, without draining, if its ``episode_requests`` are not all routed by
+        then; the requests still in the cluster stay unfinished. ``None``: no limit (episodes
+        end only by termination). ``env.spec.max_episode_steps`` reports it.
     :param simulation_mode: ``"jump"`` advances pure-decode stretches in closed form;
         ``"iteration"`` simulates every iteration. Both give the same timestamps (to 1e-9 s).
     :param check_invariants: verify KV-block and clock invariants after every event (slower).
@@ -486,6 +490,7 @@ class EnvConfig:
     reward: RewardConfig = field(default_factory=RewardConfig)
     slo: SLOConfig = field(default_factory=SLOConfig)
     episode_requests: int = 2000
+    step_limit: int | None = None
     simulation_mode: Literal["jump", "iteration"] = "jump"
     check_invariants: bool = False
 
@@ -494,6 +499,8 @@ class EnvConfig:
                 "must be in [1, 1024]")
         require(self.episode_requests >= 1, "episode_requests", self.episode_requests,
                 "must be >= 1 request")
+        if self.step_limit is not None:
+            require(self.step_limit >= 1, "step_limit", self.step_limit, "must be >= 1 step")
         if self.replicas:  # keep num_replicas truthful for heterogeneous clusters
             object.__setattr__(self, "num_replicas", len(self.replicas))
         slots = self.observation.replica_slots

@@ -232,8 +232,10 @@ def load_family(family: str | Mapping[str, Any] | ScenarioFamilyConfig,
 
 
 # --------------------------------------------------------------------------------- sampling
-class _BoundedCache(OrderedDict):
-    """A dict that forgets its oldest entries past ``maxsize`` (shared env parts)."""
+class SharedCache(OrderedDict):
+    """A dict of read-only env parts shared by the envs of one process (iteration-time models,
+    length samples, priors, service times) that forgets its oldest entries past ``maxsize``,
+    so a long run over a family's many length settings keeps its memory bounded."""
 
     def __init__(self, maxsize: int = 256) -> None:
         super().__init__()
@@ -268,7 +270,7 @@ class ScenarioSampler:
 
     def __init__(self, family: ScenarioFamilyConfig, shared_cache: dict | None = None) -> None:
         self.family = family
-        self.shared_cache = _BoundedCache() if shared_cache is None else shared_cache
+        self.shared_cache = SharedCache() if shared_cache is None else shared_cache
         self.capacities: dict[tuple, float] = {}
 
     def capacity(self, replica: ReplicaConfig, lengths: WorkloadConfig) -> float:
@@ -483,4 +485,5 @@ class ScenarioFamilyEnv(gym.Env):
 
 
 __all__ = ["ArrivalChoice", "LengthChoice", "ScenarioFamilyConfig", "ScenarioFamilyEnv",
-           "ScenarioSampler", "available_families", "family_layout", "load_family"]
+           "ScenarioSampler", "SharedCache", "available_families", "family_layout",
+           "load_family"]

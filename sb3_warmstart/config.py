@@ -482,15 +482,22 @@ class EvaluationConfig:
     :param episodes: episodes per router. :param seed: first held-out seed (training uses
         others). :param routers: heuristics to compare (empty = all).
     :param episode_requests: episode length for evaluation (None = the scenario's).
+    :param env_overrides: ``env_kwargs`` fields replaced for evaluation only (one-scenario
+        runs), e.g. ``{workload: {trace_rows: [8400, 12031]}}`` to evaluate on a part of a
+        trace that training never replayed.
     """
 
     episodes: int = 3
     seed: int = 100_000
     routers: tuple[str, ...] = ()
-    episode_requests: int | None = 2000
+    episode_requests: int | None = 1000
+    env_overrides: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         require(self.episodes >= 1, "episodes", self.episodes, "must be >= 1")
+        if self.env_overrides:
+            require(isinstance(self.env_overrides, dict), "env_overrides", self.env_overrides,
+                    "must be a mapping of env_kwargs fields")
         for name in self.routers:
             require(name in ROUTERS, "routers", name,
                     f"unknown router (known: {', '.join(ROUTERS)})")
@@ -542,6 +549,14 @@ class TrainingConfig:
         except TypeError as err:
             raise ConfigError(f"env_kwargs={self.env_kwargs!r}: {err}") from None
         object.__setattr__(self, "_env", env)  # built once; not a field (not compared, dumped)
+        evaluation_env = env
+        if self.evaluation.env_overrides:
+            try:
+                evaluation_env = EnvConfig.from_kwargs(
+                    **deep_merge(self.env_kwargs, self.evaluation.env_overrides))
+            except ConfigError as err:
+                raise ConfigError(f"evaluation.env_overrides.{err}") from None
+        object.__setattr__(self, "_evaluation_env", evaluation_env)
         family = None
         if self.family is not None:
             from llm_cluster_env.family import load_family
@@ -565,6 +580,11 @@ class TrainingConfig:
         """The training environment's configuration, resolved once from ``env_kwargs`` (the
         scenario trained on when there is no family)."""
         return self._env  # type: ignore[attr-defined]
+
+    @property
+    def evaluation_env(self) -> EnvConfig:
+        """The scenario the report evaluates on (``env`` with ``evaluation.env_overrides``)."""
+        return self._evaluation_env  # type: ignore[attr-defined]
 
     @property
     def family_config(self):

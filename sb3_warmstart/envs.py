@@ -28,7 +28,12 @@ from stable_baselines3.common.vec_env import DummyVecEnv, VecNormalize
 
 from llm_cluster_env.config import EnvConfig
 from llm_cluster_env.env import LLMClusterEnv
-from llm_cluster_env.family import ScenarioFamilyConfig, ScenarioFamilyEnv, family_layout
+from llm_cluster_env.family import (
+    ScenarioFamilyConfig,
+    ScenarioFamilyEnv,
+    SharedCache,
+    family_layout,
+)
 from llm_cluster_env.observation import ObservationLayout
 from sb3_warmstart.normalize import make_vec_normalize
 
@@ -123,7 +128,7 @@ def make_training_venv(spec: TrainingEnvSpec, *, seed: int, n_envs: int, gamma: 
         their inputs themselves). :param obs_rms: initial observation statistics (from
         behaviour cloning). :param freeze_obs: keep them fixed.
     """
-    cache: dict = {}
+    cache = SharedCache()
     venv = DummyVecEnv([functools.partial(make_env, spec, training_seed_sequence(seed, rank),
                                           cache)
                         for rank in range(n_envs)])

@@ -170,6 +170,22 @@ def plot_dispatch_distribution(rollout_rows: Sequence[Mapping[str, Any]], path: 
     plt.close(fig)
 
 
+#: At most this many training episodes are replayed with ``lor`` for the paired learning curve.
+PAIRED_EPISODES = 48
+
+
+def paired_episode_seeds(history: Sequence[Mapping[str, Any]],
+                         limit: int = PAIRED_EPISODES) -> list[int]:
+    """Seeds of at most ``limit`` training episodes, evenly spaced over training, that the
+    report replays with ``lor`` (the paired learning curve)."""
+    seeds = [int(r["episode_seed"]) for r in history
+             if r.get("kind") == "episode" and "episode_seed" in r]
+    if len(seeds) <= limit:
+        return seeds
+    picks = np.unique(np.linspace(0, len(seeds) - 1, limit).round().astype(int))
+    return [seeds[i] for i in picks]
+
+
 def heuristic_on_episodes(spec: EnvConfig | ScenarioFamilyConfig, router: str,
                           seeds: Sequence[int],
                           progress: Callable[[str], None] | None = None) -> dict[int, float]:
@@ -344,8 +360,7 @@ def build_family_report(run_dir: Path, config, learned: Mapping[str, Any],
         heuristics.insert(0, "lor")
     routers = {name: (lambda r=router: r) for name, router in learned.items()}
     routers.update({name: (lambda n=name: make_router(n)) for name in heuristics})
-    training_seeds = [int(r["episode_seed"]) for r in history
-                      if r.get("kind") == "episode" and "episode_seed" in r]
+    training_seeds = paired_episode_seeds(history)
     printer = ProgressPrinter("report", len(routers) * len(seeds) + len(training_seeds),
                               "episodes", enabled=progress)
     done = [0]
@@ -413,7 +428,7 @@ def build_report(run_dir: str | Path, config, session, monitor, *, pretrained=No
         return build_family_report(run_dir, config, learned, history,
                                    num_timesteps=int(model.num_timesteps), pretrained=pretrained,
                                    timings=timings, progress=progress)
-    env_config = config.env
+    env_config = config.evaluation_env
     if ev.episode_requests is not None:
         env_config = dataclasses.replace(env_config, episode_requests=ev.episode_requests)
     seeds = list(range(ev.seed, ev.seed + ev.episodes))
@@ -424,8 +439,7 @@ def build_report(run_dir: str | Path, config, session, monitor, *, pretrained=No
         obs_rms = pretrained.obs_rms if pretrained is not None else venv.obs_rms
         learned[CLONE_NAME] = PolicyRouter(reference, obs_rms, name=CLONE_NAME)
     history = monitor.history_rows() if monitor is not None else []
-    training_seeds = [int(r["episode_seed"]) for r in history
-                      if r.get("kind") == "episode" and "episode_seed" in r]
+    training_seeds = paired_episode_seeds(history)
     names = [*learned, *ev.router_names]
     printer = ProgressPrinter("report", len(names) * len(seeds) + len(training_seeds),
                               "episodes", enabled=progress)

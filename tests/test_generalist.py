@@ -124,3 +124,14 @@ def test_family_env_layout_is_the_policies_schema():
     policy.check_schema(layout.replica_features,
                         layout.names[layout.replica_block:layout.history_offset])
     assert np.shape(env.view.obs) == env.observation_space.shape
+
+
+def test_the_paired_learning_curve_replays_a_spread_of_training_episodes():
+    from sb3_warmstart.report import PAIRED_EPISODES, paired_episode_seeds
+
+    history = [{"kind": "episode", "episode_seed": 1000 + i} for i in range(200)]
+    history.insert(5, {"kind": "rollout"})
+    seeds = paired_episode_seeds(history)
+    assert len(seeds) == PAIRED_EPISODES and seeds[0] == 1000 and seeds[-1] == 1199
+    assert np.all(np.diff(seeds) >= 3)  # evenly spread, not the first 48
+    assert paired_episode_seeds(history[:10]) == [1000 + i for i in range(9)]
