@@ -15,8 +15,8 @@ writes (the export folder already holds a copy)::
 
 ``replicas`` may also be a float array ``(N, F)`` whose ``columns`` are given (they must be the
 schema's ``replica_features`` in order). Values are the units of ``schema.json`` (the feature
-table of :mod:`llm_cluster_env.observation`): finite and >= 0, ``speed_k`` > 0 for every
-replica. A replica-set policy routes any number of replicas; a flat (MLP) policy exactly the
+table of :mod:`llm_cluster_env.observation`): finite and >= 0 (the engine-model estimates
+``est_*`` finite of either sign), ``speed_k`` > 0 for every replica. A replica-set policy routes any number of replicas; a flat (MLP) policy exactly the
 number it was trained on, in the same order. Bad input raises :class:`RouterInputError` naming
 the replica, the feature and the value. The decision-history features of a flat policy trained
 with ``history_window > 0`` are the router's own last decisions, kept here.
@@ -98,6 +98,10 @@ class ExportedRouter:
         self._presence = self._column.get("speed_k")
         if self._presence is None:
             raise ExportFormatError("schema: the per-replica features lack speed_k (presence)")
+        #: Columns that may be negative: the engine-model estimates (the simulator's
+        #: ``est_delta_s`` can be; a replica-set policy reads every feature clamped at 0).
+        self._signed = np.array([e.get("source") == "engine_model"
+                                 for e in schema["replica_features"]])
         options = ort.SessionOptions()
         options.intra_op_num_threads = num_threads
         options.inter_op_num_threads = num_threads
@@ -215,18 +219,22 @@ class ExportedRouter:
             raise RouterInputError(f"replicas: {n} given, this (flat) policy routes exactly "
                                    f"{self.fixed_replicas}")
         # fast path (three reductions): all >= 0 (NaN fails it), the sum finite (no inf), every
-        # replica present; the slow path finds and names the culprit
+        # replica present; the slow path allows negative engine-model estimates and otherwise
+        # finds and names the culprit
         if not (matrix.min() >= 0 and math.isfinite(matrix.sum())
                 and matrix[:, self._presence].min() > 0):
-            bad = ~np.isfinite(matrix) | (matrix < 0)
+            finite = np.isfinite(matrix)
+            bad = ~finite | ((matrix < 0) & ~self._signed)
             if bad.any():
                 i, j = np.argwhere(bad)[0]
+                rule = "finite" if self._signed[j] else "finite and >= 0"
                 raise RouterInputError(f"replica {i}: {self.replica_features[j]}="
-                                       f"{float(matrix[i, j])!r}: must be finite and >= 0")
-            i = int(np.argmin(matrix[:, self._presence] > 0))
-            raise RouterInputError(f"replica {i}: speed_k={float(matrix[i, self._presence])!r}: "
-                                   "must be > 0 (a replica with speed_k 0 reads as an empty "
-                                   "slot)")
+                                       f"{float(matrix[i, j])!r}: must be {rule}")
+            if matrix[:, self._presence].min() <= 0:
+                i = int(np.argmin(matrix[:, self._presence] > 0))
+                raise RouterInputError(
+                    f"replica {i}: speed_k={float(matrix[i, self._presence])!r}: must be > 0 "
+                    "(a replica with speed_k 0 reads as an empty slot)")
 
     def request_vector(self, request: Mapping[str, float]) -> np.ndarray:
         """The validated request/global features, float32 ``(T,)``."""

@@ -254,6 +254,28 @@ def test_runtime_refuses_bad_stats_naming_replica_feature_and_value(set_export, 
         runtime.route(stats, request)
 
 
+def test_runtime_takes_negative_engine_model_estimates_but_not_other_negatives(set_export):
+    """The simulator's est_delta_s can be negative (its engine model compares decode
+    intercepts); the policy reads it clamped at 0, so the runtime routes on it."""
+    _, out, schema = set_export
+    runtime = ExportedRouter.load(out)
+    names = [f["name"] for f in schema["replica_features"]]
+    stats = [dict.fromkeys(names, 1.0) for _ in range(4)]
+    request = {"req/prompt_tokens_k": 1.0, "global/arrival_rate": 5.0}
+    stats[1]["est_delta_s"] = -2.5
+    clamped = [dict(s) for s in stats]
+    clamped[1]["est_delta_s"] = 0.0
+    np.testing.assert_array_equal(runtime.decide(stats, request).logits,
+                                  runtime.decide(clamped, request).logits)
+    stats[2]["est_wait_s"] = float("inf")
+    with pytest.raises(RouterInputError, match=r"replica 2: est_wait_s=inf: must be finite$"):
+        runtime.route(stats, request)
+    stats[2]["est_wait_s"], stats[3]["decode_tokens_k"] = 1.0, -0.5
+    with pytest.raises(RouterInputError, match="replica 3: decode_tokens_k=-0.5: must be "
+                                               "finite and >= 0"):
+        runtime.route(stats, request)
+
+
 def test_runtime_refuses_an_array_of_another_replica_schema(set_export):
     _, out, _ = set_export
     runtime = ExportedRouter.load(out)
