@@ -340,38 +340,46 @@ _BLOCKED_LOAD = textwrap.dedent('''
     from stable_baselines3 import PPO
     from sb3_contrib import RecurrentPPO
 
-    algorithm = {"ppo": PPO, "recurrent_ppo": RecurrentPPO}[sys.argv[3]]
-    model = algorithm.load(sys.argv[2], custom_objects=custom_objects(sys.argv[2]),
-                           device="cpu")
-    obs = np.load(sys.argv[4])
-    if sys.argv[3] == "recurrent_ppo":
-        actions, state = [], None
-        for i, row in enumerate(obs):
-            action, state = model.predict(row[None], state=state,
-                                          episode_start=np.array([i == 0]), deterministic=True)
-            actions.append(int(action[0]))
-    else:
-        actions = [int(a) for a in model.predict(obs, deterministic=True)[0]]
-    print(json.dumps({"policy": type(model.policy).__module__ + "." +
-                      type(model.policy).__name__, "actions": actions,
+    def actions_of(model_zip, algorithm, obs_file):
+        cls = {"ppo": PPO, "recurrent_ppo": RecurrentPPO}[algorithm]
+        model = cls.load(model_zip, custom_objects=custom_objects(model_zip), device="cpu")
+        obs = np.load(obs_file)
+        if algorithm == "recurrent_ppo":
+            actions, state = [], None
+            for i, row in enumerate(obs):
+                action, state = model.predict(row[None], state=state,
+                                              episode_start=np.array([i == 0]),
+                                              deterministic=True)
+                actions.append(int(action[0]))
+        else:
+            actions = [int(a) for a in model.predict(obs, deterministic=True)[0]]
+        return {"policy": type(model.policy).__module__ + "." + type(model.policy).__name__,
+                "actions": actions}
+
+    results = [actions_of(*job) for job in json.loads(sys.argv[2])]
+    print(json.dumps({"results": results,
                       "project_loaded": [m for m in sys.modules
                                          if m.split(".")[0] in ("sb3_warmstart",
                                                                 "llm_cluster_env")]}))
 ''')
 
 
-def load_without_project(tmp_path: Path, loader_dir: Path, model_zip: Path, algorithm: str,
-                         obs: np.ndarray) -> dict:
-    """Load ``model_zip`` with stock SB3 in a subprocess where the project cannot be imported,
-    and return its greedy actions on ``obs``."""
+def load_without_project(tmp_path: Path, loader_dir: Path,
+                         jobs: list[tuple[Path, str, np.ndarray]]) -> list[dict]:
+    """Load each ``(model_zip, algorithm, obs)`` with stock SB3 in one subprocess where the
+    project cannot be imported, and return each one's policy class and greedy actions."""
     script = tmp_path / "load.py"
     script.write_text(_BLOCKED_LOAD)
-    np.save(tmp_path / "obs.npy", obs)
-    done = subprocess.run([sys.executable, str(script), str(loader_dir), str(model_zip),
-                           algorithm, str(tmp_path / "obs.npy")], capture_output=True,
-                          text=True, timeout=300, cwd=tmp_path)
+    spec = []
+    for k, (model_zip, algorithm, obs) in enumerate(jobs):
+        np.save(tmp_path / f"obs{k}.npy", obs)
+        spec.append([str(model_zip), algorithm, str(tmp_path / f"obs{k}.npy")])
+    done = subprocess.run([sys.executable, str(script), str(loader_dir), json.dumps(spec)],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert out["project_loaded"] == []
+    return out["results"]
 
 
 def project_actions(model, obs: np.ndarray) -> list[int]:
@@ -385,26 +393,26 @@ def project_actions(model, obs: np.ndarray) -> list[int]:
     return [int(a) for a in model.predict(obs, deterministic=True)[0]]
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("kind", ["replica_set", "recurrent_replica_set", "mlp"])
-def test_saved_models_load_with_stock_sb3_where_the_project_is_not_importable(tmp_path, kind):
+def saved_model(tmp_path: Path, kind: str, env_kwargs: dict) -> tuple[Path, str, np.ndarray]:
+    """A tiny ``KLPPO``/``KLRecurrentPPO`` of ``kind`` saved to ``tmp_path``, and observations
+    to compare actions on: ``(model_zip, algorithm, obs)``."""
     from stable_baselines3.common.env_util import make_vec_env
 
     from sb3_warmstart.config import KLConfig
     from sb3_warmstart.ppo import KLPPO, KLRecurrentPPO
 
-    env_kwargs = conv(4)
     obs, layout = sample_observations(env_kwargs, requests=40, seed=2)
     venv = make_vec_env(LLMClusterEnv, n_envs=1, env_kwargs=dict(env_kwargs,
                                                                  episode_requests=20))
     tail = list(layout.names[layout.replica_block:])
     common = dict(n_steps=16, batch_size=16, n_epochs=1, kl=KLConfig(), seed=0, device="cpu")
+    recurrent = kind.startswith("recurrent")
     if kind == "mlp":  # acts on VecNormalize's output: standardise the sample the same way
         model = KLPPO(TemperatureMlpPolicy, venv, policy_kwargs={"net_arch": [16]}, **common)
         obs = ((obs - obs.mean(0)) / np.sqrt(obs.var(0) + 1e-8)).astype(np.float32)
     else:
-        cls = RecurrentReplicaSetPolicy if kind.startswith("recurrent") else ReplicaSetPolicy
-        algo = KLRecurrentPPO if kind.startswith("recurrent") else KLPPO
+        cls = RecurrentReplicaSetPolicy if recurrent else ReplicaSetPolicy
+        algo = KLRecurrentPPO if recurrent else KLPPO
         model = algo(cls, venv, policy_kwargs=dict(replica_features=layout.replica_features,
                                                    tail_features=tail, embed_dim=8,
                                                    hidden_dim=16), **common)
@@ -414,18 +422,26 @@ def test_saved_models_load_with_stock_sb3_where_the_project_is_not_importable(tm
             module = module[-1]
         if isinstance(module, nn.Linear):
             nn.init.orthogonal_(module.weight, gain=1.0)
-    model.save(tmp_path / "model.zip")
+    model.save(tmp_path / f"{kind}.zip")
+    return tmp_path / f"{kind}.zip", "recurrent_ppo" if recurrent else "ppo", obs
+
+
+@pytest.mark.slow
+def test_saved_models_load_with_stock_sb3_where_the_project_is_not_importable(tmp_path):
+    from sb3_warmstart.ppo import KLPPO, KLRecurrentPPO
+
+    kinds = ["replica_set", "recurrent_replica_set", "mlp"]
+    jobs = [saved_model(tmp_path, kind, conv(4)) for kind in kinds]
     loader = tmp_path / "sb3"
     write_sb3_loader(loader)
-    ours = project_actions(type(model).load(tmp_path / "model.zip", device="cpu"), obs)
-    theirs = load_without_project(tmp_path, loader, tmp_path / "model.zip",
-                                  "recurrent_ppo" if kind.startswith("recurrent") else "ppo",
-                                  obs)
-    assert theirs["project_loaded"] == []
-    assert theirs["policy"].startswith("router_policies." if kind != "mlp"
-                                       else "stable_baselines3.")
-    assert theirs["actions"] == ours
-    assert len(set(ours)) > 1  # the comparison is not trivially constant
+    theirs = load_without_project(tmp_path, loader, jobs)
+    for kind, (model_zip, algorithm, obs), loaded in zip(kinds, jobs, theirs):
+        algo = KLRecurrentPPO if algorithm == "recurrent_ppo" else KLPPO
+        ours = project_actions(algo.load(model_zip, device="cpu"), obs)
+        assert loaded["policy"].startswith("router_policies." if kind != "mlp"
+                                           else "stable_baselines3."), kind
+        assert loaded["actions"] == ours, kind
+        assert len(set(ours)) > 1, kind  # the comparison is not trivially constant
 
 
 def test_the_graph_on_present_replicas_equals_the_policy_on_a_padded_observation():
@@ -490,12 +506,9 @@ def test_a_trained_run_exports_routes_as_in_the_simulator_and_loads_with_stock_s
 
     obs, _ = sample_observations(conv(6, observation={"replica_slots": 6}), requests=40,
                                  seed=5)
-    for model_zip in (run / "final_model.zip", checkpoint / "model.zip"):
-        ours = project_actions(KLPPO.load(model_zip, device="cpu"), obs)
-        work = tmp_path / model_zip.parent.name
-        work.mkdir(exist_ok=True)
-        theirs = load_without_project(work, out / "sb3", model_zip, "ppo", obs)
-        assert theirs["project_loaded"] == []
-        assert theirs["actions"] == ours
+    zips = (run / "final_model.zip", checkpoint / "model.zip")
+    theirs = load_without_project(tmp_path, out / "sb3", [(z, "ppo", obs) for z in zips])
+    for model_zip, loaded in zip(zips, theirs):
+        assert loaded["actions"] == project_actions(KLPPO.load(model_zip, device="cpu"), obs)
     readme = (out / "sb3" / "README.md").read_text()
     assert str(run / "final_model.zip") in readme and "custom_objects(path)" in readme
