@@ -98,8 +98,9 @@ class ExportedRouter:
         self._presence = self._column.get("speed_k")
         if self._presence is None:
             raise ExportFormatError("schema: the per-replica features lack speed_k (presence)")
-        #: Columns that may be negative: the engine-model estimates (the simulator's
-        #: ``est_delta_s`` can be; a replica-set policy reads every feature clamped at 0).
+        #: Columns that may be negative: the engine-model estimates, which a deployment
+        #: approximates its own way (the simulator's are >= 0; a replica-set policy reads every
+        #: feature clamped at 0, so a negative estimate reads as 0).
         self._signed = np.array([e.get("source") == "engine_model"
                                  for e in schema["replica_features"]])
         options = ort.SessionOptions()
