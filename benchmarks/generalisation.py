@@ -155,8 +155,14 @@ def policy_summary(summaries: Mapping[str, dict[str, Any]], policy: str) -> str:
 
 
 def load_policy_routers(run_dirs: list[str]) -> dict[str, Callable[[], Any]]:
-    """Router factories of trained policies (run folders or model zips)."""
+    """Router factories of trained policies (run folders or model zips). Sets torch to one
+    thread: a batch-1 forward gains nothing from a second, and on a shared 2-core machine two
+    threads waiting on each other made each decision ~20x slower."""
+    import torch
+
     from sb3_warmstart.router import load_policy_router
+
+    torch.set_num_threads(1)
 
     factories: dict[str, Callable[[], Any]] = {}
     for path in run_dirs:
