@@ -21,6 +21,7 @@ from llm_cluster_env.routers import make_router
 from sb3_warmstart.bc import BCEpochMetrics, RouterTies, SequenceBC
 from sb3_warmstart.config import BCConfig, PPOConfig
 from sb3_warmstart.normalize import ReturnNormalizer, fit_obs_normalizer, fit_return_normalizer
+from sb3_warmstart.policies import clone_policy_class
 from sb3_warmstart.policy_io import build_model
 
 
@@ -97,7 +98,8 @@ def clone_demonstrations(
         policy_kwargs: dict[str, Any] = {}
     else:
         policy_kwargs = ppo.policy_kwargs()
-        model = build_model("MlpLstmPolicy" if recurrent else "MlpPolicy", env.observation_space,
+        model = build_model(clone_policy_class(ppo.recurrent_cell) if recurrent else "MlpPolicy",
+                            env.observation_space,
                             env.action_space, recurrent=recurrent, policy_kwargs=policy_kwargs,
                             seed=seed, algorithm_kwargs={"gamma": gamma})
     obs_rms = init_obs_rms if init_obs_rms is not None else fit_obs_normalizer(trajectories)

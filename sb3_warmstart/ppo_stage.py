@@ -31,6 +31,7 @@ from sb3_warmstart.checkpoint import (
 from sb3_warmstart.config import TrainingConfig
 from sb3_warmstart.envs import make_training_venv
 from sb3_warmstart.logs import make_run_logger
+from sb3_warmstart.policies import recurrent_policy_class
 from sb3_warmstart.ppo import KLPPO, KLRecurrentPPO
 from sb3_warmstart.progress import PPOProgress
 from sb3_warmstart.warm_start_stage import Pretrained
@@ -59,9 +60,13 @@ def session_fingerprint(config: TrainingConfig, venv) -> dict[str, Any]:
 def make_model(config: TrainingConfig, venv, *, warm: bool):
     """The algorithm; without a warm start there is no reference, so no reference KL."""
     ppo, adv = config.ppo, config.advanced_optimization
-    cls = KLRecurrentPPO if ppo.recurrent else KLPPO
+    if ppo.recurrent:
+        cls, policy, extra = (KLRecurrentPPO, recurrent_policy_class(ppo.recurrent_cell),
+                              {"sequence_length": ppo.sequence_length})
+    else:
+        cls, policy, extra = KLPPO, "TemperatureMlpPolicy", {}
     return cls(
-        "TemperatureMlpLstmPolicy" if ppo.recurrent else "TemperatureMlpPolicy", venv,
+        policy, venv, **extra,
         n_steps=ppo.n_steps, batch_size=ppo.batch_size, n_epochs=ppo.n_epochs,
         learning_rate=ppo.learning_rate, gamma=ppo.gamma, gae_lambda=ppo.gae_lambda,
         clip_range=ppo.clip_range, ent_coef=ppo.ent_coef, vf_coef=ppo.vf_coef,

@@ -66,7 +66,10 @@ def settings_hash(data: Any) -> str:
 
 def expected_architecture(ppo: PPOConfig) -> dict[str, Any]:
     """The policy architecture PPO will build (an external checkpoint must match it)."""
-    arch: dict[str, Any] = {"policy_class": "MlpLstmPolicy" if ppo.recurrent else "MlpPolicy",
+    from sb3_warmstart.policies import clone_policy_class
+
+    arch: dict[str, Any] = {"policy_class": (clone_policy_class(ppo.recurrent_cell)
+                                             if ppo.recurrent else "MlpPolicy"),
                             "net_arch": list(ppo.net_arch)}
     if ppo.recurrent:
         arch.update(lstm_hidden_size=ppo.lstm_hidden_size, n_lstm_layers=ppo.n_lstm_layers)
