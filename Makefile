@@ -1,17 +1,24 @@
 # One-command front door. `make run` sets up and runs the main job; `make test` sets up and
-# runs the tests (the training stack on gymnasium 0.29, then the env alone on gymnasium 1.x);
-# `make test-fast` is the edit loop (the suite without tests marked slow).
+# runs the tests (the training stack on gymnasium 0.29, then the env alone on gymnasium 1.x,
+# then RL Zoo on gymnasium 1.x); `make test-fast` is the edit loop (the suite without tests
+# marked slow). `make test-ray` (RLlib, Ray Tune; a 1.9 GB venv) is not part of `make test`.
 SHELL := /bin/bash
 .SHELLFLAGS := -o pipefail -c
 PYTHON ?= python3
 VENV ?= .venv
 VENV_GYM1 ?= .venv-gym1
+VENV_ZOO ?= .venv-zoo
+VENV_RAY ?= .venv-ray
 PY := $(VENV)/bin/python
 PY_GYM1 := $(VENV_GYM1)/bin/python
+PY_ZOO := $(VENV_ZOO)/bin/python
+PY_RAY := $(VENV_RAY)/bin/python
 # CPU build of torch, installed before the project so the range in pyproject.toml is already
 # satisfied (an unpinned torch would pull a multi-GB CUDA build).
 TORCH_VERSION ?= 2.13.0
 GYM1_VERSION ?= 1.2.2
+# Must match the ray extra of pyproject.toml (it pins gymnasium $(GYM1_VERSION)).
+RAY_VERSION ?= 2.60.0
 ARGS ?=
 # pip prints one line per package it fetches and installs (not its redrawn progress bars, which
 # show nothing useful in a log); the filter drops the "already satisfied" noise.
@@ -19,7 +26,7 @@ PIP_INSTALL = -m pip install --progress-bar off
 HEARTBEAT = scripts/with_heartbeat.sh "[setup]" bash -o pipefail -c
 PIP_SHOW = { grep --line-buffered -E "^(Collecting|Processing|Downloading|Installing|Successfully|ERROR)" || true; } | sed -u "s/^/  /"
 
-.PHONY: setup run compare test test-train test-fast test-gym1 lint clean
+.PHONY: setup run compare test test-train test-fast test-gym1 test-zoo test-ray lint clean
 
 $(VENV)/.installed: pyproject.toml
 	@echo "[setup] creating $(VENV) (first run only: about 3 minutes on 2 cores, mostly torch)"
@@ -38,6 +45,26 @@ $(VENV_GYM1)/.installed: pyproject.toml
 	$(HEARTBEAT) '$(PY_GYM1) $(PIP_INSTALL) "gymnasium==$(GYM1_VERSION)" -e ".[compare]" pytest 2>&1 | $(PIP_SHOW)'
 	touch $@
 
+# RL Zoo on gymnasium 1.x (rl_zoo3 needs shimmy 2, which imitation's gymnasium pin excludes).
+$(VENV_ZOO)/.installed: pyproject.toml
+	@echo "[setup] creating $(VENV_ZOO): RL Zoo on gymnasium $(GYM1_VERSION) (about 2 minutes)"
+	$(PYTHON) -m venv $(VENV_ZOO)
+	$(HEARTBEAT) '$(PY_ZOO) $(PIP_INSTALL) torch==$(TORCH_VERSION) 2>&1 | $(PIP_SHOW)'
+	$(HEARTBEAT) '$(PY_ZOO) $(PIP_INSTALL) "gymnasium==$(GYM1_VERSION)" -e ".[zoo,dev]" 2>&1 | $(PIP_SHOW)'
+	touch $@
+
+# Ray (RLlib, Tune) on the gymnasium it pins, with the training stack for the sweep; imitation
+# without its declared gymnasium 0.29 pin (--no-deps) plus the one package its data modules
+# import. Large (~1.7 GB): outside `make test`.
+$(VENV_RAY)/.installed: pyproject.toml
+	@echo "[setup] creating $(VENV_RAY): Ray $(RAY_VERSION) on gymnasium $(GYM1_VERSION) (about 5 minutes, ~1.7 GB)"
+	$(PYTHON) -m venv $(VENV_RAY)
+	$(HEARTBEAT) '$(PY_RAY) $(PIP_INSTALL) torch==$(TORCH_VERSION) 2>&1 | $(PIP_SHOW)'
+	$(HEARTBEAT) '$(PY_RAY) $(PIP_INSTALL) "gymnasium==$(GYM1_VERSION)" -e ".[ray,dev]" 2>&1 | $(PIP_SHOW)'
+	$(HEARTBEAT) '$(PY_RAY) $(PIP_INSTALL) --no-deps imitation==1.0.0 2>&1 | $(PIP_SHOW)'
+	$(HEARTBEAT) '$(PY_RAY) $(PIP_INSTALL) "datasets>=2.8" jsonpickle 2>&1 | $(PIP_SHOW)'
+	touch $@
+
 setup: $(VENV)/.installed
 
 run: setup
@@ -46,7 +73,7 @@ run: setup
 compare: setup
 	$(PY) -m llm_cluster_env.compare $(ARGS)
 
-test: test-train test-gym1
+test: test-train test-gym1 test-zoo
 
 test-train: setup
 	$(PY) -m pytest -q
@@ -57,8 +84,14 @@ test-fast: setup
 test-gym1: $(VENV_GYM1)/.installed
 	$(PY_GYM1) -m pytest -q -m "not train" -p no:cacheprovider
 
+test-zoo: $(VENV_ZOO)/.installed
+	$(PY_ZOO) -m pytest -q -m zoo -p no:cacheprovider
+
+test-ray: $(VENV_RAY)/.installed
+	$(PY_RAY) -m pytest -q -m ray -p no:cacheprovider
+
 lint: setup
-	$(PY) -m ruff check llm_cluster_env sb3_warmstart train benchmarks scripts tests
+	$(PY) -m ruff check llm_cluster_env sb3_warmstart train benchmarks scripts tests examples
 
 clean:
-	rm -rf $(VENV) $(VENV_GYM1) .pytest_cache
+	rm -rf $(VENV) $(VENV_GYM1) $(VENV_ZOO) $(VENV_RAY) .pytest_cache

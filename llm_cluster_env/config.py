@@ -267,6 +267,9 @@ class WorkloadConfig:
     :param trace_qps: rescale replayed arrival times to this mean rate; ``None`` keeps the
         trace's own timing.
     :param trace_start: first trace row of an episode; ``None`` draws a random start per episode.
+    :param trace_rows: ``(first, end)``: with a random start, every episode's window lies inside
+        trace rows ``[first, end)`` (no wrapping), so training and evaluation can use disjoint
+        parts of one trace; ``None``: windows start anywhere and wrap around.
     :param max_total_tokens: cap on prompt + output tokens; ``None`` uses the smallest context
         length and KV capacity among the replicas, so every request fits on every replica.
     :param oversize_policy: what happens to a request over the cap: ``"clip"`` (remove the
@@ -303,6 +306,7 @@ class WorkloadConfig:
     trace_path: str | None = None
     trace_qps: float | None = None
     trace_start: int | None = None
+    trace_rows: tuple[int, int] | None = None
     max_total_tokens: int | None = None
     oversize_policy: Literal["clip", "reject", "error"] = "clip"
     trace_format: Literal["auto", "csv", "mooncake"] = "auto"
@@ -337,6 +341,11 @@ class WorkloadConfig:
             require(self.trace_qps > 0, "trace_qps", self.trace_qps, "must be > 0 requests/s")
         if self.trace_start is not None:
             require(self.trace_start >= 0, "trace_start", self.trace_start, "must be >= 0")
+        if self.trace_rows is not None:
+            require(0 <= self.trace_rows[0] < self.trace_rows[1], "trace_rows", self.trace_rows,
+                    "must satisfy 0 <= first < end")
+            require(self.trace_start is None, "trace_rows", self.trace_rows,
+                    "conflicts with trace_start (a fixed window)")
         if self.max_total_tokens is not None:
             require(self.max_total_tokens >= 2, "max_total_tokens", self.max_total_tokens,
                     "must be >= 2 tokens")
@@ -463,6 +472,10 @@ class EnvConfig:
     :param reward: reward terms.
     :param slo: latency targets.
     :param episode_requests: requests per episode; after the last one the cluster drains.
+    :param step_limit: end an episode after this many steps (routed requests) with
+        ``truncated=True``, without draining, if its ``episode_requests`` are not all routed by
+        then; the requests still in the cluster stay unfinished. ``None``: no limit (episodes
+        end only by termination). ``env.spec.max_episode_steps`` reports it.
     :param simulation_mode: ``"jump"`` advances pure-decode stretches in closed form;
         ``"iteration"`` simulates every iteration. Both give the same timestamps (to 1e-9 s).
     :param check_invariants: verify KV-block and clock invariants after every event (slower).
@@ -477,6 +490,7 @@ class EnvConfig:
     reward: RewardConfig = field(default_factory=RewardConfig)
     slo: SLOConfig = field(default_factory=SLOConfig)
     episode_requests: int = 2000
+    step_limit: int | None = None
     simulation_mode: Literal["jump", "iteration"] = "jump"
     check_invariants: bool = False
 
@@ -485,6 +499,8 @@ class EnvConfig:
                 "must be in [1, 1024]")
         require(self.episode_requests >= 1, "episode_requests", self.episode_requests,
                 "must be >= 1 request")
+        if self.step_limit is not None:
+            require(self.step_limit >= 1, "step_limit", self.step_limit, "must be >= 1 step")
         if self.replicas:  # keep num_replicas truthful for heterogeneous clusters
             object.__setattr__(self, "num_replicas", len(self.replicas))
         slots = self.observation.replica_slots

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -74,8 +75,19 @@ class LLMClusterEnv(gym.Env):
     replica, scheduling delay, TTFT, E2E, TPOT, preemptions; columns
     :data:`~llm_cluster_env.sim.metrics.REQUEST_COLUMNS`, the same as the replay CSV), a
     :class:`~llm_cluster_env.sim.metrics.RequestRecords` that vector envs keep whole; see
-    :mod:`llm_cluster_env.sim.metrics`. Earlier steps return an empty ``info``. Never
-    truncated.
+    :mod:`llm_cluster_env.sim.metrics`. Earlier steps return an empty ``info``.
+
+    Truncated (``truncated=True``, ``terminated=False``) only with a step limit: after
+    ``step_limit`` steps (an :class:`~llm_cluster_env.config.EnvConfig` field, ``None`` by
+    default) when requests remain to be routed. The cluster is not drained, so the returned
+    observation is the state the episode would have continued from (what a learner bootstraps
+    its value on); ``info["metrics"]`` and ``info["requests"]`` cover the requests finished so
+    far and ``info["requests_in_flight"]`` counts the routed ones still unfinished.
+    ``env.spec.max_episode_steps`` reports the limit to wrappers and vector envs.
+    ``gym.make("LLMCluster-v0", max_episode_steps=n)`` (gymnasium's ``TimeLimit``) truncates
+    the same way, without those ``info`` entries. A vector env on gymnasium 1.x resets an
+    ended sub-environment on its *next* step, which ignores the action and returns reward 0:
+    mask that step (``docs/vector_envs.md``).
 
     ## Arguments
     ``gym.make("LLMCluster-v0", scenario=None, **kwargs)``: ``scenario`` names a packaged
@@ -88,6 +100,21 @@ class LLMClusterEnv(gym.Env):
     """
 
     metadata = {"render_modes": []}
+    _spec = None
+
+    @property
+    def spec(self):
+        """gymnasium's :class:`~gymnasium.envs.registration.EnvSpec` of this env, set by
+        ``gym.make``; its ``max_episode_steps`` is the configured ``step_limit`` unless
+        ``gym.make`` was given one."""
+        return self._spec
+
+    @spec.setter
+    def spec(self, value) -> None:
+        limit = self.config.step_limit if hasattr(self, "config") else None
+        if value is not None and limit is not None and value.max_episode_steps is None:
+            value = dataclasses.replace(value, max_episode_steps=limit)
+        self._spec = value
 
     def __init__(self, scenario: str | None = None, render_mode: str | None = None, *,
                  config: EnvConfig | None = None, shared_cache: dict | None = None,
@@ -140,6 +167,8 @@ class LLMClusterEnv(gym.Env):
         self._time_origin_s = 0.0
         self._obs = np.zeros(self.layout.size, dtype=np.float32)
         self.dispatch_counts = [0] * self.num_replicas
+        self._steps = 0
+        self._truncated = False
 
     def _feature_groups(self) -> list[ReplicaFeatureGroup]:
         """The optional per-replica feature groups this configuration switches on."""
@@ -190,13 +219,15 @@ class LLMClusterEnv(gym.Env):
         self.builder.reset()
         self.reward_function.reset()
         self.dispatch_counts = [0] * self.num_replicas
+        self._steps = 0
+        self._truncated = False
         self._pending = self.cluster.next_arrival()
         self._obs = self._observe()
         return self._obs, {}
 
     def step(self, action):
         request = self._pending
-        if request is None:
+        if request is None or self._truncated:
             raise RuntimeError("step() called after the episode ended (or before reset())")
         replica = self._replica_index(action)
         cluster = self.cluster
@@ -205,8 +236,11 @@ class LLMClusterEnv(gym.Env):
         cluster.dispatch(request, replica)
         self.builder.record_dispatch(replica, request)
         self.dispatch_counts[replica] += 1
+        self._steps += 1
         self._pending = cluster.next_arrival()
         terminated = self._pending is None
+        limit = self.config.step_limit
+        truncated = not terminated and limit is not None and self._steps >= limit
         if terminated:
             cluster.drain()
         reward = self.reward_function(
@@ -214,11 +248,14 @@ class LLMClusterEnv(gym.Env):
             self.builder.recent_counts)
         self._obs = self._observe()
         info: dict[str, Any] = {}
-        if terminated:
+        if terminated or truncated:
             latencies = self._latencies()
             info["metrics"] = self._metrics(latencies)
             info["requests"] = latencies.columns(self.caches_prefixes)
-        return self._obs, reward, terminated, False, info
+        if truncated:
+            self._truncated = True
+            info["requests_in_flight"] = self._steps - len(latencies)
+        return self._obs, reward, terminated, truncated, info
 
     # ----------------------------------------------------------------- helpers
     def _replica_index(self, action: Any) -> int:

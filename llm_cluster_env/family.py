@@ -232,8 +232,10 @@ def load_family(family: str | Mapping[str, Any] | ScenarioFamilyConfig,
 
 
 # --------------------------------------------------------------------------------- sampling
-class _BoundedCache(OrderedDict):
-    """A dict that forgets its oldest entries past ``maxsize`` (shared env parts)."""
+class SharedCache(OrderedDict):
+    """A dict of read-only env parts shared by the envs of one process (iteration-time models,
+    length samples, priors, service times) that forgets its oldest entries past ``maxsize``,
+    so a long run over a family's many length settings keeps its memory bounded."""
 
     def __init__(self, maxsize: int = 256) -> None:
         super().__init__()
@@ -268,7 +270,7 @@ class ScenarioSampler:
 
     def __init__(self, family: ScenarioFamilyConfig, shared_cache: dict | None = None) -> None:
         self.family = family
-        self.shared_cache = _BoundedCache() if shared_cache is None else shared_cache
+        self.shared_cache = SharedCache() if shared_cache is None else shared_cache
         self.capacities: dict[tuple, float] = {}
 
     def capacity(self, replica: ReplicaConfig, lengths: WorkloadConfig) -> float:
@@ -301,8 +303,7 @@ class ScenarioSampler:
         sigma = _grid(rng, choice.sigma, min(points, 3))
         return ({"lengths": "lognormal", "prompt_lognormal": (round(prompt, 1), sigma),
                  "output_lognormal": (round(output, 1), sigma)},
-                {"lengths": f"lognormal(prompt {prompt:.0f}, output {output:.0f}, "
-                            f"sigma {sigma:.2f})"})
+                {"lengths": f"lognormal(p~{prompt:.0f}, o~{output:.0f}, s{sigma:.2f})"})
 
     def _arrivals(self, rng: np.random.Generator, qps: float
                   ) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -406,7 +407,7 @@ class ScenarioFamilyEnv(gym.Env):
         self.render_mode = None
         self.family = load_family(family, overrides)
         self.sampler = ScenarioSampler(self.family, shared_cache)
-        layout = family_layout(self.family)
+        self._layout = layout = family_layout(self.family)
         self.observation_space = spaces.Box(0.0, np.inf, shape=(layout.size,), dtype=np.float32)
         self.action_space = spaces.Discrete(self.family.replica_slots)
         self.env: LLMClusterEnv | None = None
@@ -442,7 +443,9 @@ class ScenarioFamilyEnv(gym.Env):
 
     @property
     def layout(self) -> ObservationLayout:
-        return self._current().layout
+        """The layout every episode shares (``replica_slots`` slots; a view of an observation
+        finds the replicas present itself)."""
+        return self._layout
 
     @property
     def view(self):
@@ -482,4 +485,5 @@ class ScenarioFamilyEnv(gym.Env):
 
 
 __all__ = ["ArrivalChoice", "LengthChoice", "ScenarioFamilyConfig", "ScenarioFamilyEnv",
-           "ScenarioSampler", "available_families", "family_layout", "load_family"]
+           "ScenarioSampler", "SharedCache", "available_families", "family_layout",
+           "load_family"]

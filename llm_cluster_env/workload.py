@@ -754,7 +754,7 @@ class WorkloadGenerator:
         self.length_key = key = (
             "length_sample", self.max_total_tokens,
             dataclasses.replace(config, arrival="poisson", qps=1.0, cv=1.0, phases=(),
-                                trace_qps=None, trace_start=None))
+                                trace_qps=None, trace_start=None, trace_rows=None))
         cached = shared_cache.get(key) if shared_cache is not None else None
         if cached is None:
             cached = self._entering_lengths()
@@ -781,6 +781,9 @@ class WorkloadGenerator:
                 f"distinct arrival times to define a rate (found {len(trace)} rows spanning "
                 f"{trace.span_s} s)"
             )
+        if config.trace_rows is not None and config.trace_rows[0] >= len(trace):
+            raise ConfigError(f"workload.trace_rows={config.trace_rows!r}: starts past the last "
+                              f"row of {config.trace_path} ({len(trace)} rows)")
         if config.trace_start is not None and config.trace_start >= len(trace):
             raise ConfigError(f"workload.trace_start={config.trace_start!r}: past the last row of "
                               f"{config.trace_path} ({len(trace)} rows; valid 0..{len(trace) - 1})")
@@ -920,7 +923,14 @@ class WorkloadGenerator:
             return phase_arrivals(n, config.phases, config.cv, rng), None, None
         assert self._trace is not None
         start = config.trace_start
-        if start is None:
+        if start is None and config.trace_rows is not None:
+            first, end = config.trace_rows
+            end = min(end, len(self._trace))
+            if n > end - first:
+                raise ValueError(f"workload.trace_rows={config.trace_rows}: {end - first} rows "
+                                 f"of {config.trace_path} cannot hold an episode of {n} requests")
+            start = first + int(rng.integers(end - first - n + 1))
+        elif start is None:
             start = int(rng.integers(len(self._trace)))
         times, rows = trace_window(self._trace, n, start, config.trace_qps)
         return times, rows, (start + np.arange(n, dtype=np.int64)) // len(self._trace)

@@ -86,12 +86,15 @@ class BCPreset:
 
 
 PRESETS: Mapping[str, BCPreset] = MappingProxyType({
-    # The main job's defaults: 64-unit LSTM and layers, cosine learning rate.
-    "standard": BCPreset("standard", BCConfig()),
+    # 64-unit LSTM and layers over the flat observation (the single-scenario policy),
+    # cosine learning rate, 60 epochs.
+    "standard": BCPreset("standard", BCConfig(epochs=60),
+                         {"policy": "mlp", "algorithm": "recurrent_ppo"}),
     # High capacity: wider layers and LSTM, more epochs, longer sequences, weight decay.
     "enhanced": BCPreset("enhanced", BCConfig(epochs=100, sequence_length=64, learning_rate=1e-3,
                                               weight_decay=1e-4, ent_coef=1e-3),
-                         {"net_arch": (256, 256), "lstm_hidden_size": 256}),
+                         {"policy": "mlp", "algorithm": "recurrent_ppo",
+                          "net_arch": (256, 256), "lstm_hidden_size": 256}),
 })
 
 
@@ -284,7 +287,8 @@ class SequenceBC:
     :param return_normalizer: normalise rewards like ``VecNormalize(norm_reward=True)`` before
         discounting (``fit_return_normalizer``); ``None`` fits raw rewards.
     :param tied_choices: maps a raw observation to the actions the expert rule considers
-        equally good (e.g. :class:`RouterTies`), for tie-aware validation accuracy.
+        equally good (e.g. :class:`RouterTies`), for tie-aware validation accuracy; or one
+        such function per trajectory (demonstrations with a different expert per trajectory).
     :param progress: show the epochs' progress (a bar on a terminal, a line every 10 s when
         the output is piped; :mod:`sb3_warmstart.progress`).
     :param logger: SB3 logger; every epoch's metrics are recorded and dumped at step = epoch.
@@ -302,7 +306,8 @@ class SequenceBC:
         value_pretraining: bool,
         gamma: float,
         return_normalizer: ReturnNormalizer | None = None,
-        tied_choices: Callable[[np.ndarray], np.ndarray] | None = None,
+        tied_choices: Callable[[np.ndarray], np.ndarray]
+        | Sequence[Callable[[np.ndarray], np.ndarray]] | None = None,
         progress: bool = False,
         logger: Logger | None = None,
     ) -> None:
@@ -346,6 +351,9 @@ class SequenceBC:
         self.device = policy.device
 
         trajectories = list(trajectories)
+        if isinstance(tied_choices, Sequence) and len(tied_choices) != len(trajectories):
+            raise ValueError(f"tied_choices: {len(tied_choices)} tie rules for "
+                             f"{len(trajectories)} trajectories (one per trajectory)")
         self._check_trajectories(trajectories)
         n = len(trajectories)
         perm = rng.permutation(n)
@@ -409,9 +417,11 @@ class SequenceBC:
                     rews = self.return_normalizer(rews)
                 ret_parts.append(discounted_returns(rews, self.gamma))
             if with_ties and self.tied_choices is not None:
+                rule = (self.tied_choices[j] if isinstance(self.tied_choices, Sequence)
+                        else self.tied_choices)
                 ties = np.zeros((len(raw), self.num_actions), dtype=bool)
                 for t, row in enumerate(raw):
-                    ties[t, np.asarray(self.tied_choices(row), dtype=np.int64)] = True
+                    ties[t, np.asarray(rule(row), dtype=np.int64)] = True
                 tie_parts.append(ties)
         dim = self.policy.observation_space.shape
         pad_obs = np.zeros((1, *dim), np.float32)

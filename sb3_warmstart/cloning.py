@@ -20,9 +20,15 @@ from stable_baselines3.common.running_mean_std import RunningMeanStd
 from llm_cluster_env.routers import make_router
 from sb3_warmstart.bc import BCEpochMetrics, RouterTies, SequenceBC
 from sb3_warmstart.config import BCConfig, PPOConfig
-from sb3_warmstart.normalize import ReturnNormalizer, fit_obs_normalizer, fit_return_normalizer
+from sb3_warmstart.normalize import (
+    ReturnNormalizer,
+    acting_observations,
+    fit_obs_normalizer,
+    fit_return_normalizer,
+)
 from sb3_warmstart.policies import clone_policy_class
 from sb3_warmstart.policy_io import build_model
+from sb3_warmstart.set_policy import SET_POLICIES, policy_class_for
 
 
 @dataclass
@@ -30,7 +36,7 @@ class CloneResult:
     """What :func:`clone_demonstrations` produced."""
 
     model: BaseAlgorithm  # a RecurrentPPO/PPO whose ``.policy`` is the clone
-    obs_rms: RunningMeanStd
+    obs_rms: RunningMeanStd | None  # None: the policy scales its inputs (replica-set policies)
     return_normalizer: ReturnNormalizer | None
     history: list[BCEpochMetrics]
     summary: dict[str, Any] = field(default_factory=dict)
@@ -67,6 +73,7 @@ def clone_demonstrations(
     validation_fraction: float,
     value_pretraining: bool,
     expert: str | None = None,
+    experts: Sequence[str] | None = None,
     init_model: BaseAlgorithm | None = None,
     init_obs_rms: RunningMeanStd | None = None,
     logger=None,
@@ -84,6 +91,8 @@ def clone_demonstrations(
     :param validation_fraction: share of whole trajectories held out.
     :param value_pretraining: also fit the critic on discounted demo returns.
     :param expert: router name whose tie sets score tie-aware accuracy.
+    :param experts: one router name per trajectory instead (demonstrations of the best
+        heuristic per sampled scenario).
     :param init_model: fine-tune this model's policy instead of a fresh one (external
         checkpoints); its architecture is kept.
     :param init_obs_rms: observation statistics of ``init_model`` (kept when fine-tuning, so the
@@ -93,28 +102,42 @@ def clone_demonstrations(
     """
     recurrent = ppo.recurrent
     gamma = ppo.gamma
+    layout = env.unwrapped.layout
     if init_model is not None:
         model = init_model
         policy_kwargs: dict[str, Any] = {}
     else:
-        policy_kwargs = ppo.policy_kwargs()
-        model = build_model(clone_policy_class(ppo.recurrent_cell) if recurrent else "MlpPolicy",
-                            env.observation_space,
+        policy_kwargs = ppo.policy_kwargs(layout)
+        policy = (policy_class_for(True, recurrent, ppo.recurrent_cell) if ppo.replica_set
+                  else clone_policy_class(ppo.recurrent_cell) if recurrent else "MlpPolicy")
+        model = build_model(policy, env.observation_space,
                             env.action_space, recurrent=recurrent, policy_kwargs=policy_kwargs,
                             seed=seed, algorithm_kwargs={"gamma": gamma})
-    obs_rms = init_obs_rms if init_obs_rms is not None else fit_obs_normalizer(trajectories)
+    scaling: dict[str, float] = {}
+    if isinstance(model.policy, SET_POLICIES):
+        # the replica-set policies scale their inputs themselves (statistics fitted here,
+        # pooled over replicas); the observations reach them raw
+        obs_rms = None
+        if init_model is None:
+            scaling = model.policy.fit_feature_scaling(
+                np.concatenate([acting_observations(t) for t in trajectories]))
+    else:
+        obs_rms = init_obs_rms if init_obs_rms is not None else fit_obs_normalizer(trajectories)
     value_pretraining = value_pretraining and all(
         getattr(t, "rews", None) is not None for t in trajectories)
     returns = (fit_return_normalizer(trajectories, gamma)
                if value_pretraining and ppo.norm_reward else None)
-    layout = env.unwrapped.layout
+    sample = np.asarray(trajectories[0].obs)[0]
+    if experts is not None:
+        ties = [tie_scorer(name, layout, sample) for name in experts]
+        ties = ties if all(t is not None for t in ties) else None
+    else:
+        ties = tie_scorer(expert, layout, sample)
     trainer = SequenceBC(policy=model.policy, trajectories=trajectories,
                          rng=np.random.default_rng(seed), obs_normalizer=obs_rms, config=bc,
                          validation_fraction=validation_fraction,
                          value_pretraining=value_pretraining, gamma=gamma,
-                         return_normalizer=returns,
-                         tied_choices=tie_scorer(expert, layout,
-                                                 np.asarray(trajectories[0].obs)[0]),
+                         return_normalizer=returns, tied_choices=ties,
                          progress=progress, logger=logger)
     history = trainer.train()
     final = history[-1]
@@ -131,6 +154,7 @@ def clone_demonstrations(
         "expert_share": list(val.expert_share) if val else None,
         "bc_seconds": sum(m.wall_time_s for m in history),
         "fine_tuned": init_model is not None,
+        **{f"input_scaling_{k}": v for k, v in scaling.items()},
     }
     return CloneResult(model=model, obs_rms=obs_rms, return_normalizer=returns, history=history,
                        summary=summary, training_kwargs=dataclasses.asdict(bc),

@@ -41,8 +41,12 @@ DEFAULT_PROFILE = "default"
 class PPOConfig:
     """The PPO algorithm and its policy network.
 
-    :param algorithm: ``recurrent_ppo`` (KLRecurrentPPO, LSTM or GRU policy) or ``ppo``
-        (KLPPO, MLP policy).
+    :param algorithm: ``ppo`` (KLPPO, a feed-forward policy) or ``recurrent_ppo``
+        (KLRecurrentPPO, an LSTM or GRU policy; see ``recurrent_cell`` and ``sequence_length``).
+    :param policy: ``replica_set`` (one network scores every replica, so one policy routes
+        any number of replicas and any GPU mix: :mod:`sb3_warmstart.set_policy`; needed to
+        train across a scenario family) or ``mlp`` (SB3's ``MlpPolicy``/``MlpLstmPolicy``
+        over the flat observation, tied to one replica count).
     :param n_envs: parallel environments (DummyVecEnv).
     :param n_steps: steps per environment per rollout.
     :param batch_size: minibatch size (steps). Recurrent PPO with ``sequence_length``: whole
@@ -65,9 +69,12 @@ class PPOConfig:
         length). ``null``: sb3-contrib's own minibatches (steps through the sequences one time
         step at a time; exactly stock RecurrentPPO with the extras off; ~5x slower to train).
     :param norm_reward: normalise rewards with VecNormalize.
+    :param set_embed_dim: ``replica_set``: size of each replica's encoding.
+    :param set_hidden_dim: ``replica_set``: hidden width of its encoder and heads.
     """
 
-    algorithm: Literal["recurrent_ppo", "ppo"] = "recurrent_ppo"
+    algorithm: Literal["recurrent_ppo", "ppo"] = "ppo"
+    policy: Literal["replica_set", "mlp"] = "replica_set"
     n_envs: int = 4
     n_steps: int = 128
     batch_size: int = 128
@@ -86,9 +93,12 @@ class PPOConfig:
     recurrent_cell: Literal["lstm", "gru"] = "lstm"
     sequence_length: int | None = 32
     norm_reward: bool = True
+    set_embed_dim: int = 64
+    set_hidden_dim: int = 64
 
     def __post_init__(self) -> None:
-        for name in ("n_envs", "n_steps", "n_epochs", "lstm_hidden_size", "n_lstm_layers"):
+        for name in ("n_envs", "n_steps", "n_epochs", "lstm_hidden_size", "n_lstm_layers",
+                     "set_embed_dim", "set_hidden_dim"):
             require(getattr(self, name) >= 1, name, getattr(self, name), "must be >= 1")
         require(self.recurrent_cell in ("lstm", "gru"), "recurrent_cell", self.recurrent_cell,
                 "must be 'lstm' or 'gru'")
@@ -112,10 +122,24 @@ class PPOConfig:
         """Env steps per rollout (all environments)."""
         return self.n_envs * self.n_steps
 
-    def policy_kwargs(self) -> dict[str, Any]:
-        """SB3 ``policy_kwargs`` of this architecture (``MlpLstmPolicy`` or ``MlpPolicy``)."""
-        kwargs: dict[str, Any] = {"net_arch": {"pi": list(self.net_arch),
-                                               "vf": list(self.net_arch)}}
+    @property
+    def replica_set(self) -> bool:
+        return self.policy == "replica_set"
+
+    def policy_kwargs(self, layout=None) -> dict[str, Any]:
+        """SB3 ``policy_kwargs`` of this architecture: ``MlpLstmPolicy``/``MlpPolicy``, or
+        the replica-set policies, whose feature names come from the env's observation
+        ``layout`` (an :class:`~llm_cluster_env.observation.ObservationLayout`)."""
+        if self.replica_set:
+            if layout is None:
+                raise ValueError("ppo.policy='replica_set': policy_kwargs needs the env's "
+                                 "observation layout")
+            kwargs: dict[str, Any] = {
+                "replica_features": list(layout.replica_features),
+                "tail_features": list(layout.names[layout.replica_block:layout.history_offset]),
+                "embed_dim": self.set_embed_dim, "hidden_dim": self.set_hidden_dim}
+        else:
+            kwargs = {"net_arch": {"pi": list(self.net_arch), "vf": list(self.net_arch)}}
         if self.recurrent:
             kwargs.update(lstm_hidden_size=self.lstm_hidden_size, n_lstm_layers=self.n_lstm_layers)
         return kwargs
@@ -184,10 +208,18 @@ class WarmStartConfig:
         instead of cloning from scratch; validated against the env, copied into the run folder.
     :param skip_bc_training: with ``external_pretrain``: use it as is (else BC fine-tunes it on
         fresh demos).
+    :param demo_candidates: training across a family: the routers tried on every sampled
+        scenario, in order of preference; the best one's episode is the demonstration
+        (:mod:`sb3_warmstart.family_demos`). ``demo_policies`` applies to one scenario.
+    :param demo_margin: relative mean-E2E margin within which an earlier candidate counts as
+        the best (keeps near-ties from switching the expert between similar scenarios).
     """
 
     enabled: bool = True
     demo_policies: dict[str, float] = field(default_factory=lambda: {"lor": 1.0})
+    demo_candidates: tuple[str, ...] = ("least_added_time", "lor", "weighted_lor",
+                                        "least_work_time", "llm_d")
+    demo_margin: float = 0.005
     demo_steps: int = 16384
     demo_episode_requests: int = 256
     imbalance: bool = False
@@ -204,6 +236,16 @@ class WarmStartConfig:
                     f"unknown router (known: {', '.join(ROUTERS)})")
             require(weight > 0 and math.isfinite(weight), f"demo_policies.{name}", weight,
                     "weight must be > 0")
+        require(bool(self.demo_candidates), "demo_candidates", self.demo_candidates,
+                "needs at least one router")
+        for name in self.demo_candidates:
+            require(name in ROUTERS, "demo_candidates", name,
+                    f"unknown router (known: {', '.join(ROUTERS)})")
+            require(not ROUTERS[name].requires_context, "demo_candidates", name,
+                    "needs the simulator's state; demonstrations come from routers that read "
+                    "the observation")
+        require(0.0 <= self.demo_margin < 1.0, "demo_margin", self.demo_margin,
+                "must be in [0, 1)")
         require(self.demo_steps >= 1, "demo_steps", self.demo_steps, "must be >= 1")
         require(self.demo_episode_requests >= 8, "demo_episode_requests",
                 self.demo_episode_requests, "must be >= 8")
@@ -235,7 +277,7 @@ class BCConfig:
         and to all others (``None`` disables clipping).
     """
 
-    epochs: int = 60
+    epochs: int = 20
     batch_size: int = 16
     sequence_length: int = 32
     learning_rate: float = 2e-3
@@ -461,15 +503,22 @@ class EvaluationConfig:
     :param episodes: episodes per router. :param seed: first held-out seed (training uses
         others). :param routers: heuristics to compare (empty = all).
     :param episode_requests: episode length for evaluation (None = the scenario's).
+    :param env_overrides: ``env_kwargs`` fields replaced for evaluation only (one-scenario
+        runs), e.g. ``{workload: {trace_rows: [8400, 12031]}}`` to evaluate on a part of a
+        trace that training never replayed.
     """
 
     episodes: int = 3
     seed: int = 100_000
     routers: tuple[str, ...] = ()
-    episode_requests: int | None = 2000
+    episode_requests: int | None = 1000
+    env_overrides: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         require(self.episodes >= 1, "episodes", self.episodes, "must be >= 1")
+        if self.env_overrides:
+            require(isinstance(self.env_overrides, dict), "env_overrides", self.env_overrides,
+                    "must be a mapping of env_kwargs fields")
         for name in self.routers:
             require(name in ROUTERS, "routers", name,
                     f"unknown router (known: {', '.join(ROUTERS)})")
@@ -484,11 +533,18 @@ class TrainingConfig:
     """Everything ``train/warmstart.py`` runs.
 
     :param seed: seeds demos, BC, PPO and the environments.
-    :param env_kwargs: ``LLMCluster-v0`` keyword arguments for training.
+    :param family: train across this scenario family, a new scenario every episode
+        (a packaged name from ``llm_cluster_env/families`` or a YAML path; see
+        :mod:`llm_cluster_env.family`); ``None`` trains on ``env_kwargs`` alone.
+    :param family_overrides: fields of the family replaced (``{replicas: [2, 8]}``).
+    :param env_kwargs: ``LLMCluster-v0`` keyword arguments: the training scenario when
+        ``family`` is ``None``.
     :param total_requests: PPO budget in env steps (routed requests), all environments.
     """
 
     seed: int = 0
+    family: str | None = "generalist"
+    family_overrides: dict[str, Any] = field(default_factory=dict)
     env_kwargs: dict[str, Any] = field(default_factory=lambda: {
         "scenario": "a100x4_conv_70", "episode_requests": 512})
     total_requests: int = 98304
@@ -514,11 +570,47 @@ class TrainingConfig:
         except TypeError as err:
             raise ConfigError(f"env_kwargs={self.env_kwargs!r}: {err}") from None
         object.__setattr__(self, "_env", env)  # built once; not a field (not compared, dumped)
+        evaluation_env = env
+        if self.evaluation.env_overrides:
+            try:
+                evaluation_env = EnvConfig.from_kwargs(
+                    **deep_merge(self.env_kwargs, self.evaluation.env_overrides))
+            except ConfigError as err:
+                raise ConfigError(f"evaluation.env_overrides.{err}") from None
+        object.__setattr__(self, "_evaluation_env", evaluation_env)
+        family = None
+        if self.family is not None:
+            from llm_cluster_env.family import load_family
+
+            try:
+                family = load_family(self.family, self.family_overrides)
+            except ConfigError as err:
+                message = str(err).removeprefix("family.")
+                raise ConfigError(f"family_overrides.{message}" if self.family_overrides
+                                  else str(err)) from None
+            require(self.ppo.replica_set, "ppo.policy", self.ppo.policy,
+                    f"family={self.family!r} trains one policy on clusters of "
+                    f"{family.replicas[0]}-{family.replicas[1]} replicas: use 'replica_set' "
+                    "(or family: null to train on env_kwargs alone)")
+        elif self.family_overrides:
+            raise ConfigError(f"family_overrides={self.family_overrides!r}: needs a family")
+        object.__setattr__(self, "_family", family)
 
     @property
     def env(self) -> EnvConfig:
-        """The training environment's configuration, resolved once from ``env_kwargs``."""
+        """The training environment's configuration, resolved once from ``env_kwargs`` (the
+        scenario trained on when there is no family)."""
         return self._env  # type: ignore[attr-defined]
+
+    @property
+    def evaluation_env(self) -> EnvConfig:
+        """The scenario the report evaluates on (``env`` with ``evaluation.env_overrides``)."""
+        return self._evaluation_env  # type: ignore[attr-defined]
+
+    @property
+    def family_config(self):
+        """The resolved :class:`~llm_cluster_env.family.ScenarioFamilyConfig`, or ``None``."""
+        return self._family  # type: ignore[attr-defined]
 
     def with_overrides(self, overrides: Mapping[str, Any]) -> TrainingConfig:
         """A copy with ``overrides`` (nested dict) merged in and validated again."""
@@ -534,6 +626,8 @@ class TrainingConfig:
         ``env`` is the resolved environment (so an edited scenario file counts as a change)."""
         identity = {k: v for k, v in to_dict(self).items() if k not in RUN_ONLY_SECTIONS}
         identity["env"] = to_dict(self.env)
+        if self.family_config is not None:
+            identity["family"] = to_dict(self.family_config)
         return identity
 
 

@@ -8,8 +8,9 @@ environment (e.g. by a sampler over a family of scenarios) touches this module o
   reports it in the final step's ``info["episode_seed"]``, so any training episode can be
   replayed (the report runs ``lor`` on exactly the arrivals each training episode saw).
 * :func:`make_base_env` builds the simulator from the config: the one place an environment is
-  made (demonstrations wrap it for imitation, PPO for SB3). A sampler over a family of
-  scenarios replaces this function.
+  made (demonstrations wrap it for imitation, PPO for SB3): one scenario
+  (``LLMCluster-v0``), or a scenario family that draws a new cluster and workload every
+  episode (``LLMClusterFamily-v0``, :mod:`llm_cluster_env.family`).
 * :func:`make_env` wraps it for training; :func:`make_training_venv` builds the PPO's
   ``VecNormalize(DummyVecEnv)``.
 """
@@ -17,6 +18,7 @@ environment (e.g. by a sampler over a family of scenarios) touches this module o
 from __future__ import annotations
 
 import functools
+from typing import TYPE_CHECKING
 
 import gymnasium as gym
 import numpy as np
@@ -26,7 +28,17 @@ from stable_baselines3.common.vec_env import DummyVecEnv, VecNormalize
 
 from llm_cluster_env.config import EnvConfig
 from llm_cluster_env.env import LLMClusterEnv
+from llm_cluster_env.family import (
+    ScenarioFamilyConfig,
+    ScenarioFamilyEnv,
+    SharedCache,
+    family_layout,
+)
+from llm_cluster_env.observation import ObservationLayout
 from sb3_warmstart.normalize import make_vec_normalize
+
+if TYPE_CHECKING:
+    from sb3_warmstart.config import TrainingConfig
 
 _MAX_SEED = 2**63 - 1
 #: ``spawn_key`` of the training environments' episode seeds (demos use other streams).
@@ -70,29 +82,55 @@ def training_seed_sequence(seed: int, rank: int) -> np.random.SeedSequence:
     return np.random.SeedSequence(seed, spawn_key=(TRAINING_STREAM, rank))
 
 
-def make_base_env(config: EnvConfig) -> gym.Env:
-    """The environment ``config`` describes (``LLMCluster-v0``), before any wrapper."""
-    return LLMClusterEnv(config=config)
+TrainingEnvSpec = EnvConfig | ScenarioFamilyConfig
 
 
-def make_env(config: EnvConfig, seed_sequence: np.random.SeedSequence) -> gym.Env:
+def training_env_spec(config: TrainingConfig) -> TrainingEnvSpec:
+    """What the run trains on: its scenario family, or its one scenario."""
+    return config.family_config if config.family_config is not None else config.env
+
+
+def make_base_env(spec: TrainingEnvSpec, shared_cache: dict | None = None) -> gym.Env:
+    """The environment ``spec`` describes, before any wrapper: ``LLMCluster-v0`` for one
+    scenario, ``LLMClusterFamily-v0`` (a new scenario every episode) for a family.
+    ``shared_cache`` shares read-only parts between environments of one process."""
+    if isinstance(spec, ScenarioFamilyConfig):
+        return ScenarioFamilyEnv(spec, shared_cache=shared_cache)
+    return LLMClusterEnv(config=spec, shared_cache=shared_cache)
+
+
+def training_layout(spec: TrainingEnvSpec) -> ObservationLayout:
+    """The observation layout of every training episode (a family's episodes share one)."""
+    if isinstance(spec, ScenarioFamilyConfig):
+        return family_layout(spec)
+    return LLMClusterEnv(config=spec).layout
+
+
+def make_env(spec: TrainingEnvSpec, seed_sequence: np.random.SeedSequence,
+             shared_cache: dict | None = None) -> gym.Env:
     """One training environment: :func:`make_base_env`, every episode seeded from
     ``seed_sequence``, inside SB3's ``Monitor`` (episode returns and lengths)."""
-    return Monitor(EpisodeSeedWrapper(make_base_env(config), seed_sequence))
+    return Monitor(EpisodeSeedWrapper(make_base_env(spec, shared_cache), seed_sequence))
 
 
-def make_training_venv(config: EnvConfig, *, seed: int, n_envs: int, gamma: float,
-                       norm_reward: bool, obs_rms: RunningMeanStd | None = None,
+def make_training_venv(spec: TrainingEnvSpec, *, seed: int, n_envs: int, gamma: float,
+                       norm_reward: bool, norm_obs: bool = True,
+                       obs_rms: RunningMeanStd | None = None,
                        freeze_obs: bool = False) -> VecNormalize:
     """PPO's environments: ``n_envs`` of :func:`make_env` in a ``DummyVecEnv`` (checkpoints
-    pickle them), wrapped in :func:`~sb3_warmstart.normalize.make_vec_normalize`.
+    pickle them; they share one cache of read-only env parts), wrapped in
+    :func:`~sb3_warmstart.normalize.make_vec_normalize`.
 
-    :param config: the training environment. :param seed: the run's seed.
-    :param n_envs: parallel environments. :param gamma: discount of the reward normaliser.
-    :param norm_reward: normalise rewards. :param obs_rms: initial observation statistics
-        (from behaviour cloning). :param freeze_obs: keep them fixed.
+    :param spec: the training environment (:func:`training_env_spec`).
+    :param seed: the run's seed. :param n_envs: parallel environments.
+    :param gamma: discount of the reward normaliser. :param norm_reward: normalise rewards.
+    :param norm_obs: normalise observations (False for the replica-set policies, which scale
+        their inputs themselves). :param obs_rms: initial observation statistics (from
+        behaviour cloning). :param freeze_obs: keep them fixed.
     """
-    venv = DummyVecEnv([functools.partial(make_env, config, training_seed_sequence(seed, rank))
+    cache = SharedCache()
+    venv = DummyVecEnv([functools.partial(make_env, spec, training_seed_sequence(seed, rank),
+                                          cache)
                         for rank in range(n_envs)])
     return make_vec_normalize(venv, gamma=gamma, obs_rms=obs_rms, freeze_obs=freeze_obs,
-                              norm_reward=norm_reward)
+                              norm_reward=norm_reward, norm_obs=norm_obs)

@@ -106,6 +106,7 @@ def make_vec_normalize(
     obs_rms: RunningMeanStd | None = None,
     freeze_obs: bool = False,
     norm_reward: bool = True,
+    norm_obs: bool = True,
     clip_obs: float = VECNORMALIZE_CLIP_OBS,
     clip_reward: float = VECNORMALIZE_CLIP_REWARD,
 ) -> VecNormalize:
@@ -119,6 +120,8 @@ def make_vec_normalize(
     :param freeze_obs: start with the observation statistics frozen (requires ``obs_rms``:
         freezing the default statistics would disable normalisation).
     :param norm_reward: normalise rewards by the running std of the discounted return.
+    :param norm_obs: normalise observations (``False``: they pass through; for policies that
+        scale their inputs themselves, such as the replica-set policies).
     :param clip_obs: normalised observations are clipped to ``[-clip_obs, clip_obs]`` (std units).
     :param clip_reward: normalised rewards are clipped to ``[-clip_reward, clip_reward]``.
     :return: a ``VecNormalize`` in training mode whose ``obs_rms`` is a
@@ -133,7 +136,7 @@ def make_vec_normalize(
     if freeze_obs and obs_rms is None:
         raise ValueError("freeze_obs=True needs obs_rms: frozen default statistics "
                          "(mean 0, var 1) would leave observations unnormalised")
-    vec_normalize = VecNormalize(venv, training=True, norm_obs=True, norm_reward=norm_reward,
+    vec_normalize = VecNormalize(venv, training=True, norm_obs=norm_obs, norm_reward=norm_reward,
                                  clip_obs=clip_obs, clip_reward=clip_reward, gamma=gamma)
     shape = vec_normalize.observation_space.shape
     if obs_rms is None:

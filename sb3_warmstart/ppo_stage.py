@@ -29,11 +29,11 @@ from sb3_warmstart.checkpoint import (
     restore_pending_log_values,
 )
 from sb3_warmstart.config import TrainingConfig
-from sb3_warmstart.envs import make_training_venv
+from sb3_warmstart.envs import make_training_venv, training_env_spec, training_layout
 from sb3_warmstart.logs import make_run_logger
-from sb3_warmstart.policies import recurrent_policy_class
 from sb3_warmstart.ppo import KLPPO, KLRecurrentPPO
 from sb3_warmstart.progress import PPOProgress
+from sb3_warmstart.set_policy import policy_class_for
 from sb3_warmstart.warm_start_stage import Pretrained
 
 log = logging.getLogger("sb3_warmstart.pipeline")
@@ -52,7 +52,7 @@ class TrainingInterrupted(RuntimeError):
 def session_fingerprint(config: TrainingConfig, venv) -> dict[str, Any]:
     """What a checkpoint must match to be resumed: the run's training identity and the
     environment's observation schema and action count."""
-    layout = venv.venv.envs[0].unwrapped.layout
+    layout = training_layout(training_env_spec(config))
     return {"training": config.training_identity(), "schema": layout.schema(),
             "actions": int(venv.action_space.n)}
 
@@ -60,19 +60,19 @@ def session_fingerprint(config: TrainingConfig, venv) -> dict[str, Any]:
 def make_model(config: TrainingConfig, venv, *, warm: bool):
     """The algorithm; without a warm start there is no reference, so no reference KL."""
     ppo, adv = config.ppo, config.advanced_optimization
+    layout = training_layout(training_env_spec(config)) if ppo.replica_set else None
     if ppo.recurrent:
-        cls, policy, extra = (KLRecurrentPPO, recurrent_policy_class(ppo.recurrent_cell),
-                              {"sequence_length": ppo.sequence_length})
+        cls, extra = KLRecurrentPPO, {"sequence_length": ppo.sequence_length}
     else:
-        cls, policy, extra = KLPPO, "TemperatureMlpPolicy", {}
+        cls, extra = KLPPO, {}
     return cls(
-        policy, venv, **extra,
+        policy_class_for(ppo.replica_set, ppo.recurrent, ppo.recurrent_cell), venv, **extra,
         n_steps=ppo.n_steps, batch_size=ppo.batch_size, n_epochs=ppo.n_epochs,
         learning_rate=ppo.learning_rate, gamma=ppo.gamma, gae_lambda=ppo.gae_lambda,
         clip_range=ppo.clip_range, ent_coef=ppo.ent_coef, vf_coef=ppo.vf_coef,
         max_grad_norm=(ppo.max_grad_norm if adv.gradient_optimization.clip_by_global_norm
                        else float("inf")),
-        target_kl=ppo.target_kl, policy_kwargs=ppo.policy_kwargs(), seed=config.seed,
+        target_kl=ppo.target_kl, policy_kwargs=ppo.policy_kwargs(layout), seed=config.seed,
         device="cpu", kl=config.kl if warm else config.kl.without_reference(),
         optimization=adv, schedule_total_timesteps=config.total_requests)
 
@@ -93,10 +93,11 @@ def build_session(config: TrainingConfig, pretrained: Pretrained | None, *,
         extra = {"warm_start": pretrained.source if pretrained else None,
                  "update_obs_stats": update_obs}
     ppo = config.ppo
-    venv = make_training_venv(config.env, seed=config.seed, n_envs=ppo.n_envs, gamma=ppo.gamma,
-                              norm_reward=ppo.norm_reward,
-                              obs_rms=pretrained.obs_rms if pretrained else None,
-                              freeze_obs=pretrained is not None and not update_obs)
+    norm_obs = not ppo.replica_set  # the replica-set policies scale their inputs themselves
+    venv = make_training_venv(training_env_spec(config), seed=config.seed, n_envs=ppo.n_envs,
+                              gamma=ppo.gamma, norm_reward=ppo.norm_reward, norm_obs=norm_obs,
+                              obs_rms=pretrained.obs_rms if pretrained and norm_obs else None,
+                              freeze_obs=norm_obs and pretrained is not None and not update_obs)
     if pretrained is not None and pretrained.return_normalizer is not None:
         stats = pretrained.return_normalizer.ret_rms
         venv.ret_rms.mean, venv.ret_rms.var = np.array(stats.mean), np.array(stats.var)

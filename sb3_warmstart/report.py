@@ -21,7 +21,6 @@ import numpy as np
 
 from llm_cluster_env.atomic import atomic_write_json, atomic_write_text
 from llm_cluster_env.config import EnvConfig
-from llm_cluster_env.env import LLMClusterEnv
 from llm_cluster_env.evaluation import (
     RouterResult,
     evaluate_routers,
@@ -30,7 +29,9 @@ from llm_cluster_env.evaluation import (
     run_episode,
     write_csv,
 )
-from llm_cluster_env.routers import make_router
+from llm_cluster_env.family import ScenarioFamilyConfig, ScenarioFamilyEnv
+from llm_cluster_env.routers import CACHE_AWARE_ROUTERS, ROUTERS, make_router
+from sb3_warmstart.envs import make_base_env, training_env_spec
 from sb3_warmstart.router import PolicyRouter
 
 POLICY_NAME = "ppo"
@@ -169,11 +170,28 @@ def plot_dispatch_distribution(rollout_rows: Sequence[Mapping[str, Any]], path: 
     plt.close(fig)
 
 
-def heuristic_on_episodes(env_config: EnvConfig, router: str, seeds: Sequence[int],
+#: At most this many training episodes are replayed with ``lor`` for the paired learning curve.
+PAIRED_EPISODES = 48
+
+
+def paired_episode_seeds(history: Sequence[Mapping[str, Any]],
+                         limit: int = PAIRED_EPISODES) -> list[int]:
+    """Seeds of at most ``limit`` training episodes, evenly spaced over training, that the
+    report replays with ``lor`` (the paired learning curve)."""
+    seeds = [int(r["episode_seed"]) for r in history
+             if r.get("kind") == "episode" and "episode_seed" in r]
+    if len(seeds) <= limit:
+        return seeds
+    picks = np.unique(np.linspace(0, len(seeds) - 1, limit).round().astype(int))
+    return [seeds[i] for i in picks]
+
+
+def heuristic_on_episodes(spec: EnvConfig | ScenarioFamilyConfig, router: str,
+                          seeds: Sequence[int],
                           progress: Callable[[str], None] | None = None) -> dict[int, float]:
-    """Mean E2E of a heuristic on each episode seed (the same arrivals the training episode with
-    that seed saw: :class:`sb3_warmstart.envs.EpisodeSeedWrapper`)."""
-    env = LLMClusterEnv(config=env_config)
+    """Mean E2E of a heuristic on each episode seed (the same scenario and arrivals the training
+    episode with that seed saw: :class:`sb3_warmstart.envs.EpisodeSeedWrapper`)."""
+    env = make_base_env(spec)
     out = {}
     for seed in seeds:
         out[int(seed)] = float(run_episode(env, make_router(router), int(seed))[0]["e2e_mean"])
@@ -258,6 +276,141 @@ def write_report(folder: str | Path, results: Mapping[str, RouterResult], *, tit
     return summary
 
 
+def scenario_label(scenario: Mapping[str, Any]) -> str:
+    """A short description of a drawn scenario (``ScenarioFamilyEnv.scenario``)."""
+    gpus = "+".join(f"{n}x{g}" for g, n in scenario.get("gpus", {}).items())
+    return (f"{gpus} {scenario.get('lengths', '')} {scenario.get('arrival', '')} "
+            f"load {scenario.get('load', float('nan')):.2f}")
+
+
+def evaluate_family(routers: Mapping[str, Callable[[], Any]], family: ScenarioFamilyConfig,
+                    seeds: Sequence[int], progress: Callable[[str], None] | None = None
+                    ) -> list[dict[str, Any]]:
+    """Every router on the scenario each seed draws from ``family`` (one episode each, the
+    same cluster and requests for every router): per seed, the scenario and each router's
+    episode metrics."""
+    env = ScenarioFamilyEnv(family)
+    out = []
+    for seed in seeds:
+        row: dict[str, Any] = {"seed": int(seed), "routers": {}}
+        for name, factory in routers.items():
+            metrics, _ = run_episode(env, factory(), int(seed))
+            row["routers"][name] = metrics
+            if progress is not None:
+                progress(f"{name} seed {seed}")
+        row["scenario"] = dict(env.scenario)
+        out.append(row)
+    return out
+
+
+def family_table(rows: Sequence[Mapping[str, Any]], heuristics: Sequence[str],
+                 learned: Sequence[str]) -> tuple[str, dict[str, Any]]:
+    """Per held-out scenario: ``lor``, the best heuristic and each learned router (mean E2E,
+    seconds) and the learned routers' change against both; and their averages (geometric
+    means of the ratios, so every scenario weighs alike whatever its latency scale)."""
+    header = (f"{'scenario':<58} {'lor E2E':>8} {'best heuristic':>26}"
+              + "".join(f" {n:>9} {'vs lor':>7} {'vs best':>8}" for n in learned))
+    lines = [header, "-" * len(header)]
+    ratios: dict[str, dict[str, list[float]]] = {n: {"lor": [], "best": []} for n in learned}
+    scenarios = []
+    for row in rows:
+        metrics = row["routers"]
+        lor = metrics["lor"]["e2e_mean"]
+        best = min(heuristics, key=lambda n: metrics[n]["e2e_mean"])
+        best_e2e = metrics[best]["e2e_mean"]
+        line = f"{scenario_label(row['scenario'])[:58]:<58} {lor:>8.3f} {best:>17} {best_e2e:>8.3f}"
+        entry = {"seed": row["seed"], "scenario": row["scenario"], "lor_e2e": lor,
+                 "best_heuristic": best, "best_e2e": best_e2e}
+        for name in learned:
+            e2e = metrics[name]["e2e_mean"]
+            ratios[name]["lor"].append(e2e / lor)
+            ratios[name]["best"].append(e2e / best_e2e)
+            entry[name] = {"e2e": e2e, "vs_lor": e2e / lor - 1.0, "vs_best": e2e / best_e2e - 1.0}
+            line += f" {e2e:>9.3f} {100 * (e2e / lor - 1):>+6.1f}% {100 * (e2e / best_e2e - 1):>+7.1f}%"
+        lines.append(line)
+        scenarios.append(entry)
+    summary: dict[str, Any] = {"scenarios": scenarios}
+    for name in learned:
+        gm_lor = float(np.exp(np.mean(np.log(ratios[name]["lor"])))) - 1.0
+        gm_best = float(np.exp(np.mean(np.log(ratios[name]["best"])))) - 1.0
+        worst = float(max(ratios[name]["best"])) - 1.0
+        summary[name] = {"vs_lor_mean": gm_lor, "vs_best_mean": gm_best, "vs_best_worst": worst}
+        lines.append(f"{name}: {100 * gm_lor:+.1f}% vs lor and {100 * gm_best:+.1f}% vs the best "
+                     f"heuristic on average (geometric mean over {len(rows)} scenarios); worst "
+                     f"{100 * worst:+.1f}% vs the best")
+    return "\n".join(lines), summary
+
+
+def build_family_report(run_dir: Path, config, learned: Mapping[str, Any],
+                        history: Sequence[Mapping[str, Any]], *, num_timesteps: int,
+                        pretrained=None, timings: Mapping[str, float] | None = None,
+                        progress: bool = True) -> dict[str, Any]:
+    """The report of a run trained across a scenario family: held-out scenarios of the family
+    (seeds training never drew), every observation-only heuristic and the learned routers."""
+    from sb3_warmstart.progress import ProgressPrinter
+
+    ev = config.evaluation
+    family = config.family_config
+    if ev.episode_requests is not None:
+        family = dataclasses.replace(family, episode_requests=ev.episode_requests)
+    seeds = list(range(ev.seed, ev.seed + ev.episodes))
+    heuristics = [n for n in ev.router_names if not ROUTERS[n].requires_context
+                  and (ev.routers or n not in CACHE_AWARE_ROUTERS)]
+    if "lor" not in heuristics:
+        heuristics.insert(0, "lor")
+    routers = {name: (lambda r=router: r) for name, router in learned.items()}
+    routers.update({name: (lambda n=name: make_router(n)) for name in heuristics})
+    training_seeds = paired_episode_seeds(history)
+    printer = ProgressPrinter("report", len(routers) * len(seeds) + len(training_seeds),
+                              "episodes", enabled=progress)
+    done = [0]
+
+    def advance(message: str) -> None:
+        done[0] += 1
+        printer.update(done[0], message.split(" seed")[0])
+
+    rows = evaluate_family(routers, family, seeds, progress=advance)
+    lor_by_seed = heuristic_on_episodes(config.family_config, "lor", training_seeds,
+                                        progress=advance)
+    printer.close()
+    table, summary = family_table(rows, heuristics, list(learned))
+    folder = Path(run_dir) / "report"
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(folder / "results.txt", table + "\n")
+    atomic_write_json(folder / "results.json", summary)
+    title = f"family {family.name}"
+    lines = [f"# {title}", "", f"{len(seeds)} held-out scenarios drawn from the family (seeds "
+             f"{seeds[0]}..{seeds[-1]}), {family.episode_requests} requests each, greedy "
+             "actions; mean E2E in seconds:", "", "```", table, "```", ""]
+    if history:
+        rollout = config.ppo.rollout_steps
+        stabilization = -(-config.stabilization.stabilization_steps // rollout) * rollout
+        episodes = [r for r in history if r.get("kind") == "episode" and "e2e_mean" in r]
+        curve = plot_learning_curve(
+            episodes, folder / "learning_curve.png", lor_by_seed=lor_by_seed,
+            stabilization_steps=stabilization, title=f"{title}: learning curve",
+            note=LEARNING_CURVE_NOTE + " (a new scenario of the family every episode)")
+        summary.update(curve)
+        if "last_quarter_vs_lor_pct" in curve:
+            lines += [f"* training episodes, last quarter: {curve['last_quarter_vs_lor_pct']:+.1f}% "
+                      "mean E2E vs lor on the same scenarios and arrivals (actions sampled)"]
+    lines.append(f"* ppo env steps: {num_timesteps}")
+    if pretrained is not None:
+        lines.append("* warm start: " + ", ".join(
+            f"{k}={_fmt(pretrained.summary.get(k))}" for k in
+            ("val_accuracy", "val_tie_accuracy", "input_scaling_decisions_at_clip")
+            if k in pretrained.summary))
+    if timings:
+        lines.append("* wall time (s): " + ", ".join(f"{k}={v:.1f}" for k, v in timings.items()))
+    if (folder / "learning_curve.png").exists():
+        lines += ["", "![learning_curve.png](learning_curve.png)", ""]
+    atomic_write_text(folder / "report.md", "\n".join(lines))
+    summary["table"] = table
+    print(f"\n== {title}: trained policy vs heuristics on {len(seeds)} held-out scenarios")
+    print(table)
+    return summary
+
+
 def build_report(run_dir: str | Path, config, session, monitor, *, pretrained=None,
                  timings: Mapping[str, float] | None = None,
                  progress: bool = True) -> dict[str, Any]:
@@ -266,7 +419,16 @@ def build_report(run_dir: str | Path, config, session, monitor, *, pretrained=No
 
     run_dir = Path(run_dir)
     ev = config.evaluation
-    env_config = config.env
+    if config.family_config is not None:
+        model = session.model
+        learned = {POLICY_NAME: PolicyRouter(model, None, name=POLICY_NAME)}
+        if getattr(model, "reference_policy", None) is not None:
+            learned[CLONE_NAME] = PolicyRouter(model.reference_policy, None, name=CLONE_NAME)
+        history = monitor.history_rows() if monitor is not None else []
+        return build_family_report(run_dir, config, learned, history,
+                                   num_timesteps=int(model.num_timesteps), pretrained=pretrained,
+                                   timings=timings, progress=progress)
+    env_config = config.evaluation_env
     if ev.episode_requests is not None:
         env_config = dataclasses.replace(env_config, episode_requests=ev.episode_requests)
     seeds = list(range(ev.seed, ev.seed + ev.episodes))
@@ -277,8 +439,7 @@ def build_report(run_dir: str | Path, config, session, monitor, *, pretrained=No
         obs_rms = pretrained.obs_rms if pretrained is not None else venv.obs_rms
         learned[CLONE_NAME] = PolicyRouter(reference, obs_rms, name=CLONE_NAME)
     history = monitor.history_rows() if monitor is not None else []
-    training_seeds = [int(r["episode_seed"]) for r in history
-                      if r.get("kind") == "episode" and "episode_seed" in r]
+    training_seeds = paired_episode_seeds(history)
     names = [*learned, *ev.router_names]
     printer = ProgressPrinter("report", len(names) * len(seeds) + len(training_seeds),
                               "episodes", enabled=progress)
@@ -290,7 +451,8 @@ def build_report(run_dir: str | Path, config, session, monitor, *, pretrained=No
 
     results = evaluate_policy(learned, {"config": env_config}, ev.router_names, seeds,
                               progress=advance)
-    lor_by_seed = heuristic_on_episodes(config.env, "lor", training_seeds, progress=advance)
+    lor_by_seed = heuristic_on_episodes(training_env_spec(config), "lor", training_seeds,
+                                        progress=advance)
     printer.close()
     scenario = config.env_kwargs.get("scenario", "custom")
     notes: dict[str, Any] = {"evaluation": f"{ev.episodes} held-out episodes (seeds {seeds[0]}.."

@@ -10,6 +10,8 @@ RecurrentPPO zeroes it at an episode start).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch as th
 from gymnasium import spaces
@@ -19,16 +21,21 @@ from stable_baselines3.common.policies import ActorCriticPolicy
 from stable_baselines3.common.running_mean_std import RunningMeanStd
 
 from sb3_warmstart.normalize import ObsNormalizer
+from sb3_warmstart.set_policy import SET_POLICIES, SchemaMismatch, clip_share, policy_for_spaces
 
 
 class PolicyRouter:
     """Routes with an SB3 ``PPO``/``RecurrentPPO`` model (or its policy).
 
     :param model: an SB3 algorithm (``model.policy`` is used) or an ``ActorCriticPolicy`` /
-        ``RecurrentActorCriticPolicy``.
+        ``RecurrentActorCriticPolicy``. A replica-set policy (:mod:`sb3_warmstart.set_policy`)
+        routes clusters of any size: on an observation of another width the router checks the
+        per-replica feature schema (refusing another one, naming the feature) and rebuilds the
+        policy for that many replica slots with the same weights.
     :param obs_normalizer: the observation statistics the policy was trained with
         (``ObsNormalizer``, a bare ``RunningMeanStd`` with VecNormalize's default clip/epsilon,
         or a ``VecNormalize`` wrapper, whose statistics are copied), or ``None`` for raw inputs.
+        Ignored for the replica-set policies, which scale their inputs themselves.
     :param deterministic: take the most likely replica (default) or sample from the policy.
     :param use_predict: go through SB3's ``policy.predict`` (its sampling uses torch's global
         generator) instead of the direct path, whose sampling draws from the ``rng`` given to
@@ -46,6 +53,9 @@ class PolicyRouter:
                             f"{type(model).__name__}")
         if not isinstance(policy.action_space, spaces.Discrete):
             raise TypeError(f"policy.action_space={policy.action_space}: only Discrete actions")
+        self.replica_set = isinstance(policy, SET_POLICIES)
+        if self.replica_set:
+            obs_normalizer = None
         if isinstance(obs_normalizer, RunningMeanStd):
             obs_normalizer = ObsNormalizer(obs_normalizer)
         elif obs_normalizer is not None and not isinstance(obs_normalizer, ObsNormalizer):
@@ -66,10 +76,15 @@ class PolicyRouter:
         self.rng = np.random.default_rng(0)
         self._state = None
         self._episode_start = True
+        self._trained = policy  # the replica-set policy as trained (for other widths)
+        self._by_width = {shape: policy}
+        self._checked_layouts: set[int] = set()
+        self._seen: list[np.ndarray] = []  # observations routed since clip_report()
 
     def reset(self, num_replicas: int, rng: np.random.Generator | None = None) -> None:
-        """Start an episode on ``num_replicas`` replicas (must equal the action count)."""
-        if num_replicas != self.num_actions:
+        """Start an episode on ``num_replicas`` replicas (must equal the action count, except
+        for a replica-set policy, which routes any number)."""
+        if num_replicas != self.num_actions and not self.replica_set:
             raise ValueError(f"num_replicas={num_replicas}: the policy routes to "
                              f"{self.num_actions} replicas")
         self.num_replicas = num_replicas
@@ -85,8 +100,51 @@ class PolicyRouter:
             raise ValueError(f"observation shape {obs.shape}, the policy expects {self.obs_shape}")
         return self.obs_normalizer(obs) if self.obs_normalizer is not None else obs
 
+    def _adapt(self, view) -> None:
+        """Use the replica-set policy built for ``view``'s observation width (and check, once
+        per layout, that its features are the ones the policy was trained with)."""
+        layout = view.layout
+        if id(layout) not in self._checked_layouts:
+            self._trained.check_schema(
+                layout.replica_features, layout.names[layout.replica_block:layout.history_offset])
+            if layout.config.history_window:
+                raise SchemaMismatch("observation.history_window="
+                                     f"{layout.config.history_window}: a replica-set policy "
+                                     "reads no decision history")
+            self._checked_layouts.add(id(layout))
+        shape = tuple(np.shape(view.obs))
+        policy = self._by_width.get(shape)
+        if policy is None:
+            policy = policy_for_spaces(self._trained, spaces.Box(0.0, np.inf, shape, np.float32),
+                                       spaces.Discrete(layout.num_slots))
+            policy.set_training_mode(False)
+            self._by_width[shape] = policy
+        self.policy, self.obs_shape = policy, shape
+        self.num_actions = int(policy.action_space.n)
+
+    def clip_report(self) -> dict[str, float]:
+        """For a replica-set policy: the share of the decisions since the last call with any
+        input at the clip bound of its input scaling (and of all inputs); empty otherwise."""
+        seen, self._seen = self._seen, []
+        if not self.replica_set or not seen:
+            return {}
+        by_width: dict[tuple[int, ...], list[np.ndarray]] = {}
+        for obs in seen:
+            by_width.setdefault(obs.shape, []).append(obs)
+        rows = total = 0.0
+        inputs = 0.0
+        for shape, group in by_width.items():
+            share = clip_share(self._by_width[shape].features_extractor, np.stack(group))
+            rows += share["decisions_at_clip"] * len(group)
+            inputs += share["inputs_at_clip"] * len(group)
+            total += len(group)
+        return {"decisions_at_clip": rows / total, "inputs_at_clip": inputs / total}
+
     def select(self, view) -> int:
         """The replica for the pending request of ``view`` (a ``ClusterView``)."""
+        if self.replica_set:
+            self._adapt(view)
+            self._seen.append(np.asarray(view.obs, dtype=np.float32))
         obs = self.normalize(view.obs)
         if self.use_predict:
             return self._select_predict(obs)
@@ -128,4 +186,14 @@ class PolicyRouter:
                 f"normalized={self.obs_normalizer is not None})")
 
 
-__all__ = ["PolicyRouter"]
+def load_policy_router(path: str | Path, name: str = "policy",
+                       deterministic: bool = True) -> PolicyRouter:
+    """A :class:`PolicyRouter` from a run folder (its ``final_model.zip``), a checkpoint
+    directory, or a policy zip of :mod:`sb3_warmstart.policy_io`."""
+    from sb3_warmstart.policy_io import load_policy
+
+    model, obs_rms, _, _, _ = load_policy(Path(path))
+    return PolicyRouter(model, obs_rms, deterministic=deterministic, name=name)
+
+
+__all__ = ["PolicyRouter", "load_policy_router"]

@@ -46,7 +46,14 @@ from stable_baselines3.common.policies import ActorCriticPolicy
 from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
 from torch import nn
 
-from sb3_warmstart.policies import GruCellsMixin, _TemperatureMixin, process_sequence
+from sb3_warmstart.policies import (
+    GruCellsMixin,
+    RecurrentCell,
+    TemperatureMlpPolicy,
+    _TemperatureMixin,
+    process_sequence,
+    recurrent_policy_class,
+)
 
 #: Logit of an absent replica slot (finite, so KL terms stay finite: exp underflows to 0).
 MASKED_LOGIT = -1e9
@@ -371,6 +378,21 @@ class RecurrentReplicaSetGruPolicy(GruCellsMixin, RecurrentReplicaSetPolicy):
 SET_POLICIES = (ReplicaSetPolicy, RecurrentReplicaSetPolicy)
 
 
+def policy_class_for(replica_set: bool, recurrent: bool,
+                     cell: RecurrentCell = "lstm") -> type[ActorCriticPolicy]:
+    """The policy class PPO trains and behaviour cloning fills: a replica-set policy, or SB3's
+    MLP / sb3-contrib's LSTM policy (with the temperature switches of
+    :mod:`sb3_warmstart.policies`); ``cell`` (``PPOConfig.recurrent_cell``) picks LSTM or GRU
+    cells for a recurrent one."""
+    if recurrent:
+        recurrent_policy_class(cell)  # validates the name
+    if replica_set:
+        if not recurrent:
+            return ReplicaSetPolicy
+        return RecurrentReplicaSetGruPolicy if cell == "gru" else RecurrentReplicaSetPolicy
+    return recurrent_policy_class(cell) if recurrent else TemperatureMlpPolicy
+
+
 def policy_for_spaces(policy: ActorCriticPolicy, observation_space: spaces.Box,
                       action_space: spaces.Discrete) -> ActorCriticPolicy:
     """The same set policy (class, settings and weights) for another number of replica slots;
@@ -392,8 +414,8 @@ def slots_of(observation_space: spaces.Box, num_replica_features: int, num_tail:
     return (width - num_tail) // num_replica_features
 
 
-__all__ = ["CLIP", "MASKED_LOGIT", "SET_POLICIES", "RecurrentReplicaSetGruPolicy",
-           "RecurrentReplicaSetPolicy",
+__all__ = ["CLIP", "MASKED_LOGIT", "SET_POLICIES", "policy_class_for",
+           "RecurrentReplicaSetGruPolicy", "RecurrentReplicaSetPolicy",
            "ReplicaSetExtractor", "ReplicaSetHeads", "ReplicaSetPolicy", "SchemaMismatch",
            "clip_share", "policy_for_spaces", "slots_of"]
 

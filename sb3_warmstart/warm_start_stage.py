@@ -31,8 +31,10 @@ import gymnasium as gym
 import numpy as np
 
 from sb3_warmstart.config import PPOConfig, TrainingConfig
-from sb3_warmstart.envs import make_base_env
+from sb3_warmstart.envs import make_base_env, training_env_spec
 from sb3_warmstart.normalize import ReturnNormalizer
+from sb3_warmstart.policy_io import class_path
+from sb3_warmstart.set_policy import policy_class_for
 
 log = logging.getLogger("sb3_warmstart.pipeline")
 
@@ -68,16 +70,22 @@ def expected_architecture(ppo: PPOConfig) -> dict[str, Any]:
     """The policy architecture PPO will build (an external checkpoint must match it)."""
     from sb3_warmstart.policies import clone_policy_class
 
-    arch: dict[str, Any] = {"policy_class": (clone_policy_class(ppo.recurrent_cell)
-                                             if ppo.recurrent else "MlpPolicy"),
-                            "net_arch": list(ppo.net_arch)}
+    if ppo.replica_set:
+        arch: dict[str, Any] = {
+            "policy_class": class_path(policy_class_for(True, ppo.recurrent,
+                                                        ppo.recurrent_cell)),
+            "net_arch": []}
+    else:
+        arch = {"policy_class": (clone_policy_class(ppo.recurrent_cell) if ppo.recurrent
+                                 else "MlpPolicy"),
+                "net_arch": list(ppo.net_arch)}
     if ppo.recurrent:
         arch.update(lstm_hidden_size=ppo.lstm_hidden_size, n_lstm_layers=ppo.n_lstm_layers)
     return arch
 
 
 def _env(config: TrainingConfig) -> gym.Env:
-    return make_base_env(config.env)
+    return make_base_env(training_env_spec(config))
 
 
 def check_external(config: TrainingConfig) -> None:
@@ -109,10 +117,17 @@ def demonstrations(config: TrainingConfig, run_dir: Path, *, force: bool = False
 
     ws = config.warm_start
     path = Path(run_dir) / "demos"
+    family = config.family_config
     env_config = dataclasses.replace(config.env, episode_requests=ws.demo_episode_requests)
     settings = {"env": config.training_identity()["env"],
                 "episode_requests": ws.demo_episode_requests, "policies": ws.demo_policies,
                 "steps": ws.demo_steps, "imbalance": ws.imbalance, "seed": config.seed}
+    if family is not None:
+        family = dataclasses.replace(family, episode_requests=ws.demo_episode_requests)
+        settings = {"family": config.training_identity()["family"],
+                    "episode_requests": ws.demo_episode_requests,
+                    "candidates": list(ws.demo_candidates), "margin": ws.demo_margin,
+                    "steps": ws.demo_steps, "seed": config.seed}
     if path.is_dir() and not force:
         try:
             trajectories, stats = load_demonstrations(path)
@@ -123,9 +138,18 @@ def demonstrations(config: TrainingConfig, run_dir: Path, *, force: bool = False
         except Exception as err:  # a damaged earlier set is replaced, atomically
             log.warning("demos: %s unusable (%s); collecting again", path, err)
     start = time.perf_counter()
-    trajectories, stats = collect_demonstrations(
-        env_config=env_config, policies=ws.demo_policies, total_steps=ws.demo_steps,
-        seed=config.seed, imbalance=ws.imbalance, progress=progress)
+    if family is not None:
+        from sb3_warmstart.family_demos import collect_best_heuristic_demonstrations
+
+        trajectories, stats = collect_best_heuristic_demonstrations(
+            family=family, total_steps=ws.demo_steps, seed=config.seed,
+            candidates=ws.demo_candidates, margin=ws.demo_margin, progress=progress)
+        log.info("demos: best heuristic per sampled scenario: %s; lor %.1f%% above the best "
+                 "on average", stats["expert_wins"], 100 * stats["lor_over_best_mean"])
+    else:
+        trajectories, stats = collect_demonstrations(
+            env_config=env_config, policies=ws.demo_policies, total_steps=ws.demo_steps,
+            seed=config.seed, imbalance=ws.imbalance, progress=progress)
     stats["pipeline_settings"] = settings_hash(settings)
     save_demonstrations(path, trajectories, stats)
     log.info("demos: %d steps in %d trajectories (%.1f s)",
@@ -199,11 +223,14 @@ def clone(config: TrainingConfig, run_dir: Path, trajectories: list, demo_stats:
     env = _env(config)
     start = time.perf_counter()
     experts = list(ws.demo_policies)
+    per_trajectory = (demo_stats["trajectory_policies"] if config.family_config is not None
+                      else None)
     result = clone_demonstrations(
         trajectories, env=env, bc=bc, ppo=ppo, seed=config.seed,
         validation_fraction=ws.validation_fraction, value_pretraining=ws.value_pretraining,
-        expert=experts[0] if len(experts) == 1 else None, init_model=init_model,
-        init_obs_rms=init_obs_rms, progress=progress)
+        expert=experts[0] if len(experts) == 1 and per_trajectory is None else None,
+        experts=per_trajectory, init_model=init_model, init_obs_rms=init_obs_rms,
+        progress=progress)
     seconds = time.perf_counter() - start
     metadata = result.metadata(pipeline_settings=settings_hash(settings),
                                env_kwargs=config.env_kwargs,

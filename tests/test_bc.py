@@ -316,7 +316,8 @@ def test_cosine_schedule_and_bad_arguments(small_demos):
 
 def test_presets_build_the_documented_policies():
     std, enh = PRESETS["standard"], PRESETS["enhanced"]
-    assert std.bc == BCConfig() and std.ppo() == std.ppo(gamma=0.99)  # the main job's defaults
+    assert std.bc == BCConfig(epochs=60) and std.ppo() == std.ppo(gamma=0.99)
+    assert std.ppo().policy == "mlp" and std.ppo().recurrent
     assert enh.ppo().lstm_hidden_size > std.ppo().lstm_hidden_size
     assert enh.ppo().net_arch[0] > std.ppo().net_arch[0]
     assert enh.bc.epochs > std.bc.epochs and enh.bc.weight_decay > 0

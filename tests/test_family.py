@@ -88,3 +88,12 @@ def test_family_env_pickles_mid_episode_and_continues_identically():
         np.testing.assert_array_equal(a[0], b[0])
         assert a[1] == b[1]
     assert twin.sampler.capacities == env.sampler.capacities
+
+
+def test_shared_cache_forgets_its_oldest_entries():
+    from llm_cluster_env.family import SharedCache
+
+    cache = SharedCache(maxsize=3)
+    for i in range(5):
+        cache[i] = i
+    assert list(cache) == [2, 3, 4]

@@ -22,7 +22,10 @@ from conftest import load_script  # noqa: E402
 warmstart = load_script("warmstart")
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
+# One scenario, the LSTM policy over the flat observation (the generalist's family runs are
+# in tests/test_generalist.py).
 TINY = [
+    "--family", "none", "--set", "ppo.algorithm=recurrent_ppo", "--set", "ppo.policy=mlp",
     "--ppo-requests", "512", "--demo-steps", "512", "--bc-epochs", "2", "--no-progress",
     "--set", "warm_start.demo_episode_requests=64", "--set", "env_kwargs.episode_requests=64",
     "--set", "evaluation.episodes=1", "--set", "evaluation.episode_requests=80",

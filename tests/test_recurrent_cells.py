@@ -57,7 +57,7 @@ def policy_kwargs(policy, env) -> dict:
         layout = env.envs[0].unwrapped.layout
         return dict(lstm_hidden_size=8, embed_dim=8, hidden_dim=8,
                     replica_features=list(layout.replica_features),
-                    tail_features=list(layout.names[layout.replica_block:]))
+                    tail_features=list(layout.names[layout.replica_block:layout.history_offset]))
     return dict(lstm_hidden_size=8, net_arch=[8])
 
 
@@ -181,7 +181,8 @@ def test_reference_logits_of_a_gru_reference_equal_stepping_it():
 @pytest.mark.slow
 def test_bc_clones_lor_into_a_gru_policy_that_loads_with_the_documented_classes(tmp_path):
     env, trajectories = collect_lor(8, 128)
-    ppo = PPOConfig(recurrent_cell="gru", net_arch=(32,), lstm_hidden_size=16)
+    ppo = PPOConfig(algorithm="recurrent_ppo", policy="mlp", recurrent_cell="gru",
+                    net_arch=(32,), lstm_hidden_size=16)
     result = clone_demonstrations(
         trajectories, env=env, bc=BCConfig(epochs=25, batch_size=4, sequence_length=16),
         ppo=ppo, seed=0, validation_fraction=0.25, value_pretraining=True, expert="lor")
@@ -192,7 +193,9 @@ def test_bc_clones_lor_into_a_gru_policy_that_loads_with_the_documented_classes(
                            observation_schema=env.unwrapped.layout.schema())
     validate_pretrained(path, env, expected_arch=expected_architecture(ppo))
     with pytest.raises(PretrainedMismatchError, match="policy class"):
-        validate_pretrained(path, env, expected_arch=expected_architecture(PPOConfig()))
+        validate_pretrained(path, env, expected_arch=expected_architecture(
+            PPOConfig(algorithm="recurrent_ppo", policy="mlp", net_arch=(32,),
+                      lstm_hidden_size=16)))
     model, _, _ = load_pretrained(path)
     again = RecurrentPPO.load(path, device="cpu")  # the stock algorithm loads it too
     obs = th.as_tensor(result.obs_rms.mean[None].astype(np.float32)).repeat(3, 1)
@@ -207,20 +210,29 @@ def test_bc_clones_lor_into_a_gru_policy_that_loads_with_the_documented_classes(
 
 # ----------------------------------------------------------------------------- main job
 def test_config_selects_the_cell_and_sequence_length():
+    from sb3_warmstart.envs import make_training_venv, training_env_spec
     from sb3_warmstart.ppo_stage import make_model
+    from sb3_warmstart.set_policy import RecurrentReplicaSetPolicy
 
-    config = load_config(overrides={"ppo": {"recurrent_cell": "gru", "sequence_length": 16},
-                                    "env_kwargs": {"episode_requests": 32}})
-    from sb3_warmstart.envs import make_training_venv
+    def config(policy: str, **ppo):
+        return load_config(overrides={
+            "family": None, "env_kwargs": {"episode_requests": 32},
+            "ppo": {"algorithm": "recurrent_ppo", "policy": policy, **ppo}})
 
-    venv = make_training_venv(config.env, seed=0, n_envs=2, gamma=0.99, norm_reward=True)
-    model = make_model(config, venv, warm=True)
+    gru = config("mlp", recurrent_cell="gru", sequence_length=16)
+    venv = make_training_venv(training_env_spec(gru), seed=0, n_envs=2, gamma=0.99,
+                              norm_reward=True)
+    model = make_model(gru, venv, warm=True)
     assert type(model.policy) is TemperatureMlpGruPolicy and model.sequence_length == 16
-    lstm = make_model(load_config(), venv, warm=True)
+    lstm = make_model(config("mlp"), venv, warm=True)
     assert type(lstm.policy) is TemperatureMlpLstmPolicy and lstm.sequence_length == 32
-    stock = make_model(load_config(overrides={"ppo": {"sequence_length": None}}), venv,
-                       warm=True)
+    stock = make_model(config("mlp", sequence_length=None), venv, warm=True)
     assert stock.sequence_length is None
+    set_gru = make_model(config("replica_set", recurrent_cell="gru"), venv, warm=True)
+    assert type(set_gru.policy) is RecurrentReplicaSetGruPolicy
+    assert isinstance(set_gru.policy.lstm_actor, nn.GRU) and set_gru.sequence_length == 32
+    set_lstm = make_model(config("replica_set"), venv, warm=True)
+    assert type(set_lstm.policy) is RecurrentReplicaSetPolicy
     with pytest.raises(ValueError, match="recurrent_cell"):
         load_config(overrides={"ppo": {"recurrent_cell": "rnn"}})
     with pytest.raises(ValueError, match="sequence_length=0"):
@@ -241,3 +253,29 @@ def test_main_job_trains_a_gru_router(tmp_path):
     assert type(clone.policy) is TemperatureMlpGruPolicy
     summary = json.loads((Path(out) / "report" / "summary.json").read_text())
     assert 0 < summary["routers"]["ppo"]["e2e_mean"] < 100
+
+
+@pytest.mark.slow
+def test_the_generalist_trains_a_recurrent_replica_set_gru_router(tmp_path):
+    """The main job's replica-set policy with GRU cells across a scenario family: BC, PPO with
+    sequence batching, the report, and the router that loads it for another cluster size."""
+    from conftest import load_script
+    from test_generalist import TINY_FAMILY
+
+    from llm_cluster_env.env import LLMClusterEnv
+    from llm_cluster_env.evaluation import run_episode
+    from sb3_warmstart.router import load_policy_router
+
+    out = tmp_path / "run"
+    load_script("warmstart").main([*TINY_FAMILY, "--output-dir", str(out),
+                                   "--set", "ppo.algorithm=recurrent_ppo",
+                                   "--set", "ppo.recurrent_cell=gru",
+                                   "--set", "ppo.lstm_hidden_size=16"])
+    final = KLRecurrentPPO.load(out / "final_model.zip", device="cpu")
+    assert type(final.policy) is RecurrentReplicaSetGruPolicy and final.sequence_length == 32
+    assert type(final.reference_policy) is RecurrentReplicaSetGruPolicy
+    router = load_policy_router(out)
+    assert router.recurrent and isinstance(router.policy.lstm_actor, nn.GRU)
+    env = LLMClusterEnv(scenario="a100x4_conv_70", num_replicas=3, episode_requests=40)
+    metrics, _ = run_episode(env, router, seed=1)
+    assert metrics["num_requests"] == 40

@@ -543,3 +543,25 @@ def test_lognormal_lengths_have_the_configured_medians_and_spread():
 def test_lognormal_parameters_are_validated(field, value):
     with pytest.raises(ConfigError, match=field):
         WorkloadConfig(lengths="lognormal", **{field: value})
+
+
+def test_trace_rows_keep_every_window_inside_its_part_of_the_trace(tmp_path):
+    path = tmp_path / "t.csv"
+    path.write_text("arrived_at,num_prefill_tokens,num_decode_tokens\n"
+                    + "".join(f"{0.1 * i},{100 + i},{10}\n" for i in range(200)))
+    config = WorkloadConfig(arrival="trace", lengths="trace", trace_path=str(path),
+                            trace_rows=(120, 200))
+    gen = WorkloadGenerator(config, max_total_tokens=10**6)
+    rng = np.random.default_rng(0)
+    firsts = set()
+    for _ in range(40):
+        w = gen.sample(30, rng)
+        first = int(w.prompt_tokens[0]) - 100
+        assert 120 <= first <= 170 and np.all(np.diff(w.prompt_tokens) == 1)  # no wrap
+        firsts.add(first)
+    assert len(firsts) > 10
+    with pytest.raises(ValueError, match=r"trace_rows=\(120, 200\): 80 rows .* 81 requests"):
+        gen.sample(81, rng)
+    with pytest.raises(ConfigError, match="trace_rows=.*conflicts with trace_start"):
+        WorkloadConfig(arrival="trace", lengths="trace", trace_path=str(path),
+                       trace_rows=(0, 10), trace_start=3)

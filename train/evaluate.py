@@ -19,8 +19,6 @@ observation layout fits (same number of replicas and features). Examples::
 from __future__ import annotations
 
 import argparse
-import csv
-import pickle
 import sys
 from pathlib import Path
 from typing import Any
@@ -49,59 +47,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--routers", default="all", help="comma-separated heuristics or 'all'")
     p.add_argument("--output-dir", help="report folder (default: <run>/report-<scenario>)")
     return p
-
-
-def _read_history(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    rows = []
-    with open(path, newline="") as f:
-        for row in csv.DictReader(f):
-            parsed: dict[str, Any] = {}
-            for key, value in row.items():
-                if value in ("", None):
-                    continue
-                for kind in (int, float):  # episode seeds are 63-bit integers: keep them exact
-                    try:
-                        parsed[key] = kind(value)
-                        break
-                    except ValueError:
-                        continue
-                else:
-                    parsed[key] = value
-            rows.append(parsed)
-    return rows
-
-
-def load_policy(model_path: Path) -> tuple[Any, Any, dict[str, Any], list[dict[str, Any]], str]:
-    """``(model, obs_rms, env_kwargs, history_rows, label)`` of a saved policy."""
-    import yaml
-
-    from sb3_warmstart.checkpoint import MODEL_FILE, STATE_FILE, CheckpointManager
-    from sb3_warmstart.ppo import KLPPO, KLRecurrentPPO
-
-    if model_path.is_dir() and (model_path / "final_model.zip").is_file():
-        config = yaml.safe_load((model_path / "config.yaml").read_text())
-        section = next(iter(config["LLMCluster-v0"].values()))
-        cls = KLRecurrentPPO if section["ppo"]["algorithm"] == "recurrent_ppo" else KLPPO
-        model = cls.load(model_path / "final_model.zip", device="cpu")
-        with open(model_path / "final_vecnormalize.pkl", "rb") as f:
-            obs_rms = pickle.load(f).obs_rms
-        return (model, obs_rms, section["env_kwargs"],
-                _read_history(model_path / "training_history.csv"), model_path.name)
-    if model_path.is_dir() and (model_path / STATE_FILE).is_file():
-        manifest = CheckpointManager(model_path.parent, max_checkpoints=1).verify(model_path)
-        training = manifest["fingerprint"]["training"]
-        cls = KLRecurrentPPO if training["ppo"]["algorithm"] == "recurrent_ppo" else KLPPO
-        model = cls.load(model_path / MODEL_FILE, device="cpu")
-        state = pickle.loads((model_path / STATE_FILE).read_bytes())
-        history = state["stateful"].get("monitor", {}).get("rows", [])
-        return (model, state["vecnormalize"]["obs_rms"], training["env_kwargs"], history,
-                model_path.name)
-    from sb3_warmstart.policy_io import load_pretrained
-
-    model, meta, obs_rms = load_pretrained(model_path)
-    return model, obs_rms, dict(meta.get("env_kwargs") or {}), [], model_path.stem
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -134,6 +79,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from sb3_warmstart.router import PolicyRouter
 
     torch.set_num_threads(1)
+    from sb3_warmstart.policy_io import load_policy
+    from sb3_warmstart.set_policy import SET_POLICIES
+
     try:
         model, obs_rms, env_kwargs, history, label = load_policy(model_path)
     except Exception as err:  # a damaged or foreign file: say what and where
@@ -152,8 +100,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         env = gym.make(llm_cluster_env.ENV_ID, **env_kwargs)
     except (ConfigError, TypeError) as err:
         parser.error(f"environment {env_kwargs}: {err}")
-    if env.observation_space.shape != model.observation_space.shape or \
-            env.action_space.n != model.action_space.n:
+    any_size = isinstance(model.policy, SET_POLICIES)  # routes clusters of any size
+    if not any_size and (env.observation_space.shape != model.observation_space.shape
+                         or env.action_space.n != model.action_space.n):
         parser.error(f"--model={args.model!r} expects observations {model.observation_space.shape}"
                      f" and {model.action_space.n} actions; the environment has "
                      f"{env.observation_space.shape} and {env.action_space.n} (another number "

@@ -1,8 +1,11 @@
 """The main job: heuristic demos -> behaviour cloning -> KL-regularised PPO -> report.
 
 With no arguments it runs the default configuration (the dataclass defaults of
-``sb3_warmstart/config.py``; ``--print-config`` shows them) on ``a100x4_conv_70`` in
-``runs/default`` and prints the trained router against every heuristic. Running the same command
+``sb3_warmstart/config.py``; ``--print-config`` shows them) in ``runs/default``: one router for
+any cluster, trained across the ``generalist`` scenario family (a new cluster of 2-16 replicas,
+GPU mix, length distribution, arrival process and load every episode), then printed against
+every heuristic on held-out scenarios of the family. ``--scenario`` (or ``--replicas``,
+``--qps``, ``--family none``) trains on one scenario instead. Running the same command
 again resumes from the latest checkpoint (``--resume warmstart`` retrains from scratch); with
 ``--chunk-mode`` it continues with the next chunk. A run with other settings (seed,
 hyperparameters, environment, budget) never resumes a different run: it goes to a new folder
@@ -10,7 +13,9 @@ hyperparameters, environment, budget) never resumes a different run: it goes to 
 
 Examples::
 
-    python train/warmstart.py
+    python train/warmstart.py                                  # the generalist
+    python train/warmstart.py --family my_family.yaml          # another scenario family
+    python train/warmstart.py --scenario heterogeneous         # one scenario
     python train/warmstart.py --profile heterogeneous          # from configs/warmstart.yaml
     python train/warmstart.py --replicas 8 --qps 30 --ppo-requests 50000
     python train/warmstart.py --chunk-mode --chunk-size 8192 --total-requests 32768
@@ -50,7 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--print-config", action="store_true",
                    help="print the resolved configuration as YAML and exit")
     g = p.add_argument_group("environment")
-    g.add_argument("--scenario", help="packaged scenario name or YAML path")
+    g.add_argument("--family", help="train across this scenario family (packaged name or YAML "
+                   "path; 'none' = one scenario, env_kwargs)")
+    g.add_argument("--scenario", help="train on this one scenario (packaged name or YAML path)")
     g.add_argument("--replicas", type=int, help="number of replicas")
     g.add_argument("--qps", type=float, help="arrival rate, requests/s")
     g.add_argument("--seed", type=int, help="seed of demos, BC, PPO and environments")
@@ -129,6 +136,12 @@ def overrides_from_args(args: argparse.Namespace, parser: argparse.ArgumentParse
         env["workload"] = {"qps": args.qps}
     if env:
         out["env_kwargs"] = env
+        if args.family not in (None, "none"):
+            parser.error(f"--family={args.family!r}: conflicts with --scenario/--replicas/--qps "
+                         "(they describe one scenario)")
+        out["family"] = None
+    if args.family is not None:
+        out["family"] = None if args.family == "none" else args.family
     if args.seed is not None:
         out["seed"] = args.seed
     budget = args.ppo_requests if args.ppo_requests is not None else args.total_requests
