@@ -357,6 +357,16 @@ class RecurrentReplicaSetPolicy(_ReplicaSetMixin, RecurrentActorCriticPolicy):
     def _summary_dim(self) -> int:
         return self.lstm_output_dim
 
+    def _get_constructor_parameters(self) -> dict[str, Any]:
+        """Also the recurrent settings (sb3-contrib's class leaves them out), so that
+        :func:`policy_for_spaces` rebuilds the same recurrent cells."""
+        data = super()._get_constructor_parameters()
+        data.update(lstm_hidden_size=self.lstm_output_dim,
+                    n_lstm_layers=self.lstm_actor.num_layers, shared_lstm=self.shared_lstm,
+                    enable_critic_lstm=self.enable_critic_lstm,
+                    lstm_kwargs=dict(self.lstm_kwargs))
+        return data
+
     def _build(self, lr_schedule) -> None:
         super()._build(lr_schedule)
         self._finish_build(lr_schedule)

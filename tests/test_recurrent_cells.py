@@ -38,7 +38,11 @@ from sb3_warmstart.policy_io import (  # noqa: E402
     validate_pretrained,
 )
 from sb3_warmstart.ppo import KLRecurrentPPO  # noqa: E402
-from sb3_warmstart.set_policy import RecurrentReplicaSetGruPolicy  # noqa: E402
+from sb3_warmstart.set_policy import (  # noqa: E402
+    RecurrentReplicaSetGruPolicy,
+    RecurrentReplicaSetPolicy,
+    policy_for_spaces,
+)
 from sb3_warmstart.warm_start_stage import expected_architecture  # noqa: E402
 
 pytestmark = pytest.mark.train
@@ -53,7 +57,7 @@ def make_env(episode_requests: int = 20) -> DummyVecEnv:
 
 
 def policy_kwargs(policy, env) -> dict:
-    if issubclass(policy, RecurrentReplicaSetGruPolicy):
+    if issubclass(policy, RecurrentReplicaSetPolicy):
         layout = env.envs[0].unwrapped.layout
         return dict(lstm_hidden_size=8, embed_dim=8, hidden_dim=8,
                     replica_features=list(layout.replica_features),
@@ -133,6 +137,25 @@ def test_gru_recurrence_equals_stepping_with_resets(rng):
     # without starts: one call, equal to the loop on the sequences without a start
     th.testing.assert_close(calm[length:2 * length], out[length:2 * length], rtol=1e-5,
                             atol=1e-6)
+
+
+@pytest.mark.parametrize("policy", [RecurrentReplicaSetPolicy, RecurrentReplicaSetGruPolicy])
+def test_policy_for_spaces_keeps_the_recurrent_cells(policy):
+    """Routing another cluster size rebuilds the policy: its hidden size, layers and weights
+    are kept (sb3-contrib's constructor parameters leave the recurrent settings out)."""
+    env = make_env()
+    kwargs = dict(policy_kwargs(policy, env), n_lstm_layers=2)
+    model = KLRecurrentPPO(policy, env, n_steps=32, batch_size=16, seed=0, device="cpu",
+                           policy_kwargs=kwargs)
+    other = policy_for_spaces(model.policy, env.observation_space, env.action_space)
+    assert type(other) is policy and type(other.lstm_actor) is type(model.policy.lstm_actor)
+    assert other.lstm_actor.hidden_size == 8 and other.lstm_critic.num_layers == 2
+    obs = th.as_tensor(np.stack([env.observation_space.sample() for _ in range(3)]))
+    zeros = th.zeros(2, 3, 8)
+    with th.no_grad():
+        logits = [p.get_distribution(obs, (zeros, zeros), th.ones(3))[0].distribution.logits
+                  for p in (model.policy, other)]
+    assert th.equal(*logits)
 
 
 # ----------------------------------------------------------------------------- KL, save, load
