@@ -20,8 +20,13 @@ and collecting rollouts.
 
 ``--checkpointing``: the same model trained with and without
 ``gradient_optimization.use_gradient_checkpointing`` (identical updates, tested): CPU seconds
-of ``train()`` per rollout and the bytes each minibatch's forward pass keeps for its backward
-pass (the tensors autograd saves, counted with ``torch.autograd.graph.saved_tensors_hooks``).
+of ``train()`` and the bytes of activations each minibatch's forward pass keeps until its
+backward pass (the tensors autograd saves, counted with
+``torch.autograd.graph.saved_tensors_hooks``; under the checkpoint only its inputs, the
+minibatch the buffer holds anyway, are kept). The whole forward pass is one checkpointed
+segment and each minibatch's backward pass follows its forward pass, so the recomputation
+in the backward pass saves the same activations again: the peak within one minibatch is not
+lowered, only what is held between the forward and the backward pass.
 
 ``--main-job``: ``train/warmstart.py``'s default configuration (the generalist: demos, BC,
 PPO across the scenario family, evaluation on held-out scenarios) with the recurrent
@@ -270,9 +275,9 @@ def checkpointing_trade(replica_counts: list[int], steps: int, rounds: int
                    "saved_mib_per_minibatch_on": on_b / 2**20}
             results.append(row)
             print(f"{n} replicas, {label}: train() {off_t.train_s:.2f} -> {on_t.train_s:.2f} "
-                  f"CPU-s per {steps:,} steps ({on_t.train_s / off_t.train_s:.2f}x); saved for "
-                  f"backward {off_b / 2**20:.2f} -> {on_b / 2**20:.2f} MiB per minibatch "
-                  f"({on_b / off_b:.2f}x)", flush=True)
+                  f"CPU-s per {steps:,} steps ({on_t.train_s / off_t.train_s:.2f}x); activations "
+                  f"kept from forward to backward {off_b / 2**20:.2f} -> {on_b / 2**20:.2f} MiB "
+                  f"per minibatch", flush=True)
     return results
 
 
