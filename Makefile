@@ -33,8 +33,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	@echo "[setup] installing torch==$(TORCH_VERSION) (CPU build)"
 	$(HEARTBEAT) '$(PY) $(PIP_INSTALL) torch==$(TORCH_VERSION) 2>&1 | $(PIP_SHOW)'
-	@echo "[setup] installing this project with its train and dev extras"
-	$(HEARTBEAT) '$(PY) $(PIP_INSTALL) -e ".[train,dev]" 2>&1 | $(PIP_SHOW)'
+	@echo "[setup] installing this project with its train, deploy and dev extras"
+	$(HEARTBEAT) '$(PY) $(PIP_INSTALL) -e ".[train,deploy,dev]" 2>&1 | $(PIP_SHOW)'
 	@echo "[setup] done"
 	touch $@
 

@@ -3,7 +3,8 @@
 Prints, from one run on this machine (ratios are what to compare across machines):
 
 1. ``LLMCluster-v0`` steps/s at ~80% load for 4 and 16 replicas, raw env and through
-   ``gym.make`` wrappers, with the ``lor`` router;
+   ``gym.make`` wrappers, with the ``lor`` router; and the raw env without the engine-model
+   signals (``observation.engine_signals``, on by default), with what they cost per step;
 2. the jump/iteration speed-up across loads, for the whole env step and for the simulator core
    alone (cluster events, no observation building), plus iterations simulated per event.
 
@@ -38,16 +39,17 @@ BATCHING = ("mixed_chunked", "mixed", "vllm_v0")
 
 
 def env_kwargs(replicas: int, load: float, requests: int, mode: str = "jump",
-               batching: str = "mixed_chunked") -> dict:
+               batching: str = "mixed_chunked", engine_signals: bool = True) -> dict:
     return dict(scenario="a100x4_conv_70", num_replicas=replicas, episode_requests=requests,
                 simulation_mode=mode, replica={"batching": batching},
-                workload={"qps": load * replicas * A100_7B_CAPACITY_RPS})
+                workload={"qps": load * replicas * A100_7B_CAPACITY_RPS},
+                observation={"engine_signals": engine_signals})
 
 
 def steps_per_second(replicas: int, load: float, requests: int, repeats: int,
                      wrapped: bool = False, mode: str = "jump",
-                     batching: str = "mixed_chunked") -> float:
-    kwargs = env_kwargs(replicas, load, requests, mode, batching)
+                     batching: str = "mixed_chunked", engine_signals: bool = True) -> float:
+    kwargs = env_kwargs(replicas, load, requests, mode, batching, engine_signals)
     env = gym.make("LLMCluster-v0", **kwargs) if wrapped else LLMClusterEnv(**kwargs)
     steps = requests
 
@@ -183,12 +185,15 @@ def main() -> None:
     for batching in args.batching:
         print(f"=== batching: {batching}")
         print(f"1) env steps/s, lor router, ~80% load (best of {args.repeats})")
-        print(f"{'replicas':>8}  {'raw env':>10}  {'gym.make':>10}")
+        print(f"{'replicas':>8}  {'raw env':>10}  {'gym.make':>10}  {'raw, no engine signals':>22}")
         for replicas in (4, 16):
             raw = steps_per_second(replicas, 0.8, args.requests, args.repeats, batching=batching)
             wrapped = steps_per_second(replicas, 0.8, args.requests, args.repeats, wrapped=True,
                                        batching=batching)
-            print(f"{replicas:>8}  {raw:>10,.0f}  {wrapped:>10,.0f}")
+            bare = steps_per_second(replicas, 0.8, args.requests, args.repeats, batching=batching,
+                                    engine_signals=False)
+            print(f"{replicas:>8}  {raw:>10,.0f}  {wrapped:>10,.0f}  {bare:>22,.0f}"
+                  f"  (signals cost {1e6 * (1 / raw - 1 / bare):.0f} us/step)")
 
         print("\n2) jump vs iteration-by-iteration, 4 replicas, same workload and decisions")
         print(f"{'load':>5}  {'env x':>6}  {'core x':>6}  {'iters/req':>9}  {'events/req':>10}  "

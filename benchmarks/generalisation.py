@@ -47,7 +47,7 @@ from llm_cluster_env.capacity import saturation_throughput
 from llm_cluster_env.config import EnvConfig, ReplicaConfig, WorkloadConfig
 from llm_cluster_env.env import LLMClusterEnv
 from llm_cluster_env.evaluation import RouterResult, run_episode
-from llm_cluster_env.routers import ROUTERS, make_router
+from llm_cluster_env.routers import CACHE_AWARE_ROUTERS, ROUTERS, make_router
 
 LONG_PROMPT = {"lengths": "lognormal", "prompt_lognormal": (2000.0, 0.6),
                "output_lognormal": (30.0, 0.6)}
@@ -67,7 +67,10 @@ CELLS: dict[str, tuple[list[str], dict, dict, float]] = {
     "conv_2xA40_2xH100": (["a40"] * 2 + ["h100"] * 2, CONV, {"arrival": "poisson"}, 0.70),
 }
 HETEROGENEOUS = ("longprompt_2xA100_2xH100", "conv_2xA40_2xH100")
-HEURISTICS = tuple(n for n, cls in ROUTERS.items() if not cls.requires_context)
+#: Every heuristic that reads only the observation; the prefix-cache-aware ones are left out
+#: (no cell caches prefixes, so they would only repeat their load rules).
+HEURISTICS = tuple(n for n, cls in ROUTERS.items()
+                   if not cls.requires_context and n not in CACHE_AWARE_ROUTERS)
 
 
 def cell_config(name: str, requests: int, observation: Mapping[str, Any] | None = None,

@@ -21,7 +21,10 @@ Prints, from one run:
 
 Usage: ``python -m benchmarks.prefix_routing [--episodes 3] [--requests 2000]
 [--scenarios mooncake_conv multiturn_chat shared_system_prompt] [--capacity] [--lru] [--host]
-[--output runs/prefix_routing.json]``. The Mooncake scenarios read
+[--output runs/prefix_routing.json] [--policy RUN_DIR] [--trace-rows 8400 12031]``.
+``--policy`` adds trained routers (run folders) to the comparison; ``--trace-rows`` evaluates
+on a part of a replayed trace (the ``prefix`` profile trains on rows 0-8400 of the Mooncake
+trace and is evaluated on rows 8400-12031). The Mooncake scenarios read
 ``../shared/data/mooncake/conversation_trace.jsonl`` beside the repository; they are skipped
 with a message when it is absent.
 """
@@ -128,13 +131,23 @@ def lru_table(path: Path, replicas: int = 8) -> dict:
 # --------------------------------------------------------------------------------------------
 
 
-def compare(scenario: str, episodes: int, requests: int, seed: int, host: bool) -> dict:
+def compare(scenario: str, episodes: int, requests: int, seed: int, host: bool,
+            policies: dict | None = None, trace_rows: tuple[int, int] | None = None) -> dict:
+    """Every heuristic (and each trained policy of ``policies``: name -> factory) on the
+    scenario; with ``trace_rows`` the episodes are windows inside those rows of its trace."""
     kwargs: dict = {"scenario": scenario, "episode_requests": requests}
     if host:
         kwargs["replica"] = {"host_cache": True}
+    if trace_rows is not None:
+        workload = dict(load_scenario_dict(scenario)["workload"])
+        if workload.get("arrival") != "trace":
+            raise SystemExit(f"--trace-rows: scenario {scenario!r} does not replay a trace")
+        kwargs["workload"] = {**workload, "trace_rows": list(trace_rows)}
     seeds = list(range(seed, seed + episodes))
     start = time.perf_counter()
-    results = evaluate_routers(kwargs, {n: (lambda n=n: make_router(n)) for n in ROUTERS}, seeds)
+    routers = {n: (lambda n=n: make_router(n)) for n in ROUTERS}
+    routers.update(policies or {})
+    results = evaluate_routers(kwargs, routers, seeds)
     elapsed = time.perf_counter() - start
     summary = {name: res.summary() for name, res in results.items()}
     best = min(CACHE_AWARE_ROUTERS, key=lambda n: summary[n]["ttft_mean"])
@@ -153,7 +166,12 @@ def compare(scenario: str, episodes: int, requests: int, seed: int, host: bool) 
               + f"{100 * (row['ttft_mean'] / lor - 1):>+11.1f}%"
               + f"{100 * (row['ttft_mean'] / summary[best]['ttft_mean'] - 1):>+8.1f}%")
     print(f"   best cache-aware heuristic by mean TTFT: {best}")
-    return {"routers": summary, "best_cache_aware": best, "seeds": seeds}
+    for name in policies or {}:
+        row, ref = summary[name], summary[best]
+        print(f"   {name}: mean TTFT {100 * (row['ttft_mean'] / ref['ttft_mean'] - 1):+.1f}%, "
+              f"p99 E2E {100 * (row['e2e_p99'] / ref['e2e_p99'] - 1):+.1f}% vs {best}")
+    return {"routers": summary, "best_cache_aware": best, "seeds": seeds,
+            "trace_rows": list(trace_rows) if trace_rows else None}
 
 
 def main() -> None:
@@ -168,7 +186,16 @@ def main() -> None:
     parser.add_argument("--host", action="store_true", help="also with the host-memory tier")
     parser.add_argument("--no-compare", action="store_true", help="skip the router comparison")
     parser.add_argument("--output", default=None, help="write every number as JSON here")
+    parser.add_argument("--policy", action="append", default=[],
+                        help="run folder or model zip of a trained router (repeatable)")
+    parser.add_argument("--trace-rows", type=int, nargs=2, default=None, metavar=("START", "END"),
+                        help="episodes inside these rows of a replayed trace (held-out part)")
     args = parser.parse_args()
+    policies = {}
+    if args.policy:
+        from benchmarks.generalisation import load_policy_routers
+
+        policies = load_policy_routers(args.policy)
     report: dict = {}
     if args.capacity:
         report["capacity"] = capacity_table(args.scenarios, args.capacity_requests)
@@ -184,7 +211,7 @@ def main() -> None:
                 key = scenario + ("+host" if host else "")
                 try:
                     report["compare"][key] = compare(scenario, args.episodes, args.requests,
-                                                     args.seed, host)
+                                                     args.seed, host, policies, args.trace_rows)
                 except TraceError as err:
                     print(f"\n== {scenario}: skipped ({err})")
     if args.output:

@@ -440,6 +440,8 @@ class RewardConfig:
 
     :param latency_weight: weight of minus the time-integral of requests in the system over the
         step (request-seconds), so an episode's return is ``-latency_weight * sum(E2E latency)``.
+    :param ttft_weight: weight of minus the summed time to first token (seconds) of the requests
+        completed in the step, so an episode adds ``-ttft_weight * sum(TTFT)``.
     :param slo_violation_penalty: subtracted per request completed in the step that missed its
         TTFT or TPOT target.
     :param imbalance_penalty: weight of ``1 - balance`` of the recent dispatch shares.
@@ -447,12 +449,13 @@ class RewardConfig:
     """
 
     latency_weight: float = 1.0
+    ttft_weight: float = 0.0
     slo_violation_penalty: float = 0.0
     imbalance_penalty: float = 0.0
     scale: float = 1.0
 
     def __post_init__(self) -> None:
-        for name in ("latency_weight", "slo_violation_penalty", "imbalance_penalty"):
+        for name in ("latency_weight", "ttft_weight", "slo_violation_penalty", "imbalance_penalty"):
             value = getattr(self, name)
             require(value >= 0 and math.isfinite(value), name, value, "must be a finite number >= 0")
         require(self.scale > 0, "scale", self.scale, "must be > 0")

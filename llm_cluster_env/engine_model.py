@@ -27,12 +27,17 @@ budget); ``T_pf(x)`` is ``ceil(x / cap)`` iterations each carrying a chunk of
   ``k``-th smallest expected remaining decode length among the running requests times ``t_d``
   (and ``E[O] * t_d / B`` per completion beyond them);
 * ``ttft = wait + T_pf(p)``;
-* ``delta = ttft + (E[O | p] - 1) * t_d' + B * (T_pf(p) - n_pf * t_d)
-  + sum_i min(r_i, E[O | p] - 1) * (t_d' - t_d)``, with ``t_d'`` the decode iteration with
-  the request added (``B + 1`` requests, its prompt in the context) and ``r_i`` the expected
-  remaining tokens of running request ``i``: its own latency, the longer iterations its
-  prefill imposes on the ``B`` decoding requests (under ``vllm_v0`` they wait out the whole
-  prefill), and the slower decode iterations while they run together.
+* ``delta = ttft + B * (T_pf(p) - n_pf * t_d) + H * t' + B'' * H * (t' - t'')``: over the
+  request's ``H = E[O | p] - 1`` decode iterations it decodes beside ``B'' = B + queued``
+  co-runners (the running requests and those queued ahead). Each co-runner keeps its context
+  growing by one token per iteration for its expected remaining tokens and is then replaced by
+  a request of the workload's mean context (prompt plus half the output): the batch stays full
+  in a steady state instead of keeping today's contexts for the whole horizon, which made
+  replicas whose long requests are about to finish look cheap. ``t'`` is the decode iteration
+  with ``B'' + 1`` requests at the co-runners' mean total context over the horizon plus the
+  request's own mean context, ``t''`` the same without the request; the iteration-time model
+  is non-decreasing in batch and context, so the co-runners' slow-down is never negative.
+  Under ``vllm_v0`` the ``B`` decoding requests wait out the whole prefill.
 
 Expected lengths come from :class:`OutputLengthPrior`: ``E[O | p]`` for the new request (mean
 output of its prompt-length decile) and ``E[O - g | O > g]`` for a request that has produced
@@ -72,6 +77,9 @@ class OutputLengthPrior:
         if prompt.shape != output.shape or output.size == 0 or output.min() < 1:
             raise ValueError("OutputLengthPrior: needs matching non-empty samples, outputs >= 1")
         self.mean_output = float(output.mean())
+        #: Mean context of a request over its life, prompt + half its output (tokens): what a
+        #: decode batch's requests hold on average in a steady state.
+        self.mean_context = float(prompt.mean() + 0.5 * output.mean())
         # E[O | prompt decile]
         edges = np.unique(np.quantile(prompt, np.linspace(0, 1, _PROMPT_BINS + 1)[1:-1]))
         self._prompt_edges = edges.tolist()
@@ -135,20 +143,27 @@ class EngineModel:
         cap = budget if (v0 or not replica.chunked_prefill) else max(budget - batch, 1)
         chunk_batch, chunk_context = (0, 0) if v0 else (batch, context)
 
-        # remaining decode tokens of the running requests (expected, or true with the oracle)
+        # remaining decode tokens (expected, or true with the oracle) and contexts (tokens) of
+        # the running requests
         running = replica.running.values()
+        contexts = []
         if self.oracle:
-            remaining = [r.output_tokens - (clock - r.decode_offset if r.state is _DECODING
-                                            else r.generated) for r in running]
+            remaining = []
+            for r in running:
+                g = clock - r.decode_offset if r.state is _DECODING else r.generated
+                remaining.append(r.output_tokens - g)
+                contexts.append(r.prompt_tokens + g)
             expected_out = float(output_tokens)
         else:
             table = prior._residual
             size = len(table)
             remaining = []
             append = remaining.append
+            add_context = contexts.append
             for r in running:
                 g = clock - r.decode_offset if r.state is _DECODING else r.generated
                 append(table[g] if g < size else table[-1])
+                add_context(r.prompt_tokens + g)
             expected_out = prior.expected_output(prompt_tokens)
 
         # admission: a batch slot and KV blocks above the watermark for everything ahead + us
@@ -181,27 +196,39 @@ class EngineModel:
             chunk_batch, chunk_context, ((own if own < cap else cap, 0),))
         ttft = wait + own_prefill
 
-        # own decoding (beside the running requests and those queued ahead, which are admitted
-        # first) and the slow-down of the others
+        # own decoding, beside co-runners: the running requests and those queued ahead (admitted
+        # first); each co-runner stays for its expected remaining tokens and is then replaced
+        # by a request of the workload's mean context (the batch keeps its size in a steady
+        # state). Decode iterations are costed at the mean context over our horizon.
         queued = len(replica.waiting)
         co_batch = batch + queued
         if co_batch >= replica.max_batch_size:
             co_batch = replica.max_batch_size - 1
-        co_context = context + ahead
-        with_us = iteration_time(co_batch + 1, co_context + prompt_tokens)
         horizon = expected_out - 1.0 if expected_out > 1.0 else 0.0
-        delta = ttft + horizon * with_us
+        delta = ttft
         if batch:
             if v0:
                 delta += batch * own_prefill
             else:
                 extra = own_prefill - prefill_iterations * t_dec
                 delta += batch * extra if extra > 0.0 else 0.0
-        if co_batch:
-            without_us = iteration_time(co_batch, co_context)
-            overlap = sum([r if r < horizon else horizon for r in remaining])
-            overlap += queued * (prior.mean_output if prior.mean_output < horizon else horizon)
-            delta += overlap * (with_us - without_us)
+        if horizon > 0.0:
+            steady = prior.mean_context
+            co_context = 0.0  # co-runners' context tokens summed over our ``horizon`` iterations
+            for r, c in zip(remaining, contexts):
+                m = r if r < horizon else horizon
+                co_context += m * c + 0.5 * m * (m - 1.0) + (horizon - m) * steady
+            if queued:
+                fresh = ahead / queued if ahead > 0 else steady
+                m = prior.mean_output if prior.mean_output < horizon else horizon
+                co_context += queued * (m * fresh + 0.5 * m * (m - 1.0) + (horizon - m) * steady)
+            mean_co = co_context / horizon
+            mean_own = prompt_tokens + 0.5 * (horizon - 1.0)
+            with_us = iteration_time(co_batch + 1, int(mean_co + mean_own + 0.5))
+            delta += horizon * with_us
+            if co_batch:  # the co-runners' iterations are longer while we decode beside them
+                without_us = iteration_time(co_batch, max(int(mean_co + 0.5), 1))
+                delta += co_batch * horizon * (with_us - without_us)
         return wait, ttft, delta
 
     def estimate_all(self, replicas: Sequence, now: float, prompt_tokens: int,

@@ -1,12 +1,17 @@
 """Reward terms of ``LLMCluster-v0``.
 
 Each step routes one request and advances the simulator to the next arrival. The reward of
-that step is ``scale * (latency + slo + imbalance)`` with
+that step is ``scale * (latency + ttft + slo + imbalance)`` with
 
 * ``latency = -latency_weight * integral of (requests in the system) dt`` over the step, in
   request-seconds. Summed over an episode (the last step includes draining the cluster) this is
   exactly ``-latency_weight * sum of every request's end-to-end latency``: the return ranks
   routers by mean E2E latency, and each step is charged with the delay it actually caused.
+* ``ttft = -ttft_weight * (sum of the TTFTs, in seconds, of the requests that finished in the
+  step)``. Summed over an episode this is exactly ``-ttft_weight * sum of every request's
+  TTFT``; charged when a request finishes, so the credit arrives later than the latency term's.
+  With ``latency_weight`` it trades mean E2E against mean TTFT (what prefix-cache routing
+  mostly moves).
 * ``slo = -slo_violation_penalty * (requests finished in the step that missed the TTFT or TPOT
   target)``.
 * ``imbalance = -imbalance_penalty * (1 - balance)``, balance being ``1 - std`` of the
@@ -21,7 +26,7 @@ from llm_cluster_env.config import RewardConfig, SLOConfig
 from llm_cluster_env.sim.metrics import balance_score
 from llm_cluster_env.sim.request import Request
 
-TERMS = ("latency", "slo", "imbalance")
+TERMS = ("latency", "ttft", "slo", "imbalance")
 
 
 class RewardFunction:
@@ -61,6 +66,10 @@ class RewardFunction:
         latency = -cfg.latency_weight * request_seconds
         total = latency
         self.totals["latency"] += latency * cfg.scale
+        if cfg.ttft_weight and finished:
+            ttft = -cfg.ttft_weight * sum([r.first_token_time - r.arrival_time for r in finished])
+            total += ttft
+            self.totals["ttft"] += ttft * cfg.scale
         if cfg.slo_violation_penalty and finished:
             slo = -cfg.slo_violation_penalty * self.slo_violations(finished)
             total += slo

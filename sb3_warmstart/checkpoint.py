@@ -13,6 +13,10 @@ A checkpoint is a directory ``step_<num_timesteps>/`` holding:
     themselves (so the workload and the simulator stand exactly where they stood), the state of
     the temperature controller and the training monitor, and the RNG states (Python, NumPy,
     torch).
+``vecnormalize.json``
+    the ``VecNormalize`` settings and statistics as JSON
+    (:func:`~sb3_warmstart.normalize.vec_normalize_to_json`), readable without this project;
+    ``model.zip`` loads with stock SB3 through ``train/export.py``'s ``sb3/router_policies``.
 ``manifest.json``
     format version, step count, a fingerprint of what the checkpoint fits (observation schema,
     action count, algorithm, architecture, number of envs, env kwargs) and the SHA-256 and size
@@ -51,10 +55,13 @@ from stable_baselines3.common.on_policy_algorithm import OnPolicyAlgorithm
 from stable_baselines3.common.vec_env import VecNormalize
 
 from llm_cluster_env.atomic import atomic_write_bytes, atomic_write_json, fsync_dir
+from sb3_warmstart.normalize import vec_normalize_to_json
 
 FORMAT_VERSION = 1
 MODEL_FILE = "model.zip"
 STATE_FILE = "state.pkl"
+#: The normaliser statistics as JSON (for loading without this project).
+NORMALIZER_FILE = "vecnormalize.json"
 MANIFEST_FILE = "manifest.json"
 LATEST_FILE = "latest.json"
 PREFIX = "step_"
@@ -271,8 +278,9 @@ class CheckpointManager:
             session.model.save(tmp / MODEL_FILE)
             atomic_write_bytes(tmp / STATE_FILE, pickle.dumps(capture_state(session),
                                                               protocol=pickle.HIGHEST_PROTOCOL))
+            atomic_write_json(tmp / NORMALIZER_FILE, vec_normalize_to_json(session.venv))
             files = {name: {"sha256": _sha256(tmp / name), "bytes": (tmp / name).stat().st_size}
-                     for name in (MODEL_FILE, STATE_FILE)}
+                     for name in (MODEL_FILE, STATE_FILE, NORMALIZER_FILE)}
             atomic_write_json(tmp / MANIFEST_FILE, {
                 "format": FORMAT_VERSION, "num_timesteps": steps,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

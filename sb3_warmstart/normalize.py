@@ -321,6 +321,30 @@ class ReturnNormalizer:
                 f"gamma={self.gamma}, clip_reward={self.clip_reward})")
 
 
+def vec_normalize_to_json(vec_normalize: VecNormalize) -> dict[str, Any]:
+    """A ``VecNormalize``'s settings and statistics as JSON-able values (float64 survives the
+    round trip exactly), readable without this project (``final_vecnormalize.pkl`` pickles
+    :class:`FrozenRunningMeanStd`): ``norm_obs``, ``norm_reward``, ``clip_obs``,
+    ``clip_reward``, ``epsilon``, ``gamma``, ``obs_rms`` and ``ret_rms`` (``mean``, ``var``,
+    ``count``). An observation is normalised as ``clip((obs - obs_rms.mean) /
+    sqrt(obs_rms.var + epsilon), -clip_obs, clip_obs)`` when ``norm_obs``."""
+    def stats(rms: RunningMeanStd) -> dict[str, Any]:
+        return {"mean": np.asarray(rms.mean, dtype=np.float64).tolist(),
+                "var": np.asarray(rms.var, dtype=np.float64).tolist(),
+                "count": float(rms.count)}
+
+    obs_rms = vec_normalize.obs_rms
+    return {
+        "format": "vecnormalize/json", "format_version": 1,
+        "norm_obs": bool(vec_normalize.norm_obs), "norm_reward": bool(vec_normalize.norm_reward),
+        "clip_obs": float(vec_normalize.clip_obs), "clip_reward": float(vec_normalize.clip_reward),
+        "epsilon": float(vec_normalize.epsilon), "gamma": float(vec_normalize.gamma),
+        "obs_rms": ({k: stats(v) for k, v in obs_rms.items()} if isinstance(obs_rms, dict)
+                    else stats(obs_rms)),
+        "ret_rms": stats(vec_normalize.ret_rms),
+    }
+
+
 def _rms_from_dict(data: Mapping[str, Any], what: str) -> RunningMeanStd:
     try:
         mean = np.asarray(data["mean"], dtype=np.float64)

@@ -20,7 +20,7 @@ A run folder belongs to one run (:mod:`sb3_warmstart.run_folder`: identity, lock
     pretrained/              bc_policy.zip (clone) or external.zip (copied, validated)
     checkpoints/             step_<n>/ directories and latest.json
     training_progress.json   the chunks completed (chunk mode) and the run status
-    final_model.zip, final_vecnormalize.pkl
+    final_model.zip, final_vecnormalize.pkl (and .json: the statistics without pickles)
     report/                  results table (txt/csv/json), report.md, PNG plots
     previous-<time>/         an earlier run's outputs, moved aside by --resume warmstart
 """

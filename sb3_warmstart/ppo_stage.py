@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 from stable_baselines3.common.callbacks import CallbackList
 
+from llm_cluster_env.atomic import atomic_write_json
 from sb3_warmstart.callbacks import NormalizerStabilization, TemperatureController, TrainingMonitor
 from sb3_warmstart.checkpoint import (
     CheckpointManager,
@@ -31,6 +32,7 @@ from sb3_warmstart.checkpoint import (
 from sb3_warmstart.config import TrainingConfig
 from sb3_warmstart.envs import make_training_venv, training_env_spec, training_layout
 from sb3_warmstart.logs import make_run_logger
+from sb3_warmstart.normalize import vec_normalize_to_json
 from sb3_warmstart.ppo import KLPPO, KLRecurrentPPO
 from sb3_warmstart.progress import PPOProgress
 from sb3_warmstart.set_policy import policy_class_for
@@ -196,6 +198,8 @@ class PPOTrainer:
         model = self.session.model
         model.save(self.run_dir / "final_model.zip")
         self.session.venv.save(str(self.run_dir / "final_vecnormalize.pkl"))
+        atomic_write_json(self.run_dir / "final_vecnormalize.json",
+                          vec_normalize_to_json(self.session.venv))
         self.monitor.write_csv(self.run_dir / "training_history.csv")
 
 

@@ -115,6 +115,13 @@ class ReplicaSetExtractor(BaseFeaturesExtractor):
             replica_features else None
         self._rate = tail_features.index("global/arrival_rate") if "global/arrival_rate" in \
             tail_features else None
+        # one-hot of the columns made size-free (constants, not in the state dict)
+        self.register_buffer("share_column", th.zeros(per), persistent=False)
+        self.register_buffer("rate_column", th.zeros(tail), persistent=False)
+        if self._share is not None:
+            self.share_column[self._share] = 1.0
+        if self._rate is not None:
+            self.rate_column[self._rate] = 1.0
         # standardisation of the log1p-transformed inputs (fitted by fit_feature_scaling)
         self.register_buffer("replica_mean", th.zeros(per))
         self.register_buffer("replica_std", th.ones(per))
@@ -124,28 +131,45 @@ class ReplicaSetExtractor(BaseFeaturesExtractor):
                                      activation_fn())
 
     # ------------------------------------------------------------------ scaling
+    def split(self, obs: th.Tensor) -> tuple[th.Tensor, th.Tensor]:
+        """``(replicas (B, slots, F), tail (B, T))``: the flat observation as a set of replica
+        rows (absent slots included, all zero) and the request/global features."""
+        per = len(self.replica_features)
+        block = obs[:, : self.slots * per].reshape(obs.shape[0], self.slots, per)
+        return block, obs[:, self.slots * per:]
+
+    def transformed_set(self, block: th.Tensor, tail: th.Tensor
+                        ) -> tuple[th.Tensor, th.Tensor, th.Tensor]:
+        """:meth:`transformed` on a set of ``N`` replica rows ``(B, N, F)`` and the tail
+        ``(B, T)``; ``N`` comes from the tensor, not from the slots the extractor was built for
+        (an exported graph takes it as a dynamic axis)."""
+        mask = (block[:, :, self._presence] > 0).to(block.dtype)
+        count = mask.sum(dim=1, keepdim=True).clamp(min=1.0)
+        # one column scaled by the replica count: 1 + onehot * (count - 1) is exactly count
+        # there and exactly 1 elsewhere (no scatter: an exported graph stays small)
+        if self._share is not None:
+            block = block * (1.0 + self.share_column * (count.unsqueeze(-1) - 1.0))
+        if self._rate is not None:
+            tail = tail / (1.0 + self.rate_column * (count - 1.0))
+        return th.log1p(block.clamp(min=0.0)), th.log1p(tail.clamp(min=0.0)), mask
+
     def transformed(self, obs: th.Tensor) -> tuple[th.Tensor, th.Tensor, th.Tensor]:
         """``(replicas (B, slots, F), tail (B, T), mask (B, slots))``: log1p-transformed,
         size-free inputs before standardisation; ``mask`` is 1.0 for present replicas."""
-        per = len(self.replica_features)
-        block = obs[:, : self.slots * per].reshape(obs.shape[0], self.slots, per)
-        tail = obs[:, self.slots * per:]
-        mask = (block[:, :, self._presence] > 0).to(obs.dtype)
-        count = mask.sum(dim=1, keepdim=True).clamp(min=1.0)
-        if self._share is not None:
-            block = block.clone()
-            block[:, :, self._share] = block[:, :, self._share] * count
-        if self._rate is not None:
-            tail = tail.clone()
-            tail[:, self._rate] = tail[:, self._rate] / count[:, 0]
-        return th.log1p(block.clamp(min=0.0)), th.log1p(tail.clamp(min=0.0)), mask
+        return self.transformed_set(*self.split(obs))
 
-    def standardised(self, obs: th.Tensor) -> tuple[th.Tensor, th.Tensor, th.Tensor]:
-        """Inputs of the encoder: transformed, standardised and clipped to ``[-CLIP, CLIP]``."""
-        block, tail, mask = self.transformed(obs)
+    def standardised_set(self, block: th.Tensor, tail: th.Tensor
+                         ) -> tuple[th.Tensor, th.Tensor, th.Tensor]:
+        """Inputs of the encoder for replica rows ``(B, N, F)`` and the tail ``(B, T)``:
+        transformed, standardised and clipped to ``[-CLIP, CLIP]``."""
+        block, tail, mask = self.transformed_set(block, tail)
         block = ((block - self.replica_mean) / self.replica_std).clamp(-CLIP, CLIP)
         tail = ((tail - self.tail_mean) / self.tail_std).clamp(-CLIP, CLIP)
         return block * mask.unsqueeze(-1), tail, mask
+
+    def standardised(self, obs: th.Tensor) -> tuple[th.Tensor, th.Tensor, th.Tensor]:
+        """Inputs of the encoder: transformed, standardised and clipped to ``[-CLIP, CLIP]``."""
+        return self.standardised_set(*self.split(obs))
 
     @th.no_grad()
     def fit_scaling(self, observations: np.ndarray) -> dict[str, float]:
@@ -164,17 +188,23 @@ class ReplicaSetExtractor(BaseFeaturesExtractor):
         return clip_share(self, observations)
 
     # ------------------------------------------------------------------ forward
-    def forward(self, obs: th.Tensor) -> th.Tensor:
-        block, tail, mask = self.standardised(obs)
-        batch = obs.shape[0]
-        inputs = th.cat([block, tail.unsqueeze(1).expand(batch, self.slots, tail.shape[1])], -1)
+    def encode_set(self, block: th.Tensor, tail: th.Tensor
+                   ) -> tuple[th.Tensor, th.Tensor, th.Tensor]:
+        """Steps 1-3 of the module docs on replica rows ``(B, N, F)`` and the tail ``(B, T)``
+        (any ``N``): ``(summary (B, summary_dim), h (B, N, embed_dim), mask (B, N))``."""
+        block, tail, mask = self.standardised_set(block, tail)
+        slots = block.shape[1]
+        inputs = th.cat([block, tail.unsqueeze(1).expand(-1, slots, -1)], -1)
         h = self.encoder(inputs) * mask.unsqueeze(-1)
         count = mask.sum(dim=1, keepdim=True).clamp(min=1.0)
         mean = h.sum(dim=1) / count
         maximum = h.masked_fill(mask.unsqueeze(-1) == 0, -1e4).max(dim=1).values
-        maximum = th.where(count > 0, maximum, th.zeros_like(maximum))
         summary = th.cat([mean, maximum, tail, th.log(count)], dim=1)
-        return th.cat([summary, h.reshape(batch, -1), mask], dim=1)
+        return summary, h, mask
+
+    def forward(self, obs: th.Tensor) -> th.Tensor:
+        summary, h, mask = self.encode_set(*self.split(obs))
+        return th.cat([summary, h.reshape(obs.shape[0], -1), mask], dim=1)
 
 
 @th.no_grad()
@@ -219,12 +249,15 @@ class ReplicaSetHeads(nn.Module):
         h = rest[:, : slots * self.embed_dim].reshape(-1, slots, self.embed_dim)
         return summary, h, rest[:, slots * self.embed_dim:]
 
-    def forward_actor(self, features: th.Tensor) -> th.Tensor:
-        summary, h, mask = self._split(features)
-        slots = h.shape[1]
-        pairs = th.cat([h, summary.unsqueeze(1).expand(-1, slots, summary.shape[1])], -1)
+    def score_replicas(self, summary: th.Tensor, h: th.Tensor, mask: th.Tensor) -> th.Tensor:
+        """Masked logits ``(B, N)`` of replica encodings ``h (B, N, embed_dim)`` against the
+        summary ``(B, summary_dim)`` (any ``N``)."""
+        pairs = th.cat([h, summary.unsqueeze(1).expand(-1, h.shape[1], -1)], -1)
         logits = self.score(pairs).squeeze(-1)
         return logits.masked_fill(mask == 0, MASKED_LOGIT)
+
+    def forward_actor(self, features: th.Tensor) -> th.Tensor:
+        return self.score_replicas(*self._split(features))
 
     def forward_critic(self, features: th.Tensor) -> th.Tensor:
         return self.value(features[:, : self.summary_dim])

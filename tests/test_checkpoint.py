@@ -87,8 +87,8 @@ def test_rotation_keeps_newest_and_latest_pointer(tmp_path):
     assert names == ["step_000000000192", "step_000000000256"]
     assert manager.latest().name == "step_000000000256"
     manifest = manager.verify(manager.latest())
-    assert manifest["num_timesteps"] == 256 and set(manifest["files"]) == {"model.zip",
-                                                                          "state.pkl"}
+    assert manifest["num_timesteps"] == 256 and set(manifest["files"]) == {
+        "model.zip", "state.pkl", "vecnormalize.json"}
 
 
 @pytest.mark.slow

@@ -109,3 +109,23 @@ def test_padded_slots_change_nothing_for_the_routers():
 def test_fewer_slots_than_replicas_is_refused():
     with pytest.raises(ConfigError, match="observation.replica_slots=2"):
         LLMClusterEnv(**SMALL, observation={"replica_slots": 2})
+
+
+def test_added_time_is_never_below_the_ttft_across_decode_segments():
+    """The request's own decode and the co-runners' slow-down compare whole iteration times.
+    Linear pieces of the attention table extrapolated over a long horizon (here ~3,000 decode
+    iterations), or intercepts of two different pieces, once made ``est_delta_s`` negative
+    (down to -126 s) while requests decode across several pieces."""
+    for qps in (10.0, 4.0):
+        env = LLMClusterEnv(scenario="a100x4_conv_70", episode_requests=40,
+                            workload={"lengths": "fixed", "prompt_tokens": 480,
+                                      "output_tokens": 3000, "qps": qps})
+        model = EngineModel(env.output_prior)
+        env.reset(seed=0)
+        for _ in range(39):
+            replica = env.cluster.replicas[0]
+            for prompt in range(1, 4000, 7):
+                wait, ttft, delta = model.estimate(replica, env.cluster.now, prompt)
+                assert 0.0 <= wait < ttft <= delta, (qps, prompt, wait, ttft, delta)
+            env.step(0)
+        assert env.cluster.replicas[0].num_decoding >= 4

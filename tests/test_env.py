@@ -127,13 +127,16 @@ def test_reset_serves_a_given_workload_exactly():
 
 def test_reward_terms_scale_and_penalties():
     env = LLMClusterEnv(**SMALL, reward={"scale": 0.1, "slo_violation_penalty": 2.0,
-                                         "imbalance_penalty": 1.0}, slo={"ttft_s": 0.05})
+                                         "imbalance_penalty": 1.0, "ttft_weight": 3.0},
+                        slo={"ttft_s": 0.05})
     _, rewards, info = rollout(env, seed=1)
     m = info["metrics"]
-    assert rewards.sum() == pytest.approx(m["reward_latency"] + m["reward_slo"]
+    assert rewards.sum() == pytest.approx(m["reward_latency"] + m["reward_ttft"] + m["reward_slo"]
                                           + m["reward_imbalance"], rel=1e-9)
     e2e = sum(r.finish_time - r.arrival_time for r in env.cluster.requests)
     assert m["reward_latency"] == pytest.approx(-0.1 * e2e, rel=1e-9)
+    ttft = sum(r.first_token_time - r.arrival_time for r in env.cluster.requests)
+    assert m["reward_ttft"] == pytest.approx(-0.1 * 3.0 * ttft, rel=1e-9) and ttft > 0
     tpot_slo = env.config.slo.tpot_s
     violations = sum((r.first_token_time - r.arrival_time) > 0.05 or (
         r.output_tokens > 1
