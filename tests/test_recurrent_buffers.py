@@ -173,8 +173,11 @@ def loss_and_grads(model, data, step: int):
 
 
 def assert_close_rel(ours: dict, theirs: dict, rel: float) -> None:
+    """``rel`` relative; a term near zero (the policy-gradient loss is a mean of O(1)
+    normalised advantages that nearly cancel) is compared at ``rel * 1e-2`` = 1e-7 absolute,
+    about one float32 rounding of its O(1) summands."""
     for key, value in theirs.items():
-        assert abs(ours[key] - value) <= rel * max(abs(value), 1e-3), (key, ours[key], value)
+        assert abs(ours[key] - value) <= rel * max(abs(value), 1e-2), (key, ours[key], value)
 
 
 @pytest.mark.parametrize("policy", [TemperatureMlpLstmPolicy, TemperatureMlpGruPolicy,
