@@ -6,14 +6,16 @@ plain per-sample path for SB3's feed-forward ``ActorCriticPolicy``:
 
 * **Recurrent path** (truncated BPTT). Each training trajectory is cut into consecutive chunks
   of ``sequence_length`` steps. Trajectories are dealt to ``batch_size`` *lanes*; a gradient
-  step takes the next chunk of every lane. The LSTM state is carried from one chunk to the next
-  inside a lane (detached between chunks, so gradients stop at chunk borders) and zeroed where a
-  new trajectory starts, exactly as RecurrentPPO zeroes it at ``episode_start``. Short final
-  chunks are padded and masked out of every loss and metric. The forward pass uses the policy's
-  own modules in the order ``RecurrentActorCriticPolicy.forward`` uses them (features extractor,
-  ``_process_sequence`` with ``lstm_actor``, ``mlp_extractor.forward_actor``, ``action_net``;
-  the critic through ``lstm_critic``, the detached shared LSTM, or the ``critic`` layer as the
-  policy is configured), so the cloned weights mean the same thing at rollout time.
+  step takes the next chunk of every lane. The recurrent state is carried from one chunk to the
+  next inside a lane (detached between chunks, so gradients stop at chunk borders) and zeroed
+  where a new trajectory starts, exactly as RecurrentPPO zeroes it at ``episode_start``. Short
+  final chunks are padded and masked out of every loss and metric. The forward pass uses the
+  policy's own modules in the order ``RecurrentActorCriticPolicy.forward`` uses them (features
+  extractor, ``_process_sequence`` with ``lstm_actor``, ``mlp_extractor.forward_actor``,
+  ``action_net``; the critic through ``lstm_critic``, the detached shared LSTM, or the ``critic``
+  layer as the policy is configured), so the cloned weights mean the same thing at rollout
+  time. GRU cells (:class:`~sb3_warmstart.policies.GruCellsMixin`) go the same way: their state
+  travels as sb3-contrib's ``(h, c)`` pair with ``c`` always zero.
 * **Feed-forward path**: shuffled samples, ``batch_size * sequence_length`` per gradient step
   (the same number of steps per update as the recurrent path).
 

@@ -26,6 +26,7 @@ from sb3_warmstart.normalize import (
     fit_obs_normalizer,
     fit_return_normalizer,
 )
+from sb3_warmstart.policies import clone_policy_class
 from sb3_warmstart.policy_io import build_model
 from sb3_warmstart.set_policy import SET_POLICIES, policy_class_for
 
@@ -107,8 +108,8 @@ def clone_demonstrations(
         policy_kwargs: dict[str, Any] = {}
     else:
         policy_kwargs = ppo.policy_kwargs(layout)
-        policy = (policy_class_for(True, recurrent) if ppo.replica_set
-                  else "MlpLstmPolicy" if recurrent else "MlpPolicy")
+        policy = (policy_class_for(True, recurrent, ppo.recurrent_cell) if ppo.replica_set
+                  else clone_policy_class(ppo.recurrent_cell) if recurrent else "MlpPolicy")
         model = build_model(policy, env.observation_space,
                             env.action_space, recurrent=recurrent, policy_kwargs=policy_kwargs,
                             seed=seed, algorithm_kwargs={"gamma": gamma})

@@ -42,14 +42,16 @@ class PPOConfig:
     """The PPO algorithm and its policy network.
 
     :param algorithm: ``ppo`` (KLPPO, a feed-forward policy) or ``recurrent_ppo``
-        (KLRecurrentPPO, an LSTM policy; several times slower per step).
+        (KLRecurrentPPO, an LSTM or GRU policy; see ``recurrent_cell`` and ``sequence_length``).
     :param policy: ``replica_set`` (one network scores every replica, so one policy routes
         any number of replicas and any GPU mix: :mod:`sb3_warmstart.set_policy`; needed to
         train across a scenario family) or ``mlp`` (SB3's ``MlpPolicy``/``MlpLstmPolicy``
         over the flat observation, tied to one replica count).
     :param n_envs: parallel environments (DummyVecEnv).
     :param n_steps: steps per environment per rollout.
-    :param batch_size: minibatch size (steps; sequences are cut to fit for recurrent PPO).
+    :param batch_size: minibatch size (steps). Recurrent PPO with ``sequence_length``: whole
+        sequences are dealt to ``ceil(rollout / batch_size)`` minibatches of about this many
+        steps; with ``sequence_length: null`` sb3-contrib cuts its sequences to fit.
     :param n_epochs: passes over each rollout.
     :param learning_rate: Adam step size (base value of the optional LR schedule).
     :param gamma: discount. :param gae_lambda: GAE lambda. :param clip_range: PPO clip.
@@ -57,7 +59,15 @@ class PPOConfig:
     :param vf_coef: value-loss coefficient. :param max_grad_norm: global gradient-norm clip.
     :param target_kl: KL monitoring threshold (see ``kl.target_kl_early_stop``).
     :param net_arch: hidden layers of the actor and critic heads.
-    :param lstm_hidden_size: LSTM units (recurrent). :param n_lstm_layers: stacked LSTMs.
+    :param lstm_hidden_size: units of the recurrent cell (LSTM or GRU).
+    :param n_lstm_layers: stacked recurrent layers.
+    :param recurrent_cell: ``lstm`` (sb3-contrib's ``MlpLstmPolicy``) or ``gru`` (the same
+        policy with GRU cells, ``TemperatureMlpGruPolicy``), for the actor and the critic.
+    :param sequence_length: recurrent PPO's training sequences, in steps: the rollout is cut
+        at episode starts and every ``sequence_length`` steps, padded once per rollout, and each
+        minibatch runs through the recurrent network in one call (gradients truncated at this
+        length). ``null``: sb3-contrib's own minibatches (steps through the sequences one time
+        step at a time; exactly stock RecurrentPPO with the extras off; ~5x slower to train).
     :param norm_reward: normalise rewards with VecNormalize.
     :param set_embed_dim: ``replica_set``: size of each replica's encoding.
     :param set_hidden_dim: ``replica_set``: hidden width of its encoder and heads.
@@ -80,6 +90,8 @@ class PPOConfig:
     net_arch: tuple[int, ...] = (64, 64)
     lstm_hidden_size: int = 64
     n_lstm_layers: int = 1
+    recurrent_cell: Literal["lstm", "gru"] = "lstm"
+    sequence_length: int | None = 32
     norm_reward: bool = True
     set_embed_dim: int = 64
     set_hidden_dim: int = 64
@@ -88,6 +100,11 @@ class PPOConfig:
         for name in ("n_envs", "n_steps", "n_epochs", "lstm_hidden_size", "n_lstm_layers",
                      "set_embed_dim", "set_hidden_dim"):
             require(getattr(self, name) >= 1, name, getattr(self, name), "must be >= 1")
+        require(self.recurrent_cell in ("lstm", "gru"), "recurrent_cell", self.recurrent_cell,
+                "must be 'lstm' or 'gru'")
+        if self.sequence_length is not None:
+            require(self.sequence_length >= 1, "sequence_length", self.sequence_length,
+                    "must be >= 1 step or null")
         require(self.batch_size >= 2, "batch_size", self.batch_size, "must be >= 2")
         require(self.learning_rate > 0, "learning_rate", self.learning_rate, "must be > 0")
         require(0 < self.gamma <= 1, "gamma", self.gamma, "must be in (0, 1]")
@@ -456,10 +473,14 @@ class GradientOptimizationConfig:
     :param accumulation_steps: minibatches averaged into one optimiser step.
     :param clip_by_global_norm: clip the accumulated gradient's global norm to
         ``ppo.max_grad_norm`` (False disables clipping).
+    :param use_gradient_checkpointing: run each minibatch's actor-critic forward pass under
+        ``torch.utils.checkpoint`` (activations recomputed in the backward pass instead of kept:
+        memory for compute; the same losses and gradients).
     """
 
     accumulation_steps: int = 1
     clip_by_global_norm: bool = True
+    use_gradient_checkpointing: bool = False
 
     def __post_init__(self) -> None:
         require(self.accumulation_steps >= 1, "accumulation_steps", self.accumulation_steps,

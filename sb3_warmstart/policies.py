@@ -2,7 +2,9 @@
 
 :class:`TemperatureMlpPolicy` (SB3's ``MlpPolicy``) and :class:`TemperatureMlpLstmPolicy`
 (sb3-contrib's ``MlpLstmPolicy``) add two plain attributes and no parameter, so their
-``state_dict`` keys are those of the parent and checkpoints load either way:
+``state_dict`` keys are those of the parent and checkpoints load either way;
+:class:`TemperatureMlpGruPolicy` is the recurrent one with GRU cells (see *GRU cells* below).
+The attributes:
 
 ``temperature`` (float > 0, default 1.0)
     The categorical logits are divided by it wherever the action distribution is built
@@ -20,16 +22,33 @@ Both act on discrete (``Discrete``) action spaces only; other distributions rais
 
 :func:`action_log_probs` returns a batch's normalised action logits (log-probabilities), the
 input of :func:`sb3_warmstart.kl.categorical_kl`.
+
+GRU cells
+---------
+sb3-contrib's recurrent machinery (``RecurrentPPO``'s rollouts and buffers, ``predict``, our
+checkpoints, behaviour cloning and the reference KL) passes every recurrent state as a pair
+``(h, c)`` of ``(n_layers, batch, hidden)`` tensors and reads the sizes off
+``policy.lstm_actor``. :class:`GruCellsMixin` keeps that interface and swaps the modules: after
+the parent is built, ``lstm_actor`` (and ``lstm_critic`` when there is one) are replaced by
+``nn.GRU`` modules of the same input size, hidden size and layer count (the attribute names stay
+sb3-contrib's, so every consumer finds them), and the optimiser is rebuilt over the new
+parameters. A GRU's state travels as ``(h, c)`` with ``c`` always zero: :func:`process_sequence`
+runs a GRU on ``h`` and passes ``c`` through untouched. A GRU layer has 3 gate blocks where an
+LSTM has 4, so it has 3/4 of the recurrent parameters and work.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch as th
 from sb3_contrib.common.recurrent.policies import RecurrentActorCriticPolicy
 from stable_baselines3.common.distributions import CategoricalDistribution, Distribution
 from stable_baselines3.common.policies import ActorCriticPolicy, BasePolicy
+from torch import nn
+
+#: The recurrent cells a recurrent policy can use (``PPOConfig.recurrent_cell``).
+RecurrentCell = Literal["lstm", "gru"]
 
 
 def _check_temperature(temperature: float) -> float:
@@ -90,6 +109,93 @@ class TemperatureMlpLstmPolicy(_TemperatureMixin, RecurrentActorCriticPolicy):
     :param temperature: initial value of the ``temperature`` attribute (> 0, dimensionless):
         the logits are divided by it. Change it at any time by assigning the attribute.
     """
+
+
+def process_sequence(
+    features: th.Tensor,
+    states: tuple[th.Tensor, th.Tensor],
+    episode_starts: th.Tensor,
+    rnn: nn.Module,
+) -> tuple[th.Tensor, tuple[th.Tensor, th.Tensor]]:
+    """``RecurrentActorCriticPolicy._process_sequence`` for an ``nn.LSTM`` or an ``nn.GRU``.
+
+    An LSTM goes through sb3-contrib's own method (same numbers, bit for bit). A GRU follows the
+    same logic on ``h`` alone and returns ``c`` as given (zero, see the module docs): one call
+    over the whole sequences when no step is an episode start, else a step-by-step loop that
+    zeroes ``h`` where an episode starts.
+
+    :param features: ``(n_seq * length, input_size)``, sequence-major (``n_seq`` sequences laid
+        end to end).
+    :param states: ``(h, c)`` before each sequence's first step, each ``(n_layers, n_seq,
+        hidden)``.
+    :param episode_starts: ``(n_seq * length,)``, 1.0 where an episode starts.
+    :param rnn: the ``nn.LSTM`` or ``nn.GRU``.
+    :return: ``(outputs of shape (n_seq * length, hidden), (h, c) after the last step)``.
+    """
+    if not isinstance(rnn, nn.GRU):
+        return RecurrentActorCriticPolicy._process_sequence(features, states, episode_starts, rnn)
+    hidden, cell = states
+    n_seq = hidden.shape[1]
+    # (n_seq * length, input) -> (length, n_seq, input), as sb3-contrib lays out an LSTM's input
+    sequence = features.reshape((n_seq, -1, rnn.input_size)).swapaxes(0, 1)
+    starts = episode_starts.reshape((n_seq, -1)).swapaxes(0, 1)
+    if th.all(starts == 0.0):
+        output, hidden = rnn(sequence, hidden)
+        return th.flatten(output.transpose(0, 1), start_dim=0, end_dim=1), (hidden, cell)
+    outputs = []
+    for step, start in zip(sequence, starts, strict=True):
+        output, hidden = rnn(step.unsqueeze(dim=0), (1.0 - start).view(1, n_seq, 1) * hidden)
+        outputs.append(output)
+    return th.flatten(th.cat(outputs).transpose(0, 1), start_dim=0, end_dim=1), (hidden, cell)
+
+
+def gru_like(lstm: nn.Module, **kwargs: Any) -> nn.GRU:
+    """An ``nn.GRU`` with the input size, hidden size and layer count of ``lstm`` (PyTorch's
+    default initialisation, like sb3-contrib's LSTMs); ``kwargs`` go to ``nn.GRU``."""
+    return nn.GRU(lstm.input_size, lstm.hidden_size, num_layers=lstm.num_layers, **kwargs)
+
+
+class GruCellsMixin:
+    """Put first in the bases of a ``RecurrentActorCriticPolicy`` subclass: its LSTMs become
+    GRUs of the same sizes (module docs, *GRU cells*). ``lstm_kwargs`` are passed to the GRUs.
+    The subclass's ``_process_sequence`` must handle GRUs (:func:`process_sequence` does)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[call-arg]
+        self.lstm_actor = gru_like(self.lstm_actor, **self.lstm_kwargs)  # type: ignore[has-type]
+        if self.lstm_critic is not None:  # type: ignore[has-type]
+            self.lstm_critic = gru_like(self.lstm_critic, **self.lstm_kwargs)  # type: ignore[has-type]
+        # the parent's optimiser holds the LSTMs' parameters: rebuild it over the GRUs'
+        lr = self.optimizer.param_groups[0]["lr"]  # type: ignore[has-type]
+        self.optimizer = self.optimizer_class(  # type: ignore[attr-defined]
+            self.parameters(), lr=lr, **self.optimizer_kwargs)  # type: ignore[attr-defined]
+
+
+class TemperatureMlpGruPolicy(GruCellsMixin, TemperatureMlpLstmPolicy):
+    """:class:`TemperatureMlpLstmPolicy` with GRU cells in place of its LSTMs (module docs).
+
+    Takes the same arguments; ``lstm_hidden_size``, ``n_lstm_layers``, ``shared_lstm``,
+    ``enable_critic_lstm`` and ``lstm_kwargs`` apply to the GRUs.
+    """
+
+    _process_sequence = staticmethod(process_sequence)  # type: ignore[assignment]
+
+
+def recurrent_policy_class(cell: RecurrentCell) -> type[RecurrentActorCriticPolicy]:
+    """The recurrent MLP policy PPO trains for a ``PPOConfig.recurrent_cell``."""
+    classes = {"lstm": TemperatureMlpLstmPolicy, "gru": TemperatureMlpGruPolicy}
+    if cell not in classes:
+        raise ValueError(f"recurrent_cell={cell!r}: must be one of {sorted(classes)}")
+    return classes[cell]
+
+
+def clone_policy_class(cell: RecurrentCell) -> str | type[RecurrentActorCriticPolicy]:
+    """The recurrent policy behaviour cloning trains for a ``PPOConfig.recurrent_cell``:
+    sb3-contrib's own ``"MlpLstmPolicy"`` for an LSTM (the clone loads with stock
+    ``RecurrentPPO``), :class:`TemperatureMlpGruPolicy` for a GRU. Same weights as
+    :func:`recurrent_policy_class`'s."""
+    recurrent_policy_class(cell)  # validates the name
+    return "MlpLstmPolicy" if cell == "lstm" else TemperatureMlpGruPolicy
 
 
 def distribution_log_probs(distribution: Distribution) -> th.Tensor:

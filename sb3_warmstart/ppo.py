@@ -19,16 +19,27 @@ Additions to PPO's clipped loss (all terms in :mod:`sb3_warmstart.kl`):
 
 Optimisation options: a per-optimiser-step LR scheduler (:mod:`sb3_warmstart.schedules`),
 gradient accumulation with global-norm clipping of the accumulated gradient, an adaptive
-minibatch size, ``updates_deferred`` (skip all gradient steps), and ``schedule_total_timesteps``
-(SB3's progress-based schedules follow one global budget across chunked ``learn()`` calls).
+minibatch size, gradient checkpointing (each minibatch's actor-critic forward runs under
+``torch.utils.checkpoint``: its activations are recomputed during the backward pass instead of
+kept; the same losses and gradients), ``updates_deferred`` (skip all gradient steps), and
+``schedule_total_timesteps`` (SB3's progress-based schedules follow one global budget across
+chunked ``learn()`` calls).
+
+Recurrent minibatches: :class:`KLRecurrentPPO` keeps sb3-contrib's buffer by default
+(``sequence_length=None``: the same minibatches and numbers as ``RecurrentPPO``, whose LSTM
+steps through every minibatch that holds an episode start one time step at a time). With
+``sequence_length=L`` it uses :class:`~sb3_warmstart.recurrent_buffers.SequenceRolloutBuffer`:
+the rollout is cut into sequences at episode starts and every ``L`` steps, padded once per
+rollout, and each minibatch (whole sequences, shuffled by an explicit generator whose state is
+part of the training state) runs through the recurrent network in one call.
 
 The reference of :class:`KLRecurrentPPO` is recurrent and needs its own hidden states along the
 rollout's sequences (the buffer's LSTM states are the learner's). At the start of each
 ``train()``, before the epochs, the frozen reference is run over the whole rollout in time
 order, one sequence per env (``(n_steps, n_envs)`` observations and ``episode_starts``), starting
 from its hidden state at the end of the previous rollout (reset where episodes start, exactly as
-the learner's is). Its log-probabilities are stored per buffer entry in a
-:class:`RefLogitsRecurrentRolloutBuffer`, which pads them like every other per-step tensor and
+the learner's is). Its log-probabilities are stored per buffer entry in the rollout buffer
+(:mod:`sb3_warmstart.recurrent_buffers`), which pads them like every other per-step tensor and
 returns them with each minibatch. The final reference state is carried to the next rollout and
 is part of :meth:`~KLRegularisedMixin.get_training_state`. A reference set in the middle of an
 episode starts from a zero state (it did not see the episode's beginning).
@@ -43,29 +54,29 @@ from __future__ import annotations
 import copy
 import warnings
 from collections import defaultdict
-from collections.abc import Generator, Mapping
-from typing import Any, ClassVar, NamedTuple
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 import numpy as np
 import torch as th
 from gymnasium import spaces
 from sb3_contrib import RecurrentPPO
-from sb3_contrib.common.recurrent.buffers import RecurrentRolloutBuffer
 from sb3_contrib.common.recurrent.policies import RecurrentActorCriticPolicy
-from sb3_contrib.common.recurrent.type_aliases import RNNStates
 from stable_baselines3 import PPO
 from stable_baselines3.common.policies import ActorCriticPolicy, BasePolicy
 from stable_baselines3.common.utils import explained_variance
-from stable_baselines3.common.vec_env import VecNormalize
+from torch.utils.checkpoint import checkpoint
 
 from sb3_warmstart.config import AdvancedOptimizationConfig, KLConfig
 from sb3_warmstart.kl import PPOLossTerms, ppo_loss_terms
 from sb3_warmstart.policies import (
+    TemperatureMlpGruPolicy,
     TemperatureMlpLstmPolicy,
     TemperatureMlpPolicy,
     action_log_probs,
     distribution_log_probs,
 )
+from sb3_warmstart.recurrent_buffers import RefLogitsRecurrentRolloutBuffer, SequenceRolloutBuffer
 from sb3_warmstart.schedules import EntropyCoefficient, LinearDecay, build_lr_scheduler
 
 TRAINING_STATE_KEYS = (
@@ -76,7 +87,10 @@ TRAINING_STATE_KEYS = (
     "batch_size",
     "grad_norm_reference",
     "updates_deferred",
+    "minibatch_rng_state",
 )
+#: Keys a training state saved before they existed may lack (restored as "nothing to restore").
+OPTIONAL_TRAINING_STATE_KEYS = ("minibatch_rng_state",)
 
 
 def _check(name: str, value: Any, ok: bool, requirement: str) -> None:
@@ -109,6 +123,10 @@ class KLRegularisedMixin:
           into one optimiser step. ``max_grad_norm`` clips the global norm of the averaged
           gradient right before the step. A partial group at the end of an epoch (or at an early
           stop) is applied as the mean of the minibatches it has.
+        * ``gradient_optimization.use_gradient_checkpointing``: run each minibatch's forward
+          pass (features, recurrent network, heads, distribution) under non-reentrant
+          ``torch.utils.checkpoint``: only its inputs are kept for the backward pass, which
+          runs the forward again. Memory for compute; losses and gradients are unchanged.
         * ``adaptive_batch_size``: with ``enable``, after each update with mean pre-clip
           gradient norm ``g``: ``b <- clip(b * (g_ref / g) ** r, min, max)``, then
           ``g_ref <- (1 - r) * g_ref + r * g`` (``r = adaptation_rate``; ``g_ref`` starts at the
@@ -155,6 +173,8 @@ class KLRegularisedMixin:
         schedule = optimization.learning_rate_schedule
         self.lr_schedule_config = schedule if schedule.enabled else None
         self.gradient_accumulation_steps = optimization.gradient_optimization.accumulation_steps
+        self.use_gradient_checkpointing = (
+            optimization.gradient_optimization.use_gradient_checkpointing)
         adaptive = optimization.adaptive_batch_size
         self.min_batch_size = adaptive.min_batch_size if adaptive.enable else None
         self.max_batch_size = adaptive.max_batch_size if adaptive.enable else None
@@ -169,6 +189,8 @@ class KLRegularisedMixin:
         self._num_minibatch_steps = 0
         self._adaptive_batch_size: float | None = None
         self._grad_norm_reference: float | None = None
+        #: Shuffles recurrent sequences into minibatches (KLRecurrentPPO with sequence_length).
+        self._minibatch_rng: np.random.Generator | None = None
         self._warned_no_reference = False
         super().__init__(policy, env, **kwargs)  # type: ignore[call-arg]
 
@@ -294,6 +316,24 @@ class KLRegularisedMixin:
         raise NotImplementedError
 
     # ------------------------------------------------------------------ training loop
+    def _forward_minibatch(
+        self, rollout_data: Any, actions: th.Tensor, with_logits: bool
+    ) -> tuple[th.Tensor, th.Tensor, th.Tensor | None, th.Tensor | None, th.Tensor | None]:
+        """``(values, log_prob, entropy, mask, logits)`` of a minibatch; ``logits`` (the
+        current policy's normalised logits) only ``with_logits``, else None. Runs under
+        ``torch.utils.checkpoint`` when ``use_gradient_checkpointing``."""
+
+        def forward():
+            values, log_prob, entropy, mask = self._evaluate_minibatch(rollout_data, actions)
+            # the distribution evaluate_actions just built (SB3 keeps it on the policy)
+            logits = (distribution_log_probs(self.policy.action_dist)  # type: ignore[attr-defined]
+                      if with_logits else None)
+            return values, log_prob, entropy, mask, logits
+
+        if not self.use_gradient_checkpointing:
+            return forward()
+        return checkpoint(forward, use_reentrant=False)
+
     def _optimizer_step(self, n_minibatches: int) -> tuple[float, float]:
         """Average the accumulated gradient over ``n_minibatches``, clip its global norm, step.
 
@@ -360,7 +400,8 @@ class KLRegularisedMixin:
                     # Convert discrete action from float to long
                     actions = rollout_data.actions.long().flatten()
 
-                values, log_prob, entropy, mask = self._evaluate_minibatch(rollout_data, actions)
+                values, log_prob, entropy, mask, logits = self._forward_minibatch(
+                    rollout_data, actions, with_logits=reference)
                 values = values.flatten()
                 if self.clip_range_vf is None:  # type: ignore[attr-defined]
                     # No clipping
@@ -371,11 +412,7 @@ class KLRegularisedMixin:
                     values_pred = rollout_data.old_values + th.clamp(
                         values - rollout_data.old_values, -clip_range_vf, clip_range_vf)
 
-                logits = ref_logits = None
-                if reference:
-                    # the distribution evaluate_actions just built (SB3 keeps it on the policy)
-                    logits = distribution_log_probs(self.policy.action_dist)  # type: ignore[attr-defined]
-                    ref_logits = self._minibatch_reference_logits(rollout_data)
+                ref_logits = self._minibatch_reference_logits(rollout_data) if reference else None
                 step = self._num_minibatch_steps
                 terms: PPOLossTerms = ppo_loss_terms(
                     log_prob=log_prob,
@@ -463,7 +500,8 @@ class KLRegularisedMixin:
         Keys: ``num_minibatch_steps``, ``reference_policy_state_dict`` (CPU tensors or None),
         ``reference_lstm_states`` (``(h, c)`` CPU tensors or None), ``lr_scheduler_state_dict``,
         ``batch_size`` (the adaptive size as a float, or None), ``grad_norm_reference``,
-        ``updates_deferred``. The values are copies.
+        ``updates_deferred``, ``minibatch_rng_state`` (the bit-generator state of the generator
+        that shuffles recurrent sequences, or None). The values are copies.
         """
         ref_sd = None
         if self.reference_policy is not None:
@@ -481,6 +519,8 @@ class KLRegularisedMixin:
             "batch_size": self._adaptive_batch_size,
             "grad_norm_reference": self._grad_norm_reference,
             "updates_deferred": self.updates_deferred,
+            "minibatch_rng_state": (None if self._minibatch_rng is None
+                                    else copy.deepcopy(self._minibatch_rng.bit_generator.state)),
         }
 
     def set_training_state(self, state: Mapping[str, Any]) -> None:
@@ -492,7 +532,8 @@ class KLRegularisedMixin:
         of the learner's policy (so the reference must then share its architecture; otherwise
         call :meth:`set_reference_policy` with a policy of the right architecture first).
         """
-        missing = [k for k in TRAINING_STATE_KEYS if k not in state]
+        missing = [k for k in TRAINING_STATE_KEYS
+                   if k not in state and k not in OPTIONAL_TRAINING_STATE_KEYS]
         unknown = [k for k in state if k not in TRAINING_STATE_KEYS]
         if missing or unknown:
             raise ValueError(f"training state: missing keys {missing}, unknown keys {unknown}")
@@ -536,10 +577,16 @@ class KLRegularisedMixin:
         self._grad_norm_reference = (None if state["grad_norm_reference"] is None
                                      else float(state["grad_norm_reference"]))
         self.updates_deferred = bool(state["updates_deferred"])
+        rng_state = state.get("minibatch_rng_state")
+        if rng_state is not None:
+            if self._minibatch_rng is None:
+                raise ValueError("minibatch_rng_state: the state has a sequence-shuffling "
+                                 "generator but this model has none (sequence_length=None)")
+            self._minibatch_rng.bit_generator.state = copy.deepcopy(rng_state)
 
     def _excluded_save_params(self) -> list[str]:
         return super()._excluded_save_params() + [  # type: ignore[misc]
-            "reference_policy", "_reference_lstm_states", "_lr_scheduler"]
+            "reference_policy", "_reference_lstm_states", "_lr_scheduler", "_minibatch_rng"]
 
     def save(self, path: Any, exclude: Any = None, include: Any = None) -> None:
         """SB3's ``save``, with :meth:`get_training_state` stored alongside (pickled), so that
@@ -587,75 +634,53 @@ class KLPPO(KLRegularisedMixin, PPO):
         return logits
 
 
-class RecurrentRolloutBufferSamplesWithRef(NamedTuple):
-    """sb3-contrib's ``RecurrentRolloutBufferSamples`` plus the reference's log-probabilities
-    (padded and flattened like ``old_log_prob``: ``(padded_batch, n_actions)``, or None)."""
-
-    observations: th.Tensor
-    actions: th.Tensor
-    old_values: th.Tensor
-    old_log_prob: th.Tensor
-    advantages: th.Tensor
-    returns: th.Tensor
-    lstm_states: RNNStates
-    episode_starts: th.Tensor
-    mask: th.Tensor
-    ref_logits: th.Tensor | None
-
-
-class RefLogitsRecurrentRolloutBuffer(RecurrentRolloutBuffer):
-    """``RecurrentRolloutBuffer`` that also carries reference log-probabilities per entry.
-
-    ``ref_logits`` is None, or an array ``(n_steps, n_envs, n_actions)`` set after the rollout
-    (by :class:`KLRecurrentPPO`); ``get()`` flattens it env-major like every other per-step array
-    and each minibatch pads it along the same sequences. Sampling draws the same random numbers
-    as the parent, so minibatches are identical.
-    """
-
-    def reset(self) -> None:
-        super().reset()
-        self.ref_logits: np.ndarray | None = None
-
-    def set_reference_logits(self, ref_logits: np.ndarray) -> None:
-        expected = (self.buffer_size, self.n_envs, int(self.action_space.n))
-        if self.generator_ready or ref_logits.shape != expected:
-            raise ValueError(f"ref_logits shape {ref_logits.shape}: expected {expected} on a "
-                             f"buffer not yet sampled")
-        self.ref_logits = ref_logits.astype(np.float32, copy=False)
-
-    def get(self, batch_size: int | None = None) -> Generator[RecurrentRolloutBufferSamplesWithRef, None, None]:
-        if not self.generator_ready and self.ref_logits is not None:
-            self.ref_logits = self.swap_and_flatten(self.ref_logits)
-        yield from super().get(batch_size)
-
-    def _get_samples(self, batch_inds: np.ndarray, env_change: np.ndarray,
-                     env: VecNormalize | None = None) -> RecurrentRolloutBufferSamplesWithRef:
-        samples = super()._get_samples(batch_inds, env_change, env)
-        ref = None
-        if self.ref_logits is not None:
-            ref = self.pad(self.ref_logits[batch_inds]).reshape(-1, self.ref_logits.shape[-1])
-        return RecurrentRolloutBufferSamplesWithRef(*samples, ref_logits=ref)
-
-
 class KLRecurrentPPO(KLRegularisedMixin, RecurrentPPO):
     """sb3-contrib ``RecurrentPPO`` with the KL-regularised loop of :class:`KLRegularisedMixin`.
 
     Takes every argument of :class:`sb3_contrib.RecurrentPPO` and the keyword-only arguments
-    listed on :class:`KLRegularisedMixin`. The reference must be a
-    ``RecurrentActorCriticPolicy`` (any LSTM size); its hidden states are handled as described
-    in the module docstring. Box observations only when a reference is used.
+    listed on :class:`KLRegularisedMixin`, plus:
+
+    :param sequence_length: ``None`` (default): sb3-contrib's buffer and minibatches, so with
+        the extras off this trains exactly like ``RecurrentPPO``. An integer ``L >= 1``:
+        :class:`~sb3_warmstart.recurrent_buffers.SequenceRolloutBuffer`, sequences cut at
+        episode starts and every ``L`` steps (truncated backpropagation through time), padded
+        once per rollout, one recurrent call per minibatch (module docs); Box observations
+        only. Its shuffling generator is seeded with ``seed``.
+
+    The reference must be a ``RecurrentActorCriticPolicy`` (any LSTM or GRU size); its hidden
+    states are handled as described in the module docstring. Box observations only when a
+    reference is used.
     """
 
     policy_aliases: ClassVar[dict[str, type[BasePolicy]]] = {
-        **RecurrentPPO.policy_aliases, "TemperatureMlpLstmPolicy": TemperatureMlpLstmPolicy}
+        **RecurrentPPO.policy_aliases, "TemperatureMlpLstmPolicy": TemperatureMlpLstmPolicy,
+        "TemperatureMlpGruPolicy": TemperatureMlpGruPolicy}
+
+    def __init__(self, policy: str | type[BasePolicy], env: Any, *,
+                 sequence_length: int | None = None, **kwargs: Any) -> None:
+        _check("sequence_length", sequence_length,
+               sequence_length is None or (_is_int(sequence_length) and sequence_length >= 1),
+               "must be None or an integer >= 1 (steps)")
+        self.sequence_length = sequence_length
+        super().__init__(policy, env, **kwargs)
 
     def _setup_rollout_buffer(self) -> None:
         old = self.rollout_buffer
         if not isinstance(self.observation_space, spaces.Box):
+            if self.sequence_length is not None:
+                raise ValueError(f"observation_space={self.observation_space}: sequence_length "
+                                 f"needs Box observations")
             return  # Dict observations keep the stock buffer (no reference KL)
-        self.rollout_buffer = RefLogitsRecurrentRolloutBuffer(
-            self.n_steps, self.observation_space, self.action_space, old.hidden_state_shape,
-            self.device, gamma=self.gamma, gae_lambda=self.gae_lambda, n_envs=self.n_envs)
+        args = (self.n_steps, self.observation_space, self.action_space, old.hidden_state_shape,
+                self.device)
+        kwargs = dict(gamma=self.gamma, gae_lambda=self.gae_lambda, n_envs=self.n_envs)
+        if self.sequence_length is None:
+            self._minibatch_rng = None
+            self.rollout_buffer = RefLogitsRecurrentRolloutBuffer(*args, **kwargs)
+            return
+        self._minibatch_rng = np.random.default_rng(self.seed)
+        self.rollout_buffer = SequenceRolloutBuffer(
+            *args, **kwargs, sequence_length=self.sequence_length, rng=self._minibatch_rng)
 
     def _check_reference_policy(self, policy: BasePolicy) -> None:
         if not isinstance(policy, RecurrentActorCriticPolicy):

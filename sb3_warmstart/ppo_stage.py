@@ -62,10 +62,13 @@ def session_fingerprint(config: TrainingConfig, venv) -> dict[str, Any]:
 def make_model(config: TrainingConfig, venv, *, warm: bool):
     """The algorithm; without a warm start there is no reference, so no reference KL."""
     ppo, adv = config.ppo, config.advanced_optimization
-    cls = KLRecurrentPPO if ppo.recurrent else KLPPO
     layout = training_layout(training_env_spec(config)) if ppo.replica_set else None
+    if ppo.recurrent:
+        cls, extra = KLRecurrentPPO, {"sequence_length": ppo.sequence_length}
+    else:
+        cls, extra = KLPPO, {}
     return cls(
-        policy_class_for(ppo.replica_set, ppo.recurrent), venv,
+        policy_class_for(ppo.replica_set, ppo.recurrent, ppo.recurrent_cell), venv, **extra,
         n_steps=ppo.n_steps, batch_size=ppo.batch_size, n_epochs=ppo.n_epochs,
         learning_rate=ppo.learning_rate, gamma=ppo.gamma, gae_lambda=ppo.gae_lambda,
         clip_range=ppo.clip_range, ent_coef=ppo.ent_coef, vf_coef=ppo.vf_coef,

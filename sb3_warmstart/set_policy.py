@@ -27,8 +27,10 @@ presence is read from its ``speed_k`` feature (> 0 for every real replica).
 :class:`RecurrentReplicaSetPolicy` an sb3-contrib ``RecurrentActorCriticPolicy``
 (RecurrentPPO / :class:`~sb3_warmstart.ppo.KLRecurrentPPO`) whose LSTMs run over the cluster
 summary ``s`` only: the recurrent state lives in the summary, per-replica encodings bypass it,
-and ``score([h_i, z_t])`` uses the LSTM output ``z_t``. Both take the temperature and
-``uniform_actions`` switches of :mod:`sb3_warmstart.policies` (uniform over present replicas).
+and ``score([h_i, z_t])`` uses the LSTM output ``z_t``; :class:`RecurrentReplicaSetGruPolicy`
+is the same with GRU cells (:class:`~sb3_warmstart.policies.GruCellsMixin`). All take the
+temperature and ``uniform_actions`` switches of :mod:`sb3_warmstart.policies` (uniform over
+present replicas).
 """
 
 from __future__ import annotations
@@ -44,7 +46,14 @@ from stable_baselines3.common.policies import ActorCriticPolicy
 from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
 from torch import nn
 
-from sb3_warmstart.policies import _TemperatureMixin
+from sb3_warmstart.policies import (
+    GruCellsMixin,
+    RecurrentCell,
+    TemperatureMlpPolicy,
+    _TemperatureMixin,
+    process_sequence,
+    recurrent_policy_class,
+)
 
 #: Logit of an absent replica slot (finite, so KL terms stay finite: exp underflows to 0).
 MASKED_LOGIT = -1e9
@@ -381,31 +390,50 @@ class RecurrentReplicaSetPolicy(_ReplicaSetMixin, RecurrentActorCriticPolicy):
     def _summary_dim(self) -> int:
         return self.lstm_output_dim
 
+    def _get_constructor_parameters(self) -> dict[str, Any]:
+        """Also the recurrent settings (sb3-contrib's class leaves them out), so that
+        :func:`policy_for_spaces` rebuilds the same recurrent cells."""
+        data = super()._get_constructor_parameters()
+        data.update(lstm_hidden_size=self.lstm_output_dim,
+                    n_lstm_layers=self.lstm_actor.num_layers, shared_lstm=self.shared_lstm,
+                    enable_critic_lstm=self.enable_critic_lstm,
+                    lstm_kwargs=dict(self.lstm_kwargs))
+        return data
+
     def _build(self, lr_schedule) -> None:
         super()._build(lr_schedule)
         self._finish_build(lr_schedule)
 
     def _process_sequence(self, features: th.Tensor, lstm_states, episode_starts, lstm):
-        """The LSTM reads only the summary part of the features; the per-replica encodings and
-        the mask pass through, after the LSTM output ``z_t``."""
+        """The LSTM (or GRU) reads only the summary part of the features; the per-replica
+        encodings and the mask pass through, after its output ``z_t``."""
         summary_dim = self.features_extractor.summary_dim
-        z, states = RecurrentActorCriticPolicy._process_sequence(
-            features[:, :summary_dim], lstm_states, episode_starts, lstm)
+        z, states = process_sequence(features[:, :summary_dim], lstm_states, episode_starts,
+                                     lstm)
         return th.cat([z, features[:, summary_dim:]], dim=1), states
+
+
+class RecurrentReplicaSetGruPolicy(GruCellsMixin, RecurrentReplicaSetPolicy):
+    """:class:`RecurrentReplicaSetPolicy` with GRU cells over the cluster summary (same
+    arguments; ``lstm_hidden_size`` is the size of the GRU's output ``z_t``)."""
 
 
 SET_POLICIES = (ReplicaSetPolicy, RecurrentReplicaSetPolicy)
 
 
-def policy_class_for(replica_set: bool, recurrent: bool) -> type[ActorCriticPolicy]:
+def policy_class_for(replica_set: bool, recurrent: bool,
+                     cell: RecurrentCell = "lstm") -> type[ActorCriticPolicy]:
     """The policy class PPO trains and behaviour cloning fills: a replica-set policy, or SB3's
     MLP / sb3-contrib's LSTM policy (with the temperature switches of
-    :mod:`sb3_warmstart.policies`)."""
-    from sb3_warmstart.policies import TemperatureMlpLstmPolicy, TemperatureMlpPolicy
-
+    :mod:`sb3_warmstart.policies`); ``cell`` (``PPOConfig.recurrent_cell``) picks LSTM or GRU
+    cells for a recurrent one."""
+    if recurrent:
+        recurrent_policy_class(cell)  # validates the name
     if replica_set:
-        return RecurrentReplicaSetPolicy if recurrent else ReplicaSetPolicy
-    return TemperatureMlpLstmPolicy if recurrent else TemperatureMlpPolicy
+        if not recurrent:
+            return ReplicaSetPolicy
+        return RecurrentReplicaSetGruPolicy if cell == "gru" else RecurrentReplicaSetPolicy
+    return recurrent_policy_class(cell) if recurrent else TemperatureMlpPolicy
 
 
 def policy_for_spaces(policy: ActorCriticPolicy, observation_space: spaces.Box,
@@ -429,7 +457,8 @@ def slots_of(observation_space: spaces.Box, num_replica_features: int, num_tail:
     return (width - num_tail) // num_replica_features
 
 
-__all__ = ["CLIP", "MASKED_LOGIT", "SET_POLICIES", "policy_class_for", "RecurrentReplicaSetPolicy",
+__all__ = ["CLIP", "MASKED_LOGIT", "SET_POLICIES", "policy_class_for",
+           "RecurrentReplicaSetGruPolicy", "RecurrentReplicaSetPolicy",
            "ReplicaSetExtractor", "ReplicaSetHeads", "ReplicaSetPolicy", "SchemaMismatch",
            "clip_share", "policy_for_spaces", "slots_of"]
 

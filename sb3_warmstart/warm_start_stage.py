@@ -68,11 +68,16 @@ def settings_hash(data: Any) -> str:
 
 def expected_architecture(ppo: PPOConfig) -> dict[str, Any]:
     """The policy architecture PPO will build (an external checkpoint must match it)."""
+    from sb3_warmstart.policies import clone_policy_class
+
     if ppo.replica_set:
         arch: dict[str, Any] = {
-            "policy_class": class_path(policy_class_for(True, ppo.recurrent)), "net_arch": []}
+            "policy_class": class_path(policy_class_for(True, ppo.recurrent,
+                                                        ppo.recurrent_cell)),
+            "net_arch": []}
     else:
-        arch = {"policy_class": "MlpLstmPolicy" if ppo.recurrent else "MlpPolicy",
+        arch = {"policy_class": (clone_policy_class(ppo.recurrent_cell) if ppo.recurrent
+                                 else "MlpPolicy"),
                 "net_arch": list(ppo.net_arch)}
     if ppo.recurrent:
         arch.update(lstm_hidden_size=ppo.lstm_hidden_size, n_lstm_layers=ppo.n_lstm_layers)
