@@ -18,8 +18,10 @@ credit horizon (gamma 0.9, lambda 0.8) are those of ``configs/zoo/ppo.yml`` (why
 Zoo), with rewards scaled by 0.01 (a 512-request episode returns about -2,700
 request-seconds unscaled) for RLlib's value function; every finished episode's
 mean E2E latency and dispatch balance (``info["metrics"]``) are logged as custom metrics.
-After training, the greedy policy is evaluated on ``--eval-episodes`` episodes and compared
-with ``lor`` on as many episodes of its own.
+After training, the greedy policy is evaluated on ``--eval-episodes`` episodes of
+``--eval-episode-requests`` requests by a separate evaluation env runner (RLlib would otherwise
+evaluate on the local training runner, with the training episodes' length and exploration on),
+and compared with ``lor`` on the same episodes (the same workload seeds).
 
 Run it as a script: Ray ships the env creator and the callback defined here to the workers by
 value only from ``__main__`` (imported as a module, they travel by name and each worker must
@@ -40,6 +42,9 @@ import numpy as np
 
 ENV_NAME = "LLMCluster-v0"
 MODULE_ENV_ID = "llm_cluster_env:LLMCluster-v0"
+# the evaluation env (both --registration modes): episodes on fixed seeds, those of lor_baseline
+EVAL_ENV_NAME = "LLMCluster-v0-eval"
+EVAL_SEED = 100_000
 
 
 def make_env(env_config: dict[str, Any]) -> gym.Env:
@@ -48,6 +53,29 @@ def make_env(env_config: dict[str, Any]) -> gym.Env:
     import llm_cluster_env  # noqa: F401
 
     return gym.make(ENV_NAME, **dict(env_config))
+
+
+class SeededEpisodes(gym.Wrapper):
+    """Starts its episodes on ``seeds`` in turn, whatever seed RLlib passes: the evaluation
+    runner's episodes are then the ones ``lor_baseline`` runs."""
+
+    def __init__(self, env: gym.Env, seeds: list[int]) -> None:
+        super().__init__(env)
+        self._seeds = list(seeds)
+        self._next = 0
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        seed = self._seeds[self._next % len(self._seeds)]
+        self._next += 1
+        return self.env.reset(seed=seed, options=options)
+
+
+def make_eval_env(env_config: dict[str, Any]) -> gym.Env:
+    """The evaluation env creator: ``make_env`` on the config without ``episode_seeds``,
+    whose seeds start the episodes in turn."""
+    config = dict(env_config)
+    seeds = config.pop("episode_seeds")
+    return SeededEpisodes(make_env(config), seeds)
 
 
 def episode_metrics_callback():
@@ -82,6 +110,9 @@ def build_config(args: argparse.Namespace):
         env = ENV_NAME
     else:
         env = MODULE_ENV_ID
+    register_env(EVAL_ENV_NAME, make_eval_env)
+    eval_env_config = {**env_config, "episode_requests": args.eval_episode_requests,
+                       "episode_seeds": eval_seeds(args)}
     return (
         PPOConfig()
         .environment(env, env_config=env_config)
@@ -98,22 +129,30 @@ def build_config(args: argparse.Namespace):
                   minibatch_size=min(256, args.train_batch_size), num_epochs=args.epochs,
                   entropy_coeff=0.0, vf_clip_param=100.0)
         .callbacks(episode_metrics_callback())
-        .evaluation(evaluation_interval=None, evaluation_num_env_runners=0,
+        # One remote evaluation runner (no CPU reserved: it samples only after training). With
+        # none, RLlib evaluates on the local *training* runner, ignoring evaluation_config (its
+        # env, episode length and explore=False).
+        .evaluation(evaluation_interval=None, evaluation_num_env_runners=1,
                     evaluation_duration=args.eval_episodes, evaluation_duration_unit="episodes",
                     evaluation_sample_timeout_s=args.sample_timeout,
                     evaluation_config={"explore": False, "use_worker_filter_stats": False,
-                                       "env_config": {
-                        **env_config, "episode_requests": args.eval_episode_requests}})
+                                       "num_cpus_per_env_runner": 0,
+                                       "env": EVAL_ENV_NAME, "env_config": eval_env_config})
         .debugging(seed=args.seed)
     )
 
 
+def eval_seeds(args: argparse.Namespace) -> list[int]:
+    """The workload seeds of the evaluation episodes (the policy's and ``lor``'s)."""
+    return list(range(EVAL_SEED, EVAL_SEED + args.eval_episodes))
+
+
 def lor_baseline(args: argparse.Namespace) -> float:
-    """``lor``'s mean E2E (s) over ``args.eval_episodes`` episodes of the evaluation length."""
+    """``lor``'s mean E2E (s) over the evaluation episodes (``eval_seeds``)."""
     from llm_cluster_env.evaluation import evaluate_routers
     from llm_cluster_env.routers import make_router
 
-    seeds = list(range(100_000, 100_000 + args.eval_episodes))
+    seeds = eval_seeds(args)
     results = evaluate_routers({"scenario": args.scenario,
                                 "episode_requests": args.eval_episode_requests},
                                {"lor": lambda: make_router("lor")}, seeds)
@@ -178,12 +217,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         evaluation = algo.evaluate()
         policy_e2e = _get(evaluation, "env_runners", "e2e_mean")
         balance = _get(evaluation, "env_runners", "balance")
+        episode_len = _get(evaluation, "env_runners", "episode_len_mean")
         lor = lor_baseline(args)
         summary = {"history": history, "eval_e2e_mean": policy_e2e, "eval_balance": balance,
+                   "eval_episode_len_mean": episode_len,
                    "lor_e2e_mean": lor,
                    "eval_vs_lor": (policy_e2e / lor - 1.0) if policy_e2e else None}
         print(f"[rllib] greedy policy on {args.eval_episodes} episodes of "
-              f"{args.eval_episode_requests} requests: mean E2E {policy_e2e} s, balance "
+              f"{args.eval_episode_requests} requests (mean length {episode_len}, seeds "
+              f"{eval_seeds(args)}): mean E2E {policy_e2e} s, balance "
               f"{balance}; lor {lor:.3f} s ({100 * summary['eval_vs_lor']:+.1f}%)"
               if policy_e2e else "[rllib] evaluation reported no episode", flush=True)
         algo.stop()

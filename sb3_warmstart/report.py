@@ -325,7 +325,8 @@ def family_table(rows: Sequence[Mapping[str, Any]], heuristics: Sequence[str],
             e2e = metrics[name]["e2e_mean"]
             ratios[name]["lor"].append(e2e / lor)
             ratios[name]["best"].append(e2e / best_e2e)
-            entry[name] = {"e2e": e2e, "vs_lor": e2e / lor - 1.0, "vs_best": e2e / best_e2e - 1.0}
+            entry[name] = {"e2e": e2e, "vs_lor": e2e / lor - 1.0, "vs_best": e2e / best_e2e - 1.0,
+                           "balance": metrics[name].get("balance")}
             line += f" {e2e:>9.3f} {100 * (e2e / lor - 1):>+6.1f}% {100 * (e2e / best_e2e - 1):>+7.1f}%"
         lines.append(line)
         scenarios.append(entry)

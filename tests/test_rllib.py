@@ -37,3 +37,5 @@ def test_rllib_ppo_trains_on_two_remote_env_runners(registration, tmp_path):
     # episode metrics reached the driver from the remote runners' envs
     assert history[-1]["e2e_mean"] > 0 and 0 <= history[-1]["balance"] <= 1
     assert summary["eval_e2e_mean"] > 0 and summary["lor_e2e_mean"] > 0
+    # evaluated by the evaluation runner: the evaluation episodes' length, not the training one
+    assert summary["eval_episode_len_mean"] == 100

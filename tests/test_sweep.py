@@ -61,6 +61,22 @@ def test_trials_are_every_combination_with_validated_configs(capsys):
     assert all(t.config.seed == 3 and t.config.total_requests == 1024 for t in trials)
 
 
+def test_a_family_run_fills_the_sweep_row_from_its_held_out_scenarios():
+    # the shape build_family_report returns (report.family_table)
+    summary = {"scenarios": [
+        {"seed": 0, "lor_e2e": 4.0, "best_heuristic": "lor", "best_e2e": 4.0,
+         "ppo": {"e2e": 4.2, "vs_lor": 0.05, "vs_best": 0.05, "balance": 0.9}},
+        {"seed": 1, "lor_e2e": 8.0, "best_heuristic": "least_added_time", "best_e2e": 7.5,
+         "ppo": {"e2e": 7.8, "vs_lor": -0.025, "vs_best": 0.04, "balance": 0.8}}],
+        "ppo": {"vs_lor_mean": 0.012, "vs_best_mean": 0.045, "vs_best_worst": 0.05},
+        "table": "scenario ..."}
+    row = _sweep().result_row(summary)
+    assert row["ppo_e2e_mean"] == pytest.approx(6.0) and row["lor_e2e_mean"] == 6.0
+    assert row["ppo_vs_lor"] == 0.012 and row["ppo_vs_best_heuristic"] == 0.045
+    assert row["best_heuristic"] == "least_added_time/lor"
+    assert row["ppo_balance"] == pytest.approx(0.85) and row["ppo_p99_vs_lor"] is None
+
+
 def test_report_lists_every_trial_failed_ones_with_their_error(tmp_path):
     sweep = _sweep()
     trials = sweep.build_trials(None, "default", sweep.parse_grid([], "0,1,2"), {})
@@ -129,6 +145,7 @@ def test_two_trials_run_concurrently_on_two_cpus_and_the_report_lists_both(tmp_p
     report = (out / "sweep_report.md").read_text()
     for row in summary["trials"]:
         assert row["status"] == "ok" and row["ppo_e2e_mean"] > 0
+        assert row["ppo_vs_lor"] is not None and row["best_heuristic"]
         assert (out / row["trial"] / "report" / "results.txt").is_file()
         table = (out / row["trial"] / "report" / "results.txt").read_text().strip()
         assert table in report  # each trial's final table, gathered

@@ -192,7 +192,10 @@ def run_trial(trial: Trial, run_dir: str) -> dict[str, Any]:
 
 
 def result_row(summary: dict[str, Any]) -> dict[str, Any]:
-    """The sweep table's columns from a pipeline report summary."""
+    """The sweep table's columns from a pipeline report summary (of one scenario, or of a run
+    trained across a scenario family: :func:`family_result_row`)."""
+    if "scenarios" in summary:
+        return family_result_row(summary)
     routers = summary.get("routers", {})
     comparison = summary.get("comparison", {})
     ppo, lor = routers.get("ppo", {}), routers.get("lor", {})
@@ -202,6 +205,27 @@ def result_row(summary: dict[str, Any]) -> dict[str, Any]:
             "best_heuristic": comparison.get("best_heuristic"),
             "ppo_vs_best_heuristic": comparison.get("ppo_vs_best_heuristic"),
             "ppo_balance": ppo.get("balance")}
+
+
+def family_result_row(summary: dict[str, Any]) -> dict[str, Any]:
+    """The sweep table's columns for a run trained across a scenario family, evaluated on
+    held-out scenarios: E2E and balance averaged over the scenarios, the relative columns the
+    report's geometric means over them (each scenario against its own best heuristic, whose
+    names are listed); no p99 comparison."""
+    scenarios = [s for s in summary["scenarios"] if "ppo" in s]
+    ppo = summary.get("ppo", {})
+
+    def mean(values: list[Any]) -> float | None:
+        values = [v for v in values if v is not None]
+        return float(sum(values) / len(values)) if values else None
+
+    best = sorted({s["best_heuristic"] for s in scenarios})
+    return {"ppo_e2e_mean": mean([s["ppo"]["e2e"] for s in scenarios]),
+            "lor_e2e_mean": mean([s["lor_e2e"] for s in scenarios]),
+            "ppo_vs_lor": ppo.get("vs_lor_mean"), "ppo_p99_vs_lor": None,
+            "best_heuristic": "/".join(best) or None,
+            "ppo_vs_best_heuristic": ppo.get("vs_best_mean"),
+            "ppo_balance": mean([s["ppo"].get("balance") for s in scenarios])}
 
 
 def max_concurrency(rows: list[dict[str, Any]]) -> int:
@@ -275,7 +299,10 @@ def write_report(folder: Path, trials: list[Trial], rows: dict[str, dict[str, An
     lines = [f"# Sweep: {len(finished)} of {len(trials)} trials finished", "",
              f"At most {summary['max_concurrent_trials']} trials ran at the same time. "
              "Relative columns are PPO's mean (or p99) E2E over lor's (or the best "
-             "heuristic's) minus 1, on each trial's held-out episodes.", "",
+             "heuristic's) minus 1, on each trial's held-out episodes (trained across a "
+             "scenario family: E2E and balance averaged over the held-out scenarios, the "
+             "relative columns geometric means over them, each scenario against its best "
+             "heuristic).", "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(_fmt(r.get(h)) for h in header) + " |" for r in records]
     for trial in trials:
