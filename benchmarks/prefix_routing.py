@@ -132,7 +132,8 @@ def lru_table(path: Path, replicas: int = 8) -> dict:
 
 
 def compare(scenario: str, episodes: int, requests: int, seed: int, host: bool,
-            policies: dict | None = None, trace_rows: tuple[int, int] | None = None) -> dict:
+            policies: dict | None = None, trace_rows: tuple[int, int] | None = None,
+            names: list[str] | None = None) -> dict:
     """Every heuristic (and each trained policy of ``policies``: name -> factory) on the
     scenario; with ``trace_rows`` the episodes are windows inside those rows of its trace."""
     kwargs: dict = {"scenario": scenario, "episode_requests": requests}
@@ -145,18 +146,19 @@ def compare(scenario: str, episodes: int, requests: int, seed: int, host: bool,
         kwargs["workload"] = {**workload, "trace_rows": list(trace_rows)}
     seeds = list(range(seed, seed + episodes))
     start = time.perf_counter()
-    routers = {n: (lambda n=n: make_router(n)) for n in ROUTERS}
+    routers = {n: (lambda n=n: make_router(n)) for n in (names or ROUTERS)}
     routers.update(policies or {})
     results = evaluate_routers(kwargs, routers, seeds)
     elapsed = time.perf_counter() - start
     summary = {name: res.summary() for name, res in results.items()}
-    best = min(CACHE_AWARE_ROUTERS, key=lambda n: summary[n]["ttft_mean"])
+    best = min((n for n in CACHE_AWARE_ROUTERS if n in summary),
+               key=lambda n: summary[n]["ttft_mean"])
     title = scenario + (" + host tier (128 GB, 25 GB/s)" if host else "")
     print(f"\n== {title}: {episodes} episode(s) of {requests} requests, seeds "
           f"{seeds[0]}..{seeds[-1]}, {elapsed:.0f} s")
     header = f"{'router':>18}" + "".join(f"{label:>10}" for _, label, _ in COLUMNS)
     print(header + f"{'TTFT vs lor':>12}{'vs best':>9}")
-    lor = summary["lor"]["ttft_mean"]
+    lor = summary["lor"]["ttft_mean"] if "lor" in summary else float("nan")
     for name, row in summary.items():
         cells = []
         for key, _, digits in COLUMNS:
@@ -188,9 +190,19 @@ def main() -> None:
     parser.add_argument("--output", default=None, help="write every number as JSON here")
     parser.add_argument("--policy", action="append", default=[],
                         help="run folder or model zip of a trained router (repeatable)")
+    parser.add_argument("--routers", default=None,
+                        help="comma-separated heuristics to compare (default: all; keep lor and "
+                             "at least one cache-aware router)")
     parser.add_argument("--trace-rows", type=int, nargs=2, default=None, metavar=("START", "END"),
                         help="episodes inside these rows of a replayed trace (held-out part)")
     args = parser.parse_args()
+    names = None
+    if args.routers:
+        names = args.routers.split(",")
+        unknown = [n for n in names if n not in ROUTERS]
+        if unknown or "lor" not in names or not set(names) & set(CACHE_AWARE_ROUTERS):
+            parser.error(f"--routers {args.routers!r}: unknown {unknown}, or lor or a "
+                         "cache-aware router missing")
     policies = {}
     if args.policy:
         from benchmarks.generalisation import load_policy_routers
@@ -211,7 +223,8 @@ def main() -> None:
                 key = scenario + ("+host" if host else "")
                 try:
                     report["compare"][key] = compare(scenario, args.episodes, args.requests,
-                                                     args.seed, host, policies, args.trace_rows)
+                                                     args.seed, host, policies, args.trace_rows,
+                                                     names)
                 except TraceError as err:
                     print(f"\n== {scenario}: skipped ({err})")
     if args.output:
