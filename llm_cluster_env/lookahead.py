@@ -106,7 +106,8 @@ class LookaheadRouter(Router):
                         else prior.expected_output(req.prompt_tokens))))
             extra = Request(-1, now, request.prompt_tokens,
                             request.output_tokens if self.oracle
-                            else max(1, round(prior.expected_output(request.prompt_tokens))))
+                            else max(1, round(prior.expected_output(request.prompt_tokens))),
+                            chain=request.chain)  # its prompt's blocks: hits in the copy's cache
             with_request = replica_copy(base)
             with_request.enqueue(extra)
             without = drain_finish_times(base, t0)
