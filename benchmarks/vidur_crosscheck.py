@@ -3,9 +3,9 @@
 Optional benchmark, not run in CI. Vidur lives in its own venv (it pins pandas, sklearn,
 wandb, ...)::
 
-    python3.11 -m venv /work/venv-vidur && /work/venv-vidur/bin/pip install vidur
-    python benchmarks/vidur_crosscheck.py --vidur-python /work/venv-vidur/bin/python \\
-        --data-dir /work/shared/data/vidur --rows 2000 --replicas 1 4 --time-scales 1 0.5 --rates 18
+    python3.11 -m venv .venv-vidur && .venv-vidur/bin/pip install vidur
+    python benchmarks/vidur_crosscheck.py --vidur-python .venv-vidur/bin/python \\
+        --rows 2000 --replicas 1 4 --time-scales 1 0.5 --rates 18
     python benchmarks/vidur_crosscheck.py ... --rows 10000 --replicas 4 --time-scales --rates 20 18
     python benchmarks/vidur_crosscheck.py ... --decode-table    # decode-step time by band, then exit
 
@@ -54,11 +54,16 @@ import glob
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
 
 MAX_TOKENS = 4096
+#: Vidur's data: ``$LLM_CLUSTER_VIDUR_DATA`` or ``../shared/data/vidur`` beside the repository
+#: (the convention of tests/conftest.py and scripts/fit_latency_model.py).
+DEFAULT_DATA_DIR = Path(os.environ.get("LLM_CLUSTER_VIDUR_DATA")
+                        or Path(__file__).resolve().parents[2] / "shared" / "data" / "vidur")
 MODEL, DEVICE, NETWORK = "meta-llama/Llama-2-7b-hf", "a100", "a100_dgx"
 
 # Runs inside the Vidur venv: make Vidur train its predictor from local profiles (no HF hub).
@@ -178,7 +183,7 @@ def check_vidur(python: str) -> str:
                              capture_output=True, text=True)
     except OSError as exc:
         sys.exit(f"Vidur python {python!r} cannot be run ({exc}); install Vidur in its own venv: "
-                 "python3.11 -m venv /work/venv-vidur && /work/venv-vidur/bin/pip install vidur")
+                 "python3.11 -m venv .venv-vidur && .venv-vidur/bin/pip install vidur")
     if res.returncode != 0:
         sys.exit(f"Vidur is not installed for {python!r}:\n{res.stderr.strip()}\n"
                  f"install it with: {python} -m pip install vidur")
@@ -368,7 +373,9 @@ def profiled_rows_table(python: str, prof: str, work: Path, rf_grid: str) -> Non
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--vidur-python", required=True, help="python of the venv where vidur is installed")
-    ap.add_argument("--data-dir", default="/work/shared/data/vidur")
+    ap.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR,
+                    help="Vidur's data folder (default: $LLM_CLUSTER_VIDUR_DATA or "
+                         "../shared/data/vidur beside the repository)")
     ap.add_argument("--rows", type=int, default=1000)
     ap.add_argument("--replicas", type=int, nargs="+", default=[1, 4])
     ap.add_argument("--time-scales", type=float, nargs="*", default=[1.0, 0.5])
@@ -378,7 +385,8 @@ def main() -> None:
                     help="print the decode-step table (ours vs Vidur's predictor) and exit")
     ap.add_argument("--decode-table-step", type=int, default=16, help="context step of that table (tokens)")
     ap.add_argument("--skip-isolated", action="store_true", help="skip the isolated-request case")
-    ap.add_argument("--workdir", default="/tmp/vidur_crosscheck")
+    ap.add_argument("--workdir", type=Path, default=None,
+                    help="where traces and Vidur's outputs go (default: a new temporary folder)")
     ap.add_argument("--rf-grid", choices=["default", "small"], default="small")
     ap.add_argument("--also-padded", action="store_true",
                     help="also compare with Vidur patched to upstream's padded prefill budget")
@@ -388,9 +396,16 @@ def main() -> None:
     ap.add_argument("--iso-decode", type=int, default=256)
     args = ap.parse_args()
 
+    if not (args.data_dir / "profiling").is_dir():
+        sys.exit(f"--data-dir={str(args.data_dir)!r}: no profiling/ folder there (Vidur's data, "
+                 "../shared/data/vidur beside the repository)")
     version = check_vidur(args.vidur_python)
-    work = Path(args.workdir).resolve()
-    work.mkdir(parents=True, exist_ok=True)
+    if args.workdir is None:
+        work = Path(tempfile.mkdtemp(prefix="vidur_crosscheck_"))
+    else:
+        work = args.workdir.resolve()
+        work.mkdir(parents=True, exist_ok=True)
+    print(f"work folder: {work}")
     prof = str(Path(args.data_dir, "profiling").resolve())
     src = str(Path(args.data_dir, "processed_traces", "splitwise_conv.csv"))
     print(f"vidur {version}; {args.rows} rows of {src}; rf grid {args.rf_grid}")
