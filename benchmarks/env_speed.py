@@ -90,15 +90,21 @@ def core_seconds(replicas: int, load: float, requests: int, jump: bool,
     reqs = [Request(i, t, p, o) for i, (t, p, o) in enumerate(zip(
         episode.arrival_times.tolist(), episode.prompt_tokens.tolist(),
         episode.output_tokens.tolist()))]
-    start = time.perf_counter()
+    seconds = run_core(cluster, reqs, time.perf_counter)
+    return seconds, cluster.num_events, sum(r.num_iterations for r in cluster.replicas)
+
+
+def run_core(cluster: Cluster, reqs: list[Request], clock) -> float:
+    """Seconds (by ``clock``) the simulator core takes for the requests, each routed to the
+    replica with the fewest outstanding requests (no env, no observation)."""
+    start = clock()
     cluster.reset(reqs)
     reps = cluster.replicas
     while (req := cluster.next_arrival()) is not None:
         loads = [len(r.waiting) + len(r.running) for r in reps]
         cluster.dispatch(req, loads.index(min(loads)))
     cluster.drain()
-    seconds = time.perf_counter() - start
-    return seconds, cluster.num_events, sum(r.num_iterations for r in reps)
+    return clock() - start
 
 
 def _cpu_seconds(env: LLMClusterEnv, requests: int) -> float:
@@ -154,14 +160,7 @@ def prefix_speed(requests: int, repeats: int) -> None:
             reqs = [Request(i, t, p, o, c) for i, (t, p, o, c) in enumerate(zip(
                 episode.arrival_times.tolist(), episode.prompt_tokens.tolist(),
                 episode.output_tokens.tolist(), episode.chains))]
-            start = time.process_time()
-            cluster.reset(reqs)
-            reps = cluster.replicas
-            while (req := cluster.next_arrival()) is not None:
-                loads = [len(r.waiting) + len(r.running) for r in reps]
-                cluster.dispatch(req, loads.index(min(loads)))
-            cluster.drain()
-            timings.append(time.process_time() - start)
+            timings.append(run_core(cluster, reqs, time.process_time))
         core[caching] = min(timings)
     print(f"{'simulator core (events only), caching off':>44}  {requests / core[False]:>8,.0f} "
           f"req/s\n{'simulator core, caching on':>44}  {requests / core[True]:>8,.0f} req/s  "

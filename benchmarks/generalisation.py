@@ -34,7 +34,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import replace
@@ -43,6 +42,7 @@ from typing import Any
 
 import numpy as np
 
+from llm_cluster_env.atomic import atomic_write_json
 from llm_cluster_env.capacity import saturation_throughput
 from llm_cluster_env.config import EnvConfig, ReplicaConfig, WorkloadConfig
 from llm_cluster_env.env import LLMClusterEnv
@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if name.startswith("policy:"):
             print(policy_summary(summaries, name))
     if args.out:
-        Path(args.out).write_text(json.dumps(summaries, indent=1))
+        atomic_write_json(args.out, summaries)
     return summaries
 
 

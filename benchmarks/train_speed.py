@@ -45,8 +45,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import copy
-import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -62,6 +60,7 @@ from stable_baselines3 import PPO
 from stable_baselines3.common.vec_env import DummyVecEnv
 
 import llm_cluster_env  # noqa: F401  (registers LLMCluster-v0)
+from llm_cluster_env.atomic import atomic_write_json
 from sb3_warmstart.config import (
     AdvancedOptimizationConfig,
     GradientOptimizationConfig,
@@ -400,7 +399,7 @@ def main(argv: list[str] | None = None) -> None:
         results["main_job"] = main_job(args.seeds, out, args.main_job_requests)
     name = "summary_" + "_".join(k for k in ("speed", "checkpointing", "main_job")
                                  if getattr(args, k)) + ".json"
-    (out / name).write_text(json.dumps(copy.deepcopy(results), indent=2))
+    atomic_write_json(out / name, results)
     print(f"\nwrote {out / name}")
 
 

@@ -19,7 +19,6 @@ Run it in the zoo's venv (``make .venv-zoo/.installed``)::
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
+from llm_cluster_env.atomic import atomic_write_json  # noqa: E402
 from llm_cluster_env.evaluation import evaluate_routers, format_table  # noqa: E402
 from llm_cluster_env.observation import ClusterView  # noqa: E402
 from llm_cluster_env.routers import make_router  # noqa: E402
@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(table)
     print(f"policy vs lor: {100 * summary['policy_vs_lor']:+.1f}% mean E2E, balance "
           f"{summary['policy_balance']:.3f}")
-    (args.run / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    atomic_write_json(args.run / "summary.json", summary)
     return summary
 
 
