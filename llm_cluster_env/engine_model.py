@@ -143,28 +143,31 @@ class EngineModel:
         cap = budget if (v0 or not replica.chunked_prefill) else max(budget - batch, 1)
         chunk_batch, chunk_context = (0, 0) if v0 else (batch, context)
 
-        # remaining decode tokens (expected, or true with the oracle) and contexts (tokens) of
-        # the running requests
+        # Over our ``horizon`` decode iterations each co-runner keeps its context ``c``
+        # growing for its ``m`` remaining tokens (at most the horizon), then is replaced by a
+        # request of the workload's mean context (the batch keeps its size in a steady state).
+        expected_out = float(output_tokens) if self.oracle else prior.expected_output(prompt_tokens)
+        horizon = expected_out - 1.0 if expected_out > 1.0 else 0.0
+        steady = prior.mean_context
+
+        # remaining decode tokens of the running requests (expected, or true with the oracle),
+        # and ``co_context``: their context tokens summed over our horizon, in one pass
         running = replica.running.values()
-        contexts = []
-        if self.oracle:
-            remaining = []
-            for r in running:
-                g = clock - r.decode_offset if r.state is _DECODING else r.generated
-                remaining.append(r.output_tokens - g)
-                contexts.append(r.prompt_tokens + g)
-            expected_out = float(output_tokens)
-        else:
-            table = prior._residual
-            size = len(table)
-            remaining = []
-            append = remaining.append
-            add_context = contexts.append
-            for r in running:
-                g = clock - r.decode_offset if r.state is _DECODING else r.generated
-                append(table[g] if g < size else table[-1])
-                add_context(r.prompt_tokens + g)
-            expected_out = prior.expected_output(prompt_tokens)
+        remaining = []
+        append = remaining.append
+        co_context = 0.0
+        table = prior._residual
+        size = len(table)
+        oracle = self.oracle
+        for r in running:
+            g = clock - r.decode_offset if r.state is _DECODING else r.generated
+            if oracle:
+                left = r.output_tokens - g
+            else:
+                left = table[g] if g < size else table[-1]
+            append(left)
+            m = left if left < horizon else horizon
+            co_context += m * (r.prompt_tokens + g) + 0.5 * m * (m - 1.0) + (horizon - m) * steady
 
         # admission: a batch slot and KV blocks above the watermark for everything ahead + us
         num_running = len(remaining)
@@ -197,14 +200,11 @@ class EngineModel:
         ttft = wait + own_prefill
 
         # own decoding, beside co-runners: the running requests and those queued ahead (admitted
-        # first); each co-runner stays for its expected remaining tokens and is then replaced
-        # by a request of the workload's mean context (the batch keeps its size in a steady
-        # state). Decode iterations are costed at the mean context over our horizon.
+        # first). Decode iterations are costed at the mean context over our horizon.
         queued = len(replica.waiting)
         co_batch = batch + queued
         if co_batch >= replica.max_batch_size:
             co_batch = replica.max_batch_size - 1
-        horizon = expected_out - 1.0 if expected_out > 1.0 else 0.0
         delta = ttft
         if batch:
             if v0:
@@ -213,11 +213,6 @@ class EngineModel:
                 extra = own_prefill - prefill_iterations * t_dec
                 delta += batch * extra if extra > 0.0 else 0.0
         if horizon > 0.0:
-            steady = prior.mean_context
-            co_context = 0.0  # co-runners' context tokens summed over our ``horizon`` iterations
-            for r, c in zip(remaining, contexts):
-                m = r if r < horizon else horizon
-                co_context += m * c + 0.5 * m * (m - 1.0) + (horizon - m) * steady
             if queued:
                 fresh = ahead / queued if ahead > 0 else steady
                 m = prior.mean_output if prior.mean_output < horizon else horizon
