@@ -71,7 +71,7 @@ run: setup
 	$(PY) train/warmstart.py $(ARGS)
 
 compare: setup
-	$(PY) -m llm_cluster_env.compare $(ARGS)
+	$(PY) -m llm_cluster_env.tools.compare $(ARGS)
 
 test: test-train test-gym1 test-zoo
 

@@ -7,8 +7,8 @@ from collections.abc import Callable
 
 import numpy as np
 
-from llm_cluster_env.env import LLMClusterEnv
-from llm_cluster_env.routers import make_router
+from llm_cluster_env.env.cluster_env import LLMClusterEnv
+from llm_cluster_env.routing.heuristics import make_router
 
 #: Saturation throughput of one Llama-2-7B replica on an A100-80GB with conversation-trace
 #: lengths (requests/s) under the default ``mixed_chunked`` batching, as measured by

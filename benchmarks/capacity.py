@@ -16,7 +16,7 @@ import argparse
 import numpy as np
 
 from benchmarks._common import time_episode
-from llm_cluster_env.env import LLMClusterEnv
+from llm_cluster_env.env.cluster_env import LLMClusterEnv
 
 PAIRS = (("llama-2-7b", "a100", 1), ("llama-2-7b", "h100", 1), ("llama-2-7b", "a40", 1),
          ("llama-2-7b", "a100", 2), ("llama-3-8b", "a100", 1), ("llama-2-70b", "a100", 4),

@@ -30,8 +30,8 @@ import numpy as np
 
 import llm_cluster_env  # noqa: F401  (registers the env)
 from benchmarks._common import A100_7B_CAPACITY_RPS, best_of, time_episode
-from llm_cluster_env.env import LLMClusterEnv
-from llm_cluster_env.routers import make_router
+from llm_cluster_env.env.cluster_env import LLMClusterEnv
+from llm_cluster_env.routing.heuristics import make_router
 from llm_cluster_env.sim.cluster import Cluster
 from llm_cluster_env.sim.request import Request
 

@@ -2,7 +2,7 @@
 sampled.
 
 Grid (each cell a fixed cluster and workload; loads are fractions of measured saturation
-throughput for the cell's lengths, :mod:`llm_cluster_env.capacity`):
+throughput for the cell's lengths, :mod:`llm_cluster_env.env.capacity`):
 
 ============================  ======================================  ==========================
 cell                          cluster                                 workload
@@ -43,11 +43,11 @@ from typing import Any
 import numpy as np
 
 from llm_cluster_env.atomic import atomic_write_json
-from llm_cluster_env.capacity import saturation_throughput
+from llm_cluster_env.env.capacity import saturation_throughput
 from llm_cluster_env.config import EnvConfig, ReplicaConfig, WorkloadConfig
-from llm_cluster_env.env import LLMClusterEnv
-from llm_cluster_env.evaluation import RouterResult, run_episode
-from llm_cluster_env.routers import CACHE_AWARE_ROUTERS, ROUTERS, make_router
+from llm_cluster_env.env.cluster_env import LLMClusterEnv
+from llm_cluster_env.tools.evaluation import RouterResult, run_episode
+from llm_cluster_env.routing.heuristics import CACHE_AWARE_ROUTERS, ROUTERS, make_router
 
 LONG_PROMPT = {"lengths": "lognormal", "prompt_lognormal": (2000.0, 0.6),
                "output_lognormal": (30.0, 0.6)}
@@ -160,7 +160,7 @@ def load_policy_routers(run_dirs: list[str]) -> dict[str, Callable[[], Any]]:
     threads waiting on each other made each decision ~20x slower."""
     import torch
 
-    from sb3_warmstart.router import load_policy_router
+    from sb3_warmstart.policies.router import load_policy_router
 
     torch.set_num_threads(1)
 

@@ -18,8 +18,8 @@ from pathlib import Path
 import yaml
 
 from llm_cluster_env.scenarios import available_scenarios
-from sb3_warmstart.config import load_config
-from sb3_warmstart.pipeline import RunOptions, WarmStartPipeline
+from sb3_warmstart.pipeline.config import load_config
+from sb3_warmstart.pipeline.runner import RunOptions, WarmStartPipeline
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIG = REPO_ROOT / "configs" / "warmstart.yaml"

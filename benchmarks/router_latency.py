@@ -7,10 +7,10 @@ routes would run them (thread CPU time and wall time around one call; the first 
 are warm-up):
 
 * ``onnx session.run``: onnxruntime on the exported graph alone (inputs prepared);
-* ``onnx route(array)``: :class:`~llm_cluster_env.router_runtime.ExportedRouter` from an
+* ``onnx route(array)``: :class:`~llm_cluster_env.deploy.router_runtime.ExportedRouter` from an
   ``(N, F)`` array with its column names (validation included);
 * ``onnx route(dicts)``: the same from one ``feature -> value`` mapping per replica;
-* ``torch PolicyRouter``: the policy in-process (``sb3_warmstart.router.PolicyRouter``);
+* ``torch PolicyRouter``: the policy in-process (``sb3_warmstart.policies.router.PolicyRouter``);
 * ``lookahead`` (a simulation per replica per request) and ``lor``, for context.
 
 It prints p50 and p99 in microseconds, the ratio of the ONNX p50 at 16 replicas to the aim
@@ -35,9 +35,9 @@ from pathlib import Path
 import numpy as np
 import torch as th
 
-from llm_cluster_env.env import LLMClusterEnv
-from llm_cluster_env.router_runtime import ExportedRouter
-from llm_cluster_env.routers import make_router
+from llm_cluster_env.env.cluster_env import LLMClusterEnv
+from llm_cluster_env.deploy.router_runtime import ExportedRouter
+from llm_cluster_env.routing.heuristics import make_router
 
 AIM_P50_US = 100.0
 SIZES = (4, 16, 64)
@@ -52,9 +52,9 @@ def conv(replicas: int, requests: int) -> dict:
 
 def default_policy():
     """The default replica-set policy architecture, scaling fitted on ``lor`` observations."""
-    from sb3_warmstart.config import PPOConfig
-    from sb3_warmstart.export import sample_observations
-    from sb3_warmstart.set_policy import ReplicaSetPolicy
+    from sb3_warmstart.pipeline.config import PPOConfig
+    from sb3_warmstart.export.onnx_export import sample_observations
+    from sb3_warmstart.policies.replica_set import ReplicaSetPolicy
 
     defaults = PPOConfig()
     obs, layout = sample_observations(conv(4, 300), requests=300, seed=1)
@@ -141,11 +141,11 @@ def main(argv: list[str] | None = None) -> None:
                         help="decisions the (slow) lookahead router is timed on")
     args = parser.parse_args(argv)
     th.set_num_threads(1)
-    from sb3_warmstart.export import export_policy
-    from sb3_warmstart.router import PolicyRouter
+    from sb3_warmstart.export.onnx_export import export_policy
+    from sb3_warmstart.policies.router import PolicyRouter
 
     if args.run:
-        from sb3_warmstart.policy_io import load_policy
+        from sb3_warmstart.policies.io import load_policy
 
         model, obs_rms, env_kwargs, _, label = load_policy(Path(args.run))
         policy, what = model.policy, f"{label} ({args.run})"

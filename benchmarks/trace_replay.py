@@ -13,7 +13,7 @@ import argparse
 from pathlib import Path
 
 from benchmarks._common import A100_7B_CAPACITY_RPS, best_of, time_episode
-from llm_cluster_env.env import LLMClusterEnv
+from llm_cluster_env.env.cluster_env import LLMClusterEnv
 
 DEFAULT_TRACE = (Path(__file__).resolve().parents[1].parent / "shared" / "data" / "vidur"
                  / "processed_traces" / "splitwise_conv.csv")

@@ -61,15 +61,15 @@ from stable_baselines3.common.vec_env import DummyVecEnv
 
 import llm_cluster_env  # noqa: F401  (registers LLMCluster-v0)
 from llm_cluster_env.atomic import atomic_write_json
-from sb3_warmstart.config import (
+from sb3_warmstart.pipeline.config import (
     AdvancedOptimizationConfig,
     GradientOptimizationConfig,
     KLConfig,
     PPOConfig,
     load_config,
 )
-from sb3_warmstart.ppo import KLPPO, KLRecurrentPPO
-from sb3_warmstart.set_policy import RecurrentReplicaSetGruPolicy, RecurrentReplicaSetPolicy
+from sb3_warmstart.algorithms.ppo import KLPPO, KLRecurrentPPO
+from sb3_warmstart.policies.replica_set import RecurrentReplicaSetGruPolicy, RecurrentReplicaSetPolicy
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 #: The issue's configuration.
@@ -296,8 +296,8 @@ def final_vs_lor(summary: dict[str, Any]) -> float:
 def main_job(seeds: list[int], output_dir: Path, requests: int | None) -> list[dict[str, Any]]:
     """The default main job with the recurrent replica-set policy (``ppo.algorithm:
     recurrent_ppo``) per seed, PPO before (sb3-contrib minibatches) and after."""
-    from sb3_warmstart import ppo_stage
-    from sb3_warmstart.pipeline import RunOptions, WarmStartPipeline
+    from sb3_warmstart.pipeline import ppo_stage
+    from sb3_warmstart.pipeline.runner import RunOptions, WarmStartPipeline
 
     learn = ppo_stage.PPOTrainer.learn
     cpu = [0.0]

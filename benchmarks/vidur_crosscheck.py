@@ -22,7 +22,7 @@ What it does, per (replicas N, arrival-time scale s):
   files concatenated); ``--rf-grid small`` shrinks its grid search (one config, 2-fold CV);
   ``Request.restart`` is patched to also reset the per-stage prefill counters (without it
   Vidur 0.0.26 dies on an assertion at the first preemption);
-* runs ``python -m llm_cluster_env.replay --scenario a100x4_vllm_v0 --router round_robin``;
+* runs ``python -m llm_cluster_env.tools.replay --scenario a100x4_vllm_v0 --router round_robin``;
 * prints, per metric (E2E, TTFT, scheduling delay): the means, median and p90 of the per-request
   absolute relative error |ours - vidur| / vidur, the Pearson correlation, plus the number of
   preempted requests (ours: ``preemptions > 0``; Vidur: ``request_num_restarts > 0``).
@@ -238,7 +238,7 @@ def run_vidur(python: str, prof: str, trace: str, out: Path, replicas: int, work
 
 
 def run_ours(requests: str, out: Path, replicas: int) -> dict:
-    cmd = [sys.executable, "-m", "llm_cluster_env.replay", "--requests", requests,
+    cmd = [sys.executable, "-m", "llm_cluster_env.tools.replay", "--requests", requests,
            "--scenario", "a100x4_vllm_v0", "--router", "round_robin", "--out", str(out),
            "--set", f"num_replicas={replicas}"]
     res = subprocess.run(cmd, capture_output=True, text=True)

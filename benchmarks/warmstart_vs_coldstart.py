@@ -28,14 +28,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from llm_cluster_env.env import LLMClusterEnv
-from llm_cluster_env.evaluation import run_episode
-from llm_cluster_env.routers import make_router
-from sb3_warmstart.config import load_config
-from sb3_warmstart.pipeline import RunOptions, WarmStartPipeline
-from sb3_warmstart.ppo_stage import build_session
-from sb3_warmstart.report import episode_curve
-from sb3_warmstart.router import PolicyRouter
+from llm_cluster_env.env.cluster_env import LLMClusterEnv
+from llm_cluster_env.tools.evaluation import run_episode
+from llm_cluster_env.routing.heuristics import make_router
+from sb3_warmstart.pipeline.config import load_config
+from sb3_warmstart.pipeline.runner import RunOptions, WarmStartPipeline
+from sb3_warmstart.pipeline.ppo_stage import build_session
+from sb3_warmstart.pipeline.report import episode_curve
+from sb3_warmstart.policies.router import PolicyRouter
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 WINDOW = 8  # training episodes in the "final latency" mean
@@ -57,8 +57,8 @@ def train(profile: str, scenario: str, requests: int, out: Path, seed: int):
 
 def rebuild_pretrained(out: Path):
     """The clone of an earlier run (a resumed pipeline does not load it)."""
-    from sb3_warmstart.policy_io import load_pretrained
-    from sb3_warmstart.warm_start_stage import Pretrained
+    from sb3_warmstart.policies.io import load_pretrained
+    from sb3_warmstart.pipeline.warm_start_stage import Pretrained
 
     model, meta, obs_rms = load_pretrained(out / "pretrained" / "bc_policy.zip")
     return Pretrained(model.policy, obs_rms, None, str(out), meta["bc_metrics"]["final"])

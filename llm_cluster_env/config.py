@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from llm_cluster_env.sim.hardware import (
+from llm_cluster_env.hardware import (
     GPUS,
     MODELS,
     kv_cache_blocks,
@@ -27,9 +27,9 @@ from llm_cluster_env.validation import ConfigError, deep_merge, from_dict, requi
 class ReplicaConfig:
     """One model replica: a vLLM-style engine serving one model on ``tensor_parallel`` GPUs.
 
-    :param model: model name from :data:`llm_cluster_env.sim.hardware.MODELS`
+    :param model: model name from :data:`llm_cluster_env.hardware.MODELS`
         (e.g. ``"llama-2-7b"``, ``"llama-3-8b"``).
-    :param gpu: GPU name from :data:`llm_cluster_env.sim.hardware.GPUS` (``"a100"``, ``"h100"``).
+    :param gpu: GPU name from :data:`llm_cluster_env.hardware.GPUS` (``"a100"``, ``"h100"``).
     :param tensor_parallel: GPUs per replica (tensor-parallel degree).
     :param max_batch_size: cap on requests in the running batch (vLLM ``max_num_seqs``).
     :param block_size: tokens per KV-cache block (vLLM paged attention).
@@ -160,7 +160,7 @@ class ReplicaConfig:
     @property
     def kv_cache_blocks(self) -> int:
         """KV-cache capacity in blocks: ``num_kv_blocks``, else derived from GPU memory (Vidur's
-        rule under ``vllm_v0``, see :mod:`llm_cluster_env.sim.hardware`)."""
+        rule under ``vllm_v0``, see :mod:`llm_cluster_env.hardware`)."""
         if self.num_kv_blocks is not None:
             return self.num_kv_blocks
         rule = vidur_kv_cache_blocks if self.batching == "vllm_v0" else kv_cache_blocks
@@ -187,7 +187,7 @@ class PhaseConfig:
 @dataclass(frozen=True)
 class MultiTurnConfig:
     """Multi-turn sessions (``WorkloadConfig.prefix="multiturn"``; see
-    :mod:`llm_cluster_env.prefix_workload`).
+    :mod:`llm_cluster_env.workload.prefix`).
 
     :param turns_mean: mean requests per session (geometric, >= 1).
     :param turn_gap_s: mean time between consecutive requests of a session (seconds,
@@ -217,7 +217,7 @@ class MultiTurnConfig:
 @dataclass(frozen=True)
 class SystemPromptConfig:
     """System prompts shared across requests (``WorkloadConfig.prefix="system_prompt"``; see
-    :mod:`llm_cluster_env.prefix_workload`).
+    :mod:`llm_cluster_env.workload.prefix`).
 
     :param num_prompts: tenants (applications), each with its own system prompt.
     :param zipf_s: popularity exponent: the tenant of rank ``r`` sends a share proportional to
@@ -263,7 +263,7 @@ class WorkloadConfig:
     :param empirical: name of a packaged length summary (``llm_cluster_env/data/<name>.json``).
     :param trace_path: CSV with columns ``arrived_at,num_prefill_tokens,num_decode_tokens``,
         or a Mooncake JSONL trace (``.jsonl``: arrival, lengths and the prompt's block hashes;
-        see :mod:`llm_cluster_env.prefix_workload`).
+        see :mod:`llm_cluster_env.workload.prefix`).
     :param trace_qps: rescale replayed arrival times to this mean rate; ``None`` keeps the
         trace's own timing.
     :param trace_start: first trace row of an episode; ``None`` draws a random start per episode.
@@ -382,7 +382,7 @@ class SLOConfig:
 
 @dataclass(frozen=True)
 class ObservationConfig:
-    """What the router sees (see :mod:`llm_cluster_env.observation` for the feature table).
+    """What the router sees (see :mod:`llm_cluster_env.env.observation` for the feature table).
 
     :param history_window: number of recent routing decisions included as one-hot vectors.
     :param dispatch_share_window: number of recent dispatches over which each replica's
@@ -393,7 +393,7 @@ class ObservationConfig:
         (deployable) estimates them from the workload's length distribution instead.
     :param engine_signals: add the per-replica engine-model estimates (seconds) of the pending
         request's wait, time to first token and added total time in system
-        (:mod:`llm_cluster_env.engine_model`).
+        (:mod:`llm_cluster_env.routing.engine_model`).
     :param replica_slots: pad the per-replica block to this many replica slots (>= the
         cluster's replicas); the slots past the cluster's replicas are all zero and routers
         ignore them. ``None`` = exactly the cluster's replicas. This is how one policy trains on
@@ -436,7 +436,7 @@ class ObservationConfig:
 
 @dataclass(frozen=True)
 class RewardConfig:
-    """Reward terms, summed each step (see :mod:`llm_cluster_env.reward`).
+    """Reward terms, summed each step (see :mod:`llm_cluster_env.env.reward`).
 
     :param latency_weight: weight of minus the time-integral of requests in the system over the
         step (request-seconds), so an episode's return is ``-latency_weight * sum(E2E latency)``.

@@ -36,10 +36,10 @@ import numpy as np
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 try:
-    from llm_cluster_env.sim.hardware import GPUS, MODELS, GPUSpec, ModelSpec
+    from llm_cluster_env.hardware import GPUS, MODELS, GPUSpec, ModelSpec
 except ImportError:  # run as a plain script from a checkout that is not installed
     sys.path.insert(0, str(REPO_ROOT))
-    from llm_cluster_env.sim.hardware import GPUS, MODELS, GPUSpec, ModelSpec
+    from llm_cluster_env.hardware import GPUS, MODELS, GPUSpec, ModelSpec
 
 #: Same convention as tests/conftest.py: ``$LLM_CLUSTER_VIDUR_DATA`` or ../shared/data/vidur.
 DEFAULT_DATA_DIR = Path(os.environ.get("LLM_CLUSTER_VIDUR_DATA") or REPO_ROOT.parent / "shared" / "data" / "vidur")

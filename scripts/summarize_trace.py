@@ -5,7 +5,7 @@ Reads ``processed_traces/splitwise_conv.csv`` and
 ``processed_traces/arxiv_summarization_stats_llama2_tokenizer_filtered_v2.csv`` from the Vidur
 data folder (MIT licence; see its README.md) and writes ``llm_cluster_env/data/<name>.json``:
 an empirical checkerboard copula over per-column quantile tables (format and rationale in
-:mod:`llm_cluster_env.workload`), with provenance and summary statistics. Only derived summaries
+:mod:`llm_cluster_env.workload.generator`), with provenance and summary statistics. Only derived summaries
 are written, never raw rows. Output is deterministic (fixed tie-breaking seed)::
 
     python scripts/summarize_trace.py [--data-dir ../shared/data/vidur] [--out-dir llm_cluster_env/data]

@@ -24,10 +24,10 @@ from stable_baselines3 import PPO  # noqa: E402
 from stable_baselines3.common.vec_env import DummyVecEnv, VecNormalize  # noqa: E402
 
 import llm_cluster_env  # noqa: E402
-from llm_cluster_env.env import LLMClusterEnv  # noqa: E402
-from llm_cluster_env.evaluation import run_episode  # noqa: E402
-from llm_cluster_env.routers import make_router  # noqa: E402
-from sb3_warmstart.bc import (  # noqa: E402
+from llm_cluster_env.env.cluster_env import LLMClusterEnv  # noqa: E402
+from llm_cluster_env.tools.evaluation import run_episode  # noqa: E402
+from llm_cluster_env.routing.heuristics import make_router  # noqa: E402
+from sb3_warmstart.warmstart.bc import (  # noqa: E402
     PRESETS,
     RouterTies,
     SequenceBC,
@@ -35,13 +35,13 @@ from sb3_warmstart.bc import (  # noqa: E402
     discounted_returns,
     plan_lanes,
 )
-from sb3_warmstart.config import BCConfig  # noqa: E402
-from sb3_warmstart.normalize import (  # noqa: E402
+from sb3_warmstart.pipeline.config import BCConfig  # noqa: E402
+from sb3_warmstart.common.normalize import (  # noqa: E402
     ObsNormalizer,
     fit_obs_normalizer,
     fit_return_normalizer,
 )
-from sb3_warmstart.policy_io import (  # noqa: E402
+from sb3_warmstart.policies.io import (  # noqa: E402
     PretrainedCheckpointError,
     PretrainedMismatchError,
     architecture_of,
@@ -51,7 +51,7 @@ from sb3_warmstart.policy_io import (  # noqa: E402
     save_pretrained,
     validate_pretrained,
 )
-from sb3_warmstart.router import PolicyRouter  # noqa: E402
+from sb3_warmstart.policies.router import PolicyRouter  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCENARIO = "a100x4_conv_70"

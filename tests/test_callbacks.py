@@ -2,7 +2,7 @@
 
 The policy/algorithm attributes the callbacks drive (``temperature``, ``uniform_actions``,
 ``updates_deferred``) are honoured here by small stand-ins, so these tests do not depend on
-``sb3_warmstart.policies``/``ppo``.
+``sb3_warmstart.policies.recurrent``/``ppo``.
 """
 
 from __future__ import annotations
@@ -28,14 +28,14 @@ from stable_baselines3.common.vec_env import VecNormalize
 
 import llm_cluster_env  # noqa: F401  (registers LLMCluster-v0)
 from llm_cluster_env.sim.metrics import balance_score
-from sb3_warmstart.callbacks import (
+from sb3_warmstart.algorithms.callbacks import (
     EPISODE_METRICS,
     NormalizerStabilization,
     TemperatureController,
     TrainingMonitor,
 )
-from sb3_warmstart.config import TemperatureConfig
-from sb3_warmstart.normalize import (
+from sb3_warmstart.pipeline.config import TemperatureConfig
+from sb3_warmstart.common.normalize import (
     FrozenRunningMeanStd,
     freeze_obs_stats,
     make_vec_normalize,
@@ -490,8 +490,8 @@ def test_recurrent_run_with_all_callbacks(tmp_path):
 
 
 def test_callbacks_drive_the_project_policy(tmp_path):
-    """The same contract with ``sb3_warmstart.policies`` instead of the stand-in."""
-    policies = pytest.importorskip("sb3_warmstart.policies")
+    """The same contract with ``sb3_warmstart.policies.recurrent`` instead of the stand-in."""
+    policies = pytest.importorskip("sb3_warmstart.policies.recurrent")
     model = make_ppo(make_env(), tmp_path, bias=5.0, policy=policies.TemperatureMlpPolicy)
     probe = RolloutProbe()
     controller = make_controller(initial_temperature=2.0, pulse_rollouts=0)

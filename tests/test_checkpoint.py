@@ -16,13 +16,13 @@ import torch
 
 pytestmark = pytest.mark.train
 
-from sb3_warmstart.checkpoint import (  # noqa: E402
+from sb3_warmstart.common.checkpoint import (  # noqa: E402
     CheckpointManager,
     CheckpointMismatch,
     CorruptCheckpoint,
 )
-from sb3_warmstart.config import load_config  # noqa: E402
-from sb3_warmstart.ppo_stage import build_session  # noqa: E402
+from sb3_warmstart.pipeline.config import load_config  # noqa: E402
+from sb3_warmstart.pipeline.ppo_stage import build_session  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 OVERRIDES = {
@@ -133,7 +133,7 @@ KILL_SCRIPT = textwrap.dedent("""
     from pathlib import Path
     sys.path.insert(0, {tests!r})
     from test_checkpoint import make_session, learn
-    from sb3_warmstart import checkpoint as ck
+    from sb3_warmstart.common import checkpoint as ck
 
     out, mode = Path(sys.argv[1]), sys.argv[2]
     pipeline, session = make_session(out)

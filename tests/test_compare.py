@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from llm_cluster_env.compare import main, parse_args
+from llm_cluster_env.tools.compare import main, parse_args
 
 
 @pytest.mark.slow

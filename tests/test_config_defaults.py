@@ -14,20 +14,10 @@ import pytest
 
 pytestmark = pytest.mark.train
 
-from sb3_warmstart import (  # noqa: E402
-    bc,
-    callbacks,
-    checkpoint,
-    cloning,
-    config,
-    demos,
-    envs,
-    normalize,
-    ppo,
-    ppo_stage,
-    schedules,
-    warm_start_stage,
-)
+from sb3_warmstart.algorithms import callbacks, ppo, schedules  # noqa: E402
+from sb3_warmstart.common import checkpoint, normalize  # noqa: E402
+from sb3_warmstart.pipeline import config, envs, ppo_stage, warm_start_stage  # noqa: E402
+from sb3_warmstart.warmstart import bc, cloning, demos  # noqa: E402
 
 #: Sections that are not knobs: the environment's own config (given as a mapping).
 SECTIONS_GIVEN_WHOLE = {"env_kwargs"}
@@ -150,7 +140,7 @@ def test_loading_a_policy_does_not_import_the_bc_trainer():
     import subprocess
     import sys
 
-    code = ("import sys, sb3_warmstart.policy_io, sb3_warmstart.router, sb3_warmstart.normalize;"
-            "print('sb3_warmstart.bc' in sys.modules)")
+    code = ("import sys, sb3_warmstart.policies.io, sb3_warmstart.policies.router, sb3_warmstart.common.normalize;"
+            "print('sb3_warmstart.warmstart.bc' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

@@ -15,7 +15,7 @@ import pytest
 
 import llm_cluster_env
 from llm_cluster_env.config import ConfigError, EnvConfig
-from llm_cluster_env.routers import ROUTERS, make_router
+from llm_cluster_env.routing.heuristics import ROUTERS, make_router
 from llm_cluster_env.sim.metrics import balance_score
 
 pytestmark = pytest.mark.train
@@ -24,8 +24,8 @@ imitation = pytest.importorskip("imitation")
 from imitation.data import serialize  # noqa: E402
 from imitation.data.types import TrajectoryWithRew  # noqa: E402
 
-from sb3_warmstart import demos  # noqa: E402
-from sb3_warmstart.demos import (  # noqa: E402
+from sb3_warmstart.warmstart import demos  # noqa: E402
+from sb3_warmstart.warmstart.demos import (  # noqa: E402
     DemonstrationMismatchError,
     HeuristicPolicy,
     ImbalanceSpec,

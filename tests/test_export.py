@@ -21,19 +21,19 @@ from conftest import load_script  # noqa: E402
 from stable_baselines3.common.running_mean_std import RunningMeanStd  # noqa: E402
 from torch import nn  # noqa: E402
 
-from llm_cluster_env.env import LLMClusterEnv  # noqa: E402
-from llm_cluster_env.router_runtime import ExportedRouter, RouterInputError  # noqa: E402
-from sb3_warmstart.export import (  # noqa: E402
+from llm_cluster_env.env.cluster_env import LLMClusterEnv  # noqa: E402
+from llm_cluster_env.deploy.router_runtime import ExportedRouter, RouterInputError  # noqa: E402
+from sb3_warmstart.export.onnx_export import (  # noqa: E402
     ExportError,
     export_policy,
     export_router,
     sample_observations,
     write_sb3_loader,
 )
-from sb3_warmstart.normalize import ObsNormalizer  # noqa: E402
-from sb3_warmstart.policies import TemperatureMlpPolicy  # noqa: E402
-from sb3_warmstart.router import PolicyRouter  # noqa: E402
-from sb3_warmstart.set_policy import RecurrentReplicaSetPolicy, ReplicaSetPolicy  # noqa: E402
+from sb3_warmstart.common.normalize import ObsNormalizer  # noqa: E402
+from sb3_warmstart.policies.recurrent import TemperatureMlpPolicy  # noqa: E402
+from sb3_warmstart.policies.router import PolicyRouter  # noqa: E402
+from sb3_warmstart.policies.replica_set import RecurrentReplicaSetPolicy, ReplicaSetPolicy  # noqa: E402
 
 export_cli = load_script("export")
 
@@ -310,7 +310,7 @@ def test_export_of_a_run_without_a_final_model_fails_naming_it(tmp_path, capsys)
 def test_a_failed_export_leaves_the_earlier_one_untouched(set_export, tmp_path, monkeypatch):
     policy, out, _ = set_export
     earlier = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
-    import sb3_warmstart.export as export
+    import sb3_warmstart.export.onnx_export as export
 
     monkeypatch.setattr(export, "write_onnx", lambda *a, **k: (_ for _ in ()).throw(
         ExportError("disk full")))
@@ -398,8 +398,8 @@ def saved_model(tmp_path: Path, kind: str, env_kwargs: dict) -> tuple[Path, str,
     to compare actions on: ``(model_zip, algorithm, obs)``."""
     from stable_baselines3.common.env_util import make_vec_env
 
-    from sb3_warmstart.config import KLConfig
-    from sb3_warmstart.ppo import KLPPO, KLRecurrentPPO
+    from sb3_warmstart.pipeline.config import KLConfig
+    from sb3_warmstart.algorithms.ppo import KLPPO, KLRecurrentPPO
 
     obs, layout = sample_observations(env_kwargs, requests=40, seed=2)
     venv = make_vec_env(LLMClusterEnv, n_envs=1, env_kwargs=dict(env_kwargs,
@@ -428,7 +428,7 @@ def saved_model(tmp_path: Path, kind: str, env_kwargs: dict) -> tuple[Path, str,
 
 @pytest.mark.slow
 def test_saved_models_load_with_stock_sb3_where_the_project_is_not_importable(tmp_path):
-    from sb3_warmstart.ppo import KLPPO, KLRecurrentPPO
+    from sb3_warmstart.algorithms.ppo import KLPPO, KLRecurrentPPO
 
     kinds = ["replica_set", "recurrent_replica_set", "mlp"]
     jobs = [saved_model(tmp_path, kind, conv(4)) for kind in kinds]
@@ -447,7 +447,7 @@ def test_saved_models_load_with_stock_sb3_where_the_project_is_not_importable(tm
 def test_the_graph_on_present_replicas_equals_the_policy_on_a_padded_observation():
     """The runtime passes one row per replica present; training pads to a fixed slot count.
     Both paths share the encoder and agree (the padded slots get probability 0)."""
-    from sb3_warmstart.export import SetPolicyGraph
+    from sb3_warmstart.export.onnx_export import SetPolicyGraph
 
     env_kwargs = conv(6, observation={"replica_slots": 9})
     policy = set_policy(ReplicaSetPolicy, env_kwargs)
@@ -483,8 +483,8 @@ TINY_RUN = [
 @pytest.mark.slow
 def test_a_trained_run_exports_routes_as_in_the_simulator_and_loads_with_stock_sb3(
         tmp_path, capsys):
-    from sb3_warmstart.ppo import KLPPO
-    from sb3_warmstart.router import load_policy_router
+    from sb3_warmstart.algorithms.ppo import KLPPO
+    from sb3_warmstart.policies.router import load_policy_router
 
     run = tmp_path / "run"
     assert warmstart.main([*TINY_RUN, "--output-dir", str(run)])["finished"]

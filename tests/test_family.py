@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 
 import llm_cluster_env
-from llm_cluster_env.capacity import saturation_throughput
+from llm_cluster_env.env.capacity import saturation_throughput
 from llm_cluster_env.config import ConfigError, ReplicaConfig, WorkloadConfig
-from llm_cluster_env.evaluation import run_episode
-from llm_cluster_env.family import ScenarioFamilyEnv, available_families, load_family
-from llm_cluster_env.routers import make_router
+from llm_cluster_env.tools.evaluation import run_episode
+from llm_cluster_env.env.family import ScenarioFamilyEnv, available_families, load_family
+from llm_cluster_env.routing.heuristics import make_router
 
 SMALL = dict(replicas=[2, 6], replica_slots=8, episode_requests=64, capacity_requests=200)
 
@@ -91,7 +91,7 @@ def test_family_env_pickles_mid_episode_and_continues_identically():
 
 
 def test_shared_cache_forgets_its_oldest_entries():
-    from llm_cluster_env.family import SharedCache
+    from llm_cluster_env.env.family import SharedCache
 
     cache = SharedCache(maxsize=3)
     for i in range(5):

@@ -13,11 +13,11 @@ pytestmark = pytest.mark.train
 
 from conftest import load_script  # noqa: E402
 
-from llm_cluster_env.env import LLMClusterEnv  # noqa: E402
-from llm_cluster_env.evaluation import run_episode  # noqa: E402
-from llm_cluster_env.family import ScenarioFamilyEnv, load_family  # noqa: E402
-from sb3_warmstart.config import BCConfig, PPOConfig  # noqa: E402
-from sb3_warmstart.set_policy import ReplicaSetPolicy, SchemaMismatch  # noqa: E402
+from llm_cluster_env.env.cluster_env import LLMClusterEnv  # noqa: E402
+from llm_cluster_env.tools.evaluation import run_episode  # noqa: E402
+from llm_cluster_env.env.family import ScenarioFamilyEnv, load_family  # noqa: E402
+from sb3_warmstart.pipeline.config import BCConfig, PPOConfig  # noqa: E402
+from sb3_warmstart.policies.replica_set import ReplicaSetPolicy, SchemaMismatch  # noqa: E402
 
 warmstart = load_script("warmstart")
 
@@ -58,7 +58,7 @@ def test_family_run_reports_every_held_out_scenario(family_run):
 
 
 def test_the_trained_policy_routes_clusters_it_never_saw(family_run):
-    from sb3_warmstart.router import load_policy_router
+    from sb3_warmstart.policies.router import load_policy_router
 
     router = load_policy_router(family_run, name="generalist")
     assert isinstance(router.policy, ReplicaSetPolicy)
@@ -72,7 +72,7 @@ def test_the_trained_policy_routes_clusters_it_never_saw(family_run):
 
 
 def test_a_cluster_with_another_feature_schema_is_refused(family_run):
-    from sb3_warmstart.router import load_policy_router
+    from sb3_warmstart.policies.router import load_policy_router
 
     router = load_policy_router(family_run)
     env = LLMClusterEnv(scenario="a100x4_conv_70", episode_requests=10,
@@ -99,8 +99,8 @@ def test_rerun_of_a_finished_family_run_only_reports(family_run):
 def test_bc_of_lor_into_the_replica_set_policy_reaches_95_percent(replicas):
     """The replica-set policy clones lor to >= 95% validation accuracy counting ties at 4 and
     at 16 replicas (the LSTM over the flat observation reached 55% at 16)."""
-    from sb3_warmstart.cloning import clone_demonstrations
-    from sb3_warmstart.demos import collect_demonstrations
+    from sb3_warmstart.warmstart.cloning import clone_demonstrations
+    from sb3_warmstart.warmstart.demos import collect_demonstrations
 
     env = LLMClusterEnv(scenario="a100x4_conv_70", num_replicas=replicas,
                         workload={"qps": 3.4 * replicas}, episode_requests=256)
@@ -127,7 +127,7 @@ def test_family_env_layout_is_the_policies_schema():
 
 
 def test_the_paired_learning_curve_replays_a_spread_of_training_episodes():
-    from sb3_warmstart.report import PAIRED_EPISODES, paired_episode_seeds
+    from sb3_warmstart.pipeline.report import PAIRED_EPISODES, paired_episode_seeds
 
     history = [{"kind": "episode", "episode_seed": 1000 + i} for i in range(200)]
     history.insert(5, {"kind": "rollout"})

@@ -7,15 +7,15 @@ import copy
 import numpy as np
 import pytest
 
-from llm_cluster_env.env import LLMClusterEnv
-from llm_cluster_env.evaluation import run_episode
-from llm_cluster_env.lookahead import (
+from llm_cluster_env.env.cluster_env import LLMClusterEnv
+from llm_cluster_env.tools.evaluation import run_episode
+from llm_cluster_env.routing.lookahead import (
     LookaheadRouter,
     drain_finish_times,
     replica_copy,
     settle_at_boundary,
 )
-from llm_cluster_env.routers import make_router
+from llm_cluster_env.routing.heuristics import make_router
 
 
 def advance(env, steps, seed=0):

@@ -78,7 +78,7 @@ def test_smoke_run_writes_everything(finished_run):
     assert "start: warmstart" in log and "BC (from scratch)" in log
     assert "| train/" in log and "kl_ref" in log
     # the resolved config reloads to the same config
-    from sb3_warmstart.config import load_config
+    from sb3_warmstart.pipeline.config import load_config
 
     document = yaml.safe_load((out / "config.yaml").read_text())
     assert document["LLMCluster-v0"]["default"]["total_requests"] == 512
@@ -258,7 +258,7 @@ def test_a_locked_run_folder_is_refused(tmp_path, capsys):
 LOCK_HOLDER = """
 import sys, time
 from pathlib import Path
-from sb3_warmstart.run_folder import RunLock
+from sb3_warmstart.pipeline.run_folder import RunLock
 lock = RunLock(Path(sys.argv[1]), "another training run")
 lock.acquire()
 print("LOCKED", flush=True)
@@ -311,7 +311,7 @@ def test_bad_yaml_fails_naming_the_key(text, message, tmp_path, capsys):
 
 
 def test_yaml_default_profile_equals_embedded_defaults():
-    from sb3_warmstart.config import TrainingConfig, load_config
+    from sb3_warmstart.pipeline.config import TrainingConfig, load_config
 
     repo = Path(__file__).resolve().parents[1]
     assert load_config(repo / "configs" / "warmstart.yaml") == TrainingConfig()
@@ -369,7 +369,7 @@ def test_evaluate_rejects_missing_and_corrupt_models(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_external_checkpoint_is_fine_tuned_on_fresh_demos(finished_run, tmp_path):
-    from sb3_warmstart.policy_io import read_metadata
+    from sb3_warmstart.policies.io import read_metadata
 
     external = finished_run / "pretrained" / "bc_policy.zip"
     out = tmp_path / "run"

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 
 from llm_cluster_env.config import ObservationConfig
-from llm_cluster_env.env import LLMClusterEnv
-from llm_cluster_env.evaluation import run_episode
-from llm_cluster_env.observation import REPLICA_FEATURES, ObservationLayout, RoutingContext
-from llm_cluster_env.prefix_index import ApproximatePrefixIndex
-from llm_cluster_env.routers import CACHE_AWARE_ROUTERS, SessionAffinityRouter, make_router
+from llm_cluster_env.env.cluster_env import LLMClusterEnv
+from llm_cluster_env.tools.evaluation import run_episode
+from llm_cluster_env.env.observation import REPLICA_FEATURES, ObservationLayout, RoutingContext
+from llm_cluster_env.routing.prefix_index import ApproximatePrefixIndex
+from llm_cluster_env.routing.heuristics import CACHE_AWARE_ROUTERS, SessionAffinityRouter, make_router
 from llm_cluster_env.scenarios import available_scenarios, load_scenario_dict
 from llm_cluster_env.sim.prefix_cache import PrefixChain
 from llm_cluster_env.sim.request import Request

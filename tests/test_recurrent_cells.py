@@ -21,29 +21,29 @@ from stable_baselines3.common.vec_env import DummyVecEnv  # noqa: E402
 from torch import nn  # noqa: E402
 
 import llm_cluster_env  # noqa: E402
-from llm_cluster_env.routers import make_router  # noqa: E402
-from sb3_warmstart.cloning import clone_demonstrations  # noqa: E402
-from sb3_warmstart.config import BCConfig, KLConfig, PPOConfig, load_config  # noqa: E402
-from sb3_warmstart.policies import (  # noqa: E402
+from llm_cluster_env.routing.heuristics import make_router  # noqa: E402
+from sb3_warmstart.warmstart.cloning import clone_demonstrations  # noqa: E402
+from sb3_warmstart.pipeline.config import BCConfig, KLConfig, PPOConfig, load_config  # noqa: E402
+from sb3_warmstart.policies.recurrent import (  # noqa: E402
     TemperatureMlpGruPolicy,
     TemperatureMlpLstmPolicy,
     action_log_probs,
     process_sequence,
     recurrent_policy_class,
 )
-from sb3_warmstart.policy_io import (  # noqa: E402
+from sb3_warmstart.policies.io import (  # noqa: E402
     PretrainedMismatchError,
     load_pretrained,
     save_pretrained,
     validate_pretrained,
 )
-from sb3_warmstart.ppo import KLRecurrentPPO  # noqa: E402
-from sb3_warmstart.set_policy import (  # noqa: E402
+from sb3_warmstart.algorithms.ppo import KLRecurrentPPO  # noqa: E402
+from sb3_warmstart.policies.replica_set import (  # noqa: E402
     RecurrentReplicaSetGruPolicy,
     RecurrentReplicaSetPolicy,
     policy_for_spaces,
 )
-from sb3_warmstart.warm_start_stage import expected_architecture  # noqa: E402
+from sb3_warmstart.pipeline.warm_start_stage import expected_architecture  # noqa: E402
 
 pytestmark = pytest.mark.train
 
@@ -233,9 +233,9 @@ def test_bc_clones_lor_into_a_gru_policy_that_loads_with_the_documented_classes(
 
 # ----------------------------------------------------------------------------- main job
 def test_config_selects_the_cell_and_sequence_length():
-    from sb3_warmstart.envs import make_training_venv, training_env_spec
-    from sb3_warmstart.ppo_stage import make_model
-    from sb3_warmstart.set_policy import RecurrentReplicaSetPolicy
+    from sb3_warmstart.pipeline.envs import make_training_venv, training_env_spec
+    from sb3_warmstart.pipeline.ppo_stage import make_model
+    from sb3_warmstart.policies.replica_set import RecurrentReplicaSetPolicy
 
     def config(policy: str, **ppo):
         return load_config(overrides={
@@ -285,9 +285,9 @@ def test_the_generalist_trains_a_recurrent_replica_set_gru_router(tmp_path):
     from conftest import load_script
     from test_generalist import TINY_FAMILY
 
-    from llm_cluster_env.env import LLMClusterEnv
-    from llm_cluster_env.evaluation import run_episode
-    from sb3_warmstart.router import load_policy_router
+    from llm_cluster_env.env.cluster_env import LLMClusterEnv
+    from llm_cluster_env.tools.evaluation import run_episode
+    from sb3_warmstart.policies.router import load_policy_router
 
     out = tmp_path / "run"
     load_script("warmstart").main([*TINY_FAMILY, "--output-dir", str(out),

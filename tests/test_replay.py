@@ -10,8 +10,8 @@ import sys
 import numpy as np
 import pytest
 
-from llm_cluster_env.env import LLMClusterEnv
-from llm_cluster_env.replay import (
+from llm_cluster_env.env.cluster_env import LLMClusterEnv
+from llm_cluster_env.tools.replay import (
     REJECTED_REPLICA,
     ReplayError,
     main,
@@ -19,7 +19,7 @@ from llm_cluster_env.replay import (
     write_records_csv,
 )
 from llm_cluster_env.sim.metrics import INTEGER_COLUMNS, REQUEST_COLUMNS
-from llm_cluster_env.workload import TraceError
+from llm_cluster_env.workload.generator import TraceError
 
 pytest.importorskip("yaml")  # scenarios are YAML files
 
@@ -218,7 +218,7 @@ def test_cli_unknown_router_is_a_usage_error(requests_csv, tmp_path, capsys):
 
 def test_cli_process_fails_cleanly_on_a_missing_file(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "llm_cluster_env.replay", "--requests", str(tmp_path / "no.csv"),
+        [sys.executable, "-m", "llm_cluster_env.tools.replay", "--requests", str(tmp_path / "no.csv"),
          "--scenario", "a100x4_conv_70", "--out", str(tmp_path / "o.csv")],
         capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from llm_cluster_env.config import ObservationConfig
-from llm_cluster_env.observation import ObservationLayout, optional_replica_features
-from llm_cluster_env.routers import CACHE_AWARE_ROUTERS, ROUTERS, make_router
+from llm_cluster_env.env.observation import ObservationLayout, optional_replica_features
+from llm_cluster_env.routing.heuristics import CACHE_AWARE_ROUTERS, ROUTERS, make_router
 
 
 def view(prompt_k=1.0, **columns):

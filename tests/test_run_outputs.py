@@ -11,12 +11,12 @@ import pytest
 
 pytestmark = pytest.mark.train
 
-from llm_cluster_env.evaluation import RouterResult, plot_latency_cdf  # noqa: E402
-from sb3_warmstart import run_folder  # noqa: E402
-from sb3_warmstart.config import TrainingConfig, load_config  # noqa: E402
-from sb3_warmstart.logs import ResumableCSVOutputFormat, rows_up_to  # noqa: E402
-from sb3_warmstart.progress import ProgressPrinter  # noqa: E402
-from sb3_warmstart.report import plot_learning_curve, relative_to_reference  # noqa: E402
+from llm_cluster_env.tools.evaluation import RouterResult, plot_latency_cdf  # noqa: E402
+from sb3_warmstart.pipeline import run_folder  # noqa: E402
+from sb3_warmstart.pipeline.config import TrainingConfig, load_config  # noqa: E402
+from sb3_warmstart.pipeline.logs import ResumableCSVOutputFormat, rows_up_to  # noqa: E402
+from sb3_warmstart.pipeline.progress import ProgressPrinter  # noqa: E402
+from sb3_warmstart.pipeline.report import plot_learning_curve, relative_to_reference  # noqa: E402
 
 
 # ------------------------------------------------------------------------- identity, lock

@@ -7,9 +7,9 @@ import pytest
 import torch as th
 from gymnasium import spaces
 
-from llm_cluster_env.env import LLMClusterEnv
-from llm_cluster_env.routers import make_router
-from sb3_warmstart.set_policy import (
+from llm_cluster_env.env.cluster_env import LLMClusterEnv
+from llm_cluster_env.routing.heuristics import make_router
+from sb3_warmstart.policies.replica_set import (
     MASKED_LOGIT,
     RecurrentReplicaSetPolicy,
     ReplicaSetPolicy,
@@ -135,8 +135,8 @@ def test_a_different_feature_schema_is_refused_naming_the_feature():
 def test_kl_ppo_trains_saves_and_loads_a_set_policy(tmp_path, algo):
     from stable_baselines3.common.vec_env import DummyVecEnv
 
-    from sb3_warmstart.config import KLConfig
-    from sb3_warmstart.ppo import KLPPO, KLRecurrentPPO
+    from sb3_warmstart.pipeline.config import KLConfig
+    from sb3_warmstart.algorithms.ppo import KLPPO, KLRecurrentPPO
 
     def make():
         return LLMClusterEnv(scenario="a100x4_conv_70", episode_requests=64,

@@ -14,7 +14,7 @@ import pytest
 
 import llm_cluster_env  # noqa: F401
 from llm_cluster_env import ConfigError
-from llm_cluster_env.env import LLMClusterEnv
+from llm_cluster_env.env.cluster_env import LLMClusterEnv
 from llm_cluster_env.sim.request import RequestState
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

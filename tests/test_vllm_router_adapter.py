@@ -17,10 +17,10 @@ pytest.importorskip("onnxruntime")
 
 from onnx import TensorProto, helper  # noqa: E402
 
-from llm_cluster_env.env import LLMClusterEnv  # noqa: E402
-from llm_cluster_env.feature_catalog import deployment_schema  # noqa: E402
-from llm_cluster_env.router_runtime import ExportedRouter, RouterInputError  # noqa: E402
-from llm_cluster_env.vllm_router_adapter import (  # noqa: E402
+from llm_cluster_env.env.cluster_env import LLMClusterEnv  # noqa: E402
+from llm_cluster_env.deploy.feature_catalog import deployment_schema  # noqa: E402
+from llm_cluster_env.deploy.router_runtime import ExportedRouter, RouterInputError  # noqa: E402
+from llm_cluster_env.deploy.vllm_router_adapter import (  # noqa: E402
     EndpointHardware,
     PolicyRoutingLogic,
     approximate_prompt_tokens,

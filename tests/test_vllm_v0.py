@@ -11,7 +11,7 @@ from test_sim import LinearLatency, random_requests, run_episode, timestamps
 
 from llm_cluster_env.config import ReplicaConfig
 from llm_cluster_env.sim.cluster import Cluster, build_replica
-from llm_cluster_env.sim.hardware import GPUS, MODELS, vidur_kv_cache_blocks
+from llm_cluster_env.hardware import GPUS, MODELS, vidur_kv_cache_blocks
 from llm_cluster_env.sim.replica import Replica
 from llm_cluster_env.sim.request import Request, RequestState
 
@@ -244,7 +244,7 @@ def test_jump_matches_iteration_on_the_calibrated_model(seed):
 
 def test_vidur_compatible_scenario_and_config_errors():
     from llm_cluster_env.config import ConfigError
-    from llm_cluster_env.env import LLMClusterEnv
+    from llm_cluster_env.env.cluster_env import LLMClusterEnv
 
     env = LLMClusterEnv(scenario="a100x4_vllm_v0")
     assert all(r.batching == "vllm_v0" and r.num_blocks == 7424 and r.token_budget == 4096

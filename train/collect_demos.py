@@ -12,7 +12,7 @@ Mixed policies with imbalance segments (alternating high/low arrival rates)::
 All arguments are checked before any rollout; a bad value exits with status 2 and a message
 naming the flag and the value. The output directory holds imitation's HuggingFace dataset
 (``imitation.data.serialize.load(output)`` reads it) and ``stats.json``, which also records this
-command and the resolved arguments (see :mod:`sb3_warmstart.demos`).
+command and the resolved arguments (see :mod:`sb3_warmstart.warmstart.demos`).
 """
 
 from __future__ import annotations
@@ -26,9 +26,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from llm_cluster_env.config import ConfigError
-from llm_cluster_env.routers import ROUTERS
+from llm_cluster_env.routing.heuristics import ROUTERS
 from llm_cluster_env.scenarios import available_scenarios
-from sb3_warmstart.demos import (
+from sb3_warmstart.warmstart.demos import (
     ImbalanceSpec,
     check_output_replaceable,
     collect_demonstrations,

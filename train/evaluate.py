@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scenario", help="evaluate on this scenario (default: the training one)")
     p.add_argument("--replicas", type=int, help="override the number of replicas")
     p.add_argument("--qps", type=float, help="override the arrival rate, requests/s")
-    from sb3_warmstart.config import EvaluationConfig  # the main job's report uses the same
+    from sb3_warmstart.pipeline.config import EvaluationConfig  # the main job's report uses the same
 
     defaults = EvaluationConfig()
     p.add_argument("--episodes", type=int, default=defaults.episodes,
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             parser.error(f"{flag}={value}: must be >= 1")
     if args.qps is not None and not args.qps > 0:
         parser.error(f"--qps={args.qps}: must be > 0 requests/s")
-    from llm_cluster_env.routers import ROUTERS
+    from llm_cluster_env.routing.heuristics import ROUTERS
 
     heuristics = list(ROUTERS) if args.routers == "all" else args.routers.split(",")
     for name in heuristics:
@@ -75,12 +75,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     import llm_cluster_env
     from llm_cluster_env.atomic import atomic_write_json
     from llm_cluster_env.config import ConfigError
-    from sb3_warmstart.report import POLICY_NAME, evaluate_policy, write_report
-    from sb3_warmstart.router import PolicyRouter
+    from sb3_warmstart.pipeline.report import POLICY_NAME, evaluate_policy, write_report
+    from sb3_warmstart.policies.router import PolicyRouter
 
     torch.set_num_threads(1)
-    from sb3_warmstart.policy_io import load_policy
-    from sb3_warmstart.set_policy import SET_POLICIES
+    from sb3_warmstart.policies.io import load_policy
+    from sb3_warmstart.policies.replica_set import SET_POLICIES
 
     try:
         model, obs_rms, env_kwargs, history, label = load_policy(model_path)
@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                   if r.get("kind") == "episode" and "episode_seed" in r]
     if seeds_seen:  # lor on the arrivals of every training episode: the paired curve
         from llm_cluster_env.config import EnvConfig
-        from sb3_warmstart.report import heuristic_on_episodes
+        from sb3_warmstart.pipeline.report import heuristic_on_episodes
 
         lor_by_seed = heuristic_on_episodes(EnvConfig.from_kwargs(**training_env_kwargs), "lor",
                                             seeds_seen)

@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     source = Path(args.run_dir)
     if not source.exists():
         parser.error(f"RUN_DIR={args.run_dir!r}: no such run folder, checkpoint or file")
-    from sb3_warmstart.export import ExportError, export_router
+    from sb3_warmstart.export.onnx_export import ExportError, export_router
 
     try:
         result = export_router(source, args.out, sample_requests=args.sample_requests,

@@ -14,12 +14,12 @@ from it, and ``--scenario/--replicas/--qps`` must not be given; otherwise those 
 env that defines the observation and action spaces. The demos' observation width and the env's
 schema are checked against each other before training.
 
-``--mode`` picks a preset (:data:`sb3_warmstart.bc.PRESETS`: architecture and BC
+``--mode`` picks a preset (:data:`sb3_warmstart.warmstart.bc.PRESETS`: architecture and BC
 hyperparameters); ``--epochs/--batch-size/--lr/--sequence-length`` override it. Observations are
 normalised with statistics fitted on all demonstrations, exactly as ``VecNormalize`` will
 normalise them during PPO; with ``--norm-reward`` (default) the value head is fitted on
 discounted returns of VecNormalize-normalised rewards. The checkpoint
-(:mod:`sb3_warmstart.policy_io`) embeds those statistics, the schema, the BC metrics, the demo
+(:mod:`sb3_warmstart.policies.io`) embeds those statistics, the schema, the BC metrics, the demo
 provenance, the resolved arguments and this command.
 
 All arguments are checked before any work; a bad value exits with status 2 and a message naming
@@ -40,11 +40,11 @@ from typing import Any
 
 import numpy as np
 
-from llm_cluster_env.routers import ROUTERS, make_router
+from llm_cluster_env.routing.heuristics import ROUTERS, make_router
 from llm_cluster_env.scenarios import available_scenarios
-from sb3_warmstart.bc import PRESETS
-from sb3_warmstart.config import BCConfig, ConfigError, PPOConfig, WarmStartConfig
-from sb3_warmstart.demos import read_stats
+from sb3_warmstart.warmstart.bc import PRESETS
+from sb3_warmstart.pipeline.config import BCConfig, ConfigError, PPOConfig, WarmStartConfig
+from sb3_warmstart.warmstart.demos import read_stats
 
 DEFAULT_SCENARIO = "a100x4_conv_70"
 #: BCConfig fields that have a flag here.
@@ -247,7 +247,7 @@ def run(args: Args, command: Sequence[str]) -> PretrainResult:
     from imitation.data import serialize
 
     import llm_cluster_env
-    from sb3_warmstart.policy_io import save_pretrained
+    from sb3_warmstart.policies.io import save_pretrained
 
     torch.set_num_threads(1)
     started = time.perf_counter()
@@ -277,7 +277,7 @@ def run(args: Args, command: Sequence[str]) -> PretrainResult:
         _fail(f"--demo={args.demo!r}: observations have {width} features, the env "
               f"({env_kwargs}) has {layout.size}; pass the env the demos came from")
 
-    from sb3_warmstart.cloning import clone_demonstrations
+    from sb3_warmstart.warmstart.cloning import clone_demonstrations
 
     logger = None
     if args.tensorboard:
@@ -317,8 +317,8 @@ def run(args: Args, command: Sequence[str]) -> PretrainResult:
 def evaluate_clone(model, obs_rms, env, expert: str | None, episodes: int, seed: int
                    ) -> dict[str, Any]:
     """Mean E2E latency of the clone (deterministic) and of the expert on held-out seeds."""
-    from llm_cluster_env.evaluation import run_episode
-    from sb3_warmstart.router import PolicyRouter
+    from llm_cluster_env.tools.evaluation import run_episode
+    from sb3_warmstart.policies.router import PolicyRouter
 
     seeds = [EVAL_SEED_BASE + 1000 * seed + i for i in range(episodes)]
     clone = PolicyRouter(model, obs_rms, name="clone")

@@ -56,7 +56,7 @@ class Trial:
 
     name: str
     overrides: dict[str, Any]
-    config: Any  # sb3_warmstart.config.TrainingConfig
+    config: Any  # sb3_warmstart.pipeline.config.TrainingConfig
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -153,7 +153,7 @@ def build_trials(config_path: str | Path | None, profile: str, axes: list[tuple[
     :raises ConfigError: naming the grid key (or ``--set`` key) and value that fail, before
         anything runs.
     """
-    from sb3_warmstart.config import load_config
+    from sb3_warmstart.pipeline.config import load_config
 
     keys = [k for k, _ in axes]
     trials = []
@@ -177,7 +177,7 @@ def run_trial(trial: Trial, run_dir: str) -> dict[str, Any]:
     trial's results table and its start and end times (for the concurrency check)."""
     import torch as th
 
-    from sb3_warmstart.pipeline import RunOptions, WarmStartPipeline
+    from sb3_warmstart.pipeline.runner import RunOptions, WarmStartPipeline
 
     th.set_num_threads(1)
     start = time.time()

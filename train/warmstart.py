@@ -1,7 +1,7 @@
 """The main job: heuristic demos -> behaviour cloning -> KL-regularised PPO -> report.
 
 With no arguments it runs the default configuration (the dataclass defaults of
-``sb3_warmstart/config.py``; ``--print-config`` shows them) in ``runs/default``: one router for
+``sb3_warmstart/pipeline/config.py``; ``--print-config`` shows them) in ``runs/default``: one router for
 any cluster, trained across the ``generalist`` scenario family (a new cluster of 2-16 replicas,
 GPU mix, length distribution, arrival process and load every episode), then printed against
 every heuristic on held-out scenarios of the family. ``--scenario`` (or ``--replicas``,
@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None, **pipeline_hooks: Any) -> dict[str, Any]
     parser = build_parser()
     args = parser.parse_args(argv)
     print("[warmstart] checking the configuration", flush=True)
-    from sb3_warmstart.config import dump_config_text, load_config
+    from sb3_warmstart.pipeline.config import dump_config_text, load_config
 
     config_path = args.config
     if config_path is None and DEFAULT_CONFIG.is_file():
@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None, **pipeline_hooks: Any) -> dict[str, Any]
         print(dump_config_text(config, args.profile), end="")
         return {"config": config.to_dict()}
     print("[warmstart] loading the training stack (torch, Stable-Baselines3)", flush=True)
-    from sb3_warmstart.pipeline import (
+    from sb3_warmstart.pipeline.runner import (
         PipelineError,
         RunOptions,
         TrainingInterrupted,

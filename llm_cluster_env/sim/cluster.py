@@ -55,7 +55,7 @@ def build_replica(replica_id: int, config: ReplicaConfig, jump: bool = True,
     """A replica with its calibrated latency model and memory-derived KV capacity.
 
     ``batching="vllm_v0"`` follows Vidur: no CPU overhead unless ``iteration_overhead_s`` is
-    set, and KV capacity from :func:`~llm_cluster_env.sim.hardware.vidur_kv_cache_blocks`
+    set, and KV capacity from :func:`~llm_cluster_env.hardware.vidur_kv_cache_blocks`
     (``ReplicaConfig.kv_cache_blocks``). With ``host_cache`` the replica gets its host tier
     (capacity and transfer time per block from the config). Iteration-time models are
     read-only; replicas of one (model, GPU, TP, overhead) share one from ``latency_cache`` when

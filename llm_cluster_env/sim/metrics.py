@@ -8,7 +8,7 @@ batch that holds the request; also called the scheduling delay) and the number o
 
 Per-request records have one schema, :data:`REQUEST_COLUMNS`, shared by the env's
 ``info["requests"]`` / ``LLMClusterEnv.request_records()`` and the CSV of
-:mod:`llm_cluster_env.replay`:
+:mod:`llm_cluster_env.tools.replay`:
 
 ======================  =======  ===================================================  =======
 column                  dtype    meaning                                              unit

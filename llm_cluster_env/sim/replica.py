@@ -42,7 +42,7 @@ decodes, and the prompts admitted together may not exceed the budget (a longer p
    the request preempts itself.
 3. No chunking; prefill and decode never share a batch; no CPU overhead by default
    (``build_replica`` passes 0), the next batch starts when the previous one ends. The KV capacity
-   follows Vidur's memory rule (:func:`~llm_cluster_env.sim.hardware.vidur_kv_cache_blocks`).
+   follows Vidur's memory rule (:func:`~llm_cluster_env.hardware.vidur_kv_cache_blocks`).
 
 **Jump mode.** When an iteration has no prefill work and no waiting request can be admitted
 before a request finishes, the replica is in a *pure-decode stretch*: the batch is constant, the
@@ -88,7 +88,7 @@ from collections import deque
 from heapq import heapify, heappop, heappush
 from typing import TYPE_CHECKING
 
-from llm_cluster_env.sim.hardware import servable_request_tokens
+from llm_cluster_env.hardware import servable_request_tokens
 from llm_cluster_env.sim.prefix_cache import HostCache, PrefixCache
 from llm_cluster_env.sim.request import Request, RequestState
 

@@ -1,0 +1,1 @@
+"""Deployment: the exported router's runtime (numpy + onnxruntime), the feature catalog and serving adapters. Imports nothing from the simulator or the training side."""

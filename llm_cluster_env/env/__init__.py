@@ -1,0 +1,1 @@
+"""The Gymnasium environment: observation builder, reward, LLMClusterEnv, scenario families and capacity measurement."""

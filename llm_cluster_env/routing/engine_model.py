@@ -1,0 +1,250 @@
+"""Engine-model signals: what a request would cost on each replica, in seconds.
+
+A router in front of real engines can know each replica's queue and running batch (requests,
+prompt lengths, tokens generated so far, KV usage) and, from profiling, the replica's
+iteration-time model. It cannot know output lengths; it can know the workload's length
+distribution. From exactly that, :class:`EngineModel` estimates for a pending request with a
+prompt of ``p`` tokens, on each replica:
+
+``est_wait_s``
+    time until the request's prefill starts;
+``est_ttft_s``
+    ``est_wait_s`` plus its own prefill: time to its first token;
+``est_delta_s``
+    the increase in total time in system the request causes there: its own end-to-end latency
+    plus the slow-down it adds to the replica's other requests.
+
+These are closed-form approximations of the engine's behaviour (the ``lookahead`` router
+simulates it instead; :mod:`llm_cluster_env.routing.lookahead`). With ``B`` decoding requests of total
+context ``C`` tokens, ``t_d = iteration_time(B, C)``; ``cap`` prefill tokens fit in one
+iteration (``mixed_chunked``: the token budget minus ``B``; ``mixed`` and ``vllm_v0``: the
+budget); ``T_pf(x)`` is ``ceil(x / cap)`` iterations each carrying a chunk of
+``min(x, cap)`` tokens beside the decodes (``vllm_v0``: prefill-only iterations). Then
+
+* ``wait = tau0 + max(T_pf(P), T_adm)``: ``tau0`` until the replica's next iteration boundary,
+  the ``P`` prefill tokens already queued ahead (FCFS), and ``T_adm``, the time until enough
+  requests finish to give the request a batch slot and KV blocks above the watermark: the
+  ``k``-th smallest expected remaining decode length among the running requests times ``t_d``
+  (and ``E[O] * t_d / B`` per completion beyond them);
+* ``ttft = wait + T_pf(p)``;
+* ``delta = ttft + B * (T_pf(p) - n_pf * t_d) + H * t' + B'' * H * (t' - t'')``: over the
+  request's ``H = E[O | p] - 1`` decode iterations it decodes beside ``B'' = B + queued``
+  co-runners (the running requests and those queued ahead). Each co-runner keeps its context
+  growing by one token per iteration for its expected remaining tokens and is then replaced by
+  a request of the workload's mean context (prompt plus half the output): the batch stays full
+  in a steady state instead of keeping today's contexts for the whole horizon, which made
+  replicas whose long requests are about to finish look cheap. ``t'`` is the decode iteration
+  with ``B'' + 1`` requests at the co-runners' mean total context over the horizon plus the
+  request's own mean context, ``t''`` the same without the request; the iteration-time model
+  is non-decreasing in batch and context, so the co-runners' slow-down is never negative.
+  Under ``vllm_v0`` the ``B`` decoding requests wait out the whole prefill.
+
+Expected lengths come from :class:`OutputLengthPrior`: ``E[O | p]`` for the new request (mean
+output of its prompt-length decile) and ``E[O - g | O > g]`` for a request that has produced
+``g`` tokens (the distribution's mean residual length). With the oracle flag the true lengths
+are used instead (an upper bound on what length prediction could give).
+"""
+
+from __future__ import annotations
+
+import math
+from bisect import bisect_right
+from collections.abc import Sequence
+
+import numpy as np
+
+from llm_cluster_env.sim.request import RequestState
+
+#: Per-replica feature names, in the order :meth:`EngineModel.estimate` returns them (seconds).
+ENGINE_FEATURES = ("est_wait_s", "est_ttft_s", "est_delta_s")
+#: Residual lengths are tabulated up to this many generated tokens (beyond: the last value).
+RESIDUAL_TABLE_SIZE = 1 << 15
+_PROMPT_BINS = 10
+_DECODING = RequestState.DECODING
+
+
+class OutputLengthPrior:
+    """What a router can expect of output lengths, from a sample of the workload's
+    ``(prompt, output)`` lengths (tokens).
+
+    :param prompt_tokens: prompt lengths of the sample.
+    :param output_tokens: output lengths of the sample (>= 1).
+    """
+
+    def __init__(self, prompt_tokens: np.ndarray, output_tokens: np.ndarray) -> None:
+        prompt = np.asarray(prompt_tokens, dtype=np.float64)
+        output = np.asarray(output_tokens, dtype=np.float64)
+        if prompt.shape != output.shape or output.size == 0 or output.min() < 1:
+            raise ValueError("OutputLengthPrior: needs matching non-empty samples, outputs >= 1")
+        self.mean_output = float(output.mean())
+        #: Mean context of a request over its life, prompt + half its output (tokens): what a
+        #: decode batch's requests hold on average in a steady state.
+        self.mean_context = float(prompt.mean() + 0.5 * output.mean())
+        # E[O | prompt decile]
+        edges = np.unique(np.quantile(prompt, np.linspace(0, 1, _PROMPT_BINS + 1)[1:-1]))
+        self._prompt_edges = edges.tolist()
+        bins = np.searchsorted(edges, prompt, side="right")
+        self._output_by_bin = [float(output[bins == b].mean()) if np.any(bins == b)
+                               else self.mean_output for b in range(len(edges) + 1)]
+        # E[O - g | O > g] for g = 0 .. RESIDUAL_TABLE_SIZE - 1 (>= 1 token)
+        ordered = np.sort(output)
+        suffix = np.concatenate([np.cumsum(ordered[::-1])[::-1], [0.0]])
+        g = np.arange(min(RESIDUAL_TABLE_SIZE, int(ordered[-1]) + 1), dtype=np.float64)
+        first_longer = np.searchsorted(ordered, g, side="right")
+        count = ordered.size - first_longer
+        with np.errstate(invalid="ignore", divide="ignore"):
+            residual = np.where(count > 0, suffix[first_longer] / np.maximum(count, 1) - g, 1.0)
+        self._residual = np.maximum(residual, 1.0).tolist()
+
+    def expected_output(self, prompt_tokens: int) -> float:
+        """``E[O | prompt]``: mean output length (tokens) of the prompt's decile."""
+        return self._output_by_bin[bisect_right(self._prompt_edges, prompt_tokens)]
+
+    def remaining(self, generated: int) -> float:
+        """``E[O - g | O > g]``: expected tokens still to come (>= 1) after ``g`` generated."""
+        table = self._residual
+        return table[generated] if generated < len(table) else table[-1]
+
+    @classmethod
+    def from_generator(cls, generator) -> OutputLengthPrior:
+        """The prior of a :class:`~llm_cluster_env.workload.generator.WorkloadGenerator`'s lengths
+        (after its oversize policy)."""
+        prompt, output = generator.length_sample()
+        return cls(prompt, output)
+
+
+class EngineModel:
+    """Per-replica engine-model signals for a pending request (see the module docstring).
+
+    :param prior: expected output lengths.
+    :param oracle: use the requests' true output lengths instead of the prior.
+    """
+
+    def __init__(self, prior: OutputLengthPrior, oracle: bool = False) -> None:
+        self.prior = prior
+        self.oracle = oracle
+
+    def estimate(self, replica, now: float, prompt_tokens: int, output_tokens: int = 0,
+                 cached_tokens: int = 0, timing: tuple[int, float] | None = None
+                 ) -> tuple[float, float, float]:
+        """``(est_wait_s, est_ttft_s, est_delta_s)`` of a request with these lengths (tokens;
+        ``output_tokens`` is read only with the oracle flag) on ``replica`` at ``now``;
+        ``cached_tokens`` of its prompt need no prefill (prefix caching). ``timing`` is
+        :func:`clock_and_boundary` of the replica at ``now`` when the caller has it."""
+        prior = self.prior
+        latency = replica.latency
+        iteration_time = latency.iteration_time
+        clock, tau0 = timing if timing is not None else clock_and_boundary(replica, now)
+        batch = replica.num_decoding
+        context = batch * clock - replica._sum_r if batch else 0
+        t_dec = iteration_time(batch, context) if batch else 0.0
+        v0 = replica.batching == "vllm_v0"
+        budget = replica.token_budget
+        cap = budget if (v0 or not replica.chunked_prefill) else max(budget - batch, 1)
+        chunk_batch, chunk_context = (0, 0) if v0 else (batch, context)
+
+        # Over our ``horizon`` decode iterations each co-runner keeps its context ``c``
+        # growing for its ``m`` remaining tokens (at most the horizon), then is replaced by a
+        # request of the workload's mean context (the batch keeps its size in a steady state).
+        expected_out = float(output_tokens) if self.oracle else prior.expected_output(prompt_tokens)
+        horizon = expected_out - 1.0 if expected_out > 1.0 else 0.0
+        steady = prior.mean_context
+
+        # remaining decode tokens of the running requests (expected, or true with the oracle),
+        # and ``co_context``: their context tokens summed over our horizon, in one pass
+        running = replica.running.values()
+        remaining = []
+        append = remaining.append
+        co_context = 0.0
+        table = prior._residual
+        size = len(table)
+        oracle = self.oracle
+        for r in running:
+            g = clock - r.decode_offset if r.state is _DECODING else r.generated
+            if oracle:
+                left = r.output_tokens - g
+            else:
+                left = table[g] if g < size else table[-1]
+            append(left)
+            m = left if left < horizon else horizon
+            co_context += m * (r.prompt_tokens + g) + 0.5 * m * (m - 1.0) + (horizon - m) * steady
+
+        # admission: a batch slot and KV blocks above the watermark for everything ahead + us
+        num_running = len(remaining)
+        used = replica.decode_blocks(clock) + replica.prefill_blocks
+        ahead = replica.pending_prefill_tokens
+        need_blocks = -(-(ahead + prompt_tokens) // replica.block_size)
+        free_blocks = replica.num_blocks - used - replica.watermark_blocks
+        completions = num_running + len(replica.waiting) + 1 - replica.max_batch_size
+        if need_blocks > free_blocks and num_running:
+            per_request = used / num_running if used > num_running else 1.0
+            completions = max(completions, math.ceil((need_blocks - free_blocks) / per_request))
+        admit_wait = 0.0
+        if completions > 0 and t_dec > 0.0:
+            remaining.sort()
+            if completions <= num_running:
+                admit_wait = remaining[completions - 1] * t_dec
+            else:
+                admit_wait = (remaining[-1] + (completions - num_running) * prior.mean_output
+                              / (batch or 1)) * t_dec
+        if ahead > 0:
+            ahead_time = math.ceil(ahead / cap) * iteration_time(
+                chunk_batch, chunk_context, ((ahead if ahead < cap else cap, 0),))
+        else:
+            ahead_time = 0.0
+        wait = tau0 + (ahead_time if ahead_time > admit_wait else admit_wait)
+        own = prompt_tokens - cached_tokens if prompt_tokens > cached_tokens else 1
+        prefill_iterations = math.ceil(own / cap)
+        own_prefill = prefill_iterations * iteration_time(
+            chunk_batch, chunk_context, ((own if own < cap else cap, 0),))
+        ttft = wait + own_prefill
+
+        # own decoding, beside co-runners: the running requests and those queued ahead (admitted
+        # first). Decode iterations are costed at the mean context over our horizon.
+        queued = len(replica.waiting)
+        co_batch = batch + queued
+        if co_batch >= replica.max_batch_size:
+            co_batch = replica.max_batch_size - 1
+        delta = ttft
+        if batch:
+            if v0:
+                delta += batch * own_prefill
+            else:
+                extra = own_prefill - prefill_iterations * t_dec
+                delta += batch * extra if extra > 0.0 else 0.0
+        if horizon > 0.0:
+            if queued:
+                fresh = ahead / queued if ahead > 0 else steady
+                m = prior.mean_output if prior.mean_output < horizon else horizon
+                co_context += queued * (m * fresh + 0.5 * m * (m - 1.0) + (horizon - m) * steady)
+            mean_co = co_context / horizon
+            mean_own = prompt_tokens + 0.5 * (horizon - 1.0)
+            with_us = iteration_time(co_batch + 1, int(mean_co + mean_own + 0.5))
+            delta += horizon * with_us
+            if co_batch:  # the co-runners' iterations are longer while we decode beside them
+                without_us = iteration_time(co_batch, max(int(mean_co + 0.5), 1))
+                delta += co_batch * horizon * (with_us - without_us)
+        return wait, ttft, delta
+
+    def estimate_all(self, replicas: Sequence, now: float, prompt_tokens: int,
+                     output_tokens: int = 0) -> list[tuple[float, float, float]]:
+        """:meth:`estimate` for every replica."""
+        return [self.estimate(r, now, prompt_tokens, output_tokens) for r in replicas]
+
+
+def clock_and_boundary(replica, now: float) -> tuple[int, float]:
+    """The replica's iteration clock at ``now`` and the seconds from ``now`` to the end of the
+    iteration in flight (0 when idle): the next point at which it can schedule a request."""
+    if not replica.busy:
+        return replica.clock, 0.0
+    if replica._batch_pure and replica.batch_iterations > 1:
+        done = replica.iterations_done_by(now)
+        if done < replica.batch_iterations:
+            end = replica.batch_start + replica._stretch_duration(done + 1)
+            return replica.clock + done, (end - now if end > now else 0.0)
+        return replica.clock + done, 0.0
+    end = replica.batch_end
+    return replica.clock, (end - now if end > now else 0.0)
+
+
+__all__ = ["ENGINE_FEATURES", "EngineModel", "OutputLengthPrior", "clock_and_boundary"]

@@ -1,0 +1,125 @@
+"""The ``lookahead`` router: simulate every replica to empty, with and without the request.
+
+For each replica the router copies its state, runs the copy until it is empty (no further
+arrivals) once as it is and once with the pending request added, and sends the request where
+the total time in system of the replica's requests grows least:
+
+    cost_i = sum(finish times with the request) - sum(finish times without it) - now
+
+(the arrival times of the replica's other requests cancel; ``now`` is the new request's
+arrival), which is the request's own end-to-end latency plus the delay it causes the others
+there. Ties go to the lowest replica index.
+
+Output lengths are not known to a router: in the copies, a request that has produced ``g``
+tokens gets ``g + E[O - g | O > g]`` (rounded) output tokens and a new one ``E[O | prompt]``,
+from the workload's length distribution
+(:class:`~llm_cluster_env.routing.engine_model.OutputLengthPrior`). With ``oracle=True`` the true
+lengths are used, and a copy's drain is then exactly the simulator's own drain (tested to
+1e-9 s).
+
+It is a baseline, not a deployable design: it needs the replicas' full state (a real router
+could approximate it from engine metrics) and costs a simulation per replica per request
+(``benchmarks/router_latency.py`` reports microseconds per decision). Greedy: it ignores the
+requests that will arrive later.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from llm_cluster_env.env.observation import ClusterView
+from llm_cluster_env.routing.base import Router
+from llm_cluster_env.sim.request import Request, RequestState
+
+_DECODING = RequestState.DECODING
+
+
+def replica_copy(replica):
+    """A what-if copy of a replica: its requests and bookkeeping copied, its configuration and
+    iteration-time model shared (read-only); see ``Replica.snapshot``."""
+    return replica.snapshot()
+
+
+def settle_at_boundary(replica, now: float) -> float:
+    """Finish the copy's batch in flight at its first iteration boundary after ``now`` (a
+    pure-decode stretch is cut there, exactly as a dispatch at ``now`` would cut it); returns
+    the time the copy next schedules (``now`` when idle). Requests finishing there finish."""
+    if not replica.busy:
+        return now
+    if replica._batch_pure and replica.batch_iterations > 1:
+        done = replica.iterations_done_by(now)
+        boundary = replica.batch_start + replica._stretch_duration(done)
+        keep = done if done and boundary == now else done + 1
+        if keep < replica.batch_iterations:
+            replica.batch_iterations = keep
+            replica.batch_end = replica.batch_start + replica._stretch_duration(keep)
+    end = replica.batch_end
+    replica.end_batch(end)
+    return end
+
+
+def drain_finish_times(replica, start: float) -> float:
+    """Run an idle-between-batches copy from ``start`` until it is empty; return the sum of the
+    finish times (seconds) of the requests that finish."""
+    total = 0.0
+    t = start
+    while replica.has_work():
+        end = replica.start_batch(t)
+        if end is None:
+            break
+        t = end
+        for req in replica.end_batch(t):
+            total += req.finish_time
+    return total
+
+
+class LookaheadRouter(Router):
+    """Greedy look-ahead over copies of the replicas (see the module docstring).
+
+    :param oracle: simulate with the requests' true output lengths instead of estimates.
+    """
+
+    name = "lookahead"
+    requires_context = True
+
+    def __init__(self, oracle: bool = False) -> None:
+        self.oracle = oracle
+
+    def costs(self, view: ClusterView) -> np.ndarray:
+        """Added total time in system (seconds) of the pending request on each replica."""
+        context = self.context(view)
+        request = context.request
+        if request is None:
+            raise ValueError("lookahead: no pending request to route")
+        prior = context.output_prior
+        if not self.oracle and prior is None:
+            raise ValueError("lookahead: the routing context has no output-length prior")
+        now = context.now
+        costs = np.empty(len(context.replicas))
+        for i, replica in enumerate(context.replicas):
+            base = replica_copy(replica)
+            t0 = settle_at_boundary(base, now)
+            if not self.oracle:
+                base.replace_output_lengths(
+                    lambda req, generated: generated + max(1, round(
+                        prior.remaining(generated) if generated
+                        else prior.expected_output(req.prompt_tokens))))
+            extra = Request(-1, now, request.prompt_tokens,
+                            request.output_tokens if self.oracle
+                            else max(1, round(prior.expected_output(request.prompt_tokens))),
+                            chain=request.chain)  # its prompt's blocks: hits in the copy's cache
+            with_request = replica_copy(base)
+            with_request.enqueue(extra)
+            without = drain_finish_times(base, t0)
+            costs[i] = drain_finish_times(with_request, t0) - without - now
+        return costs
+
+    def select(self, view: ClusterView) -> int:
+        return int(np.argmin(self.costs(view)))
+
+    def tied_choices(self, view: ClusterView) -> np.ndarray:
+        costs = self.costs(view)
+        return np.flatnonzero(costs == costs.min())
+
+
+__all__ = ["LookaheadRouter", "drain_finish_times", "replica_copy", "settle_at_boundary"]

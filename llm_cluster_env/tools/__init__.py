@@ -1,0 +1,1 @@
+"""Command-line tools over the env: compare routers, replay traces, evaluation helpers."""

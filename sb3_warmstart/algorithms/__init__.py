@@ -1,0 +1,1 @@
+"""Algorithms: the KL mixin, KLPPO/KLRecurrentPPO, recurrent rollout buffers, schedules and callbacks."""

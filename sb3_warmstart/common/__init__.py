@@ -1,0 +1,1 @@
+"""Pieces every stage shares: observation normalisers and full-state checkpoints."""

@@ -1,0 +1,250 @@
+"""The warm-start stages of the main job: demonstrations, then the policy PPO starts from.
+
+Each function does one stage and can be run alone:
+
+* :func:`demonstrations` collects heuristic demonstrations into ``<run>/demos`` (or reuses the
+  set there when it was collected with the same settings);
+* :func:`clone` behaviour-clones them into the exact policy PPO trains, saved as
+  ``<run>/pretrained/bc_policy.zip`` (or reuses an identical earlier clone), optionally
+  fine-tuning an external checkpoint;
+* :func:`external` uses an external checkpoint as is (``--skip-bc-training``);
+* :func:`check_external` validates one against the environment and the architecture before
+  anything is written.
+
+All read the typed :class:`~sb3_warmstart.pipeline.config.TrainingConfig`; the environment is its
+already built ``config.env``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+
+from sb3_warmstart.pipeline.config import PPOConfig, TrainingConfig
+from sb3_warmstart.pipeline.envs import make_base_env, training_env_spec
+from sb3_warmstart.common.normalize import ReturnNormalizer
+from sb3_warmstart.policies.io import class_path
+from sb3_warmstart.policies.replica_set import policy_class_for
+
+log = logging.getLogger("sb3_warmstart.pipeline.runner")
+
+
+class WarmStartError(RuntimeError):
+    """The warm start cannot proceed (an external checkpoint that does not fit...)."""
+
+
+@dataclass
+class Pretrained:
+    """The warm-start policy PPO starts from (and regularises towards).
+
+    :param policy: an SB3 ``ActorCriticPolicy``.
+    :param obs_rms: the observation statistics it was trained with (``RunningMeanStd``).
+    :param return_normalizer: reward statistics of its value pretraining, if any.
+    :param source: where it came from (a path).
+    :param summary: its BC metrics.
+    """
+
+    policy: Any
+    obs_rms: Any
+    return_normalizer: ReturnNormalizer | None
+    source: str
+    summary: dict[str, Any]
+
+
+def settings_hash(data: Any) -> str:
+    """A short hash of JSON-able settings (to tell whether a stored artefact fits)."""
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def expected_architecture(ppo: PPOConfig) -> dict[str, Any]:
+    """The policy architecture PPO will build (an external checkpoint must match it)."""
+    from sb3_warmstart.policies.recurrent import clone_policy_class
+
+    if ppo.replica_set:
+        arch: dict[str, Any] = {
+            "policy_class": class_path(policy_class_for(True, ppo.recurrent,
+                                                        ppo.recurrent_cell)),
+            "net_arch": []}
+    else:
+        arch = {"policy_class": (clone_policy_class(ppo.recurrent_cell) if ppo.recurrent
+                                 else "MlpPolicy"),
+                "net_arch": list(ppo.net_arch)}
+    if ppo.recurrent:
+        arch.update(lstm_hidden_size=ppo.lstm_hidden_size, n_lstm_layers=ppo.n_lstm_layers)
+    return arch
+
+
+def _env(config: TrainingConfig) -> gym.Env:
+    return make_base_env(training_env_spec(config))
+
+
+def check_external(config: TrainingConfig) -> None:
+    """Validate ``warm_start.external_pretrain`` against the env and the architecture.
+
+    :raises WarmStartError: naming every mismatch.
+    """
+    from sb3_warmstart.policies.io import PretrainedCheckpointError, validate_pretrained
+
+    source = config.warm_start.external_pretrain
+    try:
+        validate_pretrained(source, _env(config), expected_arch=expected_architecture(config.ppo))
+    except PretrainedCheckpointError as err:
+        raise WarmStartError(f"--external-pretrain={source!r}: {err}") from None
+
+
+def demonstrations(config: TrainingConfig, run_dir: Path, *, force: bool = False,
+                   progress: bool = True) -> tuple[list, dict[str, Any]]:
+    """Demonstrations for BC in ``run_dir/demos``, reused when collected with these settings.
+
+    :param force: collect again even when the stored set fits.
+    :return: ``(trajectories, stats)`` (see :func:`sb3_warmstart.warmstart.demos.collect_demonstrations`).
+    """
+    from sb3_warmstart.warmstart.demos import (
+        collect_demonstrations,
+        load_demonstrations,
+        save_demonstrations,
+    )
+
+    ws = config.warm_start
+    path = Path(run_dir) / "demos"
+    family = config.family_config
+    env_config = dataclasses.replace(config.env, episode_requests=ws.demo_episode_requests)
+    settings = {"env": config.training_identity()["env"],
+                "episode_requests": ws.demo_episode_requests, "policies": ws.demo_policies,
+                "steps": ws.demo_steps, "imbalance": ws.imbalance, "seed": config.seed}
+    if family is not None:
+        family = dataclasses.replace(family, episode_requests=ws.demo_episode_requests)
+        settings = {"family": config.training_identity()["family"],
+                    "episode_requests": ws.demo_episode_requests,
+                    "candidates": list(ws.demo_candidates), "margin": ws.demo_margin,
+                    "steps": ws.demo_steps, "seed": config.seed}
+    if path.is_dir() and not force:
+        try:
+            trajectories, stats = load_demonstrations(path)
+            if stats.get("pipeline_settings") == settings_hash(settings):
+                log.info("demos: reusing %s (%d trajectories)", path, len(trajectories))
+                return trajectories, stats
+            log.info("demos: %s has other settings; collecting again", path)
+        except Exception as err:  # a damaged earlier set is replaced, atomically
+            log.warning("demos: %s unusable (%s); collecting again", path, err)
+    start = time.perf_counter()
+    if family is not None:
+        from sb3_warmstart.warmstart.family_demos import collect_best_heuristic_demonstrations
+
+        trajectories, stats = collect_best_heuristic_demonstrations(
+            family=family, total_steps=ws.demo_steps, seed=config.seed,
+            candidates=ws.demo_candidates, margin=ws.demo_margin, progress=progress)
+        log.info("demos: best heuristic per sampled scenario: %s; lor %.1f%% above the best "
+                 "on average", stats["expert_wins"], 100 * stats["lor_over_best_mean"])
+    else:
+        trajectories, stats = collect_demonstrations(
+            env_config=env_config, policies=ws.demo_policies, total_steps=ws.demo_steps,
+            seed=config.seed, imbalance=ws.imbalance, progress=progress)
+    stats["pipeline_settings"] = settings_hash(settings)
+    save_demonstrations(path, trajectories, stats)
+    log.info("demos: %d steps in %d trajectories (%.1f s)",
+             sum(len(t.acts) for t in trajectories), len(trajectories),
+             time.perf_counter() - start)
+    return trajectories, stats
+
+
+def external(config: TrainingConfig, run_dir: Path) -> Pretrained:
+    """The external checkpoint as is: copied into ``run_dir/pretrained/external.zip``."""
+    from sb3_warmstart.policies.io import load_pretrained
+
+    copy = _copy_external(config, run_dir)
+    model, meta, obs_rms = load_pretrained(copy)
+    returns = (ReturnNormalizer.from_dict(meta["return_normalization"])
+               if meta.get("return_normalization") else None)
+    final = meta.get("bc_metrics", {}).get("final", {})
+    return Pretrained(model.policy, obs_rms, returns, str(config.warm_start.external_pretrain),
+                      {"fine_tuned": False, **final})
+
+
+def _copy_external(config: TrainingConfig, run_dir: Path) -> Path:
+    source = Path(config.warm_start.external_pretrain)
+    folder = Path(run_dir) / "pretrained"
+    folder.mkdir(exist_ok=True)
+    copy = folder / "external.zip"
+    shutil.copyfile(source, copy.with_suffix(".zip.tmp"))
+    copy.with_suffix(".zip.tmp").replace(copy)
+    log.info("external checkpoint %s validated and copied to %s", source, copy)
+    return copy
+
+
+def clone(config: TrainingConfig, run_dir: Path, trajectories: list, demo_stats: dict[str, Any],
+          *, fine_tune_external: bool = False, force: bool = False, progress: bool = True,
+          command: list[str] | None = None) -> Pretrained:
+    """Behaviour-clone the demonstrations into ``run_dir/pretrained/bc_policy.zip`` (reused
+    when an earlier clone had the same settings), from scratch or from the external model.
+    """
+    from sb3_warmstart.warmstart.cloning import clone_demonstrations
+    from sb3_warmstart.policies.io import (
+        PretrainedCheckpointError,
+        load_pretrained,
+        read_metadata,
+        save_pretrained,
+    )
+
+    ws, ppo, bc = config.warm_start, config.ppo, config.bc
+    folder = Path(run_dir) / "pretrained"
+    folder.mkdir(parents=True, exist_ok=True)
+    init_model = init_obs_rms = None
+    if fine_tune_external:
+        init_model, _, init_obs_rms = load_pretrained(_copy_external(config, run_dir))
+    target = folder / "bc_policy.zip"
+    settings = {"demos": demo_stats.get("pipeline_settings"), "bc": dataclasses.asdict(bc),
+                "arch": expected_architecture(ppo), "seed": config.seed,
+                "external": str(ws.external_pretrain) if init_model else None,
+                "gamma": ppo.gamma, "value": ws.value_pretraining,
+                "validation_fraction": ws.validation_fraction, "norm_reward": ppo.norm_reward}
+    if target.is_file() and not force:
+        try:
+            meta = read_metadata(target)
+            if meta.get("pipeline_settings") == settings_hash(settings):
+                model, meta, obs_rms = load_pretrained(target)
+                returns = (ReturnNormalizer.from_dict(meta["return_normalization"])
+                           if meta.get("return_normalization") else None)
+                log.info("BC: reusing %s", target)
+                return Pretrained(model.policy, obs_rms, returns, str(target),
+                                  meta["bc_metrics"]["final"])
+        except PretrainedCheckpointError as err:
+            log.warning("BC: %s unusable (%s); cloning again", target, err)
+    env = _env(config)
+    start = time.perf_counter()
+    experts = list(ws.demo_policies)
+    per_trajectory = (demo_stats["trajectory_policies"] if config.family_config is not None
+                      else None)
+    result = clone_demonstrations(
+        trajectories, env=env, bc=bc, ppo=ppo, seed=config.seed,
+        validation_fraction=ws.validation_fraction, value_pretraining=ws.value_pretraining,
+        expert=experts[0] if len(experts) == 1 and per_trajectory is None else None,
+        experts=per_trajectory, init_model=init_model, init_obs_rms=init_obs_rms,
+        progress=progress)
+    seconds = time.perf_counter() - start
+    metadata = result.metadata(pipeline_settings=settings_hash(settings),
+                               env_kwargs=config.env_kwargs,
+                               demos={"path": str(Path(run_dir) / "demos"),
+                                      "policies": ws.demo_policies, "steps": ws.demo_steps},
+                               command=list(command or []))
+    save_pretrained(target, result.model.policy, metadata, result.obs_rms,
+                    observation_schema=env.unwrapped.layout.schema(),
+                    return_normalizer=result.return_normalizer)
+    s = result.summary
+    log.info("BC (%s): val accuracy %.4f, tie-aware %.4f, predicted share %s vs expert %s "
+             "(%.1f s)", "fine-tuned external" if init_model else "from scratch",
+             s["val_accuracy"], s["val_tie_accuracy"],
+             np.round(s["predicted_share"], 3).tolist() if s["predicted_share"] else None,
+             np.round(s["expert_share"], 3).tolist() if s["expert_share"] else None, seconds)
+    return Pretrained(result.model.policy, result.obs_rms, result.return_normalizer,
+                      str(target), s)

@@ -1,0 +1,1 @@
+"""Warm start: heuristic demonstrations (plan, collect, store), behaviour cloning."""
