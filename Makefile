@@ -9,10 +9,12 @@ VENV ?= .venv
 VENV_GYM1 ?= .venv-gym1
 VENV_ZOO ?= .venv-zoo
 VENV_RAY ?= .venv-ray
+VENV_PRODSTACK ?= .venv-prodstack
 PY := $(VENV)/bin/python
 PY_GYM1 := $(VENV_GYM1)/bin/python
 PY_ZOO := $(VENV_ZOO)/bin/python
 PY_RAY := $(VENV_RAY)/bin/python
+PY_PRODSTACK := $(VENV_PRODSTACK)/bin/python
 # CPU build of torch, installed before the project so the range in pyproject.toml is already
 # satisfied (an unpinned torch would pull a multi-GB CUDA build).
 TORCH_VERSION ?= 2.13.0
@@ -26,7 +28,7 @@ PIP_INSTALL = -m pip install --progress-bar off
 HEARTBEAT = scripts/with_heartbeat.sh "[setup]" bash -o pipefail -c
 PIP_SHOW = { grep --line-buffered -E "^(Collecting|Processing|Downloading|Installing|Successfully|ERROR)" || true; } | sed -u "s/^/  /"
 
-.PHONY: setup run compare test test-train test-fast test-gym1 test-zoo test-ray lint clean
+.PHONY: setup run compare test test-train test-fast test-gym1 test-zoo test-ray test-prodstack lint clean
 
 $(VENV)/.installed: pyproject.toml
 	@echo "[setup] creating $(VENV) (first run only: about 3 minutes on 2 cores, mostly torch)"
@@ -65,6 +67,20 @@ $(VENV_RAY)/.installed: pyproject.toml
 	$(HEARTBEAT) '$(PY_RAY) $(PIP_INSTALL) "datasets>=2.8" jsonpickle 2>&1 | $(PIP_SHOW)'
 	touch $@
 
+# vLLM production-stack's router (pinned source in ../shared/thirdparty/production-stack; needs
+# Python >= 3.12) with the learned router: its dependencies (read from its pyproject.toml) plus
+# onnxruntime and PyYAML for our adapter. The source itself is not installed: the test copies
+# it, applies deploy/production_stack/learned_router.patch and puts the copy on PYTHONPATH.
+PRODSTACK_SRC ?= ../shared/thirdparty/production-stack
+PYTHON312 ?= $(shell for p in python3.12 $$HOME/.pyenv/versions/3.12*/bin/python3.12; do $$p -c "" 2>/dev/null && { echo $$p; break; }; done)
+$(VENV_PRODSTACK)/.installed: $(PRODSTACK_SRC)/pyproject.toml deploy/production_stack/requirements.txt
+	@test -n "$(PYTHON312)" || { echo "[setup] python3.12 not found (production-stack needs >= 3.12)"; exit 1; }
+	@echo "[setup] creating $(VENV_PRODSTACK): production-stack's router on $(PYTHON312)"
+	$(PYTHON312) -m venv $(VENV_PRODSTACK)
+	$(PY_PRODSTACK) -c "import tomllib; print(*tomllib.load(open('$(PRODSTACK_SRC)/pyproject.toml', 'rb'))['project']['dependencies'], sep='\n')" > $(VENV_PRODSTACK)/prodstack-requirements.txt
+	$(HEARTBEAT) '$(PY_PRODSTACK) $(PIP_INSTALL) -r $(VENV_PRODSTACK)/prodstack-requirements.txt -r deploy/production_stack/requirements.txt 2>&1 | $(PIP_SHOW)'
+	touch $@
+
 setup: $(VENV)/.installed
 
 run: setup
@@ -75,7 +91,11 @@ compare: setup
 
 test: test-train test-gym1 test-zoo
 
+# The suite includes the learned router inside the real production-stack router
+# (tests/test_production_stack.py, ~1 min); it needs .venv-prodstack, built here when python3.12
+# and the pinned source are present, and skips with the reason otherwise.
 test-train: setup
+	@$(MAKE) --no-print-directory $(VENV_PRODSTACK)/.installed || echo "[setup] $(VENV_PRODSTACK) not built (needs python3.12 and $(PRODSTACK_SRC)): its test skips"
 	$(PY) -m pytest -q
 
 test-fast: setup
@@ -90,8 +110,12 @@ test-zoo: $(VENV_ZOO)/.installed
 test-ray: $(VENV_RAY)/.installed
 	$(PY_RAY) -m pytest -q -m ray -p no:cacheprovider
 
+# The learned router inside the real production-stack router alone (also part of `make test`).
+test-prodstack: setup $(VENV_PRODSTACK)/.installed
+	$(PY) -m pytest -q -p no:cacheprovider tests/test_production_stack.py
+
 lint: setup
 	$(PY) -m ruff check llm_cluster_env sb3_warmstart train benchmarks scripts tests examples
 
 clean:
-	rm -rf $(VENV) $(VENV_GYM1) $(VENV_ZOO) $(VENV_RAY) .pytest_cache
+	rm -rf $(VENV) $(VENV_GYM1) $(VENV_ZOO) $(VENV_RAY) $(VENV_PRODSTACK) .pytest_cache

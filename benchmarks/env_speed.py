@@ -16,14 +16,30 @@ the default policy's capacity).
    same workload with caching off and the default scenario at ~80% load, in one run (raw env,
    ``lor``); also the simulator core alone (cluster events) with caching on and off.
 
+4. ``--scaling``: env steps per CPU-second (process time) at 4/16/64/256/1,024 replicas
+   (``--sizes``), random routing, ~80% load, ``--scaling-requests`` (4,000) requests per
+   episode, with the engine-model signals on (default) and off, and the simulator core alone
+   (requests per CPU-second, no env and no observation, random routing) on the same
+   workloads: the ratios to compare.
+5. ``--replay``: ``llm_cluster_env.tools.replay.replay`` of the first ``--replay-rows`` rows of
+   the conversation trace on ``a100x4_vllm_v0`` with ``round_robin`` (a router that reads no
+   feature) and with ``lor``, against the simulator core alone on the same requests, requests
+   per CPU-second.
+6. ``--rollout-share``: the main job's PPO (default configuration, cold start) for
+   ``--rollout-steps`` env steps: the share of its CPU time spent collecting rollouts.
+
 Usage: ``python -m benchmarks.env_speed [--requests 20000] [--repeats 3] [--batching ...]
-[--prefix] [--prefix-only]``
+[--prefix] [--prefix-only] [--scaling [--sizes 4 16 64 256 1024]] [--replay]
+[--rollout-share] [--only]``
 """
 
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import time
+from pathlib import Path
 
 import gymnasium as gym
 import numpy as np
@@ -36,6 +52,8 @@ from llm_cluster_env.sim.cluster import Cluster
 from llm_cluster_env.sim.request import Request
 
 BATCHING = ("mixed_chunked", "mixed", "vllm_v0")
+VIDUR_DATA = Path(os.environ.get("LLM_CLUSTER_VIDUR_DATA")
+                  or Path(__file__).resolve().parents[2] / "shared" / "data" / "vidur")
 
 
 def env_kwargs(replicas: int, load: float, requests: int, mode: str = "jump",
@@ -94,13 +112,19 @@ def core_seconds(replicas: int, load: float, requests: int, jump: bool,
     return seconds, cluster.num_events, sum(r.num_iterations for r in cluster.replicas)
 
 
-def run_core(cluster: Cluster, reqs: list[Request], clock) -> float:
+def run_core(cluster: Cluster, reqs: list[Request], clock,
+             rng: np.random.Generator | None = None) -> float:
     """Seconds (by ``clock``) the simulator core takes for the requests, each routed to the
-    replica with the fewest outstanding requests (no env, no observation)."""
+    replica with the fewest outstanding requests, or with ``rng`` to a uniformly random one
+    (no env, no observation)."""
     start = clock()
     cluster.reset(reqs)
     reps = cluster.replicas
+    n = len(reps)
     while (req := cluster.next_arrival()) is not None:
+        if rng is not None:
+            cluster.dispatch(req, int(rng.integers(n)))
+            continue
         loads = [len(r.waiting) + len(r.running) for r in reps]
         cluster.dispatch(req, loads.index(min(loads)))
     cluster.drain()
@@ -167,6 +191,124 @@ def prefix_speed(requests: int, repeats: int) -> None:
           f"{core[False] / core[True]:>5.2f}x caching off")
 
 
+def _random_episode_cpu(env: LLMClusterEnv, seed: int = 0) -> tuple[float, int]:
+    """Process CPU seconds and steps of one episode with uniformly random routing."""
+    env.reset(seed=seed)
+    rng = np.random.default_rng(seed)
+    n = env.num_replicas
+    start = time.process_time()
+    steps = 0
+    done = False
+    while not done:
+        _, _, done, _, _ = env.step(int(rng.integers(n)))
+        steps += 1
+    return time.process_time() - start, steps
+
+
+def scaling(sizes: list[int], requests: int, repeats: int) -> list[dict]:
+    """Steps per CPU-second, signals on and off, and the core's requests per CPU-second, per
+    cluster size (random routing, ~80% load); best of ``repeats``, the runs of one size
+    alternating so machine noise hits them alike."""
+    rows = []
+    print(f"4) env steps per CPU-second, random routing, ~80% load, {requests:,}-request "
+          f"episodes (best of {repeats}; process CPU time)")
+    print(f"{'replicas':>8}  {'signals on':>10}  {'signals off':>11}  {'on/off':>6}  "
+          f"{'core req/s':>10}  {'on/core':>7}")
+    for n in sizes:
+        envs = {sig: LLMClusterEnv(**env_kwargs(n, 0.8, requests, engine_signals=sig))
+                for sig in (True, False)}
+        episode = envs[True].workload.sample(requests, np.random.default_rng(0))
+        best = {True: math.inf, False: math.inf, "core": math.inf}
+        for _ in range(repeats):
+            for sig, env in envs.items():
+                seconds, steps = _random_episode_cpu(env)
+                assert steps == requests
+                best[sig] = min(best[sig], seconds)
+            cluster = Cluster.from_configs(envs[True].config.replica_configs)
+            reqs = [Request(i, t, p, o) for i, (t, p, o) in enumerate(zip(
+                episode.arrival_times.tolist(), episode.prompt_tokens.tolist(),
+                episode.output_tokens.tolist()))]
+            best["core"] = min(best["core"], run_core(cluster, reqs, time.process_time,
+                                                      np.random.default_rng(0)))
+        row = {"replicas": n, "signals_on": requests / best[True],
+               "signals_off": requests / best[False], "core": requests / best["core"]}
+        rows.append(row)
+        print(f"{n:>8}  {row['signals_on']:>10,.0f}  {row['signals_off']:>11,.0f}  "
+              f"{row['signals_on'] / row['signals_off']:>6.2f}  {row['core']:>10,.0f}  "
+              f"{row['signals_on'] / row['core']:>7.2f}", flush=True)
+    return rows
+
+
+def replay_speed(rows: int, repeats: int) -> dict:
+    """Requests per CPU-second of ``replay`` (round_robin, lor) and of the core alone."""
+    import tempfile
+
+    from llm_cluster_env.tools.replay import replay
+
+    source = VIDUR_DATA / "processed_traces" / "splitwise_conv.csv"
+    with open(source) as f:
+        head = [next(f) for _ in range(rows + 1)]
+    tmp = tempfile.NamedTemporaryFile("w", suffix=".csv", delete=False)
+    tmp.writelines(head)
+    tmp.close()
+    trace = tmp.name
+    env_kwargs_ = {"scenario": "a100x4_vllm_v0"}
+    best = {"round_robin": math.inf, "lor": math.inf, "core": math.inf}
+    served = None
+    for _ in range(repeats):
+        for router in ("round_robin", "lor"):
+            start = time.process_time()
+            result = replay(trace, env_kwargs_, router)
+            best[router] = min(best[router], time.process_time() - start)
+            served = int(result.metrics["num_requests"])
+        env = LLMClusterEnv(**env_kwargs_)
+        reqs = [Request(i, t, p, o) for i, (t, p, o) in enumerate(zip(
+            result.records["arrival_s"].tolist(), result.records["prompt_tokens"].tolist(),
+            result.records["output_tokens"].tolist()))]
+        cluster = Cluster.from_configs(env.config.replica_configs)
+        best["core"] = min(best["core"], run_core(cluster, reqs, time.process_time))
+    os.unlink(trace)
+    out = {k: served / v for k, v in best.items()}
+    print(f"5) replay of {served:,} trace requests on a100x4_vllm_v0, requests per CPU-second "
+          f"(best of {repeats}; replay includes building the env and reading the trace)")
+    for name, value in out.items():
+        print(f"{name:>12}  {value:>10,.0f}  {value / out['core']:>5.2f}x core")
+    return out
+
+
+def rollout_share(steps: int) -> dict:
+    """The main job's PPO (``train/warmstart.py``'s default configuration, cold start: no
+    demonstrations) for ``steps`` env steps: CPU seconds of ``learn()`` and of its ``train()``
+    calls; the rest is collecting rollouts (env steps, policy forward passes, the buffer)."""
+    import torch
+
+    from sb3_warmstart.pipeline.config import load_config
+    from sb3_warmstart.pipeline.ppo_stage import build_session
+
+    torch.set_num_threads(1)
+    config = load_config()
+    session = build_session(config, None)
+    model = session.model
+    train = model.train
+    spent = [0.0]
+
+    def timed_train() -> None:
+        start = time.process_time()
+        train()
+        spent[0] += time.process_time() - start
+
+    model.train = timed_train
+    start = time.process_time()
+    model.learn(steps)
+    total = time.process_time() - start
+    out = {"steps": steps, "learn_cpu_s": total, "train_cpu_s": spent[0],
+           "rollout_share": (total - spent[0]) / total}
+    print(f"6) main job PPO (default config, cold start), {steps:,} env steps: learn() "
+          f"{total:.1f} CPU-s, train() {spent[0]:.1f} CPU-s, collecting rollouts "
+          f"{100 * out['rollout_share']:.0f}% of PPO time")
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=20000)
@@ -174,8 +316,30 @@ def main() -> None:
     parser.add_argument("--batching", nargs="+", choices=BATCHING, default=list(BATCHING))
     parser.add_argument("--prefix", action="store_true", help="add the prefix-caching speeds")
     parser.add_argument("--prefix-only", action="store_true", help="only the prefix speeds")
+    parser.add_argument("--scaling", action="store_true",
+                        help="steps per CPU-second by cluster size (section 4)")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[4, 16, 64, 256, 1024])
+    parser.add_argument("--scaling-requests", type=int, default=4000)
+    parser.add_argument("--replay", action="store_true", help="replay speed (section 5)")
+    parser.add_argument("--replay-rows", type=int, default=10000)
+    parser.add_argument("--rollout-share", action="store_true",
+                        help="the main job's rollout share of PPO time (section 6)")
+    parser.add_argument("--rollout-steps", type=int, default=4096)
+    parser.add_argument("--only", action="store_true",
+                        help="only the sections asked for by --scaling/--replay")
     args = parser.parse_args()
 
+    if args.scaling:
+        scaling(args.sizes, args.scaling_requests, args.repeats)
+        print()
+    if args.replay:
+        replay_speed(args.replay_rows, args.repeats)
+        print()
+    if args.rollout_share:
+        rollout_share(args.rollout_steps)
+        print()
+    if args.only:
+        return
     if args.prefix or args.prefix_only:
         prefix_speed(args.requests, args.repeats)
         if args.prefix_only:

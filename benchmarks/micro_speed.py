@@ -26,7 +26,7 @@ import numpy as np
 
 from llm_cluster_env.config import PhaseConfig, WorkloadConfig
 from llm_cluster_env.sim.latency import IterationTimeModel
-from llm_cluster_env.workload.generator import WorkloadGenerator, load_trace
+from llm_cluster_env.workload import WorkloadGenerator, load_trace
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONV_TRACE = "processed_traces/splitwise_conv.csv"

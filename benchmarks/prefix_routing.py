@@ -44,8 +44,8 @@ from llm_cluster_env.tools.evaluation import evaluate_routers
 from llm_cluster_env.routing.prefix_index import ApproximatePrefixIndex
 from llm_cluster_env.routing.heuristics import CACHE_AWARE_ROUTERS, ROUTERS, SessionAffinityRouter, make_router
 from llm_cluster_env.scenarios import load_scenario_dict
-from llm_cluster_env.sim.prefix_cache import PrefixChain
-from llm_cluster_env.workload.generator import TraceError, load_trace
+from llm_cluster_env.prefix_chain import PrefixChain
+from llm_cluster_env.workload import TraceError, load_trace
 
 MOONCAKE = Path(load_scenario_dict("mooncake_conv")["workload"]["trace_path"])
 SCENARIOS = ("mooncake_conv", "multiturn_chat", "shared_system_prompt")

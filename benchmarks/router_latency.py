@@ -35,8 +35,8 @@ from pathlib import Path
 import numpy as np
 import torch as th
 
-from llm_cluster_env.env.cluster_env import LLMClusterEnv
 from llm_cluster_env.deploy.router_runtime import ExportedRouter
+from llm_cluster_env.env.cluster_env import LLMClusterEnv
 from llm_cluster_env.routing.heuristics import make_router
 
 AIM_P50_US = 100.0
@@ -52,8 +52,8 @@ def conv(replicas: int, requests: int) -> dict:
 
 def default_policy():
     """The default replica-set policy architecture, scaling fitted on ``lor`` observations."""
+    from sb3_warmstart.export import sample_observations
     from sb3_warmstart.pipeline.config import PPOConfig
-    from sb3_warmstart.export.onnx_export import sample_observations
     from sb3_warmstart.policies.replica_set import ReplicaSetPolicy
 
     defaults = PPOConfig()
@@ -141,11 +141,11 @@ def main(argv: list[str] | None = None) -> None:
                         help="decisions the (slow) lookahead router is timed on")
     args = parser.parse_args(argv)
     th.set_num_threads(1)
-    from sb3_warmstart.export.onnx_export import export_policy
+    from sb3_warmstart.export import export_policy
     from sb3_warmstart.policies.router import PolicyRouter
 
     if args.run:
-        from sb3_warmstart.policies.io import load_policy
+        from sb3_warmstart.policies.run_loading import load_policy
 
         model, obs_rms, env_kwargs, _, label = load_policy(Path(args.run))
         policy, what = model.policy, f"{label} ({args.run})"

@@ -8,6 +8,7 @@ wandb, ...)::
         --rows 2000 --replicas 1 4 --time-scales 1 0.5 --rates 18
     python benchmarks/vidur_crosscheck.py ... --rows 10000 --replicas 4 --time-scales --rates 20 18
     python benchmarks/vidur_crosscheck.py ... --decode-table    # decode-step time by band, then exit
+    python benchmarks/vidur_crosscheck.py ... --speed --rows 10000 --replicas 4  # req per CPU-s
 
 What it does, per (replicas N, arrival-time scale s):
 
@@ -119,6 +120,21 @@ if os.environ.get("VX_OUR_TIMES"):  # swap Vidur's predictor for our IterationTi
     bp.BaseExecutionTimePredictor.get_execution_time = _our_time
 """
 _RUNNER = _SETUP + r"""
+import time
+from vidur import simulator as _sim
+_run, _write = _sim.Simulator.run, _sim.Simulator._write_output
+_cpu = {"output": 0.0}
+def _timed_write(self):
+    start = time.process_time()
+    _write(self)
+    _cpu["output"] += time.process_time() - start
+def _timed_run(self):
+    start = time.process_time()
+    _run(self)
+    total = time.process_time() - start
+    print(f"VIDUR_CPU run_s={total - _cpu['output']!r} output_s={_cpu['output']!r}",
+          file=sys.stderr)
+_sim.Simulator.run, _sim.Simulator._write_output = _timed_run, _timed_write
 from vidur.main import main
 main()
 """
@@ -232,9 +248,44 @@ def run_vidur(python: str, prof: str, trace: str, out: Path, replicas: int, work
     files = glob.glob(str(out / "**" / "request_metrics.csv"), recursive=True)
     if not files:
         sys.exit(f"no request_metrics.csv under {out}")
-    return read_columns(max(files, key=os.path.getmtime), "Request Id", {
+    columns = read_columns(max(files, key=os.path.getmtime), "Request Id", {
         "e2e": "request_e2e_time", "ttft": "prefill_e2e_time",
         "sched": "request_scheduling_delay", "restarts": "request_num_restarts"})
+    for line in res.stderr.splitlines():  # CPU seconds of Simulator.run (see _RUNNER)
+        if line.startswith("VIDUR_CPU "):
+            columns.update({k: float(v) for k, v in
+                            (item.split("=") for item in line.split()[1:])})
+    return columns
+
+
+def speed(args: argparse.Namespace, prof: str, src: str, work: Path) -> None:
+    """Requests per CPU-second on the same requests: our replay (``round_robin``, in this
+    process: env construction, reading the file, simulation, records) against Vidur's
+    ``Simulator.run`` (its event loop, with and without writing its metrics; the predictor's
+    training at start-up excluded), per replica count; the best of ``--speed-repeats``."""
+    import time
+
+    from llm_cluster_env.tools.replay import replay
+
+    for n in args.replicas:
+        ours_csv, vidur_csv = write_traces(src, args.rows, 1.0, work, f"speed_n{n}")
+        best_ours, best_core, best_vidur, best_vidur_out = (float("inf"),) * 4
+        for k in range(args.speed_repeats):
+            start = time.process_time()
+            result = replay(ours_csv, {"scenario": "a100x4_vllm_v0", "num_replicas": n},
+                            "round_robin")
+            best_ours = min(best_ours, time.process_time() - start)
+            v = run_vidur(args.vidur_python, prof, vidur_csv, work / f"vidur_speed_{n}_{k}", n,
+                          work, args.rf_grid)
+            best_vidur = min(best_vidur, v["run_s"])
+            best_vidur_out = min(best_vidur_out, v["run_s"] + v["output_s"])
+        served = int(result.metrics["num_requests"])
+        print(f"\n{n} replica(s), {served} requests (best of {args.speed_repeats}, CPU seconds)")
+        print(f"  ours, replay() round_robin      {best_ours:8.3f} s  {served / best_ours:>10,.0f} req/s")
+        print(f"  Vidur Simulator.run event loop  {best_vidur:8.3f} s  {served / best_vidur:>10,.0f} req/s"
+              f"  -> ours {best_vidur / best_ours:.1f}x")
+        print(f"  Vidur run incl. metrics output  {best_vidur_out:8.3f} s  "
+              f"{served / best_vidur_out:>10,.0f} req/s  -> ours {best_vidur_out / best_ours:.1f}x")
 
 
 def run_ours(requests: str, out: Path, replicas: int) -> dict:
@@ -394,6 +445,9 @@ def main() -> None:
                     help="also compare with Vidur driven by our IterationTimeModel (scheduling only)")
     ap.add_argument("--iso-prompt", type=int, default=1024)
     ap.add_argument("--iso-decode", type=int, default=256)
+    ap.add_argument("--speed", action="store_true",
+                    help="requests per CPU-second, ours vs Vidur on the same requests, then exit")
+    ap.add_argument("--speed-repeats", type=int, default=2)
     args = ap.parse_args()
 
     if not (args.data_dir / "profiling").is_dir():
@@ -411,6 +465,9 @@ def main() -> None:
     print(f"vidur {version}; {args.rows} rows of {src}; rf grid {args.rf_grid}")
     if args.decode_table:
         decode_step_tables(args.vidur_python, prof, work, args.rf_grid, args.decode_table_step)
+        return
+    if args.speed:
+        speed(args, prof, src, work)
         return
 
     if not args.skip_isolated:

@@ -57,7 +57,7 @@ def train(profile: str, scenario: str, requests: int, out: Path, seed: int):
 
 def rebuild_pretrained(out: Path):
     """The clone of an earlier run (a resumed pipeline does not load it)."""
-    from sb3_warmstart.policies.io import load_pretrained
+    from sb3_warmstart.policies.policy_file import load_pretrained
     from sb3_warmstart.pipeline.warm_start_stage import Pretrained
 
     model, meta, obs_rms = load_pretrained(out / "pretrained" / "bc_policy.zip")

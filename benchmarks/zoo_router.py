@@ -8,6 +8,9 @@ deterministic policy, as ``rl_zoo3.enjoy --deterministic`` would; the heuristics
 episodes. Prints the table (mean / p99 E2E, balance = ``1 - std`` of the dispatch shares) and
 the policy's mean E2E relative to ``lor``; writes ``summary.json`` beside the model.
 
+The KL-regularised algorithms (``klppo``, ``klppo_lstm``: ``configs/zoo/klppo*.yml``, trained
+through ``python -m sb3_warmstart.algorithms.zoo train ...``) load the same way.
+
 Run it in the zoo's venv (``make .venv-zoo/.installed``)::
 
     .venv-zoo/bin/python -m rl_zoo3.train --algo ppo --env LLMCluster-v0 \\
@@ -90,9 +93,13 @@ def load_zoo_run(folder: Path) -> tuple[Any, dict[str, Any], str]:
         from stable_baselines3 import PPO as algorithm
     elif algo == "ppo_lstm":
         from sb3_contrib import RecurrentPPO as algorithm
+    elif algo in ("klppo", "klppo_lstm"):
+        from sb3_warmstart.algorithms.zoo import ZOO_ALGOS
+
+        algorithm = ZOO_ALGOS[algo]
     else:
-        raise SystemExit(f"{folder}: algorithm {algo!r} (from the folder name) is not ppo or "
-                         "ppo_lstm")
+        raise SystemExit(f"{folder}: algorithm {algo!r} (from the folder name) is not ppo, "
+                         "ppo_lstm, klppo or klppo_lstm")
     model = algorithm.load(model_path, device="cpu")
     return model, dict(hyperparams.get("env_kwargs") or {}), algo
 

@@ -35,13 +35,13 @@ from sb3_warmstart.warmstart.bc import (  # noqa: E402
     discounted_returns,
     plan_lanes,
 )
-from sb3_warmstart.pipeline.config import BCConfig  # noqa: E402
+from sb3_warmstart.pipeline.config import BCConfig, WarmStartConfig  # noqa: E402
 from sb3_warmstart.common.normalize import (  # noqa: E402
     ObsNormalizer,
     fit_obs_normalizer,
     fit_return_normalizer,
 )
-from sb3_warmstart.policies.io import (  # noqa: E402
+from sb3_warmstart.policies.policy_file import (  # noqa: E402
     PretrainedCheckpointError,
     PretrainedMismatchError,
     architecture_of,
@@ -647,7 +647,8 @@ def test_pretrain_cli_end_to_end_and_flag_errors(small_demos, tmp_path, capsys,
     assert "val tie-aware acc." in printed and "predicted" in printed and "expert" in printed
     model, meta, rms = load_pretrained(tmp_path / "runs" / "bc.zip")
     validate_pretrained(tmp_path / "runs" / "bc.zip", env)
-    assert meta["pretrain_args"]["epochs"] == 2 and meta["demos"]["trajectories"] == 6
+    assert meta["pretrain_args"]["bc"]["epochs"] == 2 and meta["demos"]["trajectories"] == 6
+    assert meta["pretrain_args"]["bc"]["lr_schedule"] == PRESETS["standard"].bc.lr_schedule
     assert meta["command"][:3] == ["train/pretrain.py", "--demo", str(demo)]
     assert len(meta["bc_metrics"]["history"]) == 2
     assert meta["bc_metrics"]["final"]["eval"]["ratio"] > 0
@@ -657,16 +658,23 @@ def test_pretrain_cli_end_to_end_and_flag_errors(small_demos, tmp_path, capsys,
     (demo / "stats.json").write_text(json.dumps({
         "env_kwargs": {"scenario": SCENARIO, "episode_requests": 96},
         "schema": env.unwrapped.layout.schema(), "weights": {"lor": 1.0}}))
-    args = pretrain.parse_args(["--demo", str(demo), "--output", str(out)])
-    assert args.expert == "lor"
+    job = pretrain.parse_args(["--demo", str(demo), "--output", str(out)])
+    assert job.expert == "lor"
+    assert job.config.env.episode_requests == 96 and job.config.env.name == SCENARIO
+    # defaults are the configs': the preset's BC and architecture, PPO's discount
+    assert job.config.bc == PRESETS["standard"].bc
+    assert job.config.ppo == PRESETS["standard"].ppo(algorithm="recurrent_ppo")
+    assert job.config.warm_start.validation_fraction == WarmStartConfig().validation_fraction
     for argv, message in (
             (["--qps", "5"], "--qps=5.0: the demos' stats.json fixes the env"),
-            (["--epochs", "0"], "--epochs=0: must be >= 1"),
-            (["--lr", "nan"], "--lr=nan: must be a finite number > 0"),
-            (["--mode", "huge"], "--mode='huge': unknown preset"),
-            (["--policy-type", "gru"], "--policy-type='gru': must be lstm or mlp"),
-            (["--val-fraction", "1"], "--val-fraction=1.0: must be in [0, 1)"),
-            (["--expert", "best"], "--expert='best': unknown router")):
+            (["--epochs", "0"], "bc.epochs=0: must be >= 1"),
+            (["--lr", "nan"], "bc.learning_rate=nan: must be a finite number > 0"),
+            (["--gamma", "2"], "ppo.gamma=2.0: must be in (0, 1]"),
+            (["--mode", "huge"], "argument --mode: invalid choice: 'huge'"),
+            (["--policy-type", "gru"], "argument --policy-type: invalid choice: 'gru'"),
+            (["--val-fraction", "1"], "warm_start.validation_fraction=1.0: must be in [0, 1)"),
+            (["--eval-episodes", "-1"], "--eval-episodes=-1: must be >= 0"),
+            (["--expert", "best"], "argument --expert: invalid choice: 'best'")):
         with pytest.raises(SystemExit) as exit_info:
             pretrain.parse_args(["--demo", str(demo), "--output", str(out), *argv])
         assert exit_info.value.code == 2

@@ -503,3 +503,59 @@ def test_callbacks_drive_the_project_policy(tmp_path):
     assert biased["counts"][0] / biased["counts"].sum() > 0.6
     assert biased["temperature"] == 2.0 and model.policy.temperature == 2.0
     assert controller.temperature > 2.0  # low entropy and balance: T rises
+
+
+# ------------------------------------------------------------------ TensorBoard hparams
+def _tensorboard_events(folder):
+    """``(scalar tags, [hparams of each session start])`` of the event files under ``folder``."""
+    event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    tags, sessions = set(), []
+    for path in sorted(folder.rglob("events.out.tfevents.*")):
+        acc = event_accumulator.EventAccumulator(str(path), size_guidance={"scalars": 0})
+        acc.Reload()
+        tags |= set(acc.Tags()["scalars"])
+        try:
+            contents = acc.PluginTagToContent("hparams")
+        except KeyError:  # no hparams in this file
+            contents = {}
+        for content in contents.values():
+            data = plugin_data_pb2.HParamsPluginData.FromString(content)
+            if data.HasField("session_start_info"):
+                sessions.append({k: v.WhichOneof("kind") and getattr(v, v.WhichOneof("kind"))
+                                 for k, v in data.session_start_info.hparams.items()})
+    return tags, sessions
+
+
+@pytest.mark.parametrize("lr_schedule", [False, True])
+def test_tensorboard_has_hparams_once_and_no_duplicate_learning_rate(tmp_path, lr_schedule):
+    from sb3_warmstart.algorithms.callbacks import HyperparameterLogger
+    from sb3_warmstart.algorithms.ppo import KLPPO
+    from sb3_warmstart.pipeline.config import (
+        AdvancedOptimizationConfig,
+        LearningRateScheduleConfig,
+    )
+
+    optimization = None
+    if lr_schedule:
+        optimization = AdvancedOptimizationConfig(learning_rate_schedule=LearningRateScheduleConfig(
+            type="cosine_annealing_with_warmup"))
+    model = KLPPO("MlpPolicy", make_env(normalize=False), n_steps=N_STEPS, batch_size=32,
+                  n_epochs=1, seed=0, device="cpu", tensorboard_log=str(tmp_path),
+                  kl_coef=0.2, entropy_min=0.5, optimization=optimization,
+                  policy_kwargs={"net_arch": [8]})
+    callback = HyperparameterLogger({"env": "LLMCluster-v0"})
+    model.learn(2 * N_STEPS, callback=callback, tb_log_name="run")
+    model.learn(N_STEPS, callback=callback, tb_log_name="run", reset_num_timesteps=False)
+    tags, sessions = _tensorboard_events(tmp_path)
+    assert "train/learning_rate" in tags and "train/lr" not in tags
+    assert len(sessions) == 1  # the second learn() of the run writes no second session
+    hparams = sessions[0]
+    assert hparams["algorithm"] == "KLPPO" and hparams["env"] == "LLMCluster-v0"
+    assert hparams["n_steps"] == N_STEPS and hparams["batch_size"] == 32
+    assert hparams["gamma"] == pytest.approx(0.99)
+    assert hparams["kl/kl_coef"] == pytest.approx(0.2)
+    assert hparams["kl/entropy_min"] == pytest.approx(0.5)
+    assert hparams["kl/kl_ref_coef_initial"] == 0.0  # not given: KLConfig.disabled()
+    assert hparams["target_kl"] == "None"

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.train
 from sb3_warmstart.algorithms import callbacks, ppo, schedules  # noqa: E402
 from sb3_warmstart.common import checkpoint, normalize  # noqa: E402
 from sb3_warmstart.pipeline import config, envs, ppo_stage, warm_start_stage  # noqa: E402
-from sb3_warmstart.warmstart import bc, cloning, demos  # noqa: E402
+from sb3_warmstart.warmstart import bc, cloning, demo_collect, demo_plan  # noqa: E402
 
 #: Sections that are not knobs: the environment's own config (given as a mapping).
 SECTIONS_GIVEN_WHOLE = {"env_kwargs"}
@@ -52,8 +52,8 @@ COMPONENTS = {
     "EntropyCoefficient": schedules.EntropyCoefficient.__init__,
     "SequenceBC": bc.SequenceBC.__init__,
     "clone_demonstrations": cloning.clone_demonstrations,
-    "collect_demonstrations": demos.collect_demonstrations,
-    "plan_collection": demos.plan_collection,
+    "collect_demonstrations": demo_collect.collect_demonstrations,
+    "plan_collection": demo_plan.plan_collection,
     "fit_return_normalizer": normalize.fit_return_normalizer,
     "make_training_venv": envs.make_training_venv,
     "build_session": ppo_stage.build_session,
@@ -105,7 +105,7 @@ def test_every_knob_has_exactly_one_default_in_the_configs():
 def test_components_use_the_config_values():
     """The values the defaults used to disagree on now come from one place."""
     temperature = callbacks.TemperatureController(config.TemperatureConfig())
-    assert temperature.max_temperature == config.TemperatureConfig().max_temperature == 2.0
+    assert temperature.config.max_temperature == config.TemperatureConfig().max_temperature == 2.0
     kl = config.KLConfig()
     assert kl.kl_ref_coef_initial == 0.5
     schedule = config.LearningRateScheduleConfig(type="cosine_annealing_with_warmup")
@@ -140,7 +140,53 @@ def test_loading_a_policy_does_not_import_the_bc_trainer():
     import subprocess
     import sys
 
-    code = ("import sys, sb3_warmstart.policies.io, sb3_warmstart.policies.router, sb3_warmstart.common.normalize;"
+    code = ("import sys, sb3_warmstart.policies.policy_file, sb3_warmstart.policies.run_loading,"
+            " sb3_warmstart.policies.router, sb3_warmstart.common.normalize;"
             "print('sb3_warmstart.warmstart.bc' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+# ------------------------------------------------------------------------ side CLIs
+SIDE_CLIS = ("collect_demos", "pretrain", "evaluate")
+
+
+@pytest.mark.parametrize("script", SIDE_CLIS)
+def test_side_cli_flags_hold_no_default_of_a_config_knob(script):
+    """A flag named like a config knob defaults to ``None`` (= the dataclass's value)."""
+    from conftest import load_script
+
+    parser = load_script(script).build_parser()
+    fields = config_fields() | {f"imbalance_{f.name}"
+                                for f in dataclasses.fields(demo_plan.ImbalanceSpec)}
+    restated = [f"--{a.dest}={a.default!r}" for a in parser._actions
+                if a.dest in fields and a.default is not None]
+    assert not restated, f"train/{script}.py restates config default(s) {restated}"
+
+
+def test_collect_demos_resolves_the_main_jobs_config_and_imbalance_defaults(tmp_path):
+    from conftest import load_script
+
+    from sb3_warmstart.pipeline.warm_start_stage import demo_env_config
+
+    cli = load_script("collect_demos")
+    job = cli.parse_args(["--output", str(tmp_path / "out")])
+    main_job = config.load_config(None, overrides={"family": None})
+    assert job.config == main_job and job.imbalance is None
+    assert demo_env_config(job.config).episode_requests == \
+        config.WarmStartConfig().demo_episode_requests
+    job = cli.parse_args(["--imbalance", "--output", str(tmp_path / "out")])
+    assert job.imbalance == demo_plan.ImbalanceSpec()
+    job = cli.parse_args(["--imbalance", "--imbalance-high", "2", "--output",
+                          str(tmp_path / "out")])
+    assert job.imbalance == demo_plan.ImbalanceSpec(high_factor=2.0)
+
+
+def test_evaluate_resolves_the_reports_evaluation_config():
+    from conftest import load_script
+
+    cli = load_script("evaluate")
+    args = cli.build_parser().parse_args(["--model", "x"])
+    assert cli.evaluation_config(args) == config.EvaluationConfig()
+    args = cli.build_parser().parse_args(["--model", "x", "--routers", "lor", "--episodes", "2"])
+    assert cli.evaluation_config(args) == config.EvaluationConfig(episodes=2, routers=("lor",))

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import llm_cluster_env
-from llm_cluster_env.config import ConfigError, EnvConfig
+from llm_cluster_env.config import EnvConfig
 from llm_cluster_env.routing.heuristics import ROUTERS, make_router
 from llm_cluster_env.sim.metrics import balance_score
 
@@ -24,25 +24,27 @@ imitation = pytest.importorskip("imitation")
 from imitation.data import serialize  # noqa: E402
 from imitation.data.types import TrajectoryWithRew  # noqa: E402
 
-from sb3_warmstart.warmstart import demos  # noqa: E402
-from sb3_warmstart.warmstart.demos import (  # noqa: E402
-    DemonstrationMismatchError,
+from sb3_warmstart.warmstart import demo_collect, demo_store  # noqa: E402
+from sb3_warmstart.warmstart.demo_collect import (  # noqa: E402
     HeuristicPolicy,
-    ImbalanceSpec,
-    check_demonstrations_match_env,
     collect_demonstrations,
+)
+from sb3_warmstart.warmstart.demo_plan import ImbalanceSpec, plan_collection  # noqa: E402
+from sb3_warmstart.warmstart.demo_store import (  # noqa: E402
+    DemonstrationMismatchError,
+    check_demonstrations_match_env,
     load_demonstrations,
-    plan_collection,
     save_demonstrations,
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCENARIO_QPS = 13.9  # a100x4_conv_70
 SMALL = {"scenario": "a100x4_conv_70", "episode_requests": 64}
+SMALL_CONFIG = EnvConfig.from_kwargs(**SMALL)
 
 
 def _collect(**overrides):
-    kwargs = dict(env_kwargs=SMALL, policies={"lor": 1.0}, total_steps=128, seed=3,
+    kwargs = dict(env_config=SMALL_CONFIG, policies={"lor": 1.0}, total_steps=128, seed=3,
                   imbalance=False)
     kwargs.update(overrides)
     return collect_demonstrations(**kwargs)
@@ -51,7 +53,8 @@ def _collect(**overrides):
 @pytest.fixture(scope="module")
 def mixed():
     """lor/round_robin/random at 0.6/0.3/0.1 over 640 steps of 64-request episodes."""
-    return collect_demonstrations(imbalance=False, env_kwargs=SMALL, total_steps=640, seed=11,
+    return collect_demonstrations(imbalance=False, env_config=SMALL_CONFIG, total_steps=640,
+                                  seed=11,
                                   policies={"lor": 0.6, "round_robin": 0.3, "random": 0.1})
 
 
@@ -177,7 +180,8 @@ def test_mixed_step_shares_follow_the_weights_and_stats_are_right(mixed):
     # round robin restarts at replica 0 each 64-request episode: 16 per replica
     assert stats["policies"]["round_robin"]["action_counts"] == [48, 48, 48, 48]
     assert stats["schema"] == _make_env(SMALL).unwrapped.layout.schema()
-    assert stats["env_kwargs"] == SMALL and stats["seed"] == 11
+    assert EnvConfig.from_kwargs(**stats["env_kwargs"]) == SMALL_CONFIG  # a complete record
+    assert stats["seed"] == 11
     assert set(stats["versions"]) >= {"imitation", "stable_baselines3", "gymnasium"}
     json.dumps(stats)  # JSON-able
 
@@ -208,7 +212,8 @@ def test_a_policys_data_does_not_depend_on_the_other_policies():
 def test_imbalance_segments_alternate_high_and_low_rates():
     spec = ImbalanceSpec(high_factor=1.4, low_factor=0.5, fraction=1.0, cycles_per_episode=1.0)
     env_kwargs = {"scenario": "a100x4_conv_70", "episode_requests": 256}
-    trajs, stats = collect_demonstrations(env_kwargs=env_kwargs, policies={"lor": 1.0},
+    trajs, stats = collect_demonstrations(env_config=EnvConfig.from_kwargs(**env_kwargs),
+                                          policies={"lor": 1.0},
                                           total_steps=512, seed=2, imbalance=spec)
     assert [r["segment"] for r in stats["runs"]] == ["imbalance"]
     workload = stats["runs"][0]["env_kwargs"]["workload"]
@@ -242,43 +247,46 @@ def test_imbalance_segments_alternate_high_and_low_rates():
 
 
 def test_imbalance_default_splits_each_policy_between_base_and_imbalance():
-    plan = plan_collection(env_kwargs=SMALL, policies={"lor": 3, "random": 1},
+    plan = plan_collection(env_config=SMALL_CONFIG, policies={"lor": 3, "random": 1},
                            total_steps=1024, imbalance=True)
     assert [(r.policy, r.segment, r.steps) for r in plan.runs] == [
         ("lor", "base", 384), ("lor", "imbalance", 384),
         ("random", "base", 128), ("random", "imbalance", 128)]
-    assert "phases" not in plan.runs[0].env_kwargs.get("workload", {})
-    assert plan.runs[1].env_kwargs["workload"]["arrival"] == "phases"
-    phases_plan = plan_collection(env_kwargs={"scenario": "phases", "episode_requests": 64},
+    assert plan.runs[0].env_config is SMALL_CONFIG
+    assert plan.runs[1].env_config.workload.arrival == "phases"
+    assert plan.runs[1].env_config.workload.phases[0].qps == pytest.approx(1.4 * SCENARIO_QPS)
+    phases_plan = plan_collection(env_config=EnvConfig.from_kwargs(scenario="phases",
+                                                                   episode_requests=64),
                                   policies={"lor": 1}, total_steps=128, imbalance=True)
     mean_qps = (21.9 + 8.0) / 2  # time-weighted mean of the scenario's equal-length phases
-    assert phases_plan.runs[1].env_kwargs["workload"]["phases"][0]["qps"] == \
+    assert phases_plan.runs[1].env_config.workload.phases[0].qps == \
         pytest.approx(1.4 * mean_qps)
 
 
-def test_plan_validates_arguments_and_chooses_episode_requests():
+def test_plan_validates_arguments_and_keeps_the_configs_episode_length():
     with pytest.raises(ValueError, match="router='nope'"):
-        plan_collection(imbalance=False, env_kwargs=SMALL, policies={"nope": 1.0}, total_steps=64)
-    with pytest.raises(ValueError, match=r"policies\['lor'\]=0"):
-        plan_collection(imbalance=False, env_kwargs=SMALL, policies={"lor": 0}, total_steps=64)
-    with pytest.raises(ValueError, match="total_steps=0"):
-        plan_collection(imbalance=False, env_kwargs=SMALL, policies={"lor": 1.0}, total_steps=0)
-    with pytest.raises(ValueError, match="episode_requests=64: exceeds the 50 steps"):
-        plan_collection(imbalance=False, env_kwargs=SMALL, policies={"lor": 1, "random": 1}, total_steps=100)
-    with pytest.raises(ConfigError, match="num_replicas"):
-        plan_collection(imbalance=False, env_kwargs={**SMALL, "num_replicas": 0}, policies={"lor": 1},
+        plan_collection(imbalance=False, env_config=SMALL_CONFIG, policies={"nope": 1.0},
                         total_steps=64)
+    with pytest.raises(ValueError, match=r"policies\['lor'\]=0"):
+        plan_collection(imbalance=False, env_config=SMALL_CONFIG, policies={"lor": 0},
+                        total_steps=64)
+    with pytest.raises(ValueError, match="total_steps=0"):
+        plan_collection(imbalance=False, env_config=SMALL_CONFIG, policies={"lor": 1.0},
+                        total_steps=0)
+    with pytest.raises(ValueError, match="episode_requests=64: exceeds the 50 steps"):
+        plan_collection(imbalance=False, env_config=SMALL_CONFIG,
+                        policies={"lor": 1, "random": 1}, total_steps=100)
+    with pytest.raises(ValueError, match="env_config: expected an EnvConfig, got dict"):
+        plan_collection(imbalance=False, env_config=SMALL, policies={"lor": 1}, total_steps=64)
     with pytest.raises(ValueError, match="imbalance.fraction=0"):
         ImbalanceSpec(fraction=0)
-    # without episode_requests: min(scenario's 2000, the smallest run's steps)
-    plan = plan_collection(imbalance=False, env_kwargs={"scenario": "a100x4_conv_70"},
+    plan = plan_collection(imbalance=False, env_config=SMALL_CONFIG,
                            policies={"lor": 3, "random": 1}, total_steps=400)
-    assert plan.episode_requests == 100 and plan.env_kwargs["episode_requests"] == 100
-    with pytest.raises(ValueError, match="env_kwargs: must be JSON-able"):
-        plan_collection(imbalance=False, env_kwargs={**SMALL, "name": object()}, policies={"lor": 1},
-                        total_steps=64)
+    assert plan.episode_requests == 64 and plan.env_config is SMALL_CONFIG
+    assert [(r.policy, r.steps) for r in plan.runs] == [("lor", 300), ("random", 100)]
     with pytest.raises(ValueError, match="seed=-1"):
-        collect_demonstrations(imbalance=False, env_kwargs=SMALL, policies={"lor": 1}, total_steps=64, seed=-1)
+        collect_demonstrations(imbalance=False, env_config=SMALL_CONFIG, policies={"lor": 1},
+                               total_steps=64, seed=-1)
 
 
 # ------------------------------------------------------------------------------ storage
@@ -340,7 +348,7 @@ def test_replacement_without_atomic_exchange_and_refusals(tmp_path, monkeypatch,
     trajs, stats = mixed
     path = tmp_path / "demos"
     save_demonstrations(path, trajs, stats)
-    monkeypatch.setattr(demos, "_rename_exchange", lambda a, b: False)
+    monkeypatch.setattr(demo_store, "_rename_exchange", lambda a, b: False)
     small = {**stats, "total_episodes": 1, "total_steps": len(trajs[0].acts),
              "trajectory_policies": stats["trajectory_policies"][:1]}
     save_demonstrations(path, trajs[:1], small)
@@ -356,10 +364,10 @@ def test_replacement_without_atomic_exchange_and_refusals(tmp_path, monkeypatch,
             raise OSError("crash between renames")
         real_rename(src, dst)
 
-    monkeypatch.setattr(demos.os, "rename", flaky_rename)
+    monkeypatch.setattr(demo_store.os, "rename", flaky_rename)
     with pytest.raises(OSError, match="crash between renames"):
         save_demonstrations(path, trajs, stats)
-    monkeypatch.setattr(demos.os, "rename", real_rename)
+    monkeypatch.setattr(demo_store.os, "rename", real_rename)
     assert len(calls) == 3  # old aside, new in (fails), old back
     assert len(load_demonstrations(path)[0]) == 1
     assert sorted(os.listdir(tmp_path)) == ["demos"]
@@ -395,10 +403,10 @@ def test_load_errors_are_clear(tmp_path, mixed):
 def test_schema_mismatch_names_the_field(mixed):
     _, stats = mixed
     check_demonstrations_match_env(stats, _make_env(SMALL))  # same layout: no error
-    venv = demos.make_demo_venv(EnvConfig.from_kwargs(**SMALL), [np.random.SeedSequence(0)])
+    venv = demo_collect.make_demo_venv(SMALL_CONFIG, [np.random.SeedSequence(0)])
     check_demonstrations_match_env(stats, venv)  # an SB3 VecEnv works too
     with pytest.raises(DemonstrationMismatchError, match="num_replicas: 4 in the demo"):
-        check_demonstrations_match_env(stats, demos.make_demo_venv(
+        check_demonstrations_match_env(stats, demo_collect.make_demo_venv(
             EnvConfig.from_kwargs(**{**SMALL, "num_replicas": 2}),
             [np.random.SeedSequence(0)]))
     with pytest.raises(DemonstrationMismatchError) as err:
@@ -423,19 +431,23 @@ def _cli():
 
 
 @pytest.mark.parametrize(("argv", "expected"), [
-    (["--policy", "fastest"], "--policy='fastest': unknown router"),
-    (["--policies", "lor:0.6,magic:0.4"], "unknown router 'magic'"),
-    (["--policies", "lor:0.6,random:0"], "weight of 'random' must be a number > 0, got '0'"),
-    (["--policies", "lor:-1"], "weight of 'lor' must be a number > 0, got '-1'"),
+    (["--policy", "fastest"], "warm_start.demo_policies='fastest': unknown router"),
+    (["--policies", "lor:0.6,magic:0.4"], "warm_start.demo_policies='magic': unknown router"),
+    (["--policies", "lor:0.6,random:0"], "warm_start.demo_policies.random=0.0: weight must be > 0"),
+    (["--policies", "lor:-1"], "warm_start.demo_policies.lor=-1.0: weight must be > 0"),
+    (["--policies", "lor:x"], "weight of 'lor' must be a number, got 'x'"),
     (["--policies", "lor"], "entry 'lor' must be NAME:WEIGHT"),
     (["--policies", "lor:1,lor:2"], "router 'lor' given twice"),
-    (["--steps", "0"], "--steps=0: must be >= 1"),
-    (["--scenario", "moon"], "--scenario='moon': unknown scenario"),
-    (["--qps", "0"], "--qps=0.0: must be a rate > 0"),
+    (["--steps", "0"], "warm_start.demo_steps=0: must be >= 1"),
+    (["--episode-requests", "4"], "warm_start.demo_episode_requests=4: must be >= 8"),
+    (["--scenario", "moon"], "env_kwargs.scenario='moon': unknown scenario"),
+    (["--qps", "0"], "env_kwargs.workload.qps=0.0: must be a finite rate > 0"),
+    (["--seed", "-1"], "seed=-1: must be in"),
     (["--num-envs", "0"], "--num-envs=0: must be >= 1"),
-    (["--steps", "100", "--episode-requests", "200"], "--episode-requests: episode_requests=200"),
-    (["--scenario", "heterogeneous", "--replicas", "3"], "--replicas: num_replicas=3"),
-    (["--imbalance", "--imbalance-low", "2"], "--imbalance-high: imbalance.high_factor=1.4"),
+    (["--steps", "100", "--episode-requests", "200"], "episode_requests=200: exceeds the 100"),
+    (["--scenario", "heterogeneous", "--replicas", "3"], "env_kwargs.num_replicas=3: conflicts"),
+    (["--imbalance", "--imbalance-low", "2"], "imbalance.high_factor=1.4: must exceed low_factor"),
+    (["--imbalance", "--imbalance-fraction", "0"], "imbalance.fraction=0.0: must be in (0, 1]"),
     (["--policy", "lor", "--policies", "lor:1"], "not allowed with argument"),
 ])
 def test_cli_rejects_bad_values_before_any_work(argv, expected, tmp_path, capsys, monkeypatch):
@@ -451,7 +463,7 @@ def test_cli_rejects_bad_values_before_any_work(argv, expected, tmp_path, capsys
 def test_cli_refuses_to_overwrite_a_foreign_directory(tmp_path, capsys):
     (tmp_path / "notes.txt").write_text("x")
     with pytest.raises(SystemExit):
-        _cli().main(["--output", str(tmp_path), "--steps", "64"])
+        _cli().main(["--output", str(tmp_path), "--steps", "64", "--episode-requests", "64"])
     assert f"--output='{tmp_path}'" in capsys.readouterr().err
 
 
@@ -464,12 +476,38 @@ def test_cli_collects_prints_a_summary_and_writes_the_output(tmp_path, capsys):
     assert "round_robin" in printed and "balance" in printed and "E2E mean s" in printed
     assert "0.250 0.250 0.250 0.250" in printed  # round robin's action distribution
     trajs, loaded = load_demonstrations(out)
-    assert loaded["command"][1:] == argv and loaded["cli_args"]["policies"] == {
-        "lor": 0.75, "round_robin": 0.25}
+    assert loaded["command"][1:] == argv
+    assert loaded["cli_args"]["warm_start"]["demo_policies"] == {"lor": 0.75, "round_robin": 0.25}
+    assert EnvConfig.from_kwargs(**loaded["env_kwargs"]) == SMALL_CONFIG
     assert [loaded["policies"][p]["steps"] for p in ("lor", "round_robin")] == [192, 64]
     assert loaded["total_steps"] == stats["total_steps"] == 256
-    direct, _ = collect_demonstrations(imbalance=False, env_kwargs={"scenario": "a100x4_conv_70",
-                                                   "episode_requests": 64},
+    direct, _ = collect_demonstrations(imbalance=False, env_config=SMALL_CONFIG,
                                        policies={"lor": 0.75, "round_robin": 0.25},
                                        total_steps=256, seed=5)
     assert _same_trajectories(trajs, direct)
+
+
+# ------------------------------------------------------------------------- family demos
+def test_family_demonstrations_round_trip_through_the_store(tmp_path):
+    """A family set routes to any of its ``replica_slots`` (the family layout's ``num_replicas``
+    is a placeholder of 1): it loads back whole instead of being refused as out of range."""
+    from llm_cluster_env.env.family import load_family
+    from sb3_warmstart.warmstart.family_demos import collect_best_heuristic_demonstrations
+
+    family = load_family("generalist", {"replicas": [2, 4], "replica_slots": 5,
+                                        "episode_requests": 16, "capacity_requests": 100})
+    trajs, stats = collect_best_heuristic_demonstrations(
+        family=family, total_steps=48, seed=0, candidates=("lor", "round_robin"))
+    assert stats["schema"]["num_replicas"] == 1 and stats["schema"]["replica_slots"] == 5
+    assert max(int(t.acts.max()) for t in trajs) >= 1  # the case the old check refused
+    path = save_demonstrations(tmp_path / "family", trajs, stats)
+    loaded, loaded_stats = load_demonstrations(path)
+    assert _same_trajectories(trajs, loaded)
+    assert loaded_stats["trajectory_policies"] == stats["trajectory_policies"]
+    # an action past the slots is still refused, naming the bound
+    bad = [trajs[0].__class__(obs=trajs[0].obs, acts=np.full_like(trajs[0].acts, 5),
+                              infos=trajs[0].infos, terminal=True, rews=trajs[0].rews),
+           *trajs[1:]]
+    save_demonstrations(tmp_path / "bad", bad, stats)
+    with pytest.raises(ValueError, match=r"actions outside \[0, 5\)"):
+        load_demonstrations(tmp_path / "bad")

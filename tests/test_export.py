@@ -1,12 +1,19 @@
 """Exporting a router: the ONNX runtime decides as the in-simulator policy on every request,
-bad input is refused by name, and the SB3 artefacts load without this project."""
+bad input (stats, sources, a missing extra) is refused in one line naming it, and the run's
+models load with stock SB3 where only this project's base install, torch and SB3 are
+importable."""
 
 from __future__ import annotations
 
 import json
+import os
+import pickle
 import subprocess
 import sys
+import sysconfig
 import textwrap
+import types
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -21,19 +28,18 @@ from conftest import load_script  # noqa: E402
 from stable_baselines3.common.running_mean_std import RunningMeanStd  # noqa: E402
 from torch import nn  # noqa: E402
 
-from llm_cluster_env.env.cluster_env import LLMClusterEnv  # noqa: E402
 from llm_cluster_env.deploy.router_runtime import ExportedRouter, RouterInputError  # noqa: E402
-from sb3_warmstart.export.onnx_export import (  # noqa: E402
+from llm_cluster_env.env.cluster_env import LLMClusterEnv  # noqa: E402
+from sb3_warmstart.common.normalize import ObsNormalizer  # noqa: E402
+from sb3_warmstart.export import (  # noqa: E402
     ExportError,
     export_policy,
     export_router,
     sample_observations,
-    write_sb3_loader,
 )
-from sb3_warmstart.common.normalize import ObsNormalizer  # noqa: E402
 from sb3_warmstart.policies.recurrent import TemperatureMlpPolicy  # noqa: E402
-from sb3_warmstart.policies.router import PolicyRouter  # noqa: E402
 from sb3_warmstart.policies.replica_set import RecurrentReplicaSetPolicy, ReplicaSetPolicy  # noqa: E402
+from sb3_warmstart.policies.router import PolicyRouter  # noqa: E402
 
 export_cli = load_script("export")
 
@@ -162,9 +168,11 @@ def test_exported_recurrent_set_policy_carries_its_lstm_state(tmp_path):
                                              seeds=[601, 602])
     assert_same_decisions(total, disagreements, 300)
     # the state matters: the same stats after a different history give other probabilities
-    stats = np.random.default_rng(0).uniform(0.1, 3.0, (6, 11)).astype(np.float32)
-    request = {"req/prompt_tokens_k": 1.0, "global/arrival_rate": 20.0}
     columns = runtime.replica_features
+    stats = np.random.default_rng(0).uniform(0.1, 3.0, (6, 11)).astype(np.float32)
+    fractions = [i for i, f in enumerate(schema["replica_features"]) if f["unit"] == "fraction"]
+    stats[:, fractions] /= 3.0  # kv_usage, dispatch_share: in [0, 1]
+    request = {"req/prompt_tokens_k": 1.0, "global/arrival_rate": 20.0}
     runtime.reset()
     first = runtime.decide(stats, request, columns=columns).probabilities
     second = runtime.decide(stats, request, columns=columns).probabilities
@@ -307,10 +315,176 @@ def test_export_of_a_run_without_a_final_model_fails_naming_it(tmp_path, capsys)
     assert not (tmp_path / "out").exists()
 
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_model_zip(tmp_path_factory) -> Path:
+    """A tiny ``KLPPO`` replica-set model saved as SB3 saves it."""
+    model_zip, _, _ = saved_model(tmp_path_factory.mktemp("model"), "replica_set", conv(4))
+    return model_zip
+
+
+def fake_run(folder: Path, model_zip: Path) -> Path:
+    """A run folder as ``train/warmstart.py`` leaves it, as far as the export reads it:
+    ``final_model.zip``, ``config.yaml`` (the resolved config keyed by env id) and
+    ``final_vecnormalize.pkl`` (an object with ``obs_rms``)."""
+    run = folder / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "final_model.zip").write_bytes(model_zip.read_bytes())
+    config = {"LLMCluster-v0": {"default": {"ppo": {"algorithm": "ppo"}, "env_kwargs": conv(4)}}}
+    (run / "config.yaml").write_text(json.dumps(config))  # JSON is YAML
+    (run / "final_vecnormalize.pkl").write_bytes(pickle.dumps(
+        types.SimpleNamespace(obs_rms=None)))
+    return run
+
+
+def test_a_run_s_own_final_model_zip_exports_as_its_run_folder(tiny_model_zip, tmp_path,
+                                                                capsys):
+    run = fake_run(tmp_path, tiny_model_zip)
+    out = tmp_path / "out"
+    assert export_cli.main([str(run / "final_model.zip"), "--out", str(out),
+                            "--sample-requests", "16"]) == 0
+    assert "greedy agreement 100%" in capsys.readouterr().out
+    schema = json.loads((out / "schema.json").read_text())
+    assert schema["provenance"]["source"] == str(run.resolve())
+    assert schema["provenance"]["label"] == "run"
+    assert str(run / "final_model.zip") in (out / "sb3" / "README.md").read_text()
+
+
+def _not_a_model(run: Path) -> tuple[Path, str]:
+    path = run.parent / "notes.zip"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("notes.txt", "not a model")
+    return path, (f"{path}: not a Stable-Baselines3 model zip (truncated, or another kind of "
+                  "zip): no 'data' member among ['notes.txt']")
+
+
+def _not_a_policy(run: Path) -> tuple[Path, str]:
+    path = run.parent / "sb3_like.zip"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("data", "{}")
+    return path, (f"{path}: cannot load this policy zip (expected a policy zip of "
+                  "train/pretrain.py, a run's final_model.zip or a checkpoint's model.zip)")
+
+
+def _not_a_zip(run: Path) -> tuple[Path, str]:
+    path = run.parent / "model.zip"
+    path.write_text("hello")
+    return path, f"{path}: not a readable zip archive (truncated or corrupt): BadZipFile"
+
+
+def _truncated_model(run: Path) -> tuple[Path, str]:
+    model = run / "final_model.zip"
+    model.write_bytes(model.read_bytes()[: model.stat().st_size // 2])
+    return run, f"{model}: not a Stable-Baselines3 model zip (truncated"
+
+
+def _truncated_model_given_as_zip(run: Path) -> tuple[Path, str]:
+    path, message = _truncated_model(run)
+    return path / "final_model.zip", message
+
+
+def _corrupt_vecnormalize(run: Path) -> tuple[Path, str]:
+    (run / "final_vecnormalize.pkl").write_bytes(b"\x80\x04garbage")
+    return run, f"{run}: cannot load this run folder: UnpicklingError"
+
+
+def _corrupt_checkpoint(run: Path) -> tuple[Path, str]:
+    from sb3_warmstart.common.checkpoint import FORMAT_VERSION
+
+    checkpoint = run / "checkpoints" / "step_64"
+    checkpoint.mkdir()
+    model = (run / "final_model.zip").read_bytes()
+    (checkpoint / "model.zip").write_bytes(model[:-10])  # truncated after the manifest
+    (checkpoint / "state.pkl").write_bytes(pickle.dumps({}))
+    (checkpoint / "manifest.json").write_text(json.dumps({
+        "format": FORMAT_VERSION,
+        "files": {"model.zip": {"bytes": len(model), "sha256": "0" * 64},
+                  "state.pkl": {"bytes": len(pickle.dumps({})), "sha256": "0" * 64}}}))
+    return checkpoint / "model.zip", (f"{checkpoint}: cannot load this checkpoint: "
+                                      "CorruptCheckpoint: ")
+
+
+@pytest.mark.parametrize("make_bad", [_not_a_model, _not_a_policy, _not_a_zip,
+                                      _truncated_model,
+                                      _truncated_model_given_as_zip, _corrupt_vecnormalize,
+                                      _corrupt_checkpoint])
+def test_an_unreadable_source_ends_in_one_line_naming_the_file_and_status_2(
+        make_bad, tiny_model_zip, tmp_path, capsys):
+    source, message = make_bad(fake_run(tmp_path, tiny_model_zip))
+    out = tmp_path / "out"
+    assert export_cli.main([str(source), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith(f"train/export.py: error: {message}"), err[0]
+    assert not out.exists()
+
+
+@pytest.mark.slow
+def test_export_without_the_deploy_extra_ends_in_one_line_naming_it(tiny_model_zip,
+                                                                    tmp_path):
+    """onnxscript missing (simulated in a fresh interpreter) is named with the install
+    command before anything is loaded or written."""
+    run = fake_run(tmp_path, tiny_model_zip)
+    out = tmp_path / "out"
+    script = tmp_path / "no_onnxscript.py"
+    script.write_text(textwrap.dedent(f"""
+        import runpy, sys
+        sys.modules["onnxscript"] = None  # `import onnxscript` raises ModuleNotFoundError
+        sys.argv = ["train/export.py", {str(run)!r}, "--out", {str(out)!r},
+                    "--sample-requests", "8"]
+        runpy.run_path({str(REPO_ROOT / "train" / "export.py")!r}, run_name="__main__")
+    """))
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          timeout=300, cwd=tmp_path)
+    assert done.returncode == 2, done.stderr[-3000:]
+    err = done.stderr.strip().splitlines()
+    assert err == ["train/export.py: error: the ONNX export needs the deploy extra "
+                   "(onnxscript not installed): pip install -e '.[deploy]'"]
+    assert not out.exists()
+
+
+def test_the_export_package_imports_nothing_from_the_simulator():
+    """Architecture rule: sb3_warmstart reads the simulator only through the environment."""
+    import ast
+
+    imported = {}
+    for path in sorted((REPO_ROOT / "sb3_warmstart" / "export").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                imported.update({a.name: path.name for a in node.names})
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                imported[node.module] = path.name
+    assert "llm_cluster_env.env.cluster_env" in imported  # the walk sees the lazy imports
+    assert {m: f for m, f in imported.items() if m.startswith("llm_cluster_env.sim")} == {}
+
+
+@pytest.mark.parametrize("scenario", ["a100x4_conv_70", "a100x4_vllm_v0", "heterogeneous"])
+def test_reference_hardware_rows_of_the_training_cluster_equal_its_observed_features(scenario):
+    from sb3_warmstart.export import reference_hardware
+
+    env = LLMClusterEnv(scenario=scenario, episode_requests=4)
+    obs, _ = env.reset(seed=0)
+    layout = env.layout
+    block = obs[: layout.replica_block].reshape(layout.num_slots, -1)[: env.num_replicas]
+    rows = reference_hardware({"scenario": scenario})
+    trained = {(r["gpu"], r["tensor_parallel"]): r for r in rows if r["in_training_cluster"]}
+    configs = env.config.replica_configs
+    assert set(trained) == {(c.gpu, c.tensor_parallel) for c in configs}
+    for config, features in zip(configs, block):
+        row = trained[(config.gpu, config.tensor_parallel)]
+        assert row["speed_k"] == pytest.approx(features[layout.column["speed_k"]], rel=1e-6)
+        assert row["kv_capacity_k"] == pytest.approx(features[layout.column["kv_capacity_k"]],
+                                                     rel=1e-6)
+    assert all(r["prefill_tokens_per_s"] > 1000 for r in rows)
+    assert len({(r["gpu"], r["model"], r["tensor_parallel"]) for r in rows}) == len(rows)
+
+
 def test_a_failed_export_leaves_the_earlier_one_untouched(set_export, tmp_path, monkeypatch):
     policy, out, _ = set_export
     earlier = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
-    import sb3_warmstart.export.onnx_export as export
+    import sb3_warmstart.export.router_export as export
 
     monkeypatch.setattr(export, "write_onnx", lambda *a, **k: (_ for _ in ()).throw(
         ExportError("disk full")))
@@ -323,26 +497,26 @@ def test_a_failed_export_leaves_the_earlier_one_untouched(set_export, tmp_path, 
 
 
 # --------------------------------------------------------------------------- stock SB3 loading
-_BLOCKED_LOAD = textwrap.dedent('''
-    import json, sys
+#: Distributions the extras add beyond torch, SB3 and sb3-contrib (``train``: imitation,
+#: PyYAML, TensorBoard, tqdm; ``deploy``: onnx, onnxscript, onnxruntime; ``ray``), as name
+#: prefixes of their folders in site-packages. Loading a model must need none of them.
+EXTRA_PREFIXES = ("imitation", "yaml", "_yaml", "pyyaml", "tensorboard", "tqdm", "onnx", "ray")
+EXTRA_MODULES = ("imitation", "yaml", "tensorboard", "tqdm", "onnx", "onnxscript",
+                 "onnxruntime", "ray")
+
+_STOCK_LOAD = textwrap.dedent('''
+    import importlib.util, json, sys
     import numpy as np
 
-    class RefuseProject:
-        """No module of the project may be imported here."""
-        def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] in ("sb3_warmstart", "llm_cluster_env"):
-                raise ImportError(f"{name} is not importable in this process")
-            return None
-
-    sys.meta_path.insert(0, RefuseProject())
-    sys.path.insert(0, sys.argv[1])
-    from router_policies import custom_objects
+    EXTRAS = sys.argv[2].split(",")
+    present = [m for m in EXTRAS if importlib.util.find_spec(m) is not None]
+    assert not present, f"extras importable: {present}"
     from stable_baselines3 import PPO
     from sb3_contrib import RecurrentPPO
 
     def actions_of(model_zip, algorithm, obs_file):
         cls = {"ppo": PPO, "recurrent_ppo": RecurrentPPO}[algorithm]
-        model = cls.load(model_zip, custom_objects=custom_objects(model_zip), device="cpu")
+        model = cls.load(model_zip, device="cpu")  # stock SB3, no custom_objects
         obs = np.load(obs_file)
         if algorithm == "recurrent_ppo":
             actions, state = [], None
@@ -353,32 +527,50 @@ _BLOCKED_LOAD = textwrap.dedent('''
                 actions.append(int(action[0]))
         else:
             actions = [int(a) for a in model.predict(obs, deterministic=True)[0]]
-        return {"policy": type(model.policy).__module__ + "." + type(model.policy).__name__,
+        return {"algorithm": type(model).__module__ + "." + type(model).__name__,
+                "policy": type(model.policy).__module__ + "." + type(model.policy).__name__,
                 "actions": actions}
 
-    results = [actions_of(*job) for job in json.loads(sys.argv[2])]
+    results = [actions_of(*job) for job in json.loads(sys.argv[1])]
     print(json.dumps({"results": results,
-                      "project_loaded": [m for m in sys.modules
-                                         if m.split(".")[0] in ("sb3_warmstart",
-                                                                "llm_cluster_env")]}))
+                      "export_loaded": [m for m in sys.modules
+                                        if m.startswith("sb3_warmstart.export")]}))
 ''')
 
 
-def load_without_project(tmp_path: Path, loader_dir: Path,
-                         jobs: list[tuple[Path, str, np.ndarray]]) -> list[dict]:
-    """Load each ``(model_zip, algorithm, obs)`` with stock SB3 in one subprocess where the
-    project cannot be imported, and return each one's policy class and greedy actions."""
+def site_packages_without_extras(folder: Path) -> Path:
+    """``folder`` holding links to every entry of this interpreter's site-packages except the
+    extras' (:data:`EXTRA_PREFIXES`): on ``sys.path`` of ``python -S`` it is an install of
+    torch, SB3 and sb3-contrib (and their own dependencies) without them."""
+    site = Path(sysconfig.get_paths()["purelib"])
+    folder.mkdir()
+    for entry in site.iterdir():
+        if not entry.name.lower().startswith(EXTRA_PREFIXES) and entry.suffix != ".pth":
+            (folder / entry.name).symlink_to(entry)
+    return folder
+
+
+def load_with_stock_sb3(tmp_path: Path, jobs: list[tuple[Path, str, np.ndarray]]
+                        ) -> list[dict]:
+    """Load each ``(model_zip, algorithm, obs)`` with stock ``PPO``/``RecurrentPPO`` in one
+    subprocess that sees this project's sources and site-packages without the extras (none of
+    :data:`EXTRA_MODULES` can be found there), and return each one's algorithm and policy
+    class and greedy actions."""
     script = tmp_path / "load.py"
-    script.write_text(_BLOCKED_LOAD)
+    script.write_text(_STOCK_LOAD)
     spec = []
     for k, (model_zip, algorithm, obs) in enumerate(jobs):
         np.save(tmp_path / f"obs{k}.npy", obs)
         spec.append([str(model_zip), algorithm, str(tmp_path / f"obs{k}.npy")])
-    done = subprocess.run([sys.executable, str(script), str(loader_dir), json.dumps(spec)],
-                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    site = site_packages_without_extras(tmp_path / "site-packages")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), str(site)]),
+           "PYTHONNOUSERSITE": "1"}
+    done = subprocess.run([sys.executable, "-S", str(script), json.dumps(spec),
+                           ",".join(EXTRA_MODULES)],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     out = json.loads(done.stdout.strip().splitlines()[-1])
-    assert out["project_loaded"] == []
+    assert out["export_loaded"] == []
     return out["results"]
 
 
@@ -398,8 +590,8 @@ def saved_model(tmp_path: Path, kind: str, env_kwargs: dict) -> tuple[Path, str,
     to compare actions on: ``(model_zip, algorithm, obs)``."""
     from stable_baselines3.common.env_util import make_vec_env
 
-    from sb3_warmstart.pipeline.config import KLConfig
     from sb3_warmstart.algorithms.ppo import KLPPO, KLRecurrentPPO
+    from sb3_warmstart.pipeline.config import KLConfig
 
     obs, layout = sample_observations(env_kwargs, requests=40, seed=2)
     venv = make_vec_env(LLMClusterEnv, n_envs=1, env_kwargs=dict(env_kwargs,
@@ -427,19 +619,18 @@ def saved_model(tmp_path: Path, kind: str, env_kwargs: dict) -> tuple[Path, str,
 
 
 @pytest.mark.slow
-def test_saved_models_load_with_stock_sb3_where_the_project_is_not_importable(tmp_path):
+def test_saved_models_load_with_stock_sb3_without_any_extra(tmp_path):
     from sb3_warmstart.algorithms.ppo import KLPPO, KLRecurrentPPO
 
     kinds = ["replica_set", "recurrent_replica_set", "mlp"]
     jobs = [saved_model(tmp_path, kind, conv(4)) for kind in kinds]
-    loader = tmp_path / "sb3"
-    write_sb3_loader(loader)
-    theirs = load_without_project(tmp_path, loader, jobs)
+    theirs = load_with_stock_sb3(tmp_path, jobs)
     for kind, (model_zip, algorithm, obs), loaded in zip(kinds, jobs, theirs):
         algo = KLRecurrentPPO if algorithm == "recurrent_ppo" else KLPPO
         ours = project_actions(algo.load(model_zip, device="cpu"), obs)
-        assert loaded["policy"].startswith("router_policies." if kind != "mlp"
-                                           else "stable_baselines3."), kind
+        assert loaded["algorithm"] in ("stable_baselines3.ppo.ppo.PPO",
+                                       "sb3_contrib.ppo_recurrent.ppo_recurrent.RecurrentPPO")
+        assert loaded["policy"].startswith("sb3_warmstart.policies."), kind
         assert loaded["actions"] == ours, kind
         assert len(set(ours)) > 1, kind  # the comparison is not trivially constant
 
@@ -447,7 +638,7 @@ def test_saved_models_load_with_stock_sb3_where_the_project_is_not_importable(tm
 def test_the_graph_on_present_replicas_equals_the_policy_on_a_padded_observation():
     """The runtime passes one row per replica present; training pads to a fixed slot count.
     Both paths share the encoder and agree (the padded slots get probability 0)."""
-    from sb3_warmstart.export.onnx_export import SetPolicyGraph
+    from sb3_warmstart.export import SetPolicyGraph
 
     env_kwargs = conv(6, observation={"replica_slots": 9})
     policy = set_policy(ReplicaSetPolicy, env_kwargs)
@@ -507,8 +698,16 @@ def test_a_trained_run_exports_routes_as_in_the_simulator_and_loads_with_stock_s
     obs, _ = sample_observations(conv(6, observation={"replica_slots": 6}), requests=40,
                                  seed=5)
     zips = (run / "final_model.zip", checkpoint / "model.zip")
-    theirs = load_without_project(tmp_path, out / "sb3", [(z, "ppo", obs) for z in zips])
+    theirs = load_with_stock_sb3(tmp_path, [(z, "ppo", obs) for z in zips])
     for model_zip, loaded in zip(zips, theirs):
         assert loaded["actions"] == project_actions(KLPPO.load(model_zip, device="cpu"), obs)
     readme = (out / "sb3" / "README.md").read_text()
-    assert str(run / "final_model.zip") in readme and "custom_objects(path)" in readme
+    assert str(run / "final_model.zip") in readme and 'PPO.load("final_model.zip"' in readme
+    assert not (out / "sb3" / "router_policies").exists()
+
+    # the run's own final_model.zip stands for the run folder
+    again = tmp_path / "export-from-zip"
+    assert export_cli.main([str(run / "final_model.zip"), "--out", str(again),
+                            "--sample-requests", "16"]) == 0
+    schema = json.loads((again / "schema.json").read_text())
+    assert schema["provenance"]["source"] == str(run.resolve())

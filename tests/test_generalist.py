@@ -57,6 +57,12 @@ def test_family_run_reports_every_held_out_scenario(family_run):
     assert set(stats["trajectory_policies"]) <= set(stats["candidates"])
 
 
+def test_family_run_writes_every_report_plot(family_run):
+    for plot in ("learning_curve.png", "dispatch_distribution.png", "latency_cdf.png"):
+        assert (family_run / "report" / plot).stat().st_size > 0, plot
+        assert f"![{plot}]({plot})" in (family_run / "report" / "report.md").read_text()
+
+
 def test_the_trained_policy_routes_clusters_it_never_saw(family_run):
     from sb3_warmstart.policies.router import load_policy_router
 
@@ -100,7 +106,7 @@ def test_bc_of_lor_into_the_replica_set_policy_reaches_95_percent(replicas):
     """The replica-set policy clones lor to >= 95% validation accuracy counting ties at 4 and
     at 16 replicas (the LSTM over the flat observation reached 55% at 16)."""
     from sb3_warmstart.warmstart.cloning import clone_demonstrations
-    from sb3_warmstart.warmstart.demos import collect_demonstrations
+    from sb3_warmstart.warmstart.demo_collect import collect_demonstrations
 
     env = LLMClusterEnv(scenario="a100x4_conv_70", num_replicas=replicas,
                         workload={"qps": 3.4 * replicas}, episode_requests=256)

@@ -451,7 +451,7 @@ def test_kl_decay_by_minibatch_step_and_resume(tmp_path):
     # SB3 save/load round trip carries the same state
     model.save(tmp_path / "model.zip")
     loaded = KLRecurrentPPO.load(tmp_path / "model.zip", env=make_env())
-    assert loaded.num_minibatch_steps == 8 and loaded.kl_ref_coef_initial == 1.0
+    assert loaded.num_minibatch_steps == 8 and loaded.kl.kl_ref_coef_initial == 1.0
     assert_same_params(params(model), params(loaded))
     for key, value in model.get_training_state().items():
         other = loaded.get_training_state()[key]
@@ -598,7 +598,7 @@ def test_lr_scheduler_drives_the_optimizer_per_step():
     expected = [1e-3 * (1e-3 + (1 - 1e-3) * t / 4) for t in range(4)] + [
         1e-4 + 9e-4 * (1 + math.cos(math.pi * ((t - 4) % 6) / 6)) / 2 for t in range(4, 16)]
     assert used == pytest.approx(expected, rel=1e-9)
-    assert logged(model)["train/lr"] == pytest.approx(expected[-1])
+    assert logged(model)["train/learning_rate"] == pytest.approx(expected[-1])
     # resume: the next LRs continue exactly
     state = model.get_training_state()
     fresh = feedforward(learning_rate=1e-3, lr_schedule_config=cfg)
@@ -660,3 +660,130 @@ def test_constructor_errors_name_the_field():
         model.set_reference_policy(recurrent().policy)
     with pytest.raises(ValueError, match="RecurrentActorCriticPolicy"):
         recurrent().set_reference_policy(model.policy)
+
+
+# ---------------------------------------------------------------------------- flat keywords
+FLAT = dict(kl_ref_coef_initial=0.4, kl_ref_coef_final=0.1, kl_ref_decay_steps=6, kl_coef=0.3,
+            entropy_warmup_coef=0.05, warmup_steps=3, entropy_min=0.9, entropy_floor_coef=0.2)
+
+
+def _flat(policy=TemperatureMlpPolicy, algo=KLPPO, **kw):
+    """The algorithm built with KL settings as flat keywords (not through ``config_kwargs``)."""
+    args = dict(n_steps=N_STEPS, batch_size=16, n_epochs=2, seed=0,
+                policy_kwargs=LSTM_KW if algo is KLRecurrentPPO else MLP_KW)
+    return algo(policy, make_env(), **{**args, **kw})
+
+
+def test_kl_keywords_are_the_config_fields():
+    from sb3_warmstart.algorithms.ppo import KL_KEYWORDS
+
+    assert set(KL_KEYWORDS) == KL_FIELDS and set(FLAT) < KL_FIELDS
+
+
+@pytest.mark.parametrize("algo, policy", [(KLPPO, TemperatureMlpPolicy),
+                                          (KLRecurrentPPO, TemperatureMlpLstmPolicy)])
+def test_flat_kl_keywords_train_exactly_like_the_config(algo, policy):
+    """``KLPPO(..., kl_coef=...)`` is ``KLPPO(..., kl=replace(KLConfig.disabled(), ...))``."""
+    reference = _flat(policy, algo).policy
+    trained = []
+    for kw in (FLAT, {"kl": dataclasses.replace(KLConfig.disabled(), **FLAT)}):
+        model = _flat(policy, algo, **kw)  # seeds the global generators: build, then learn
+        model.set_reference_policy(reference)
+        trained.append(model.learn(2 * ROLLOUT))
+    flat, typed = trained
+    assert flat.kl == typed.kl and flat.kl.kl_coef == 0.3 and flat.kl.target_kl_early_stop
+    assert_same_params(params(flat), params(typed))
+    assert logged(flat)["train/kl_ref_coef"] == logged(typed)["train/kl_ref_coef"] > 0
+
+
+def test_flat_kl_keywords_survive_save_and_load(tmp_path):
+    model = _flat(**FLAT)
+    model.save(tmp_path / "model.zip")
+    assert KLPPO.load(tmp_path / "model.zip").kl == model.kl
+
+
+def test_flat_kl_keywords_and_a_config_are_refused_together():
+    with pytest.raises(TypeError, match="kl=KLConfig.*kl_coef, warmup_steps: give the KL "
+                                        "settings one way"):
+        _flat(kl=KLConfig(), kl_coef=0.1, warmup_steps=2)
+
+
+@pytest.mark.parametrize("name, value", [("kl_coef", -0.5), ("warmup_steps", 1.5),
+                                         ("kl_ref_coef_final", float("nan"))])
+def test_bad_flat_kl_keyword_names_the_field_and_value(name, value):
+    with pytest.raises(ValueError, match=f"{name}={value!r}"):
+        _flat(**{name: value})
+
+
+# ---------------------------------------------------------------------------- init_policy
+def _cloned_policy_file(tmp_path, normalized: bool, net_arch=(8,)):
+    """A policy file as the BC stage writes it: a perturbed policy, the env's schema and, when
+    ``normalized``, observation statistics."""
+    from stable_baselines3.common.running_mean_std import RunningMeanStd
+
+    from sb3_warmstart.policies.policy_file import save_pretrained
+
+    env = make_env()
+    source = KLPPO(TemperatureMlpPolicy, env, n_steps=N_STEPS, seed=1,
+                   policy_kwargs={"net_arch": list(net_arch)})
+    with th.no_grad():
+        for p in source.policy.parameters():
+            p.add_(0.5)
+    obs_rms = None
+    if normalized:
+        obs_rms = RunningMeanStd(shape=env.observation_space.shape)
+        obs_rms.mean[:] = np.arange(env.observation_space.shape[0], dtype=np.float64)
+        obs_rms.var[:] = 4.0
+        obs_rms.count = 100.0
+    schema = env.envs[0].unwrapped.layout.schema()
+    path = save_pretrained(tmp_path / "bc.zip", source.policy, {"bc_metrics": {}}, obs_rms,
+                           observation_schema=schema)
+    return path, params(source), obs_rms
+
+
+def _normalized_env():
+    from stable_baselines3.common.vec_env import VecNormalize
+
+    return VecNormalize(make_env(), gamma=0.99)
+
+
+def test_init_policy_loads_weights_statistics_and_reference(tmp_path):
+    path, weights, obs_rms = _cloned_policy_file(tmp_path, normalized=True)
+    venv = _normalized_env()
+    model = KLPPO(TemperatureMlpPolicy, venv, n_steps=N_STEPS, batch_size=16, n_epochs=1,
+                  seed=0, policy_kwargs=MLP_KW, init_policy=str(path), kl_ref_coef_initial=0.5,
+                  kl_ref_coef_final=0.5)
+    assert_same_params(params(model), weights)
+    assert_same_params({k: v for k, v in model.reference_policy.state_dict().items()}, weights)
+    np.testing.assert_array_equal(venv.obs_rms.mean, obs_rms.mean)
+    np.testing.assert_array_equal(venv.obs_rms.var, obs_rms.var)
+    model.learn(ROLLOUT)
+    assert logged(model)["train/kl_ref"] > 0.0  # the learner moved away from the reference
+    assert not th.equal(params(model)["action_net.weight"], weights["action_net.weight"])
+
+
+def test_init_policy_without_reference_kl_sets_no_reference(tmp_path):
+    path, weights, _ = _cloned_policy_file(tmp_path, normalized=False)
+    model = _flat(init_policy=path, kl_coef=0.1)
+    assert_same_params(params(model), weights)
+    assert model.reference_policy is None
+
+
+def test_init_policy_mismatches_name_the_file(tmp_path):
+    from sb3_warmstart.policies.policy_file import PretrainedMismatchError
+
+    normalized, _, _ = _cloned_policy_file(tmp_path / "a", normalized=True)
+    with pytest.raises(ValueError, match=r"init_policy=.*bc.zip.*cloned on normalised "
+                                         r"observations but the env does not normalise"):
+        _flat(init_policy=normalized)
+    raw, _, _ = _cloned_policy_file(tmp_path / "b", normalized=False)
+    with pytest.raises(ValueError, match="cloned on raw observations but the env normalises"):
+        KLPPO(TemperatureMlpPolicy, _normalized_env(), policy_kwargs=MLP_KW, init_policy=raw)
+    with pytest.raises(ValueError, match=r"init_policy=.*bc.zip.*architecture differs"):
+        _flat(init_policy=raw, policy_kwargs={"net_arch": [16]})
+    with pytest.raises(ValueError, match="holds a TemperatureMlpPolicy, this model's policy is "
+                                         "ActorCriticPolicy"):
+        _flat("MlpPolicy", init_policy=raw)
+    other = DummyVecEnv([partial(gym.make, "LLMCluster-v0", num_replicas=3)])
+    with pytest.raises(PretrainedMismatchError, match="action count"):
+        KLPPO(TemperatureMlpPolicy, other, policy_kwargs=MLP_KW, init_policy=raw)

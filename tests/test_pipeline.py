@@ -85,18 +85,33 @@ def test_smoke_run_writes_everything(finished_run):
     assert load_config(out / "config.yaml").ppo.n_envs == 2
 
 
+def outside_report(run_dir: Path) -> dict[str, tuple[bytes, int]]:
+    """Bytes and modification time of every file of a run folder outside ``report/`` (the
+    lock files, which only the locking touches, left out)."""
+    return {str(p.relative_to(run_dir)): (p.read_bytes(), p.stat().st_mtime_ns)
+            for p in sorted(run_dir.rglob("*")) if p.is_file()
+            and p.relative_to(run_dir).parts[0] != "report" and not p.name.startswith(".lock")}
+
+
 @pytest.mark.slow
-def test_rerun_of_finished_run_resumes_without_training(finished_run, tmp_path):
+def test_rerun_of_finished_run_only_rewrites_the_report(finished_run, tmp_path, capsys):
     out = tmp_path / "run"
     shutil.copytree(finished_run, out)
-    before = policy_params(out)
+    before = outside_report(out)
+    assert "final_model.zip" in before and "ppo_training.log" in before
+    assert any(name.startswith("checkpoints/") for name in before)
+    assert any(name.startswith("demos/") for name in before)
+    report_before = (out / "report" / "results.json").stat().st_mtime_ns
+    capsys.readouterr()
     summary = run(out)
-    assert summary["finished"]
-    log = (out / "ppo_training.log").read_text()
-    assert "[Resume] continuing from" in log and log.count("start: warmstart") == 1
-    assert "to retrain from scratch instead: --resume warmstart" in log
-    after = policy_params(out)
-    assert all(torch.equal(before[k], after[k]) for k in before)
+    printed = capsys.readouterr().out
+    assert summary["finished"] and set(summary["routers"]) == {"ppo", "bc_clone", "lor",
+                                                               "round_robin"}
+    assert "already finished; re-evaluating" in printed and "continuing from" not in printed
+    assert outside_report(out) == before  # model, checkpoints, logs, demos: untouched
+    assert (out / "report" / "results.json").stat().st_mtime_ns != report_before
+    final = json.loads((finished_run / "report" / "results.json").read_text())
+    assert summary["routers"]["ppo"] == final["routers"]["ppo"]  # the same policy, evaluated
 
 
 @pytest.mark.slow
@@ -135,7 +150,7 @@ def external_run(finished_run, tmp_path_factory) -> tuple[Path, str]:
 
 
 @pytest.mark.slow
-def test_ask_refuses_without_terminal_and_prompts_with_one(external_run, tmp_path):
+def test_ask_refuses_without_terminal_and_prompts_with_one(external_run, tmp_path, capsys):
     source, external = external_run
     out = tmp_path / "run"
     shutil.copytree(source, out)
@@ -152,7 +167,7 @@ def test_ask_refuses_without_terminal_and_prompts_with_one(external_run, tmp_pat
     summary = run(out, "--external-pretrain", external, "--skip-bc-training",
                   interactive=lambda: True, prompt=answer)
     assert summary["finished"] and "[1] resume the checkpoint" in questions[0]
-    assert "[Resume]" in (out / "ppo_training.log").read_text()
+    assert "already finished; re-evaluating" in capsys.readouterr().out  # resumed: finished
 
 
 @pytest.mark.slow
@@ -231,9 +246,9 @@ def test_default_folder_with_another_run_sends_the_new_run_to_a_sibling(finished
     assert json.loads((second / "run.json").read_text())["training"]["seed"] == 2
     assert yaml.safe_load((tmp_path / "runs" / "default" / "config.yaml").read_text())[
         "LLMCluster-v0"]["default"]["seed"] == 0  # the first run's config is untouched
-    again = warmstart.main(args)  # the same command again resumes the sibling
+    again = warmstart.main(args)  # the same command again resumes the sibling (finished)
     assert again["finished"] and not (tmp_path / "runs" / "default-3").exists()
-    assert "[Resume]" in (second / "ppo_training.log").read_text()
+    assert f"already finished; re-evaluating: {Path('runs/default-2')}" in capsys.readouterr().out
 
 
 @pytest.mark.slow
@@ -310,6 +325,31 @@ def test_bad_yaml_fails_naming_the_key(text, message, tmp_path, capsys):
     assert message in capsys.readouterr().err
 
 
+def _help(parser) -> str:
+    return " ".join(parser.format_help().split())
+
+
+def test_help_shows_the_defaults_of_the_config_it_would_run(capsys):
+    from sb3_warmstart.pipeline.config import PPOConfig, TrainingConfig
+
+    config = TrainingConfig()
+    text = _help(warmstart.build_parser(config))
+    assert f"(default: {config.ppo.algorithm})" in text and "LSTM RecurrentPPO (default)" not in text
+    for value in (config.total_requests, config.warm_start.demo_steps, config.bc.epochs,
+                  config.seed, config.family, config.env.num_replicas):
+        assert f"(default: {value})" in text
+    assert "{recurrent_ppo,ppo}" in text  # the choices are the config's Literal
+    other = TrainingConfig(family=None, ppo=PPOConfig(algorithm="recurrent_ppo", policy="mlp"),
+                           total_requests=1234)
+    text = _help(warmstart.build_parser(other))
+    assert "(default: recurrent_ppo)" in text and "(default: 1234)" in text
+    with pytest.raises(SystemExit) as exit_info:  # --help of a profile shows that profile's
+        warmstart.main(["--profile", "single_scenario", "--help"])
+    assert exit_info.value.code == 0
+    printed = " ".join(capsys.readouterr().out.split())
+    assert "(default: recurrent_ppo)" in printed and "profile 'single_scenario'" in printed
+
+
 def test_yaml_default_profile_equals_embedded_defaults():
     from sb3_warmstart.pipeline.config import TrainingConfig, load_config
 
@@ -346,8 +386,8 @@ def test_evaluate_run_folder_checkpoint_and_pretrained(finished_run, tmp_path):
 
 @pytest.mark.parametrize("argv, message", [
     (["--scenario", "a100x16"], "expects observations (46,) and 4 actions"),
-    (["--routers", "lor,fastest"], "unknown router 'fastest'"),
-    (["--episodes", "0"], "--episodes=0"),
+    (["--routers", "lor,fastest"], "evaluation.routers='fastest': unknown router"),
+    (["--episodes", "0"], "evaluation.episodes=0: must be >= 1"),
 ])
 @pytest.mark.slow
 def test_evaluate_rejects_bad_input(finished_run, argv, message, capsys):
@@ -369,7 +409,7 @@ def test_evaluate_rejects_missing_and_corrupt_models(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_external_checkpoint_is_fine_tuned_on_fresh_demos(finished_run, tmp_path):
-    from sb3_warmstart.policies.io import read_metadata
+    from sb3_warmstart.policies.policy_file import read_metadata
 
     external = finished_run / "pretrained" / "bc_policy.zip"
     out = tmp_path / "run"

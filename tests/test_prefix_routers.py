@@ -13,7 +13,7 @@ from llm_cluster_env.env.observation import REPLICA_FEATURES, ObservationLayout,
 from llm_cluster_env.routing.prefix_index import ApproximatePrefixIndex
 from llm_cluster_env.routing.heuristics import CACHE_AWARE_ROUTERS, SessionAffinityRouter, make_router
 from llm_cluster_env.scenarios import available_scenarios, load_scenario_dict
-from llm_cluster_env.sim.prefix_cache import PrefixChain
+from llm_cluster_env.prefix_chain import PrefixChain
 from llm_cluster_env.sim.request import Request
 
 PREFIX = ("prefix_hit", "prefix_index_fill", "cache_usage")

@@ -165,8 +165,8 @@ def loss_and_grads(model, data, step: int):
         values_pred=values.flatten(), returns=data.returns, entropy=entropy, clip_range=0.2,
         ent_coef=model.entropy_coef_at(step), vf_coef=0.5, mask=mask, logits=logits,
         ref_logits=data.ref_logits, kl_ref_coef=model.kl_ref_coef_at(step),
-        kl_coef=model.kl_coef, entropy_min=model.entropy_min,
-        entropy_floor_coef=model.entropy_floor_coef)
+        kl_coef=model.kl.kl_coef, entropy_min=model.kl.entropy_min,
+        entropy_floor_coef=model.kl.entropy_floor_coef)
     terms.total.backward()
     grads = th.cat([p.grad.flatten() for p in model.policy.parameters() if p.grad is not None])
     return terms.to_floats(), grads

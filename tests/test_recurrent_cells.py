@@ -31,7 +31,7 @@ from sb3_warmstart.policies.recurrent import (  # noqa: E402
     process_sequence,
     recurrent_policy_class,
 )
-from sb3_warmstart.policies.io import (  # noqa: E402
+from sb3_warmstart.policies.policy_file import (  # noqa: E402
     PretrainedMismatchError,
     load_pretrained,
     save_pretrained,

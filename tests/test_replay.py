@@ -19,7 +19,7 @@ from llm_cluster_env.tools.replay import (
     write_records_csv,
 )
 from llm_cluster_env.sim.metrics import INTEGER_COLUMNS, REQUEST_COLUMNS
-from llm_cluster_env.workload.generator import TraceError
+from llm_cluster_env.workload import TraceError
 
 pytest.importorskip("yaml")  # scenarios are YAML files
 

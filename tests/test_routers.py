@@ -113,3 +113,18 @@ def test_deterministic_given_seed(name):  # the cache-aware ones: tests/test_pre
 def test_unknown_router_lists_names():
     with pytest.raises(ValueError, match="router='fastest': unknown router"):
         make_router("fastest")
+
+
+def test_every_router_declares_features_that_exist():
+    """Each router says which per-replica features it reads (the env computes only those);
+    every name is a feature of an observation with all optional groups on."""
+    from llm_cluster_env.env.cluster_env import LLMClusterEnv
+
+    features = set(LLMClusterEnv(scenario="multiturn_chat", episode_requests=5)
+                   .layout.replica_features)
+    for name in ROUTERS:
+        r = make_router(name)
+        assert r.reads is not None, name
+        assert set(r.reads) | set(r.reads_if_present) <= features, name
+    assert make_router("round_robin").reads == () and make_router("lookahead").reads == ()
+    assert make_router("least_added_time").reads == ("est_delta_s",)

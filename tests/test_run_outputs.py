@@ -164,7 +164,8 @@ def test_learning_curve_pairs_each_episode_with_lor_on_the_same_seed(tmp_path):
     assert [round(r["vs_reference_pct"], 6) for r in paired[:5]] == [10.0] * 4 + [1.0]
     summary = plot_learning_curve(rows, tmp_path / "curve.png", lor_by_seed=lor,
                                   stabilization_steps=1024, note="what the points are")
-    assert summary == {"last_quarter_vs_lor_pct": pytest.approx(1.0)}
+    assert summary == {"last_quarter_vs_lor_pct": pytest.approx(1.0),
+                       "curve_episodes_shown": 16, "curve_episodes_total": 16}
     assert (tmp_path / "curve.png").stat().st_size > 0
     assert relative_to_reference([{"num_timesteps": 1, "e2e_mean": 1.0}], lor) == []
 

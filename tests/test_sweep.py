@@ -36,6 +36,12 @@ def _sweep():
     (["--seeds", "0,x"], "--seeds='0,x': expected comma-separated integers"),
     (["--grid", "seed=1,2"], "use --seeds"),
     (["--grid", "ppo.n_epochs"], "expected KEY=V1,V2"),
+    (["--seeds", "0,1,0"], "--seeds='0,1,0': seed 0 repeated"),
+    (["--seeds", "3,3"], "--seeds='3,3': seed 3 repeated"),
+    (["--grid", "ppo.learning_rate=1e-4,0.0003,0.0001"], "ppo.learning_rate=0.0001 repeated"),
+    (["--grid", "ppo.net_arch=[[32], [64], [32]]"], "ppo.net_arch=[32] repeated"),
+    (["--grid", "ppo.n_epochs=2,3", "--grid", "kl.kl_ref_coef_initial=0.5,0.5"],
+     "kl.kl_ref_coef_initial=0.5 repeated"),
 ])
 def test_bad_sweep_fails_naming_the_key_before_any_trial(args, message, tmp_path, capsys):
     out = tmp_path / "sweep"
@@ -45,6 +51,31 @@ def test_bad_sweep_fails_naming_the_key_before_any_trial(args, message, tmp_path
     assert message in capsys.readouterr().err
     assert not out.exists()  # nothing started, nothing written
     assert "ray" not in sys.modules or not HAVE_RAY or not sys.modules["ray"].is_initialized()
+
+
+def test_repeated_values_are_refused_before_trials_are_built():
+    sweep = _sweep()
+    with pytest.raises(sweep.ConfigError, match=r"--seeds='0,0': seed 0 repeated"):
+        sweep.parse_grid([], "0,0")
+    with pytest.raises(sweep.ConfigError, match=r"ppo.n_epochs=2.0 repeated"):
+        sweep.parse_grid(["ppo.n_epochs=2,2.0"], "0")
+    axes = sweep.parse_grid(["ppo.n_epochs=2,3"], "0,1")
+    assert axes == [("seed", [0, 1]), ("ppo.n_epochs", [2, 3])]
+
+
+def test_a_sweep_without_ray_exits_2_naming_the_extra_before_anything_runs(
+        tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ModuleNotFoundError
+    out = tmp_path / "sweep"
+    with pytest.raises(SystemExit) as stop:
+        _sweep().main(["--seeds", "0", "--set", "total_requests=1024", "--output-dir",
+                       str(out)])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith("train/sweep.py: error: Ray Tune is not installed")
+    assert "ray extra" in err[0] and "make test-ray" in err[0] and ".[ray]" in err[0]
+    assert not out.exists()
 
 
 def test_trials_are_every_combination_with_validated_configs(capsys):
@@ -62,19 +93,32 @@ def test_trials_are_every_combination_with_validated_configs(capsys):
 
 
 def test_a_family_run_fills_the_sweep_row_from_its_held_out_scenarios():
-    # the shape build_family_report returns (report.family_table)
+    # the shape report.build_report returns for a run evaluated on two held-out scenarios
     summary = {"scenarios": [
         {"seed": 0, "lor_e2e": 4.0, "best_heuristic": "lor", "best_e2e": 4.0,
          "ppo": {"e2e": 4.2, "vs_lor": 0.05, "vs_best": 0.05, "balance": 0.9}},
         {"seed": 1, "lor_e2e": 8.0, "best_heuristic": "least_added_time", "best_e2e": 7.5,
          "ppo": {"e2e": 7.8, "vs_lor": -0.025, "vs_best": 0.04, "balance": 0.8}}],
         "ppo": {"vs_lor_mean": 0.012, "vs_best_mean": 0.045, "vs_best_worst": 0.05},
+        "comparison": {"best_heuristic": "least_added_time/lor", "ppo_vs_best_heuristic": 0.045,
+                       "ppo_vs_lor": 0.012, "ppo_p99_vs_lor": 0.02},
         "table": "scenario ..."}
     row = _sweep().result_row(summary)
     assert row["ppo_e2e_mean"] == pytest.approx(6.0) and row["lor_e2e_mean"] == 6.0
     assert row["ppo_vs_lor"] == 0.012 and row["ppo_vs_best_heuristic"] == 0.045
     assert row["best_heuristic"] == "least_added_time/lor"
-    assert row["ppo_balance"] == pytest.approx(0.85) and row["ppo_p99_vs_lor"] is None
+    assert row["ppo_balance"] == pytest.approx(0.85) and row["ppo_p99_vs_lor"] == 0.02
+
+
+def test_a_one_scenario_run_is_the_one_row_case_and_keeps_its_p99_column():
+    summary = {"scenarios": [
+        {"seed": 0, "lor_e2e": 5.0, "best_heuristic": "least_added_time", "best_e2e": 4.9,
+         "ppo": {"e2e": 4.95, "vs_lor": -0.01, "vs_best": 0.0102, "balance": 0.97}}],
+        "comparison": {"best_heuristic": "least_added_time", "ppo_vs_best_heuristic": 0.0102,
+                       "ppo_vs_lor": -0.01, "ppo_p99_vs_lor": -0.03}}
+    row = _sweep().result_row(summary)
+    assert row["ppo_e2e_mean"] == 4.95 and row["lor_e2e_mean"] == 5.0
+    assert row["ppo_p99_vs_lor"] == -0.03 and row["ppo_balance"] == 0.97
 
 
 def test_report_lists_every_trial_failed_ones_with_their_error(tmp_path):

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from llm_cluster_env.config import ConfigError, PhaseConfig, WorkloadConfig
-from llm_cluster_env.workload.generator import (
+from llm_cluster_env.workload import (
     DATA_DIR,
     TraceError,
     Workload,

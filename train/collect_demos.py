@@ -9,86 +9,68 @@ Mixed policies with imbalance segments (alternating high/low arrival rates)::
     python train/collect_demos.py --policies lor:0.6,round_robin:0.3,random:0.1 --imbalance \\
         --steps 200000 --episode-requests 512 --output demos/mixed
 
-All arguments are checked before any rollout; a bad value exits with status 2 and a message
-naming the flag and the value. The output directory holds imitation's HuggingFace dataset
+The flags are the main job's settings (``train/warmstart.py``): they become overrides of the
+typed :class:`~sb3_warmstart.pipeline.config.TrainingConfig` (``warm_start.demo_*``, ``seed``,
+``env_kwargs``), which is built and validated once, and the environment is its
+:attr:`~sb3_warmstart.pipeline.config.TrainingConfig.env` with demonstration-length episodes
+(:func:`sb3_warmstart.pipeline.warm_start_stage.demo_env_config`), exactly as the main job
+collects. Defaults are the dataclasses' (the ``--imbalance-*`` flags are
+:class:`~sb3_warmstart.warmstart.demo_plan.ImbalanceSpec`'s fields). Every argument is checked
+before any rollout; a bad value exits with status 2 and a message naming the setting and the
+value. The output directory holds imitation's HuggingFace dataset
 (``imitation.data.serialize.load(output)`` reads it) and ``stats.json``, which also records this
-command and the resolved arguments (see :mod:`sb3_warmstart.warmstart.demos`).
+command and the resolved settings (see :mod:`sb3_warmstart.warmstart.demo_store`).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from typing import Any
 
-from llm_cluster_env.config import ConfigError
 from llm_cluster_env.routing.heuristics import ROUTERS
-from llm_cluster_env.scenarios import available_scenarios
-from sb3_warmstart.warmstart.demos import (
-    ImbalanceSpec,
-    check_output_replaceable,
-    collect_demonstrations,
-    plan_collection,
-    save_demonstrations,
-)
+from llm_cluster_env.validation import ConfigError, to_dict
+from sb3_warmstart.pipeline.config import TrainingConfig, WarmStartConfig, load_config
+from sb3_warmstart.pipeline.warm_start_stage import demo_env_config
+from sb3_warmstart.warmstart.demo_collect import collect_demonstrations
+from sb3_warmstart.warmstart.demo_plan import ImbalanceSpec, plan_collection
+from sb3_warmstart.warmstart.demo_store import check_output_replaceable, save_demonstrations
+
+#: Old flag names kept as aliases of the ImbalanceSpec-generated ones.
+IMBALANCE_ALIASES = {"high_factor": "--imbalance-high", "low_factor": "--imbalance-low"}
 
 
-@dataclass
-class Args:
-    """Resolved command-line arguments."""
+@dataclass(frozen=True)
+class CollectionJob:
+    """What the command line resolved to.
 
+    :param config: the typed config (``seed``, ``env_kwargs``/``env``, ``warm_start``).
+    :param imbalance: the imbalance segments, or ``None`` without ``--imbalance``.
+    :param num_envs: sub-envs per run (DummyVecEnv).
+    :param output: output directory.
+    :param progress: show progress.
+    """
+
+    config: TrainingConfig
+    imbalance: ImbalanceSpec | None
+    num_envs: int
     output: str
-    """output directory (replaced atomically if it holds an earlier demonstration set)"""
-    policies: dict[str, float]
-    """router name -> weight (``--policy NAME`` gives ``{NAME: 1.0}``)"""
-    steps: int = 100_000
-    """transitions wanted in total (routed requests), split by weight"""
-    scenario: str = "a100x4_conv_70"
-    """packaged scenario name or scenario YAML path"""
-    replicas: int | None = None
-    """override the scenario's number of replicas"""
-    qps: float | None = None
-    """override the scenario's mean arrival rate (requests/s)"""
-    episode_requests: int | None = None
-    """requests per episode; default min(scenario's, smallest per-policy step budget)"""
-    num_envs: int = 1
-    """sub-envs per policy (DummyVecEnv)"""
-    seed: int = 0
-    """root seed of every env, router and shuffle stream"""
-    imbalance: bool = False
-    """also collect under alternating high/low arrival-rate phases"""
-    imbalance_high: float = 1.4
-    """high-phase rate as a multiple of the scenario's rate"""
-    imbalance_low: float = 0.5
-    """low-phase rate as a multiple of the scenario's rate"""
-    imbalance_fraction: float = 0.5
-    """share of each policy's transitions collected under imbalance"""
-    progress: bool = True
-    """show a tqdm progress bar"""
+    progress: bool
 
-    def env_kwargs(self) -> dict:
-        """Keyword arguments of ``gym.make("LLMCluster-v0", ...)``."""
-        kwargs: dict = {"scenario": self.scenario}
-        if self.replicas is not None:
-            kwargs["num_replicas"] = self.replicas
-        if self.qps is not None:
-            kwargs["workload"] = {"qps": self.qps}
-        if self.episode_requests is not None:
-            kwargs["episode_requests"] = self.episode_requests
-        return kwargs
-
-    def imbalance_spec(self) -> ImbalanceSpec | bool:
-        if not self.imbalance:
-            return False
-        return ImbalanceSpec(high_factor=self.imbalance_high, low_factor=self.imbalance_low,
-                             fraction=self.imbalance_fraction)
+    def record(self) -> dict[str, Any]:
+        """The resolved settings, JSON-able (stored as ``stats["cli_args"]``)."""
+        return {"seed": self.config.seed, "env_kwargs": to_dict(self.config.env_kwargs),
+                "warm_start": to_dict(self.config.warm_start),
+                "imbalance": dataclasses.asdict(self.imbalance) if self.imbalance else None,
+                "num_envs": self.num_envs, "output": self.output}
 
 
 def build_parser() -> argparse.ArgumentParser:
+    ws, defaults = WarmStartConfig(), TrainingConfig.__dataclass_fields__
+    scenario = defaults["env_kwargs"].default_factory()["scenario"]
     parser = argparse.ArgumentParser(
         prog="collect_demos.py",
         description="Collect heuristic-router demonstrations on LLMCluster-v0 (imitation "
@@ -96,34 +78,35 @@ def build_parser() -> argparse.ArgumentParser:
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--policy", metavar="NAME",
                       help=f"single-policy mode: one router ({', '.join(ROUTERS)}); "
-                           "default lor")
+                           f"default {ws.demo_policies} (warm_start.demo_policies)")
     mode.add_argument("--policies", metavar="NAME:W,...",
                       help="mixed mode: comma-separated router:weight pairs, weights > 0, "
                            "e.g. lor:0.6,round_robin:0.3,random:0.1")
-    parser.add_argument("--steps", type=int, default=Args.steps,
-                        help="transitions wanted in total, split by weight (default %(default)s)")
-    parser.add_argument("--scenario", default=Args.scenario,
-                        help="packaged scenario or YAML path (default %(default)s; known: "
-                             f"{', '.join(available_scenarios())})")
-    parser.add_argument("--replicas", type=int, default=None,
-                        help="override the scenario's number of replicas")
-    parser.add_argument("--qps", type=float, default=None,
-                        help="override the scenario's mean arrival rate (requests/s)")
-    parser.add_argument("--episode-requests", type=int, default=None,
-                        help="requests per episode (default: min of the scenario's and the "
-                             "smallest per-policy step budget)")
-    parser.add_argument("--num-envs", type=int, default=Args.num_envs,
+    parser.add_argument("--steps", type=int,
+                        help="transitions wanted in total, split by weight (warm_start."
+                             f"demo_steps, default {ws.demo_steps})")
+    parser.add_argument("--episode-requests", type=int,
+                        help="requests per episode (warm_start.demo_episode_requests, default "
+                             f"{ws.demo_episode_requests})")
+    parser.add_argument("--scenario", help="packaged scenario or YAML path (env_kwargs.scenario, "
+                                           f"default {scenario})")
+    parser.add_argument("--replicas", type=int,
+                        help="override the scenario's number of replicas (env_kwargs.num_replicas)")
+    parser.add_argument("--qps", type=float, help="override the scenario's mean arrival rate, "
+                                                  "requests/s (env_kwargs.workload.qps)")
+    parser.add_argument("--seed", type=int, help="root seed of every env, router and shuffle "
+                                                 f"stream (default {defaults['seed'].default})")
+    parser.add_argument("--imbalance", action="store_true", default=None,
+                        help="also collect under alternating high/low arrival-rate phases "
+                             f"(warm_start.imbalance, default {ws.imbalance})")
+    for field in dataclasses.fields(ImbalanceSpec):
+        flags = [f"--imbalance-{field.name.replace('_', '-')}"]
+        if field.name in IMBALANCE_ALIASES:
+            flags.append(IMBALANCE_ALIASES[field.name])
+        parser.add_argument(*flags, dest=f"imbalance_{field.name}", type=float,
+                            help=f"ImbalanceSpec.{field.name} (default {field.default})")
+    parser.add_argument("--num-envs", type=int, default=1,
                         help="sub-envs per policy (default %(default)s)")
-    parser.add_argument("--seed", type=int, default=Args.seed,
-                        help="root seed, >= 0 (default %(default)s)")
-    parser.add_argument("--imbalance", action="store_true",
-                        help="also collect under alternating high/low arrival-rate phases")
-    parser.add_argument("--imbalance-high", type=float, default=Args.imbalance_high,
-                        help="high-phase rate / scenario rate (default %(default)s)")
-    parser.add_argument("--imbalance-low", type=float, default=Args.imbalance_low,
-                        help="low-phase rate / scenario rate (default %(default)s)")
-    parser.add_argument("--imbalance-fraction", type=float, default=Args.imbalance_fraction,
-                        help="share of each policy's steps under imbalance (default %(default)s)")
     parser.add_argument("--output", required=True,
                         help="output directory (an earlier demonstration set there is replaced "
                              "atomically; anything else is refused)")
@@ -132,97 +115,73 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _parse_policies(parser: argparse.ArgumentParser, text: str) -> dict[str, float]:
+    """``NAME:W,...`` -> ``{NAME: W}``; only the syntax is checked here (names and weights are
+    the config's to validate)."""
     policies: dict[str, float] = {}
     for entry in text.split(","):
         name, sep, raw = entry.strip().partition(":")
         if not sep or not name:
             parser.error(f"--policies={text!r}: entry {entry!r} must be NAME:WEIGHT")
-        if name not in ROUTERS:
-            parser.error(f"--policies={text!r}: unknown router {name!r} "
-                         f"(known: {', '.join(ROUTERS)})")
         if name in policies:
             parser.error(f"--policies={text!r}: router {name!r} given twice")
         try:
-            weight = float(raw)
+            policies[name] = float(raw)
         except ValueError:
-            weight = float("nan")
-        if not (math.isfinite(weight) and weight > 0):
-            parser.error(f"--policies={text!r}: weight of {name!r} must be a number > 0, "
-                         f"got {raw!r}")
-        policies[name] = weight
+            parser.error(f"--policies={text!r}: weight of {name!r} must be a number, got {raw!r}")
     return policies
 
 
-_FIELD_FLAGS = (
-    ("episode_requests=", "--episode-requests"),
-    ("total_steps=", "--steps"),
-    ("num_replicas=", "--replicas"),
-    ("qps=", "--qps"),
-    ("scenario=", "--scenario"),
-)
+def overrides_from_args(ns: argparse.Namespace, parser: argparse.ArgumentParser
+                        ) -> dict[str, Any]:
+    """The config overrides the flags ask for (one scenario: ``family`` is ``None``)."""
+    env: dict[str, Any] = {}
+    if ns.scenario is not None:
+        env["scenario"] = ns.scenario
+    if ns.replicas is not None:
+        env["num_replicas"] = ns.replicas
+    if ns.qps is not None:
+        env["workload"] = {"qps": ns.qps}
+    ws: dict[str, Any] = {}
+    if ns.imbalance is not None:
+        ws["imbalance"] = ns.imbalance
+    if ns.policies is not None:
+        ws["demo_policies"] = _parse_policies(parser, ns.policies)
+    elif ns.policy is not None:
+        ws["demo_policies"] = {ns.policy: 1.0}
+    if ns.steps is not None:
+        ws["demo_steps"] = ns.steps
+    if ns.episode_requests is not None:
+        ws["demo_episode_requests"] = ns.episode_requests
+    out: dict[str, Any] = {"family": None, "env_kwargs": env, "warm_start": ws}
+    if ns.seed is not None:
+        out["seed"] = ns.seed
+    return out
 
 
-def _flag_of(message: str) -> str:
-    """The flag a validation message is about (the settings in general if unclear)."""
-    for field, flag in _FIELD_FLAGS:
-        if message.startswith(field) or f".{field}" in message or f" {field}" in message:
-            return flag
-    return "invalid settings"
-
-
-def parse_args(argv: Sequence[str] | None = None) -> Args:
-    """Parse and validate ``argv``; exits with status 2 naming the flag on a bad value."""
+def parse_args(argv: Sequence[str] | None = None) -> CollectionJob:
+    """Parse ``argv`` into a validated job; exits with status 2 naming the setting on a bad
+    value."""
     parser = build_parser()
     ns = parser.parse_args(argv)
-    if ns.policies is not None:
-        policies = _parse_policies(parser, ns.policies)
-    else:
-        name = ns.policy or "lor"
-        if name not in ROUTERS:
-            parser.error(f"--policy={name!r}: unknown router (known: {', '.join(ROUTERS)})")
-        policies = {name: 1.0}
-    checks = (
-        ("--steps", ns.steps, ns.steps >= 1, "must be >= 1 transition"),
-        ("--replicas", ns.replicas, ns.replicas is None or ns.replicas >= 1, "must be >= 1"),
-        ("--qps", ns.qps, ns.qps is None or (math.isfinite(ns.qps) and ns.qps > 0),
-         "must be a rate > 0 requests/s"),
-        ("--episode-requests", ns.episode_requests,
-         ns.episode_requests is None or ns.episode_requests >= 1, "must be >= 1 request"),
-        ("--num-envs", ns.num_envs, ns.num_envs >= 1, "must be >= 1"),
-        ("--seed", ns.seed, ns.seed >= 0, "must be >= 0"),
-    )
-    for flag, value, ok, message in checks:
-        if not ok:
-            parser.error(f"{flag}={value!r}: {message}")
-    scenario_path = Path(ns.scenario)
-    if scenario_path.suffix in (".yaml", ".yml"):
-        if not scenario_path.is_file():
-            parser.error(f"--scenario={ns.scenario!r}: no such file")
-    elif ns.scenario not in available_scenarios():
-        parser.error(f"--scenario={ns.scenario!r}: unknown scenario "
-                     f"(known: {', '.join(available_scenarios())}; or a .yaml path)")
-    args = Args(output=ns.output, policies=policies, steps=ns.steps, scenario=ns.scenario,
-                replicas=ns.replicas, qps=ns.qps, episode_requests=ns.episode_requests,
-                num_envs=ns.num_envs, seed=ns.seed, imbalance=ns.imbalance,
-                imbalance_high=ns.imbalance_high, imbalance_low=ns.imbalance_low,
-                imbalance_fraction=ns.imbalance_fraction, progress=not ns.no_progress)
+    if ns.num_envs < 1:
+        parser.error(f"--num-envs={ns.num_envs}: must be >= 1")
     try:
-        imbalance = args.imbalance_spec()
-    except ValueError as err:  # "imbalance.high_factor=..." -> --imbalance-high
-        flag = {"high_factor": "--imbalance-high", "low_factor": "--imbalance-low",
-                "fraction": "--imbalance-fraction"}
-        names = [f for key, f in flag.items() if f"imbalance.{key}=" in str(err)]
-        parser.error(f"{names[0] if names else '--imbalance'}: {err}")
-    try:
-        plan_collection(env_kwargs=args.env_kwargs(), policies=args.policies,
-                        total_steps=args.steps, imbalance=imbalance)
+        config = load_config(None, overrides=overrides_from_args(ns, parser))
+        given = {f.name: getattr(ns, f"imbalance_{f.name}")
+                 for f in dataclasses.fields(ImbalanceSpec)}
+        imbalance = (ImbalanceSpec(**{k: v for k, v in given.items() if v is not None})
+                     if config.warm_start.imbalance else None)
+        ws = config.warm_start
+        plan_collection(env_config=demo_env_config(config), policies=ws.demo_policies,
+                        total_steps=ws.demo_steps, imbalance=imbalance or False)
     except (ConfigError, ValueError) as err:
-        parser.error(f"{_flag_of(str(err))}: {err}")
+        parser.error(str(err))
     try:
-        check_output_replaceable(args.output)
+        check_output_replaceable(ns.output)
     except FileExistsError as err:
-        parser.error(f"--output={args.output!r}: {err}")
-    return args
+        parser.error(f"--output={ns.output!r}: {err}")
+    return CollectionJob(config=config, imbalance=imbalance, num_envs=ns.num_envs,
+                         output=ns.output, progress=not ns.no_progress)
 
 
 def format_summary(stats: dict) -> str:
@@ -257,18 +216,19 @@ def format_summary(stats: dict) -> str:
 
 def main(argv: Sequence[str] | None = None) -> dict:
     """Run the CLI; returns the stats that were saved."""
-    args = parse_args(argv)
+    job = parse_args(argv)
     import torch
 
     torch.set_num_threads(1)
+    ws = job.config.warm_start
     trajectories, stats = collect_demonstrations(
-        env_kwargs=args.env_kwargs(), policies=args.policies, total_steps=args.steps,
-        seed=args.seed, num_envs=args.num_envs, imbalance=args.imbalance_spec(),
-        progress=args.progress)
+        env_config=demo_env_config(job.config), policies=ws.demo_policies,
+        total_steps=ws.demo_steps, seed=job.config.seed, num_envs=job.num_envs,
+        imbalance=job.imbalance or False, progress=job.progress)
     stats["command"] = [sys.argv[0] if argv is None else "train/collect_demos.py",
                         *(sys.argv[1:] if argv is None else argv)]
-    stats["cli_args"] = dataclasses.asdict(args)
-    path = save_demonstrations(args.output, trajectories, stats)
+    stats["cli_args"] = job.record()
+    path = save_demonstrations(job.output, trajectories, stats)
     print(format_summary(stats))
     print(f"wrote {path}")
     return stats

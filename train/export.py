@@ -1,8 +1,8 @@
 """Export a trained router for deployment outside the simulator.
 
-``RUN_DIR`` is a run folder of ``train/warmstart.py`` (its ``final_model.zip``), a checkpoint
-directory (``RUN/checkpoints/step_<n>``) or a policy zip of ``train/pretrain.py``. ``--out``
-receives:
+``RUN_DIR`` is a run folder of ``train/warmstart.py`` (or its ``final_model.zip``), a
+checkpoint directory (``RUN/checkpoints/step_<n>``, or its ``model.zip``) or a policy zip of
+``train/pretrain.py``. ``--out`` receives:
 
 * ``policy.onnx``: the greedy actor with its input scaling inside the graph (replica-set
   policies: ``replicas[batch, N, F]`` + ``request[batch, T]``, any N; MLP policies: the flat
@@ -10,11 +10,13 @@ receives:
 * ``schema.json``: the features in order with units, meaning, source (engine metric and its
   vLLM name, or computed by the router), tensor names and shapes, the export check, provenance;
 * ``router_runtime.py`` (numpy + onnxruntime) and ``vllm_router_adapter.py``;
-* ``sb3/``: what stock ``PPO.load``/``RecurrentPPO.load`` need to read the run's models without
-  this project, and the normaliser statistics as JSON.
+* ``sb3/``: the recipe for reading the run's models with stock ``PPO.load``/``RecurrentPPO.load``
+  (this project without extras, torch, SB3, sb3-contrib) and the normaliser statistics as JSON.
 
 The ONNX graph is checked against the torch policy before anything is moved into ``--out``; an
-existing ``--out`` is replaced only when the new export is complete. Example::
+existing ``--out`` is replaced only when the new export is complete. Needs the ``deploy`` extra
+(``pip install -e '.[deploy]'``). A source that cannot be read (truncated, corrupt, not a
+policy) or a missing extra ends in one line naming it, exit status 2. Example::
 
     python train/export.py runs/default --out exports/default
 """
@@ -53,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     source = Path(args.run_dir)
     if not source.exists():
         parser.error(f"RUN_DIR={args.run_dir!r}: no such run folder, checkpoint or file")
-    from sb3_warmstart.export.onnx_export import ExportError, export_router
+    from sb3_warmstart.export import ExportError, export_router
 
     try:
         result = export_router(source, args.out, sample_requests=args.sample_requests,

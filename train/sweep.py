@@ -18,7 +18,9 @@ Every trial's configuration is built and validated before Ray starts: an unknown
 value exits with status 2 naming it (``--grid ppo.learning_rat=...: ppo.learning_rat: unknown
 key``). Locally Ray gets ``--num-cpus`` CPUs (default: all of this machine's) and runs as many
 trials at once. Running the same command again resumes each trial's run folder (a finished
-trial only re-evaluates). Needs the ``ray`` extra (``make test-ray`` builds ``.venv-ray``).
+trial only re-evaluates). A repeated seed or grid value is refused (it would run a trial
+twice). Needs the ``ray`` extra (``make test-ray`` builds ``.venv-ray``); without it the sweep
+exits with status 2 saying so (``--dry-run`` needs no Ray).
 """
 
 from __future__ import annotations
@@ -109,6 +111,10 @@ def parse_grid(items: list[str], seeds_text: str) -> list[tuple[str, list[Any]]]
         raise ConfigError(f"--seeds={seeds_text!r}: expected comma-separated integers") from None
     if not seeds:
         raise ConfigError(f"--seeds={seeds_text!r}: no seed")
+    repeated = _first_repeat(seeds)
+    if repeated is not None:
+        raise ConfigError(f"--seeds={seeds_text!r}: seed {repeated!r} repeated (it would run "
+                          "the same trial twice)")
     axes: list[tuple[str, list[Any]]] = [("seed", seeds)]
     for item in items:
         key, sep, text = item.partition("=")
@@ -127,8 +133,37 @@ def parse_grid(items: list[str], seeds_text: str) -> list[tuple[str, list[Any]]]
             values = [parse_value(v) for v in text.split(",")]
         if not values:
             raise ConfigError(f"--grid {item!r}: no value")
+        repeated = _first_repeat(values)
+        if repeated is not None:
+            raise ConfigError(f"--grid {item!r}: {key}={repeated!r} repeated (it would run the "
+                              "same trials twice)")
         axes.append((key, values))
     return axes
+
+
+def _first_repeat(values: list[Any]) -> Any:
+    """The first value equal to an earlier one (``1e-4`` and ``0.0001`` are equal), else
+    ``None``."""
+    for i, value in enumerate(values):
+        if any(value == earlier for earlier in values[:i]):
+            return value
+    return None
+
+
+#: What to run when Ray Tune cannot be imported.
+RAY_INSTALL = ("the ray extra: `make test-ray` builds .venv-ray with it, or pip install -e "
+               "'.[ray]' and imitation==1.0.0 --no-deps in a venv of its own (see the Makefile)")
+
+
+def require_ray() -> None:
+    """Raise :class:`ConfigError` naming the ``ray`` extra and how to install it when Ray
+    Tune cannot be imported."""
+    try:
+        import ray  # noqa: F401
+        from ray import tune  # noqa: F401
+    except ImportError as err:
+        raise ConfigError(f"Ray Tune is not installed ({err}): the sweep needs "
+                          f"{RAY_INSTALL}") from None
 
 
 def _dotted(key: str, value: Any) -> dict[str, Any]:
@@ -192,39 +227,24 @@ def run_trial(trial: Trial, run_dir: str) -> dict[str, Any]:
 
 
 def result_row(summary: dict[str, Any]) -> dict[str, Any]:
-    """The sweep table's columns from a pipeline report summary (of one scenario, or of a run
-    trained across a scenario family: :func:`family_result_row`)."""
-    if "scenarios" in summary:
-        return family_result_row(summary)
-    routers = summary.get("routers", {})
+    """The sweep table's columns from a pipeline report summary (one builder for one-scenario
+    and family runs: ``scenarios`` holds one row per held-out scenario, a single row for a
+    one-scenario run): E2E and balance averaged over the scenarios, the relative columns from
+    the report's ``comparison`` (geometric means over the scenarios, each against its own best
+    heuristic, whose names are listed)."""
+    scenarios = [s for s in summary.get("scenarios", []) if "ppo" in s]
     comparison = summary.get("comparison", {})
-    ppo, lor = routers.get("ppo", {}), routers.get("lor", {})
-    return {"ppo_e2e_mean": ppo.get("e2e_mean"), "lor_e2e_mean": lor.get("e2e_mean"),
-            "ppo_vs_lor": comparison.get("ppo_vs_lor"),
-            "ppo_p99_vs_lor": comparison.get("ppo_p99_vs_lor"),
-            "best_heuristic": comparison.get("best_heuristic"),
-            "ppo_vs_best_heuristic": comparison.get("ppo_vs_best_heuristic"),
-            "ppo_balance": ppo.get("balance")}
-
-
-def family_result_row(summary: dict[str, Any]) -> dict[str, Any]:
-    """The sweep table's columns for a run trained across a scenario family, evaluated on
-    held-out scenarios: E2E and balance averaged over the scenarios, the relative columns the
-    report's geometric means over them (each scenario against its own best heuristic, whose
-    names are listed); no p99 comparison."""
-    scenarios = [s for s in summary["scenarios"] if "ppo" in s]
-    ppo = summary.get("ppo", {})
 
     def mean(values: list[Any]) -> float | None:
         values = [v for v in values if v is not None]
         return float(sum(values) / len(values)) if values else None
 
-    best = sorted({s["best_heuristic"] for s in scenarios})
     return {"ppo_e2e_mean": mean([s["ppo"]["e2e"] for s in scenarios]),
-            "lor_e2e_mean": mean([s["lor_e2e"] for s in scenarios]),
-            "ppo_vs_lor": ppo.get("vs_lor_mean"), "ppo_p99_vs_lor": None,
-            "best_heuristic": "/".join(best) or None,
-            "ppo_vs_best_heuristic": ppo.get("vs_best_mean"),
+            "lor_e2e_mean": mean([s.get("lor_e2e") for s in scenarios]),
+            "ppo_vs_lor": comparison.get("ppo_vs_lor"),
+            "ppo_p99_vs_lor": comparison.get("ppo_p99_vs_lor"),
+            "best_heuristic": comparison.get("best_heuristic"),
+            "ppo_vs_best_heuristic": comparison.get("ppo_vs_best_heuristic"),
             "ppo_balance": mean([s["ppo"].get("balance") for s in scenarios])}
 
 
@@ -393,6 +413,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"  {trial.name}", flush=True)
     if args.dry_run:
         return {"trials": [t.name for t in trials]}
+    try:
+        require_ray()
+    except ConfigError as err:
+        print(f"{parser.prog}: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
     summary = run_sweep(trials, Path(args.output_dir), address=args.address,
                         num_cpus=args.num_cpus, cpus_per_trial=args.cpus_per_trial)
     out = Path(args.output_dir)

@@ -6,7 +6,8 @@ any cluster, trained across the ``generalist`` scenario family (a new cluster of
 GPU mix, length distribution, arrival process and load every episode), then printed against
 every heuristic on held-out scenarios of the family. ``--scenario`` (or ``--replicas``,
 ``--qps``, ``--family none``) trains on one scenario instead. Running the same command
-again resumes from the latest checkpoint (``--resume warmstart`` retrains from scratch); with
+again resumes from the latest checkpoint (``--resume warmstart`` retrains from scratch), or,
+when the run has finished, only evaluates it again (its report is rewritten, nothing else); with
 ``--chunk-mode`` it continues with the next chunk. A run with other settings (seed,
 hyperparameters, environment, budget) never resumes a different run: it goes to a new folder
 (``runs/default-2``...), or with ``--output-dir``/``--strict-resume`` it is refused.
@@ -43,9 +44,37 @@ DEFAULT_CONFIG = REPO_ROOT / "configs" / "warmstart.yaml"
 from llm_cluster_env.validation import ConfigError, deep_merge  # noqa: E402
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="train/warmstart.py", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser(defaults: Any = None, source: str = "") -> argparse.ArgumentParser:
+    """The command line. The help of every flag that sets a config key is that key's
+    documentation and its value in ``defaults`` (a ``TrainingConfig``: the profile the command
+    would run; the embedded defaults when ``None``), so ``--help`` never states a default the
+    config does not have.
+
+    :param source: where ``defaults`` come from (shown in the help).
+    """
+    from sb3_warmstart.pipeline.config import (
+        TrainingConfig,
+        describe_key,
+        key_choices,
+        key_value,
+    )
+
+    config = defaults if defaults is not None else TrainingConfig()
+
+    def shown(value: Any) -> str:
+        return "none" if value is None else str(value)
+
+    def about(key: str, text: str | None = None) -> str:
+        """Help of a flag setting ``key``: its documentation and the profile's value."""
+        text = (text if text is not None else describe_key(key)).rstrip(".")
+        return f"{text} (default: {shown(key_value(config, key))})".replace("%", "%%")
+
+    env = config.env
+    p = argparse.ArgumentParser(
+        prog="train/warmstart.py", description=__doc__.split("\n\n")[0],
+        epilog=f"Defaults shown: {source or 'the embedded defaults'} (--profile P --help "
+               "shows profile P's).",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="YAML file keyed by env id (default: configs/warmstart.yaml "
                    "of this checkout, whose 'default' profile is the embedded defaults)")
     p.add_argument("--profile", default="default",
@@ -55,21 +84,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--print-config", action="store_true",
                    help="print the resolved configuration as YAML and exit")
     g = p.add_argument_group("environment")
-    g.add_argument("--family", help="train across this scenario family (packaged name or YAML "
-                   "path; 'none' = one scenario, env_kwargs)")
-    g.add_argument("--scenario", help="train on this one scenario (packaged name or YAML path)")
-    g.add_argument("--replicas", type=int, help="number of replicas")
-    g.add_argument("--qps", type=float, help="arrival rate, requests/s")
-    g.add_argument("--seed", type=int, help="seed of demos, BC, PPO and environments")
+    g.add_argument("--family", help=about("family", describe_key("family").rstrip(".")
+                                          + "; 'none' on the command line"))
+    g.add_argument("--scenario", help=(
+        "train on this one scenario (packaged name or YAML path; sets family to none) "
+        f"(default: {shown(config.env_kwargs.get('scenario'))}, "
+        f"{'used' if config.family is None else 'used only with family none'})"))
+    g.add_argument("--replicas", type=int, help=f"number of replicas of the one scenario "
+                   f"(default: {env.num_replicas})")
+    g.add_argument("--qps", type=float, help="arrival rate of the one scenario, requests/s "
+                   f"(default: {env.workload.qps})")
+    g.add_argument("--seed", type=int, help=about("seed"))
     g = p.add_argument_group("budgets")
-    g.add_argument("--ppo-requests", type=int, help="PPO budget in routed requests (env steps)")
-    g.add_argument("--total-requests", type=int, help="same as --ppo-requests (chunk mode)")
-    g.add_argument("--demo-steps", type=int, help="demonstration transitions to collect")
-    g.add_argument("--bc-epochs", type=int, help="behaviour-cloning epochs")
-    g.add_argument("--algorithm", choices=["recurrent_ppo", "ppo"],
-                   help="LSTM RecurrentPPO (default) or feed-forward PPO (faster)")
+    g.add_argument("--ppo-requests", type=int, help=about("total_requests"))
+    g.add_argument("--total-requests", type=int, help=about(
+        "total_requests", "same as --ppo-requests (chunk mode)"))
+    g.add_argument("--demo-steps", type=int, help=about("warm_start.demo_steps"))
+    g.add_argument("--bc-epochs", type=int, help=about("bc.epochs"))
+    g.add_argument("--algorithm", choices=key_choices("ppo.algorithm"),
+                   help=about("ppo.algorithm"))
     g = p.add_argument_group("warm start")
-    g.add_argument("--no-warmstart", action="store_true", help="cold-start PPO (no demos/BC/KL)")
+    g.add_argument("--no-warmstart", action="store_true", help=about(
+        "warm_start.enabled", "cold-start PPO (no demos/BC/KL); the profile's warm_start.enabled"))
     g.add_argument("--external-pretrain", metavar="PATH",
                    help="pretrained checkpoint (policy_io zip) to start from; validated first")
     g.add_argument("--skip-bc-training", action="store_true",
@@ -94,6 +130,31 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override any config key, dotted (value parsed as YAML)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
+
+
+def _config_path(given: str | None) -> str | Path | None:
+    """``--config``, or the checkout's profiles file when not given."""
+    if given is None and DEFAULT_CONFIG.is_file():
+        return DEFAULT_CONFIG
+    return given
+
+
+def profile_defaults(argv: list[str] | None) -> tuple[Any, str]:
+    """The config the command's ``--config``/``--profile`` resolve to (without other flags),
+    and a description of it: the defaults ``--help`` shows. The embedded defaults when they
+    do not resolve (the run itself then reports why)."""
+    from sb3_warmstart.pipeline.config import TrainingConfig, load_config
+
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config")
+    pre.add_argument("--profile", default="default")
+    known, _ = pre.parse_known_args(argv)
+    path = _config_path(known.config)
+    try:
+        return (load_config(path, known.profile),
+                f"profile {known.profile!r}" + (f" of {path}" if path is not None else ""))
+    except ConfigError:
+        return TrainingConfig(), "the embedded defaults"
 
 
 def _set_dotted(target: dict[str, Any], key: str, value: Any) -> None:
@@ -179,14 +240,12 @@ def overrides_from_args(args: argparse.Namespace, parser: argparse.ArgumentParse
 def main(argv: list[str] | None = None, **pipeline_hooks: Any) -> dict[str, Any]:
     """Run the job; returns the report summary. ``pipeline_hooks`` (``prompt``,
     ``interactive``) let tests answer the resume question."""
-    parser = build_parser()
+    parser = build_parser(*profile_defaults(argv))
     args = parser.parse_args(argv)
     print("[warmstart] checking the configuration", flush=True)
     from sb3_warmstart.pipeline.config import dump_config_text, load_config
 
-    config_path = args.config
-    if config_path is None and DEFAULT_CONFIG.is_file():
-        config_path = DEFAULT_CONFIG
+    config_path = _config_path(args.config)
     try:
         overrides = overrides_from_args(args, parser)
         config = load_config(config_path, args.profile, overrides)

@@ -14,7 +14,7 @@ import numpy as np
 from llm_cluster_env.config import ReplicaConfig, WorkloadConfig
 from llm_cluster_env.sim.cluster import Cluster
 from llm_cluster_env.sim.request import Request
-from llm_cluster_env.workload.generator import WorkloadGenerator
+from llm_cluster_env.workload import WorkloadGenerator
 
 #: Requests simulated per measurement: within ~5% of a 6,000-request measurement.
 DEFAULT_REQUESTS = 1500

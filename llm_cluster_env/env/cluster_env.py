@@ -11,15 +11,14 @@ import numpy as np
 from gymnasium import spaces
 
 from llm_cluster_env.config import ConfigError, EnvConfig
-from llm_cluster_env.routing.engine_model import EngineModel, OutputLengthPrior
+from llm_cluster_env.routing.engine_model import OutputLengthPrior
 from llm_cluster_env.env.observation import (
     ClusterView,
-    EngineFeatures,
     ObservationBuilder,
     ObservationLayout,
-    PrefixFeatures,
     ReplicaFeatureGroup,
     RoutingContext,
+    feature_groups,
 )
 from llm_cluster_env.env.reward import RewardFunction
 from llm_cluster_env.sim.cluster import Cluster
@@ -30,7 +29,17 @@ from llm_cluster_env.sim.metrics import (
     prefix_cache_metrics,
 )
 from llm_cluster_env.sim.request import Request
-from llm_cluster_env.workload.generator import Workload, WorkloadGenerator
+from llm_cluster_env.workload import Workload, WorkloadGenerator
+
+
+def check_render_mode(render_mode: str | None, env_id: str, supported: list[str]) -> None:
+    """Refuse a ``render_mode`` the env does not support, naming it and the supported ones.
+
+    A ``TypeError`` (as for an unexpected keyword), so that SB3's ``make_vec_env``, which
+    first tries ``render_mode="rgb_array"``, retries without it."""
+    if render_mode is not None and render_mode not in supported:
+        raise TypeError(f"render_mode={render_mode!r}: {env_id} does not support it (supported: "
+                        f"None, {', '.join(repr(m) for m in supported)})")
 
 
 class LLMClusterEnv(gym.Env):
@@ -44,7 +53,16 @@ class LLMClusterEnv(gym.Env):
     request; the simulator then runs until the next arrival.
 
     ## Action Space
-    ``Discrete(N)``: the index of the replica that receives the pending request.
+    ``Discrete(N)``: the index of the replica that receives the pending request. With
+    ``observation.replica_slots = S > N`` (padded layouts, and every ``LLMClusterFamily-v0``
+    episode of a smaller cluster) it is ``Discrete(S)`` and the trailing ``S - N`` slots are
+    empty: ``action_masks()`` (and ``info["action_mask"]``) is True for the first ``N``, as
+    sb3-contrib's ``MaskablePPO`` expects. An action naming an empty slot ``k`` is not an error
+    (environment checkers and unmasked learners sample every action of the space): the request
+    goes to replica ``k % N`` and that step's ``info["invalid_action"]`` is True, with no other
+    effect (no penalty). The info of every step of a padded env carries ``action_mask`` and
+    ``invalid_action``; without empty slots every action is valid and only ``reset`` returns the
+    mask. Actions outside ``[0, S)`` and non-integers are refused with a ``ValueError``.
 
     ## Observation Space
     ``Box(0, inf, (D,), float32)``; per-replica load (queued and running requests, KV usage,
@@ -89,6 +107,13 @@ class LLMClusterEnv(gym.Env):
     ended sub-environment on its *next* step, which ignores the action and returns reward 0:
     mask that step (``docs/vector_envs.md``).
 
+    ## Rendering
+    ``render_mode="ansi"``: ``render()`` returns a text summary of the decision (time, pending
+    request, per replica queued and running requests, KV usage and dispatches); ``"human"``
+    prints it to stdout at every ``reset`` and ``step`` (and on ``render()``); ``None`` (default)
+    renders nothing. Any other mode is refused at construction (a ``TypeError`` naming the mode
+    and the supported ones).
+
     ## Arguments
     ``gym.make("LLMCluster-v0", scenario=None, **kwargs)``: ``scenario`` names a packaged
     scenario (or a YAML path) used as the base; every field of
@@ -99,7 +124,7 @@ class LLMClusterEnv(gym.Env):
     and priors) between envs that are built often (a scenario family builds one per episode).
     """
 
-    metadata = {"render_modes": []}
+    metadata = {"render_modes": ["ansi", "human"], "render_fps": 4}
     _spec = None
 
     @property
@@ -119,10 +144,8 @@ class LLMClusterEnv(gym.Env):
     def __init__(self, scenario: str | None = None, render_mode: str | None = None, *,
                  config: EnvConfig | None = None, shared_cache: dict | None = None,
                  **kwargs: Any) -> None:
-        if render_mode is not None:
-            # TypeError, like an unexpected keyword: SB3's make_vec_env then retries without it
-            raise TypeError(f"render_mode={render_mode!r}: LLMCluster-v0 does not render")
-        self.render_mode = None
+        check_render_mode(render_mode, "LLMCluster-v0", self.metadata["render_modes"])
+        self.render_mode = render_mode
         if config is not None:
             if not isinstance(config, EnvConfig):
                 raise TypeError(f"config: expected an EnvConfig, got {type(config).__name__}")
@@ -160,6 +183,9 @@ class LLMClusterEnv(gym.Env):
                                           self.workload.mean_output_tokens, groups)
         self.reward_function = RewardFunction(cfg.reward, cfg.slo)
         self.action_space = spaces.Discrete(self.layout.num_slots)
+        #: ``action_masks()``: True for the slots that hold a replica (read-only, shared).
+        self._action_mask = np.arange(self.layout.num_slots) < self.num_replicas
+        self._action_mask.flags.writeable = False
         self.observation_space = spaces.Box(0.0, np.inf, shape=(self.layout.size,),
                                             dtype=np.float32)
         self._pending: Request | None = None
@@ -171,21 +197,30 @@ class LLMClusterEnv(gym.Env):
         self._truncated = False
 
     def _feature_groups(self) -> list[ReplicaFeatureGroup]:
-        """The optional per-replica feature groups this configuration switches on."""
-        obs = self.config.observation
-        groups: list[ReplicaFeatureGroup] = []
-        prefix_group = None
-        prefix = obs.prefix_features
-        if prefix is None:
-            prefix = self.caches_prefixes
-        if prefix:
-            prefix_group = PrefixFeatures(self.cluster.replicas, obs.prefix_oracle,
-                                          obs.prefix_index_blocks)
-            groups.append(prefix_group)
-        if obs.engine_signals:
-            model = EngineModel(self.output_prior, oracle=obs.output_length_oracle)
-            groups.append(EngineFeatures(self.cluster.replicas, model, prefix_group))
-        return groups
+        """The optional per-replica feature groups this configuration switches on (the rule
+        is :func:`~llm_cluster_env.env.observation.feature_groups`')."""
+        return feature_groups(self.config.observation, self.cluster.replicas, self.output_prior)
+
+    def observe_for(self, router: Any) -> None:
+        """Compute from now on only the per-replica features ``router`` reads: its ``reads``
+        (required: a feature this env's observation lacks is a ``ValueError`` naming the
+        router and the feature) and ``reads_if_present``; a router without ``reads`` (an
+        agent) gets the whole observation, as does ``observe_for(None)``. The features not
+        read are NaN in the observations returned."""
+        reads = getattr(router, "reads", None)
+        if reads is None:
+            self.builder.set_reads(None)
+            return
+        column = self.layout.column
+        for feature in reads:
+            if feature not in column:
+                raise ValueError(
+                    f"router {getattr(router, 'name', type(router).__name__)!r} reads the "
+                    f"feature {feature!r}, which this env does not provide (per-replica "
+                    f"features: {', '.join(self.layout.replica_features)}; see "
+                    "observation.engine_signals and observation.prefix_features)")
+        optional = [f for f in getattr(router, "reads_if_present", ()) if f in column]
+        self.builder.set_reads(tuple(reads) + tuple(optional))
 
     # ------------------------------------------------------------------ gym API
     def reset(self, *, seed: int | None = None, options: dict | None = None):
@@ -223,13 +258,17 @@ class LLMClusterEnv(gym.Env):
         self._truncated = False
         self._pending = self.cluster.next_arrival()
         self._obs = self._observe()
-        return self._obs, {}
+        if self.render_mode == "human":
+            self.render()
+        return self._obs, {"action_mask": self._action_mask}
 
     def step(self, action):
         request = self._pending
         if request is None or self._truncated:
             raise RuntimeError("step() called after the episode ended (or before reset())")
-        replica = self._replica_index(action)
+        slot = self._replica_index(action)
+        # an empty slot (padded layouts only) falls back to replica slot % N (Action Space)
+        replica = slot if slot < self.num_replicas else slot % self.num_replicas
         cluster = self.cluster
         area_before = cluster.area
         finished_before = len(cluster.finished)
@@ -248,6 +287,9 @@ class LLMClusterEnv(gym.Env):
             self.builder.recent_counts)
         self._obs = self._observe()
         info: dict[str, Any] = {}
+        if self._action_mask.size > self.num_replicas:  # empty slots: the mask on every step
+            info["action_mask"] = self._action_mask
+            info["invalid_action"] = slot != replica
         if terminated or truncated:
             latencies = self._latencies()
             info["metrics"] = self._metrics(latencies)
@@ -255,24 +297,66 @@ class LLMClusterEnv(gym.Env):
         if truncated:
             self._truncated = True
             info["requests_in_flight"] = self._steps - len(latencies)
+        if self.render_mode == "human":
+            self.render()
         return self._obs, reward, terminated, truncated, info
 
     # ----------------------------------------------------------------- helpers
     def _replica_index(self, action: Any) -> int:
-        """The replica index an action names: an integer (Python or NumPy, or an integer array
-        holding one value) in ``[0, N)``; anything else (floats, strings, booleans) is refused."""
+        """The slot index an action names: an integer (Python or NumPy, or an integer array
+        holding one value) in ``[0, slots)``; anything else (floats, strings, booleans) is
+        refused."""
         value = action
         if isinstance(value, np.ndarray) and value.size == 1:
             value = value.reshape(()).item() if np.issubdtype(value.dtype, np.integer) else value
         if isinstance(value, np.integer):
             value = int(value)
+        slots = self._action_mask.size
         if isinstance(value, bool) or not isinstance(value, int):
             raise ValueError(f"action={action!r}: must be an integer replica index in "
-                             f"[0, {self.num_replicas - 1}], got {type(action).__name__}")
-        if not 0 <= value < self.num_replicas:
-            raise ValueError(f"action={action!r}: must be a replica index in "
-                             f"[0, {self.num_replicas - 1}]")
+                             f"[0, {slots - 1}], got {type(action).__name__}")
+        if not 0 <= value < slots:
+            raise ValueError(f"action={action!r}: must be a replica index in [0, {slots - 1}]")
         return value
+
+    def action_masks(self) -> np.ndarray:
+        """``(slots,)`` booleans, True for the slots that hold a replica (the first ``N``): the
+        actions sb3-contrib's ``MaskablePPO`` may take. A read-only array, the same object on
+        every call of an env (``info["action_mask"]`` is it too)."""
+        return self._action_mask
+
+    def render(self) -> str | None:
+        """``render_mode="ansi"``: a text summary of the cluster at the current decision
+        (time, pending request, per replica the queued and running requests, KV usage and
+        dispatches so far); ``"human"``: the same text printed to stdout (``reset`` and
+        ``step`` print it too, as Gymnasium's human mode does); ``None``: nothing."""
+        if self.render_mode is None:
+            return None
+        text = self.render_text()
+        if self.render_mode == "human":
+            print(text, flush=True)
+            return None
+        return text
+
+    def render_text(self) -> str:
+        """The text :meth:`render` shows, whatever the ``render_mode``."""
+        request = self._pending
+        if self._episode is None:
+            return f"{self.config.name}: {self.num_replicas} replicas, not reset yet"
+        head = (f"{self.config.name}: t={self._time_origin_s + self.cluster.now:.3f} s, "
+                f"step {self._steps}/{len(self._episode)}, ")
+        if request is None:
+            head += "episode ended"
+        else:
+            head += (f"pending request {request.id} (prompt {request.prompt_tokens}, "
+                     f"output {request.output_tokens} tokens)")
+        view = self.layout.view(self._obs)
+        rows = [head, "replica  gpu          queued  running  kv_usage  dispatched"]
+        for i, replica in enumerate(self.cluster.replicas):
+            rows.append(f"{i:7d}  {replica.config.gpu:<11}  {view.queued[i]:6.0f}  "
+                        f"{view.running[i]:7.0f}  {view.kv_usage[i]:8.1%}  "
+                        f"{self.dispatch_counts[i]:10d}")
+        return "\n".join(rows)
 
     def _observe(self) -> np.ndarray:
         request = self._pending

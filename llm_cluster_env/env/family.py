@@ -51,7 +51,7 @@ from llm_cluster_env.config import (
     SLOConfig,
     WorkloadConfig,
 )
-from llm_cluster_env.env.cluster_env import LLMClusterEnv
+from llm_cluster_env.env.cluster_env import LLMClusterEnv, check_render_mode
 from llm_cluster_env.env.observation import ObservationLayout, optional_replica_features
 from llm_cluster_env.sim.cluster import latency_model
 from llm_cluster_env.hardware import GPUS, MODELS
@@ -354,7 +354,7 @@ class ScenarioSampler:
         steps at batch 1 (context: prompt plus half the output)."""
         key = ("service_time", replica, lengths)
         if key not in self.shared_cache:
-            from llm_cluster_env.workload.generator import WorkloadGenerator
+            from llm_cluster_env.workload import WorkloadGenerator
 
             window = replica.context_tokens
             sample = WorkloadGenerator(lengths, window, self.shared_cache).length_sample()
@@ -380,9 +380,17 @@ class ScenarioFamilyEnv(gym.Env):
 
     ## Spaces
     ``Box(0, inf, (replica_slots * F + T,))`` observations, ``Discrete(replica_slots)`` actions;
-    only the first ``N`` slots hold replicas in an episode of an ``N``-replica cluster
-    (routing to another slot is an error; the replica-set policies of ``sb3_warmstart`` give
-    them no probability).
+    only the first ``N`` slots hold replicas in an episode of an ``N``-replica cluster.
+    ``action_masks()`` is True for those ``N`` (sb3-contrib's ``MaskablePPO`` reads it; the
+    replica-set policies of ``sb3_warmstart`` give the empty slots no probability), and every
+    ``info`` carries it as ``info["action_mask"]``. An action naming an empty slot ``k`` routes
+    to replica ``k % N`` and sets that step's ``info["invalid_action"]`` (see ``LLMCluster-v0``'s
+    Action Space), so ``check_env`` and unmasked learners that sample the whole space run.
+
+    ## Rendering
+    ``render_mode="ansi"``: ``render()`` returns the scenario's description and the cluster
+    summary of ``LLMCluster-v0``; ``"human"`` prints it at every ``reset`` and ``step``;
+    ``None`` renders nothing; other modes are refused at construction.
 
     ## Episodes
     ``reset`` draws a scenario with the env's ``np_random`` (so ``reset(seed=s)`` replays it),
@@ -397,14 +405,13 @@ class ScenarioFamilyEnv(gym.Env):
     and read-only env parts).
     """
 
-    metadata = {"render_modes": []}
+    metadata = {"render_modes": ["ansi", "human"], "render_fps": 4}
 
     def __init__(self, family: str | Mapping[str, Any] | ScenarioFamilyConfig = "generalist",
                  render_mode: str | None = None, *, shared_cache: dict | None = None,
                  **overrides: Any) -> None:
-        if render_mode is not None:
-            raise TypeError(f"render_mode={render_mode!r}: LLMClusterFamily-v0 does not render")
-        self.render_mode = None
+        check_render_mode(render_mode, "LLMClusterFamily-v0", self.metadata["render_modes"])
+        self.render_mode = render_mode
         self.family = load_family(family, overrides)
         self.sampler = ScenarioSampler(self.family, shared_cache)
         self._layout = layout = family_layout(self.family)
@@ -425,15 +432,41 @@ class ScenarioFamilyEnv(gym.Env):
         obs, info = self.env.reset(seed=int(self.np_random.integers(_MAX_SEED)),
                                    options=options or None)
         info["scenario"] = self.scenario
+        if self.render_mode == "human":
+            self.render()
         return obs, info
 
     def step(self, action):
         if self.env is None:
             raise RuntimeError("step() called before reset()")
         obs, reward, terminated, truncated, info = self.env.step(action)
+        if "action_mask" not in info:  # a cluster that fills every slot: all valid
+            info["action_mask"] = self.env.action_masks()
+            info["invalid_action"] = False
         if terminated or truncated:
             info["scenario"] = self.scenario
+        if self.render_mode == "human":
+            self.render()
         return obs, reward, terminated, truncated, info
+
+    def action_masks(self) -> np.ndarray:
+        """``(replica_slots,)`` booleans, True for the slots of this episode's replicas."""
+        return self._current().action_masks()
+
+    def render(self) -> str | None:
+        """The current scenario and cluster as text (``"ansi"``), printed (``"human"``), or
+        nothing (``None``); see Rendering."""
+        if self.render_mode is None:
+            return None
+        if self.env is None:
+            text = f"{self.family.name}: no scenario yet (call reset())"
+        else:
+            described = ", ".join(f"{k}={v}" for k, v in self.scenario.items())
+            text = f"scenario: {described}\n{self.env.render_text()}"
+        if self.render_mode == "human":
+            print(text, flush=True)
+            return None
+        return text
 
     # the current scenario's env, for routers and evaluation ---------------------------------
     def _current(self) -> LLMClusterEnv:

@@ -64,6 +64,16 @@ with 1,024 context tokens each.
 A heuristic router sees the same numbers through :class:`ClusterView`, which names the columns
 of the per-replica block; ``ObservationLayout.view(obs)`` rebuilds that view from any flat
 observation, so a heuristic acting on an agent's observation vector makes the same decision.
+
+Features are computed only when read. A router declares the per-replica features it reads
+(``Router.reads``); ``LLMClusterEnv.observe_for(router)`` makes the builder compute only those
+(the others are NaN; an agent, which declares nothing, gets all of them), and ``compare``,
+``replay`` and ``evaluate`` route that way. The builder keeps what it read of each replica at
+the last decision and reads it again only from replicas whose state changed since
+(``Replica.version``) or whose iteration clock moved, so a step costs what changed, not what
+the cluster holds. Up to :data:`SCALAR_MAX_REPLICAS` replicas it computes replica by replica
+in plain Python; above, for all replicas at once with numpy (the engine signals through
+:class:`~llm_cluster_env.routing.engine_model.EngineArrays`), with the same values.
 """
 
 from __future__ import annotations
@@ -79,9 +89,9 @@ import numpy as np
 from llm_cluster_env.config import ObservationConfig
 from llm_cluster_env.routing.engine_model import (
     ENGINE_FEATURES,
+    EngineArrays,
     EngineModel,
     OutputLengthPrior,
-    clock_and_boundary,
 )
 from llm_cluster_env.routing.prefix_index import ApproximatePrefixIndex
 
@@ -259,6 +269,13 @@ class ClusterView:
 class ObservationBuilder:
     """Encodes the cluster at a decision point into the flat observation.
 
+    Features are computed only when read: :meth:`set_reads` names the per-replica features a
+    router reads (the others are NaN in the observation; the static ``speed_k`` and
+    ``kv_capacity_k`` are always there), ``None`` (the default, what an agent gets) all of
+    them. Per replica the builder keeps what it read at the last decision and reads it again
+    only from replicas whose state changed since (``Replica.version``) or whose iteration
+    clock moved; the features are then evaluated for all replicas at once with numpy.
+
     :param layout: the feature layout.
     :param replicas: the simulator's replicas (read-only use).
     :param mean_output_tokens: prior for a request's output length (tokens), used by the
@@ -277,29 +294,87 @@ class ObservationBuilder:
         self.layout = layout
         self.replicas = list(replicas)
         self.groups = tuple(groups)
-        self._boundaries = any(group.needs_boundaries for group in self.groups)
         self.mean_output_tokens = float(mean_output_tokens)
         self.oracle = layout.config.output_length_oracle
         self._tau = layout.config.arrival_rate_timescale_s
         self._share_window = layout.config.dispatch_share_window
-        self._static = [
-            (reference_decode_throughput(r.latency) / 1000.0,
-             r.num_blocks * r.block_size / 1000.0)
-            for r in self.replicas
-        ]
+        n = len(self.replicas)
+        self._scalar = n <= SCALAR_MAX_REPLICAS  # replica by replica, else all at once
+        self._num_blocks = np.array([r.num_blocks for r in self.replicas], dtype=np.int64)
+        self._speed_k = np.array([reference_decode_throughput(r.latency) / 1000.0
+                                  for r in self.replicas])
+        self._capacity_k = np.array([r.num_blocks * r.block_size / 1000.0
+                                     for r in self.replicas])
+        # a prefix cache changes its held blocks at events but evicts lazily: re-read always
+        self._always_stale = np.array([getattr(r, "cache", None) is not None
+                                       for r in self.replicas])
+        # per replica, as read at the last decision (see _refresh)
+        self._num_blocks_list = self._num_blocks.tolist()
+        self._speed_list = self._speed_k.tolist()
+        self._capacity_list = self._capacity_k.tolist()
+        self._always_list = self._always_stale.tolist()
+        self._version = np.full(n, -1, dtype=np.int64)
+        self._valid_until = np.full(n, -np.inf)
+        self._end = np.full(n, -np.inf)
+        self._state = np.zeros((_STATE_FIELDS, n), dtype=np.int64)
+        # the same as Python lists (a few replicas: plain Python is faster than arrays)
+        self._version_list = [-1] * n
+        self._valid_list = [-math.inf] * n
+        self._end_list = [-math.inf] * n
+        self._rows = [[0] * _STATE_FIELDS for _ in range(n)]
+        self.set_reads(None)
         self.reset()
+
+    def set_reads(self, features: Sequence[str] | None) -> None:
+        """Compute only the per-replica ``features`` (names in ``layout.replica_features``) from
+        now on; ``None``: all of them. An unknown name is a ``ValueError`` naming it."""
+        column = self.layout.column
+        if features is None:
+            read = set(self.layout.replica_features)
+        else:
+            read = set(features)
+            unknown = sorted(read - set(column))
+            if unknown:
+                raise ValueError(f"feature {unknown[0]!r} is not in this observation (per-replica "
+                                 f"features: {', '.join(self.layout.replica_features)})")
+        active = [g for g in self.groups if read & set(g.names)]
+        for group in self.groups:  # a group reads the groups it depends on
+            if group in active:
+                active.extend(d for d in group.depends_on if d not in active)
+        self.reads = None if features is None else tuple(sorted(read, key=column.get))
+        self._read = read
+        self._read_columns = {column[f] for f in read}
+        self._unread_columns = [column[f] for f in self.layout.replica_features
+                                if f not in read and f not in _STATIC_FEATURES]
+        self._active = tuple(g for g in self.groups if g in active)
+        # nothing to read from the replicas: every block is the static one
+        fixed = np.full((len(self.replicas), self.layout.num_replica_features), np.nan)
+        fixed[:, SPEED_K] = self._speed_k
+        fixed[:, KV_CAPACITY_K] = self._capacity_k
+        self._template = np.zeros(self.layout.size, dtype=np.float32)
+        self._template[: fixed.size] = fixed.ravel()
+        self._need_clock = bool(self._active) or bool(read & _CLOCK_FEATURES)
+        self._need_state = bool(read & _STATE_FEATURES) or self._need_clock
+        self._fixed = not self._need_state and SHARE not in self._read_columns
+        self._forget_replicas()  # read everything again under the new plan
 
     def reset(self) -> None:
         """Forget dispatch history and arrival-rate state (start of an episode)."""
         n = self.layout.num_replicas
         self._recent: deque[int] = deque()
         self._recent_counts = [0] * n
+        self._counts = np.zeros(n, dtype=np.int64)
         self._history: deque[int] = deque(maxlen=max(self.layout.config.history_window, 1))
         self._decayed_arrivals = 0.0
         self._first_arrival: float | None = None
         self._last_arrival = 0.0
+        self._forget_replicas()
         for group in self.groups:
             group.reset()
+
+    def _forget_replicas(self) -> None:
+        self._version[:] = -1
+        self._version_list[:] = [-1] * len(self._version_list)
 
     def record_arrival(self, t: float) -> None:
         """Update the arrival-rate estimate with an arrival at ``t`` (seconds)."""
@@ -317,8 +392,11 @@ class ObservationBuilder:
             group.record_dispatch(replica_id, request)
         self._recent.append(replica_id)
         self._recent_counts[replica_id] += 1
+        self._counts[replica_id] += 1
         if len(self._recent) > self._share_window:
-            self._recent_counts[self._recent.popleft()] -= 1
+            old = self._recent.popleft()
+            self._recent_counts[old] -= 1
+            self._counts[old] -= 1
         if self.layout.config.history_window:
             self._history.appendleft(replica_id)
 
@@ -341,67 +419,194 @@ class ObservationBuilder:
         """Dispatches per replica over the recent window (the builder's own list: do not modify)."""
         return self._recent_counts
 
+    def _stale(self, now: float) -> list[int]:
+        """The replicas whose state changed since the last decision or whose iteration clock
+        has moved (the others keep what was read then)."""
+        replicas = self.replicas
+        versions = np.fromiter([r.version for r in replicas], np.int64, len(replicas))
+        stale = (versions != self._version) | self._always_stale
+        if self._need_clock:
+            stale |= now >= self._valid_until
+        return np.flatnonzero(stale).tolist()
+
+    def _refresh(self, now: float) -> None:
+        """Read again the :meth:`_stale` replicas (for :meth:`_block_arrays`)."""
+        replicas = self.replicas
+        state = self._state
+        rows = self._rows
+        need_clock = self._need_clock
+        active = self._active
+        for i in self._stale(now):
+            rep = replicas[i]
+            row = rows[i]
+            row[QUEUED] = len(rep.waiting)
+            row[RUNNING] = len(rep.running)
+            row[_PENDING] = rep.pending_prefill_tokens
+            self._version_list[i] = rep.version
+            if need_clock:
+                clock, end, valid = clock_end_until(rep, now)
+                self._end_list[i] = end
+                self._valid_list[i] = valid
+                row[_CLOCK] = clock
+                row[_USED] = rep.blocks_in_use(clock)
+                row[_GENERATED] = rep.generated_tokens_active(clock)
+                row[_OUTPUT] = rep.active_output_tokens
+                for group in active:
+                    group.refresh(i, rep, clock)
+            state[:, i] = row
+            self._version[i] = rep.version
+            self._end[i] = self._end_list[i]
+            self._valid_until[i] = self._valid_list[i]
+
     def build(self, now: float, prompt_tokens: int, output_tokens: int,
               request: Request | None = None) -> np.ndarray:
         """The observation at ``now`` for a request with these lengths (tokens; 0 = none); the
         feature groups also see the ``request`` itself."""
-        values: list[float] = []
-        extend = values.extend
-        replicas = self.replicas
-        if self._boundaries:
-            timings = [clock_and_boundary(rep, now) for rep in replicas]
-            clocks = [t[0] for t in timings]
-            boundaries = [t[1] for t in timings]
-        else:
-            clocks = [rep.clock_at(now) if rep.busy else rep.clock for rep in replicas]
-            boundaries = None
-        used = [rep.blocks_in_use(clock) for rep, clock in zip(replicas, clocks)]
-        extra = None
-        for group in self.groups:
-            columns = group.columns(now, request, clocks, used, boundaries)
-            extra = columns if extra is None else [tuple(a) + tuple(b)
-                                                   for a, b in zip(extra, columns)]
-        share_den = max(len(self._recent), 1)
-        mean_out = self.mean_output_tokens
-        oracle = self.oracle
-        counts = self._recent_counts
-        for rep, (speed_k, capacity_k), clock, in_use in zip(replicas, self._static, clocks, used):
-            queued = len(rep.waiting)
-            running = len(rep.running)
-            generated = rep.generated_tokens_active(clock)
-            if oracle:
-                decode = rep.active_output_tokens - generated
-            else:
-                decode = (queued + running) * mean_out - generated
-                if decode < 0.0:
-                    decode = 0.0
-            extend((
-                queued,
-                running,
-                in_use / rep.num_blocks,
-                rep.pending_prefill_tokens * 0.001,
-                decode * 0.001,
-                counts[rep.id] / share_den,
-                speed_k,
-                capacity_k,
-            ))
-            if extra is not None:
-                extend(extra[rep.id])
         layout = self.layout
-        obs = np.zeros(layout.size, dtype=np.float32)
-        obs[: len(values)] = values
+        if self._fixed:
+            obs = self._template.copy()
+        else:
+            if self._scalar:
+                block = self._block_scalar(now, request)
+            else:
+                block = self._block_arrays(now, request)
+            obs = np.zeros(layout.size, dtype=np.float32)
+            obs[: len(block)] = block
         tail = [prompt_tokens * 0.001]
-        if oracle:
+        if self.oracle:
             tail.append(output_tokens * 0.001)
         tail.append(self.arrival_rate())
         base = layout.replica_block
         obs[base: base + len(tail)] = tail
         if layout.config.history_window:
             base = layout.history_offset
-            n = layout.num_slots
+            slots = layout.num_slots
             for k, replica_id in enumerate(self._history):
-                obs[base + k * n + replica_id] = 1.0
+                obs[base + k * slots + replica_id] = 1.0
         return obs
+
+    def _group_columns(self, now: float, request: Request | None, clocks, used, tau0
+                       ) -> list[tuple[int, object]]:
+        """``(first column, values)`` of each group being read."""
+        out = []
+        first = len(REPLICA_FEATURES)
+        for group in self.groups:
+            if group in self._active:
+                out.append((first, group.columns(now, request, clocks, used, tau0)))
+            first += len(group.names)
+        return out
+
+    def _block_scalar(self, now: float, request: Request | None) -> list[float]:
+        """The per-replica block, replica-major, computed replica by replica (what a few
+        replicas need: plain Python is faster than array calls there)."""
+        nan = math.nan
+        values: list[float] = []
+        extend = values.extend
+        need_state, need_clock, active = self._need_state, self._need_clock, self._active
+        share_den = max(len(self._recent), 1) if SHARE in self._read_columns else 0
+        mean_out = self.mean_output_tokens
+        oracle = self.oracle
+        known, valid, always = self._version_list, self._valid_list, self._always_list
+        ends, rows = self._end_list, self._rows
+        tau0 = []
+        for i, rep in enumerate(self.replicas):
+            queued = running = kv = prefill = decode = share = nan
+            if need_state:
+                queued = len(rep.waiting)
+                running = len(rep.running)
+                prefill = rep.pending_prefill_tokens * 0.001
+            if need_clock:
+                row = rows[i]
+                if rep.version != known[i] or now >= valid[i] or always[i]:
+                    known[i] = rep.version
+                    clock, ends[i], valid[i] = clock_end_until(rep, now)
+                    row[_CLOCK] = clock
+                    row[_USED] = rep.blocks_in_use(clock)
+                    row[_GENERATED] = rep.generated_tokens_active(clock)
+                    for group in active:
+                        group.refresh(i, rep, clock)
+                end = ends[i]
+                tau0.append(end - now if end > now else 0.0)
+                kv = row[_USED] / rep.num_blocks
+                if oracle:
+                    decode = rep.active_output_tokens - row[_GENERATED]
+                else:
+                    decode = (queued + running) * mean_out - row[_GENERATED]
+                    if decode < 0.0:
+                        decode = 0.0
+                decode *= 0.001
+            if share_den:
+                share = self._recent_counts[i] / share_den
+            extend((queued, running, kv, prefill, decode, share, self._speed_list[i],
+                    self._capacity_list[i]))
+        if self.groups or self._unread_columns:
+            nbase = len(REPLICA_FEATURES)
+            n = len(self.replicas)
+            rows_out = [values[k * nbase: (k + 1) * nbase] for k in range(n)]
+            clocks = [row[_CLOCK] for row in rows] if active else None
+            used = [row[_USED] for row in rows] if active else None
+            for group in self.groups:
+                if group in active:
+                    columns = group.columns(now, request, clocks, used, tau0)
+                    columns = columns.tolist() if isinstance(columns, np.ndarray) else columns
+                    for row, v in zip(rows_out, columns):
+                        row.extend(v)
+                else:
+                    filler = [nan] * len(group.names)
+                    for row in rows_out:
+                        row.extend(filler)
+            for column in self._unread_columns:
+                for row in rows_out:
+                    row[column] = nan
+            values = [v for row in rows_out for v in row]
+        return values
+
+    def _block_arrays(self, now: float, request: Request | None) -> np.ndarray:
+        """The per-replica block, replica-major, computed for all replicas at once."""
+        layout = self.layout
+        block = np.full((layout.num_replicas, layout.num_replica_features), np.nan)
+        block[:, SPEED_K] = self._speed_k
+        block[:, KV_CAPACITY_K] = self._capacity_k
+        if SHARE in self._read_columns:
+            block[:, SHARE] = self._counts / max(len(self._recent), 1)
+        if self._need_state:
+            self._refresh(now)
+            state = self._state
+            queued, running = state[QUEUED], state[RUNNING]
+            block[:, QUEUED] = queued
+            block[:, RUNNING] = running
+            block[:, PREFILL_K] = state[_PENDING] * 0.001
+            if self._need_clock:
+                block[:, KV_USAGE] = state[_USED] / self._num_blocks
+                if self.oracle:
+                    decode = state[_OUTPUT] - state[_GENERATED]
+                else:
+                    decode = (queued + running) * self.mean_output_tokens - state[_GENERATED]
+                    decode = np.where(decode < 0.0, 0.0, decode)
+                block[:, DECODE_K] = decode * 0.001
+                if self._active:
+                    tau0 = np.where(self._end > now, self._end - now, 0.0)
+                    for first, values in self._group_columns(now, request, state[_CLOCK],
+                                                             state[_USED], tau0):
+                        values = np.asarray(values)
+                        block[:, first: first + values.shape[1]] = values
+            if self._unread_columns:
+                block[:, self._unread_columns] = np.nan
+        return block.ravel()
+
+
+#: Up to this many replicas the builder computes features replica by replica in plain Python
+#: (faster than array calls on a handful of values), above it with numpy for all at once.
+SCALAR_MAX_REPLICAS = 24
+#: Builder state rows (besides QUEUED and RUNNING, which share the feature columns' indices).
+_PENDING, _CLOCK, _USED, _GENERATED, _OUTPUT = 2, 3, 4, 5, 6
+_STATE_FIELDS = 7
+#: Base features that need each replica's iteration clock at the decision time.
+_CLOCK_FEATURES = frozenset({"kv_usage", "decode_tokens_k"})
+#: Base features that never change (always in the observation).
+_STATIC_FEATURES = frozenset({"speed_k", "kv_capacity_k"})
+#: Base features read from the replicas' queues.
+_STATE_FEATURES = frozenset({"queued", "running", "prefill_tokens_k"})
 
 
 class ReplicaFeatureGroup:
@@ -411,8 +616,8 @@ class ReplicaFeatureGroup:
 
     #: Feature names (without the ``r{i}/`` prefix).
     names: tuple[str, ...] = ()
-    #: Whether :meth:`columns` needs each replica's time to its next iteration boundary.
-    needs_boundaries = False
+    #: Groups whose columns this one reads (built first, computed whenever this one is).
+    depends_on: tuple[ReplicaFeatureGroup, ...] = ()
 
     def reset(self) -> None:
         """Forget episode state (start of an episode)."""
@@ -420,15 +625,17 @@ class ReplicaFeatureGroup:
     def record_dispatch(self, replica_id: int, request: Request | None) -> None:
         """The router sent ``request`` to ``replica_id``."""
 
-    def columns(self, now: float, request: Request | None, clocks: Sequence[int],
-                used: Sequence[int], boundaries: Sequence[float] | None
-                ) -> list[Sequence[float]]:
-        """Per replica, the group's values at ``now`` for the pending ``request``. The builder
-        computes once what several features need: ``clocks``, the replicas' iteration clocks
-        at ``now`` (``Replica.clock_at``), ``used``, their KV blocks in use then
-        (``Replica.blocks_in_use``, the ``kv_usage`` numerator), and, when some group
-        ``needs_boundaries``, the seconds from ``now`` to each one's next iteration boundary
-        (else ``None``)."""
+    def refresh(self, replica_id: int, replica: Replica, clock: int) -> None:
+        """Replica ``replica_id`` changed, or its iteration clock moved to ``clock``, since the
+        last decision (replicas not refreshed are as they were then)."""
+
+    def columns(self, now: float, request: Request | None, clocks: np.ndarray,
+                used: np.ndarray, boundaries: np.ndarray) -> np.ndarray | list[Sequence[float]]:
+        """Per replica, the group's values at ``now`` for the pending ``request`` (one row per
+        replica). The builder computes once what several features need: ``clocks``, the
+        replicas' iteration clocks at ``now`` (``Replica.clock_at``), ``used``, their KV
+        blocks in use then (``Replica.blocks_in_use``, the ``kv_usage`` numerator), and the
+        seconds from ``now`` to each one's next iteration boundary."""
         raise NotImplementedError
 
 
@@ -469,9 +676,9 @@ class PrefixFeatures(ReplicaFeatureGroup):
             self.indexes[replica_id].insert(chain.ids, chain.block_starts(bs),
                                             request.prompt_tokens // bs)
 
-    def columns(self, now: float, request: Request | None, clocks: Sequence[int],
-                used: Sequence[int], boundaries: Sequence[float] | None
-                ) -> list[Sequence[float]]:
+    def columns(self, now: float, request: Request | None, clocks: np.ndarray,
+                used: np.ndarray, boundaries: np.ndarray) -> list[Sequence[float]]:
+        used = used.tolist() if isinstance(used, np.ndarray) else used
         chain = request.chain if request is not None else None
         prompt = request.prompt_tokens if request is not None else 0
         out = []
@@ -505,7 +712,9 @@ class PrefixFeatures(ReplicaFeatureGroup):
 
 class EngineFeatures(ReplicaFeatureGroup):
     """``est_wait_s``, ``est_ttft_s``, ``est_delta_s`` (see the module table and
-    :mod:`llm_cluster_env.routing.engine_model`); zeros when no request is pending.
+    :mod:`llm_cluster_env.routing.engine_model`); zeros when no request is pending. Computed
+    for all replicas at once (:class:`~llm_cluster_env.routing.engine_model.EngineArrays`),
+    each replica's terms kept from the last decision unless it changed.
 
     :param replicas: the simulator's replicas (read-only use).
     :param model: the engine model (its output-length prior, or the oracle).
@@ -514,37 +723,84 @@ class EngineFeatures(ReplicaFeatureGroup):
     """
 
     names = ENGINE_FEATURES
-    needs_boundaries = True
 
     def __init__(self, replicas: Sequence[Replica], model: EngineModel,
                  prefix: PrefixFeatures | None = None) -> None:
         self.replicas = list(replicas)
         self.model = model
         self.prefix = prefix
-        self._zeros = [(0.0, 0.0, 0.0)] * len(self.replicas)
+        self.depends_on = (prefix,) if prefix is not None else ()
+        #: All replicas at once (``None`` for a few replicas: one :meth:`EngineModel.estimate`
+        #: call each is faster there).
+        self.arrays = (EngineArrays(model, self.replicas)
+                       if len(self.replicas) > SCALAR_MAX_REPLICAS else None)
 
-    def columns(self, now: float, request: Request | None, clocks: Sequence[int],
-                used: Sequence[int], boundaries: Sequence[float] | None
-                ) -> list[Sequence[float]]:
+    def refresh(self, replica_id: int, replica: Replica, clock: int) -> None:
+        if self.arrays is not None:
+            self.arrays.update(replica_id, replica, clock)
+
+    def columns(self, now: float, request: Request | None, clocks: np.ndarray,
+                used: np.ndarray, boundaries: np.ndarray) -> np.ndarray:
         if request is None:
-            return self._zeros
-        estimate = self.model.estimate
-        prompt, output = request.prompt_tokens, request.output_tokens
-        hits = self.prefix.last_hits if self.prefix is not None else None
-        out = []
-        for i, rep in enumerate(self.replicas):
-            cached = int(hits[i] * prompt) if hits is not None else 0
-            out.append(estimate(rep, now, prompt, output, cached,
-                                timing=(clocks[i], boundaries[i])))
-        return out
+            return np.zeros((len(self.replicas), 3))
+        prompt = request.prompt_tokens
+        if self.arrays is None:
+            estimate = self.model.estimate
+            output = request.output_tokens
+            hits = self.prefix.last_hits if self.prefix is not None else None
+            return [estimate(rep, now, prompt, output,
+                             int(hits[i] * prompt) if hits is not None else 0,
+                             timing=(clocks[i], boundaries[i]))
+                    for i, rep in enumerate(self.replicas)]
+        cached = None
+        if self.prefix is not None:
+            cached = (np.asarray(self.prefix.last_hits) * prompt).astype(np.int64)
+        return np.column_stack(self.arrays.estimate(boundaries, prompt, request.output_tokens,
+                                                    cached))
+
+
+def clock_end_until(replica: Replica, now: float) -> tuple[int, float, float]:
+    """The replica's iteration clock at ``now``, the end of the iteration in flight (seconds;
+    ``-inf`` when none is, so the time to the next boundary is ``max(end - now, 0)``), and the
+    time until which both hold while the replica's state does not change (the same clock and
+    boundary as :func:`~llm_cluster_env.routing.engine_model.clock_and_boundary`)."""
+    if not replica.busy:
+        return replica.clock, -math.inf, math.inf
+    if replica._batch_pure and replica.batch_iterations > 1:
+        done = replica.iterations_done_by(now)
+        if done < replica.batch_iterations:
+            end = replica.batch_start + replica._stretch_duration(done + 1)
+            return replica.clock + done, end, end
+        return replica.clock + done, -math.inf, math.inf
+    return replica.clock, replica.batch_end, math.inf
+
+
+def prefix_features_on(config: ObservationConfig, caches_prefixes: bool) -> bool:
+    """Whether ``config`` switches the prefix group on for a cluster whose replicas do (or
+    do not) cache prefixes: the one place that rule is written."""
+    return config.prefix_features if config.prefix_features is not None else caches_prefixes
+
+
+def feature_groups(config: ObservationConfig, replicas: Sequence[Replica],
+                   output_prior: OutputLengthPrior) -> list[ReplicaFeatureGroup]:
+    """The optional per-replica feature groups ``config`` switches on for these replicas, in
+    layout order (their names are :func:`optional_replica_features`)."""
+    groups: list[ReplicaFeatureGroup] = []
+    prefix_group = None
+    if prefix_features_on(config, any(r.cache is not None for r in replicas)):
+        prefix_group = PrefixFeatures(replicas, config.prefix_oracle, config.prefix_index_blocks)
+        groups.append(prefix_group)
+    if config.engine_signals:
+        model = EngineModel(output_prior, oracle=config.output_length_oracle)
+        groups.append(EngineFeatures(replicas, model, prefix_group))
+    return groups
 
 
 def optional_replica_features(config: ObservationConfig, caches_prefixes: bool
                               ) -> tuple[str, ...]:
     """Names of the optional per-replica features ``config`` switches on, in layout order, for
     a cluster whose replicas do (or do not) cache prefixes."""
-    prefix = config.prefix_features if config.prefix_features is not None else caches_prefixes
-    return ((PrefixFeatures.names if prefix else ())
+    return ((PrefixFeatures.names if prefix_features_on(config, caches_prefixes) else ())
             + (EngineFeatures.names if config.engine_signals else ()))
 
 

@@ -18,10 +18,19 @@ class Router:
     ``requires_context``: the router reads ``view.context`` (a
     :class:`~llm_cluster_env.env.observation.RoutingContext`: the pending request, the replicas)
     besides the observation, so it cannot act on a bare observation vector.
+
+    ``reads``: the per-replica features (names in ``layout.replica_features``) the router reads
+    from the view; the env computes only those for it (``LLMClusterEnv.observe_for``; the
+    others are NaN) and refuses, naming the router and the feature, one it cannot provide.
+    ``None`` (the default): the whole observation, as an agent reads it. ``reads_if_present``:
+    features read when the observation has them (the prefix features, zeros without). The
+    request features, the arrival rate and the decision history are always there.
     """
 
     name = "router"
     requires_context = False
+    reads: tuple[str, ...] | None = None
+    reads_if_present: tuple[str, ...] = ()
 
     def reset(self, num_replicas: int, rng: np.random.Generator | None = None) -> None:
         """Prepare for an episode on ``num_replicas`` replicas, drawing randomness from ``rng``."""

@@ -95,6 +95,8 @@ class OutputLengthPrior:
         with np.errstate(invalid="ignore", divide="ignore"):
             residual = np.where(count > 0, suffix[first_longer] / np.maximum(count, 1) - g, 1.0)
         self._residual = np.maximum(residual, 1.0).tolist()
+        #: ``E[O - g | O > g]`` for ``g = 0, 1, ...`` (the last entry holds beyond the table).
+        self.residual_table = np.asarray(self._residual, dtype=np.float64)
 
     def expected_output(self, prompt_tokens: int) -> float:
         """``E[O | prompt]``: mean output length (tokens) of the prompt's decile."""
@@ -228,8 +230,282 @@ class EngineModel:
 
     def estimate_all(self, replicas: Sequence, now: float, prompt_tokens: int,
                      output_tokens: int = 0) -> list[tuple[float, float, float]]:
-        """:meth:`estimate` for every replica."""
+        """:meth:`estimate` for every replica (one at a time: the reference that
+        :class:`EngineArrays` computes for all replicas at once)."""
         return [self.estimate(r, now, prompt_tokens, output_tokens) for r in replicas]
+
+    def replica_terms(self, replica, clock: int,
+                      requests: list[tuple] | None = None) -> tuple:
+        """What :meth:`estimate` needs of ``replica`` at iteration clock ``clock`` that does
+        not depend on the pending request or on the time within the iteration: a tuple
+        ``(scalars, remaining, prompt_plus_generated)`` with ``scalars`` in
+        :data:`TERM_FIELDS` order (tokens, blocks, requests, seconds), the running requests'
+        expected (or, with the oracle, true) remaining decode tokens in admission order, and
+        their prompt plus generated tokens (float64 arrays, the same order). ``requests`` is
+        :func:`running_requests` of the replica when the caller keeps it."""
+        iteration_time = replica.latency.iteration_time
+        batch = replica.num_decoding
+        context = batch * clock - replica._sum_r if batch else 0
+        t_dec = iteration_time(batch, context) if batch else 0.0
+        v0 = replica.batching == "vllm_v0"
+        budget = replica.token_budget
+        cap = budget if (v0 or not replica.chunked_prefill) else max(budget - batch, 1)
+        chunk_batch, chunk_context = (0, 0) if v0 else (batch, context)
+        if requests is None:
+            requests = running_requests(replica)
+        # plain Python: a replica runs tens of requests, too few for array calls to pay off
+        remaining = []
+        tokens = []
+        if self.oracle:
+            for decoding, offset, generated, prompt, output in requests:
+                g = clock - offset if decoding else generated
+                remaining.append(output - g)
+                tokens.append(prompt + g)
+        else:
+            table = self.prior._residual
+            size = len(table)
+            last = table[-1]
+            for decoding, offset, generated, prompt, _ in requests:
+                g = clock - offset if decoding else generated
+                remaining.append(table[g] if g < size else last)
+                tokens.append(prompt + g)
+        remaining = np.array(remaining, dtype=np.float64)
+        tokens = np.array(tokens, dtype=np.float64)
+        used = replica.decode_blocks(clock) + replica.prefill_blocks
+        ahead = replica.pending_prefill_tokens
+        if ahead > 0:
+            ahead_time = math.ceil(ahead / cap) * iteration_time(
+                chunk_batch, chunk_context, ((ahead if ahead < cap else cap, 0),))
+        else:
+            ahead_time = 0.0
+        scalars = (batch, context, t_dec, cap, chunk_batch, chunk_context, used, ahead,
+                   replica.num_blocks - used - replica.watermark_blocks, len(tokens),
+                   len(replica.waiting), replica.max_batch_size, replica.block_size, ahead_time,
+                   float(v0))
+        return scalars, remaining, tokens
+
+
+def running_requests(replica) -> list[tuple[bool, int, int, int, int]]:
+    """The replica's running requests in admission order as ``(decoding, decode offset,
+    generated, prompt, output)`` tuples: fixed while ``replica.running_version`` is."""
+    return [(r.state is _DECODING, r.decode_offset, r.generated, r.prompt_tokens,
+             r.output_tokens) for r in replica.running.values()]
+
+
+#: The per-replica numbers of :meth:`EngineModel.replica_terms`, in order.
+TERM_FIELDS = ("batch", "context", "t_dec", "cap", "chunk_batch", "chunk_context", "used",
+               "ahead", "free_blocks", "num_running", "queued", "max_batch", "block_size",
+               "ahead_time", "vllm_v0")
+(_B, _CTX, _TDEC, _CAP, _CB, _CC, _USED, _AHEAD, _FREE, _NRUN, _QUEUED, _MAXB, _BS, _AHEADT,
+ _V0) = range(len(TERM_FIELDS))
+
+
+class ArrayIterationTime:
+    """:meth:`~llm_cluster_env.sim.latency.IterationTimeModel.iteration_time` of one model for
+    arrays of batches, bit for bit: the same table entries combined by the same floating-point
+    operations in the same order. Entries outside the dense tables (batches or token counts
+    above ``DENSE_TABLE_SIZE``, chunks above the longest profiled one, Vidur's rounded decode
+    context) are computed one at a time by the model itself.
+
+    :param latency: the iteration-time model (read-only).
+    """
+
+    def __init__(self, latency) -> None:
+        self.latency = latency
+        self.exact = latency.decode_context_granularity is None
+        self._breaks = np.asarray(latency._context_breaks, dtype=np.float64)
+        self._base = np.asarray(latency._segment_base, dtype=np.float64)
+        self._beta = np.asarray(latency._segment_beta, dtype=np.float64)
+        self._attention = np.asarray(latency._segment_attention, dtype=np.float64)
+        self._dense = self._base.shape[1] - 1
+        self._tokens = np.asarray(latency._tokens.dense, dtype=np.float64)
+        self._lm_head = np.asarray(latency._lm_head.dense, dtype=np.float64)
+
+    def decode(self, batch: np.ndarray, context: np.ndarray) -> np.ndarray:
+        """Seconds of pure-decode iterations of ``batch`` (>= 1) requests with ``context``
+        tokens in total (int64 arrays of one shape)."""
+        out = np.empty(batch.shape)
+        fast = batch <= self._dense if self.exact else np.zeros(batch.shape, dtype=bool)
+        b, c = batch[fast], context[fast]
+        s = np.searchsorted(self._breaks, c / b, side="right")
+        out[fast] = self._base[s, b] + self._beta[s, b] * c
+        for i in np.flatnonzero(~fast).tolist():
+            out[i] = self.latency.iteration_time(int(batch[i]), int(context[i]))
+        return out
+
+    def prefill(self, batch: np.ndarray, context: np.ndarray, chunk: np.ndarray) -> np.ndarray:
+        """Seconds of iterations of ``batch`` decodes (``context`` tokens) plus one prompt chunk
+        of ``chunk`` tokens with no prior context (int64 arrays of one shape)."""
+        lat = self.latency
+        n = batch + chunk
+        rows = batch + 1
+        fast = (n <= self._dense) & (chunk <= lat._max_chunk) & (rows <= self._dense)
+        if not self.exact:
+            fast &= batch == 0
+        out = np.empty(batch.shape)
+        b, c, x = batch[fast], context[fast], chunk[fast]
+        time = (lat._overhead + lat._overhead_per_request * (b + 1) + self._tokens[b + x]
+                + self._lm_head[b + 1] + lat._prefill0
+                + x * (lat._prefill_token + lat._prefill_causal * x))
+        decoding = b > 0
+        if decoding.any():
+            bd, cd = b[decoding], c[decoding]
+            s = np.searchsorted(self._breaks, cd / bd, side="right")
+            time[decoding] += self._attention[s, bd] + self._beta[s, bd] * cd
+        out[fast] = time
+        for i in np.flatnonzero(~fast).tolist():
+            out[i] = lat.iteration_time(int(batch[i]), int(context[i]), ((int(chunk[i]), 0),))
+        return out
+
+
+class EngineArrays:
+    """:meth:`EngineModel.estimate` for all replicas at once, with numpy.
+
+    The caller keeps each replica's request-independent terms up to date
+    (:meth:`update`, after the replica changed or its iteration clock moved: the rest keep
+    theirs); :meth:`estimate` then evaluates the formulas for every replica in a few array
+    operations. Values equal :meth:`EngineModel.estimate`'s (the same operations in the same
+    order; the running requests' context sums are accumulated in admission order as there).
+
+    :param model: the engine model (prior, oracle flag).
+    :param replicas: the replicas (read-only; their iteration-time models are grouped).
+    """
+
+    def __init__(self, model: EngineModel, replicas: Sequence) -> None:
+        self.model = model
+        n = len(replicas)
+        self.num_replicas = n
+        self.terms = np.zeros((len(TERM_FIELDS), n))
+        self.ints = np.zeros((len(TERM_FIELDS), n), dtype=np.int64)
+        empty = np.zeros(0)
+        self._remaining: list[np.ndarray] = [empty] * n
+        self._tokens: list[np.ndarray] = [empty] * n
+        self._requests: list[tuple[int, tuple] | None] = [None] * n
+        self._counts = np.zeros(n, dtype=np.int64)
+        self._sorted: list[np.ndarray | None] = [None] * n
+        self._flat: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+        timings: dict[int, tuple[ArrayIterationTime, list[int]]] = {}
+        for i, rep in enumerate(replicas):
+            timings.setdefault(id(rep.latency), (ArrayIterationTime(rep.latency), []))[1].append(i)
+        self._timings = [(t, slice(None) if len(idx) == n else np.asarray(idx))
+                         for t, idx in timings.values()]
+
+    def update(self, i: int, replica, clock: int) -> None:
+        """Recompute replica ``i``'s terms at iteration clock ``clock``."""
+        cached = self._requests[i]
+        if cached is None or cached[0] != replica.running_version:
+            cached = self._requests[i] = (replica.running_version, running_requests(replica))
+        scalars, remaining, tokens = self.model.replica_terms(replica, clock, cached[1])
+        self.terms[:, i] = scalars
+        self.ints[:, i] = scalars[:_TDEC] + (0,) + scalars[_TDEC + 1:_AHEADT] + (0, 0)
+        self._remaining[i] = remaining
+        self._tokens[i] = tokens
+        self._counts[i] = len(remaining)
+        self._sorted[i] = None
+        self._flat = None
+
+    def _decode(self, batch: np.ndarray, context: np.ndarray) -> np.ndarray:
+        if len(self._timings) == 1:
+            return self._timings[0][0].decode(batch, context)
+        out = np.empty(batch.shape)
+        for timing, idx in self._timings:
+            out[idx] = timing.decode(batch[idx], context[idx])
+        return out
+
+    def _prefill(self, batch: np.ndarray, context: np.ndarray, chunk: np.ndarray) -> np.ndarray:
+        if len(self._timings) == 1:
+            return self._timings[0][0].prefill(batch, context, chunk)
+        out = np.empty(batch.shape)
+        for timing, idx in self._timings:
+            out[idx] = timing.prefill(batch[idx], context[idx], chunk[idx])
+        return out
+
+    def _running(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The running requests of every replica, replica by replica in admission order:
+        (replica index, remaining decode tokens, prompt + generated tokens)."""
+        if self._flat is None:
+            owner = np.repeat(np.arange(self.num_replicas), self._counts)
+            self._flat = (owner, np.concatenate(self._remaining),
+                          np.concatenate(self._tokens))
+        return self._flat
+
+    def estimate(self, tau0: np.ndarray, prompt_tokens: int, output_tokens: int = 0,
+                 cached_tokens: np.ndarray | None = None
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(est_wait_s, est_ttft_s, est_delta_s)`` arrays of a pending request on every
+        replica, ``tau0`` being each one's seconds to its next iteration boundary
+        (:func:`clock_and_boundary`) and ``cached_tokens`` its cached prompt tokens there."""
+        model = self.model
+        prior = model.prior
+        terms, ints = self.terms, self.ints
+        as_int = np.int64
+        batch, t_dec, cap, used, ahead = ints[_B], terms[_TDEC], ints[_CAP], ints[_USED], ints[_AHEAD]
+        num_running, queued, max_batch = ints[_NRUN], ints[_QUEUED], ints[_MAXB]
+        expected_out = float(output_tokens) if model.oracle else prior.expected_output(prompt_tokens)
+        horizon = expected_out - 1.0 if expected_out > 1.0 else 0.0
+        steady = prior.mean_context
+
+        # admission
+        need = -(-(ahead + prompt_tokens) // ints[_BS])
+        free = ints[_FREE]
+        completions = (num_running + queued + 1 - max_batch).astype(np.float64)
+        short = (need > free) & (num_running > 0)
+        if short.any():
+            per_request = np.where(used > num_running, used / np.maximum(num_running, 1), 1.0)
+            completions = np.where(short, np.maximum(completions,
+                                                     np.ceil((need - free) / per_request)),
+                                   completions)
+        admit_wait = np.zeros(self.num_replicas)
+        for i in np.flatnonzero((completions > 0) & (t_dec > 0.0)).tolist():
+            ordered = self._sorted[i]
+            if ordered is None:
+                ordered = self._sorted[i] = np.sort(self._remaining[i])
+            k, n_run = int(completions[i]), len(ordered)
+            if k <= n_run:
+                admit_wait[i] = float(ordered[k - 1]) * float(t_dec[i])
+            else:
+                admit_wait[i] = (float(ordered[-1]) + (k - n_run) * prior.mean_output
+                                 / (int(batch[i]) or 1)) * float(t_dec[i])
+        ahead_time = terms[_AHEADT]
+        wait = tau0 + np.maximum(ahead_time, admit_wait)
+        if cached_tokens is None:
+            own = np.full(self.num_replicas, max(prompt_tokens, 1), dtype=as_int)
+        else:
+            own = np.where(prompt_tokens > cached_tokens, prompt_tokens - cached_tokens, 1)
+        prefill_iterations = np.ceil(own / cap)
+        own_prefill = prefill_iterations * self._prefill(ints[_CB], ints[_CC], np.minimum(own, cap))
+        ttft = wait + own_prefill
+
+        co_batch = np.minimum(batch + queued, max_batch - 1)
+        extra = own_prefill - prefill_iterations * t_dec
+        delta = ttft + np.where(batch > 0, np.where(
+            terms[_V0] > 0, batch * own_prefill, np.where(extra > 0.0, batch * extra, 0.0)), 0.0)
+        if horizon > 0.0:
+            co_context = self._co_context(horizon, steady)
+            if queued.any():
+                fresh = np.where(ahead > 0, ahead / np.maximum(queued, 1), steady)
+                mq = prior.mean_output if prior.mean_output < horizon else horizon
+                co_context = np.where(queued > 0, co_context + queued * (
+                    mq * fresh + 0.5 * mq * (mq - 1.0) + (horizon - mq) * steady), co_context)
+            mean_co = co_context / horizon
+            mean_own = prompt_tokens + 0.5 * (horizon - 1.0)
+            with_us = self._decode(co_batch + 1, np.trunc(mean_co + mean_own + 0.5).astype(as_int))
+            delta = delta + horizon * with_us
+            corun = co_batch > 0
+            if corun.any():
+                without = self._decode(np.maximum(co_batch, 1),
+                                       np.maximum(np.trunc(mean_co + 0.5).astype(as_int), 1))
+                delta = np.where(corun, delta + co_batch * horizon * (with_us - without), delta)
+        return wait, ttft, delta
+
+
+    def _co_context(self, horizon: float, steady: float) -> np.ndarray:
+        """Per replica, its running requests' context tokens summed over ``horizon`` decode
+        iterations (accumulated in admission order, as :meth:`EngineModel.estimate` does)."""
+        owner, remaining, tokens = self._running()
+        m = np.minimum(remaining, horizon)
+        return np.bincount(owner, m * tokens + 0.5 * m * (m - 1.0) + (horizon - m) * steady,
+                           minlength=self.num_replicas)
 
 
 def clock_and_boundary(replica, now: float) -> tuple[int, float]:
@@ -247,4 +523,5 @@ def clock_and_boundary(replica, now: float) -> tuple[int, float]:
     return replica.clock, (end - now if end > now else 0.0)
 
 
-__all__ = ["ENGINE_FEATURES", "EngineModel", "OutputLengthPrior", "clock_and_boundary"]
+__all__ = ["ENGINE_FEATURES", "TERM_FIELDS", "ArrayIterationTime", "EngineArrays", "EngineModel",
+           "OutputLengthPrior", "clock_and_boundary", "running_requests"]

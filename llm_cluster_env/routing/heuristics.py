@@ -79,6 +79,7 @@ from llm_cluster_env.routing.base import Router, ScoredRouter, _all_min
 
 class RoundRobinRouter(Router):
     name = "round_robin"
+    reads = ()
 
     def reset(self, num_replicas: int, rng: np.random.Generator | None = None) -> None:
         super().reset(num_replicas, rng)
@@ -92,6 +93,7 @@ class RoundRobinRouter(Router):
 
 class RandomRouter(Router):
     name = "random"
+    reads = ()
 
     def select(self, view: ClusterView) -> int:
         return int(self.rng.integers(self.num_replicas))
@@ -114,6 +116,7 @@ class LeastOutstandingRequestsRouter(ScoredRouter):
 
     name = "lor"
     ties = "random"
+    reads = ("queued", "running")
 
     def cost(self, view: ClusterView) -> np.ndarray:
         return view.outstanding_requests
@@ -136,6 +139,7 @@ class LeastWaitingRequestsRouter(ScoredRouter):
     """
 
     name = "lor_waiting"
+    reads = ("queued",)
 
     def cost(self, view: ClusterView) -> np.ndarray:
         return view.queued
@@ -143,6 +147,7 @@ class LeastWaitingRequestsRouter(ScoredRouter):
 
 class PowerOfTwoRouter(Router):
     name = "power_of_two"
+    reads = ("queued", "running")
 
     def select(self, view: ClusterView) -> int:
         if self.num_replicas == 1:
@@ -157,6 +162,7 @@ class LeastKVRouter(Router):
     remaining ties to the lowest replica index."""
 
     name = "least_kv"
+    reads = ("queued", "running", "kv_usage")
 
     def select(self, view: ClusterView) -> int:
         return int(self.tied_choices(view)[0])
@@ -168,6 +174,7 @@ class LeastKVRouter(Router):
 
 class LeastOutstandingTokensRouter(ScoredRouter):
     name = "least_tokens"
+    reads = ("prefill_tokens_k", "decode_tokens_k")
 
     def cost(self, view: ClusterView) -> np.ndarray:
         return view.outstanding_tokens_k
@@ -182,6 +189,7 @@ class LLMDRouter(ScoredRouter):
     """llm-d inference-scheduler style: weighted sum of normalised queue and KV scores."""
 
     name = "llm_d"
+    reads = ("queued", "running", "kv_usage")
 
     def __init__(self, queue_weight: float = 1.0, kv_weight: float = 1.0) -> None:
         self.queue_weight = queue_weight
@@ -194,6 +202,7 @@ class LLMDRouter(ScoredRouter):
 
 class LeastWorkTimeRouter(ScoredRouter):
     name = "least_work_time"
+    reads = ("prefill_tokens_k", "decode_tokens_k", "speed_k")
 
     def cost(self, view: ClusterView) -> np.ndarray:
         return (view.outstanding_tokens_k + view.prompt_tokens_k) / view.speed_k
@@ -203,6 +212,7 @@ class WeightedLeastRequestRouter(ScoredRouter):
     """Envoy-style weighted least request, weights = decode throughput (``speed_k``)."""
 
     name = "weighted_lor"
+    reads = ("queued", "running", "speed_k")
 
     def __init__(self, bias: float = 1.0) -> None:
         self.bias = bias
@@ -218,6 +228,7 @@ class LeastAddedTimeRouter(ScoredRouter):
     counting them. Greedy: it ignores requests that have not arrived yet."""
 
     name = "least_added_time"
+    reads = ("est_delta_s",)
 
     def cost(self, view: ClusterView) -> np.ndarray:
         return view.column("est_delta_s")
@@ -252,6 +263,8 @@ class SGLangCacheAwareRouter(Router):
     """
 
     name = "sglang_cache_aware"
+    reads = ("queued", "running")
+    reads_if_present = ("prefix_hit", "prefix_index_fill")
 
     def __init__(self, cache_threshold: float = 0.3, balance_abs_threshold: float = 64,
                  balance_rel_threshold: float = 1.5) -> None:
@@ -300,6 +313,8 @@ class LLMDPrefixRouter(ScoredRouter):
 
     name = "llm_d_prefix"
     ties = "random"
+    reads = ("queued", "kv_usage")
+    reads_if_present = ("prefix_hit",)
 
     def __init__(self, queue_weight: float = 2.0, kv_weight: float = 2.0,
                  prefix_weight: float = 3.0) -> None:
@@ -344,6 +359,8 @@ class DynamoKVRouter(Router):
     """
 
     name = "dynamo_kv"
+    reads = ("prefill_tokens_k", "kv_usage", "kv_capacity_k")
+    reads_if_present = ("prefix_hit", "prefix_index_fill")
     requires_context = True  # with the default kv_events=True
 
     def __init__(self, overlap_score_weight: float = 1.0, temperature: float = 0.0,
@@ -413,13 +430,14 @@ class SessionAffinityRouter(Router):
 
     The session key is what a real router reads from a header (``x-session-id``), so it comes
     from the routing context (``requires_context``): the request's
-    :attr:`~llm_cluster_env.sim.prefix_cache.PrefixChain.session_key` (a conversation, a
+    :attr:`~llm_cluster_env.prefix_chain.PrefixChain.session_key` (a conversation, a
     tenant, or for the Mooncake trace its first two blocks).
 
     :param vnodes: ring points per replica.
     """
 
     name = "session_affinity"
+    reads = ("dispatch_share",)
     requires_context = True
 
     def __init__(self, vnodes: int = 160) -> None:

@@ -81,6 +81,7 @@ class LookaheadRouter(Router):
 
     name = "lookahead"
     requires_context = True
+    reads = ()  # simulates copies of the replicas instead
 
     def __init__(self, oracle: bool = False) -> None:
         self.oracle = oracle

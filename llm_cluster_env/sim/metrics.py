@@ -41,11 +41,20 @@ column                      dtype    meaning                                    
 
 The episode statistics call the scheduling delay ``queueing`` (``queueing_mean`` ...).
 
-Per episode: mean/p50/p90/p99 of each, throughput, SLO attainment, per-replica utilisation
+Per episode: mean/p50/p90/p99 of each, throughput, SLO attainment, SLO goodput (below),
+per-replica utilisation
 (busy fraction of the episode; with continuous batching a replica is busy whenever it holds a
 request, so this saturates near 1 well below capacity) and time-averaged running batch size
 (the better load indicator), dispatch shares and the balance score ``1 - std(shares)`` of the
 design documents (1 is perfectly even).
+
+**SLO goodput** (DistServe, OSDI'24: the rate of requests that meet their latency targets):
+``goodput_rps`` = finished requests whose TTFT <= ``ttft_slo_s`` **and** whose TPOT <=
+``tpot_slo_s`` (a one-token output has no TPOT and needs only the TTFT target), divided by the
+episode's span ``makespan_s`` = the first arrival of the episode to the last completion
+(seconds; the same span as ``throughput_rps``). Requests rejected before routing or not
+finished count as missing. So ``goodput_rps = slo_attainment * throughput_rps``: the
+throughput a router delivers *within* the SLO; a router that serves everything late scores 0.
 """
 
 from __future__ import annotations
@@ -252,7 +261,9 @@ def episode_metrics(
     :param makespan_s: time from the first arrival to the last completion (seconds).
     :param batch_time: per replica, the integral of the batch size over its busy time
         (request-seconds); gives the time-averaged running batch size.
-    :param ttft_slo_s: TTFT target (seconds). :param tpot_slo_s: TPOT target (seconds).
+    :param ttft_slo_s: TTFT target (seconds). :param tpot_slo_s: TPOT target (seconds). A
+        request meets them with ``ttft <= ttft_slo_s`` and ``tpot <= tpot_slo_s`` (no TPOT
+        for one-token outputs); ``goodput_rps`` counts those per second of ``makespan_s``.
     :param num_rejected: requests dropped before routing. :param num_clipped: requests shortened.
     """
     out: dict[str, float] = {}
@@ -275,6 +286,7 @@ def episode_metrics(
     out["slo_ttft_attainment"] = float(ttft_ok.mean()) if n else 1.0
     out["slo_tpot_attainment"] = float(tpot_ok.mean()) if n else 1.0
     out["slo_attainment"] = float((ttft_ok & tpot_ok).mean()) if n else 1.0
+    out["goodput_rps"] = float(np.count_nonzero(ttft_ok & tpot_ok)) / span
     counts = np.asarray(dispatch_counts, dtype=np.float64)
     shares = counts / max(counts.sum(), 1.0)
     out["balance"] = balance_score(counts)

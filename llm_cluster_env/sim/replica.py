@@ -192,6 +192,12 @@ class Replica:
         self._stretch_ctx0 = 0  # decode context tokens at the stretch's first iteration
         self._stretch_batch = 0
         self.event_version = 0
+        #: Bumped at every change of this replica's state (dispatch, batch start, batch end, a
+        #: stretch cut short): observation caches keyed on it stay valid while it is unchanged.
+        self.version = getattr(self, "version", 0) + 1
+        #: Bumped whenever a running request joins, leaves or changes state (the running
+        #: requests' prompts, decode offsets and generated counts are fixed in between).
+        self.running_version = getattr(self, "running_version", 0) + 1
         # statistics
         self.busy_time = 0.0
         self.batch_time = 0.0  # integral of batch size over busy time (request-seconds)
@@ -258,6 +264,7 @@ class Replica:
     # ---------------------------------------------------------- decoding set ops
     def _join_decoding(self, req: Request) -> None:
         req.state = DECODING
+        self.running_version += 1
         offset = self.clock - req.generated
         req.decode_offset = offset
         r = offset - req.prompt_tokens
@@ -270,6 +277,7 @@ class Replica:
         heappush(self._finish_heap, (offset + req.output_tokens, req.admit_seq, req))
 
     def _leave_decoding(self, req: Request) -> None:
+        self.running_version += 1
         offset = req.decode_offset
         r = offset - req.prompt_tokens
         self.num_decoding -= 1
@@ -289,6 +297,7 @@ class Replica:
             req.chain_ids = req.chain.ids
             req.chain_starts = req.chain.block_starts(self.block_size)
         self.waiting.append(req)
+        self.version += 1
         self.pending_prefill_tokens += req.prefill_tokens
         self.active_output_tokens += req.output_tokens
         self.num_dispatched += 1
@@ -305,6 +314,7 @@ class Replica:
         self.batch_iterations = keep
         self.batch_end = self.batch_start + self._stretch_duration(keep)
         self.event_version += 1
+        self.version += 1
         return self.batch_end
 
     # ---------------------------------------------------------- timing helpers
@@ -348,6 +358,7 @@ class Replica:
     def _preempt(self, req: Request) -> None:
         """Free a running request's blocks and put it back at the front of the queue (with
         prefix caching its computed blocks stay cached, so the recompute may hit them)."""
+        self.running_version += 1
         del self.running[req.admit_seq]
         if req.state == DECODING:
             self._leave_decoding(req)
@@ -419,6 +430,7 @@ class Replica:
     def _admit(self, req: Request, blocks: int, now: float) -> None:
         """Move the head of the waiting queue into the running set, holding ``blocks``."""
         self.waiting.popleft()
+        self.running_version += 1
         req.state = PREFILLING
         req.blocks = blocks
         req.prefilled = 0
@@ -436,6 +448,7 @@ class Replica:
         Returns its end time, or ``None`` when there is nothing to run (the replica idles).
         """
         self.start_pending = False
+        self.version += 1
         if self._vllm_v0:
             chunks = self._admit_vllm_v0(now)
             if chunks:
@@ -653,6 +666,7 @@ class Replica:
     def end_batch(self, now: float) -> list[Request]:
         """Apply the batch in flight, which ends at ``now``; return the requests that finished."""
         self.busy = False
+        self.version += 1
         iterations = self.batch_iterations
         cache = self.cache
         if cache is not None and iterations > 1:
@@ -705,6 +719,7 @@ class Replica:
 
     def _finish(self, req: Request, now: float) -> None:
         req.state = FINISHED
+        self.running_version += 1
         req.finish_time = now
         if req.chain_ids is not None:
             self._release_cached(req, req.prompt_tokens + req.generated - 1)
@@ -753,6 +768,8 @@ class Replica:
         heapify(heap)
         self._finish_heap = heap
         self.active_output_tokens = total
+        self.version += 1
+        self.running_version += 1
 
     # ------------------------------------------------------------ observation
     def generated_tokens_active(self, clock: int) -> int:

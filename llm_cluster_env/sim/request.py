@@ -6,7 +6,7 @@ from enum import IntEnum
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from llm_cluster_env.sim.prefix_cache import PrefixChain
+    from llm_cluster_env.prefix_chain import PrefixChain
 
 
 class RequestState(IntEnum):

@@ -20,7 +20,7 @@ from llm_cluster_env.config import ConfigError, EnvConfig
 from llm_cluster_env.tools.evaluation import evaluate_routers, format_table, plot_latency_cdf, write_csv
 from llm_cluster_env.routing.heuristics import CACHE_AWARE_ROUTERS, ROUTERS, make_router
 from llm_cluster_env.scenarios import available_scenarios, scenario_description
-from llm_cluster_env.workload.generator import TraceError
+from llm_cluster_env.workload import TraceError
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -20,7 +20,7 @@ import numpy as np
 from llm_cluster_env.atomic import atomic_write_text
 from llm_cluster_env.env.cluster_env import LLMClusterEnv
 from llm_cluster_env.routing.heuristics import Router
-from llm_cluster_env.sim.metrics import RequestLatencies
+from llm_cluster_env.sim.metrics import RequestLatencies, balance_score  # balance_score: re-exported for the training side
 
 TABLE_COLUMNS = (
     ("e2e_mean", "E2E mean s", "{:.3f}"),
@@ -66,14 +66,23 @@ def run_episode(env: LLMClusterEnv, router: Router, seed: int,
     """Route one episode of ``env`` (unwrapped) with ``router``; return metrics and latencies.
 
     The router draws from ``default_rng(seed + 7919)``; ``options`` go to ``env.reset`` (e.g.
-    ``{"workload": w}`` to serve a given workload).
+    ``{"workload": w}`` to serve a given workload). The env computes only the features the
+    router reads (``Router.reads``; everything for a router that does not say), and the whole
+    observation again afterwards.
     """
-    env.reset(seed=seed, options=dict(options) if options else None)
-    router.reset(env.num_replicas, np.random.default_rng(seed + 7_919))
-    terminated = False
-    info: dict[str, Any] = {}
-    while not terminated:
-        _, _, terminated, _, info = env.step(router.select(env.view))
+    observe_for = getattr(env, "observe_for", None)  # envs without it compute everything
+    if observe_for is not None:
+        observe_for(router)
+    try:
+        env.reset(seed=seed, options=dict(options) if options else None)
+        router.reset(env.num_replicas, np.random.default_rng(seed + 7_919))
+        terminated = False
+        info: dict[str, Any] = {}
+        while not terminated:
+            _, _, terminated, _, info = env.step(router.select(env.view))
+    finally:
+        if observe_for is not None:
+            observe_for(None)
     return info["metrics"], RequestLatencies.from_requests(env.cluster.requests)
 
 
@@ -86,15 +95,19 @@ def evaluate_routers(
     """Run every router on every seed of the scenario given by ``env_kwargs``.
 
     :param env_kwargs: keyword arguments of ``LLMCluster-v0`` (including ``scenario``).
-    :param routers: name -> factory of a fresh router.
+    :param routers: name -> factory of a fresh router (all are built, and refused if they read
+        a feature this env does not provide, before any episode runs).
     :param seeds: episode seeds, shared by all routers.
     :param progress: called with a short message after each episode.
     """
     env = LLMClusterEnv(**env_kwargs)
+    built = {name: factory() for name, factory in routers.items()}
+    for router in built.values():  # a router reading a feature the env lacks: refused now
+        env.observe_for(router)
+    env.observe_for(None)
     results: dict[str, RouterResult] = {}
-    for name, factory in routers.items():
+    for name, router in built.items():
         result = RouterResult(name)
-        router = factory()
         for seed in seeds:
             metrics, latencies = run_episode(env, router, seed)
             result.episodes.append(metrics)

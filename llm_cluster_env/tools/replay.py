@@ -80,7 +80,7 @@ from llm_cluster_env.sim.metrics import (
     REQUEST_COLUMNS,
 )
 from llm_cluster_env.validation import deep_merge
-from llm_cluster_env.workload.generator import Trace, Workload, load_trace
+from llm_cluster_env.workload import Trace, Workload, load_trace
 
 #: ``replica`` of a request that ``oversize_policy="reject"`` dropped.
 REJECTED_REPLICA = -1

@@ -1,7 +1,7 @@
 """Workloads whose prompts share prefixes: Mooncake traces, multi-turn sessions, system prompts.
 
 Every request of these workloads carries its prompt's block identities as a
-:class:`~llm_cluster_env.sim.prefix_cache.PrefixChain`: segments of tokens shared in full by
+:class:`~llm_cluster_env.prefix_chain.PrefixChain`: segments of tokens shared in full by
 every request that contains them, each id unique to the whole prefix up to it, the last segment
 open-ended (it also covers the generated tokens). A replica with prefix caching turns them into
 KV-block identities (:mod:`llm_cluster_env.sim.prefix_cache`).
@@ -59,8 +59,8 @@ from collections.abc import Callable
 import numpy as np
 
 from llm_cluster_env.config import MultiTurnConfig, SystemPromptConfig
-from llm_cluster_env.sim.prefix_cache import PrefixChain
-from llm_cluster_env.workload.generator import Trace, TraceError, _readonly, _trace_error
+from llm_cluster_env.prefix_chain import PrefixChain
+from llm_cluster_env.workload.requests import Trace, TraceError, readonly_array, trace_error
 
 #: Fields of a Mooncake trace line.
 MOONCAKE_FIELDS = ("timestamp", "input_length", "output_length", "hash_ids")
@@ -84,7 +84,7 @@ def is_mooncake_path(path: str | os.PathLike[str]) -> bool:
 
 
 def _field_error(path: str, line: int, field: str, value, problem: str) -> TraceError:
-    return _trace_error(path, line, field, None if value is None else repr(value)[:80], problem)
+    return trace_error(path, line, field, None if value is None else repr(value)[:80], problem)
 
 
 def _whole_number(path: str, line: int, field: str, value, minimum: int) -> int:
@@ -106,13 +106,13 @@ def _parse_mooncake_line(path: str, line: int, text: str, hash_block_tokens: int
     try:
         record = json.loads(text)
     except json.JSONDecodeError as err:
-        raise _trace_error(path, line, None, text[:80], f"not valid JSON ({err.msg})") from None
+        raise trace_error(path, line, None, text[:80], f"not valid JSON ({err.msg})") from None
     if not isinstance(record, dict):
-        raise _trace_error(path, line, None, text[:80], "expected a JSON object with fields "
+        raise trace_error(path, line, None, text[:80], "expected a JSON object with fields "
                            + ", ".join(MOONCAKE_FIELDS))
     for field in MOONCAKE_FIELDS:
         if field not in record:
-            raise _trace_error(path, line, field, None,
+            raise trace_error(path, line, field, None,
                                f"missing field (a line needs {', '.join(MOONCAKE_FIELDS)})")
     stamp = record["timestamp"]
     if isinstance(stamp, bool) or not isinstance(stamp, (int, float)) or not math.isfinite(stamp):
@@ -131,7 +131,7 @@ def _parse_mooncake_line(path: str, line: int, text: str, hash_block_tokens: int
                                "integers")
     limit = -(-prompt // hash_block_tokens)
     if len(ids) > limit:
-        raise _trace_error(path, line, "hash_ids", f"{len(ids)} ids",
+        raise trace_error(path, line, "hash_ids", f"{len(ids)} ids",
                            f"more ids than the prompt has blocks: input_length={prompt} tokens "
                            f"make ceil({prompt} / {hash_block_tokens}) = {limit} blocks of "
                            f"{hash_block_tokens} tokens (trace_hash_block_tokens)")
@@ -147,9 +147,9 @@ def load_mooncake_trace(path: str | os.PathLike[str], hash_block_tokens: int = 5
     """
     name = os.fspath(path)
     if not os.path.exists(name):
-        raise _trace_error(name, None, None, None, "trace file not found")
+        raise trace_error(name, None, None, None, "trace file not found")
     if not os.path.isfile(name):
-        raise _trace_error(name, None, None, None, "not a regular file")
+        raise trace_error(name, None, None, None, "not a regular file")
     arrivals: list[float] = []
     prompts: list[int] = []
     outputs: list[int] = []
@@ -183,20 +183,20 @@ def load_mooncake_trace(path: str | os.PathLike[str], hash_block_tokens: int = 5
                 lines.append(line)
                 segments.append(tuple(chain))
     except UnicodeDecodeError as err:
-        raise _trace_error(name, None, None, None, f"not a UTF-8 text file: {err}") from None
+        raise trace_error(name, None, None, None, f"not a UTF-8 text file: {err}") from None
     if not arrivals:
-        raise _trace_error(name, 1, None, None, "no request lines (expected one JSON object "
+        raise trace_error(name, 1, None, None, "no request lines (expected one JSON object "
                            "a line with " + ", ".join(MOONCAKE_FIELDS) + ")")
     keys = np.array([seg[min(1, len(seg) - 1)] if seg else -1 for seg in segments],
                     dtype=np.int64)
     return Trace(
-        arrival_times=_readonly(arrivals, np.float64),
-        prompt_tokens=_readonly(prompts, np.int64),
-        output_tokens=_readonly(outputs, np.int64),
+        arrival_times=readonly_array(arrivals, np.float64),
+        prompt_tokens=readonly_array(prompts, np.int64),
+        output_tokens=readonly_array(outputs, np.int64),
         path=name,
-        line_numbers=_readonly(lines, np.int64),
+        line_numbers=readonly_array(lines, np.int64),
         segments=tuple(segments),
-        session_keys=_readonly(keys, np.int64),
+        session_keys=readonly_array(keys, np.int64),
         hash_block_tokens=hash_block_tokens,
         num_segments=len(intern),
     )

@@ -9,6 +9,8 @@ stabilisation and monitoring.
   statistics settle before any gradient step.
 * :class:`TrainingMonitor` logs the action distribution, balance score, rewards and episode
   latency metrics, and keeps a history for learning curves and CSV export.
+* :class:`HyperparameterLogger` writes the run's hyperparameters once, at the start of
+  training, as TensorBoard hparams (SB3's ``HParam``).
 
 The first two only set attributes that our policy and algorithm honour
 (``sb3_warmstart.policies.recurrent.Temperature*Policy``: ``temperature``, ``uniform_actions``;
@@ -23,6 +25,7 @@ Python values).
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import math
 import os
@@ -36,7 +39,7 @@ from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.vec_env import VecNormalize
 
 from llm_cluster_env.atomic import atomic_write_text
-from llm_cluster_env.sim.metrics import balance_score
+from llm_cluster_env.tools.evaluation import balance_score
 from sb3_warmstart.pipeline.config import TemperatureConfig
 from sb3_warmstart.common.normalize import freeze_obs_stats, obs_stats_frozen
 
@@ -73,7 +76,7 @@ class TemperatureController(BaseCallback):
       buffer holds log-probs under the tempered behaviour distribution, so this is an unbiased
       Monte-Carlo estimate of its mean categorical entropy; it needs no extra forward pass and
       works unchanged for recurrent policies (whose exact entropy would need the LSTM states).
-    * balance ``B``: :func:`~llm_cluster_env.sim.metrics.balance_score` of the rollout's action
+    * balance ``B``: :func:`~llm_cluster_env.tools.evaluation.balance_score` of the rollout's action
       counts per replica (1 = even), and the largest replica share ``S``.
 
     **Rule** (one step per *adaptive* rollout, ``N`` actions)::
@@ -123,22 +126,8 @@ class TemperatureController(BaseCallback):
         if not isinstance(config, TemperatureConfig):
             raise TypeError(f"config: expected a TemperatureConfig, got {type(config).__name__}")
         self.config = config
-        self.target_entropy = config.target_entropy
-        self.target_balance = float(config.target_balance)
-        self.adaptation_rate = float(config.adaptation_rate)
-        self.ema_decay = float(config.ema_decay)
-        self.entropy_weight = float(config.entropy_weight)
-        self.balance_weight = float(config.balance_weight)
-        self.initial_temperature = float(config.initial_temperature)
-        self.min_temperature = float(config.min_temperature)
-        self.max_temperature = float(config.max_temperature)
-        self.collapse_balance = float(config.collapse_balance)
-        self.collapse_max_share = config.collapse_max_share
-        self.pulse_temperature = float(config.pulse_temperature)
-        self.pulse_rollouts = int(config.pulse_rollouts)
-        self.pulse_cooldown = int(config.pulse_cooldown)
         # state (see state_dict)
-        self.temperature = self.initial_temperature
+        self.temperature = float(config.initial_temperature)
         self.entropy_ema: float | None = None
         self.balance_ema: float | None = None
         self.pulse_remaining = 0
@@ -158,7 +147,7 @@ class TemperatureController(BaseCallback):
     @property
     def current_temperature(self) -> float:
         """The temperature the next (or current) rollout uses."""
-        return self.pulse_temperature if self.pulsing else self.temperature
+        return float(self.config.pulse_temperature) if self.pulsing else self.temperature
 
     def resolved_targets(self, num_actions: int) -> tuple[float, float]:
         """``(target_entropy, collapse_max_share)`` for ``num_actions`` actions, defaults filled."""
@@ -168,12 +157,13 @@ class TemperatureController(BaseCallback):
             raise ValueError(f"num_actions={num_actions} differs from the {self.num_actions} "
                              "actions this controller was used with")
         max_entropy = math.log(num_actions)
-        target_entropy = 0.5 * max_entropy if self.target_entropy is None else self.target_entropy
+        cfg = self.config
+        target_entropy = 0.5 * max_entropy if cfg.target_entropy is None else cfg.target_entropy
         if target_entropy > max_entropy + 1e-12:
             raise ValueError(f"target_entropy={target_entropy!r} nats exceeds ln N = "
                              f"{max_entropy:.4f} for N={num_actions} actions")
-        share = ((1 + 1 / num_actions) / 2 if self.collapse_max_share is None
-                 else self.collapse_max_share)
+        share = ((1 + 1 / num_actions) / 2 if cfg.collapse_max_share is None
+                 else cfg.collapse_max_share)
         if share <= 1 / num_actions:
             raise ValueError(f"collapse_max_share={share!r}: must exceed the fair share "
                              f"1/N = {1 / num_actions:.4f}")
@@ -197,6 +187,7 @@ class TemperatureController(BaseCallback):
         self.num_actions = int(counts.size)
         balance = balance_score(counts)
         max_share = float(counts.max() / counts.sum())
+        cfg = self.config
         used = self.current_temperature
         pulse = self.pulsing
         collapse = False
@@ -204,26 +195,26 @@ class TemperatureController(BaseCallback):
         if pulse:
             self.pulse_remaining -= 1
             if self.pulse_remaining == 0:
-                self.cooldown_remaining = self.pulse_cooldown
+                self.cooldown_remaining = int(cfg.pulse_cooldown)
         else:
             self.num_adaptive_rollouts += 1
-            d = self.ema_decay
+            d = float(cfg.ema_decay)
             self.entropy_ema = (float(entropy) if self.entropy_ema is None
                                 else d * self.entropy_ema + (1 - d) * float(entropy))
             self.balance_ema = (balance if self.balance_ema is None
                                 else d * self.balance_ema + (1 - d) * balance)
-            error = (self.entropy_weight * (target_entropy - self.entropy_ema)
+            error = (float(cfg.entropy_weight) * (target_entropy - self.entropy_ema)
                      / math.log(counts.size)
-                     + self.balance_weight * (self.target_balance - self.balance_ema))
-            log_t = math.log(self.temperature) + self.adaptation_rate * error
-            self.temperature = float(min(max(math.exp(log_t), self.min_temperature),
-                                         self.max_temperature))
+                     + float(cfg.balance_weight) * (float(cfg.target_balance) - self.balance_ema))
+            log_t = math.log(self.temperature) + float(cfg.adaptation_rate) * error
+            self.temperature = float(min(max(math.exp(log_t), float(cfg.min_temperature)),
+                                         float(cfg.max_temperature)))
             if self.cooldown_remaining > 0:
                 self.cooldown_remaining -= 1
-            elif self.pulse_rollouts > 0 and (balance < self.collapse_balance
-                                              or max_share > collapse_share):
+            elif cfg.pulse_rollouts > 0 and (balance < cfg.collapse_balance
+                                             or max_share > collapse_share):
                 collapse = True
-                self.pulse_remaining = self.pulse_rollouts
+                self.pulse_remaining = int(cfg.pulse_rollouts)
                 self.num_pulses += 1
         return {"temperature": used, "entropy": float(entropy), "balance": balance,
                 "max_share": max_share, "pulse": pulse, "collapse": collapse}
@@ -259,7 +250,8 @@ class TemperatureController(BaseCallback):
         if stats["collapse"] and self.verbose >= 1:
             print(f"TemperatureController: dispatch collapsed at {self._last_num_timesteps} steps "
                   f"(balance {stats['balance']:.3f}, max share {stats['max_share']:.3f}): "
-                  f"T = {self.pulse_temperature} for {self.pulse_rollouts} rollouts")
+                  f"T = {self.config.pulse_temperature} for {self.config.pulse_rollouts} "
+                  f"rollouts")
         record = self.logger.record
         record("temperature/value", stats["temperature"])
         record("temperature/base", self.temperature)
@@ -291,9 +283,10 @@ class TemperatureController(BaseCallback):
         """Restore a :meth:`state_dict`; the controller then continues exactly like the original."""
         _check_state_keys(state, self._STATE_KEYS, type(self).__name__)
         temperature = float(state["temperature"])
-        if not self.min_temperature <= temperature <= self.max_temperature:
+        low, high = self.config.min_temperature, self.config.max_temperature
+        if not low <= temperature <= high:
             raise ValueError(f"state['temperature']={temperature!r}: outside this controller's "
-                             f"bounds [{self.min_temperature}, {self.max_temperature}]")
+                             f"bounds [{low}, {high}]")
         self.temperature = temperature
         self.entropy_ema = None if state["entropy_ema"] is None else float(state["entropy_ema"])
         self.balance_ema = None if state["balance_ema"] is None else float(state["balance_ema"])
@@ -543,3 +536,69 @@ class TrainingMonitor(BaseCallback):
         self._rows = [dict(row) for row in state["rows"]]
         self.num_rollouts = int(state["num_rollouts"])
         self.num_episodes = int(state["num_episodes"])
+
+
+# ------------------------------------------------------------------ hyperparameters
+#: Algorithm attributes written as hparams when the model has them (SB3's PPO family).
+HPARAM_ATTRIBUTES = ("learning_rate", "n_steps", "batch_size", "n_epochs", "gamma", "gae_lambda",
+                     "clip_range", "clip_range_vf", "normalize_advantage", "ent_coef", "vf_coef",
+                     "max_grad_norm", "target_kl", "n_envs", "seed")
+#: Tags the hparams view shows beside the hyperparameters (scalars the run logs anyway).
+HPARAM_METRICS = ("rollout/ep_rew_mean", "train/loss", "train/approx_kl")
+
+
+def _hparam_value(value: Any) -> bool | int | float | str:
+    """A value TensorBoard's hparams accept: numbers and strings as they are, anything else
+    (None, schedules, classes) as its ``repr``."""
+    if isinstance(value, (bool, int, float, str)) and not isinstance(value, np.generic):
+        return value
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, type):
+        return value.__name__
+    return repr(value)
+
+
+class HyperparameterLogger(BaseCallback):
+    """Record the run's hyperparameters as TensorBoard hparams, once per run.
+
+    At the start of the first ``learn()`` of a run (``num_timesteps == 0``; a resumed or
+    chunked run does not write a second session) it records SB3's ``HParam`` under
+    ``hparams``: the algorithm and policy class, the attributes of :data:`HPARAM_ATTRIBUTES`
+    the model has (schedules as their ``repr``), and for the KL algorithms every field of
+    ``model.kl`` under ``kl/``, with :data:`HPARAM_METRICS` as the metrics to show beside them.
+    Only the TensorBoard output receives it (SB3 writes it at the next dump).
+
+    :param extra: more ``name -> value`` pairs to record (e.g. the env id or scenario).
+    """
+
+    def __init__(self, extra: Mapping[str, Any] | None = None, *, verbose: int = 0) -> None:
+        super().__init__(verbose=verbose)
+        self.extra = dict(extra or {})
+
+    def hyperparameters(self) -> dict[str, bool | int | float | str]:
+        """The ``name -> value`` pairs this callback records for ``self.model``."""
+        model = self.model
+        values: dict[str, Any] = {"algorithm": type(model).__name__,
+                                  "policy": type(model.policy).__name__}
+        for name in HPARAM_ATTRIBUTES:
+            if hasattr(model, name):
+                values[name] = getattr(model, name)
+        kl = getattr(model, "kl", None)
+        if kl is not None and dataclasses.is_dataclass(kl):
+            values.update({f"kl/{f.name}": getattr(kl, f.name) for f in dataclasses.fields(kl)})
+        values.update(self.extra)
+        return {name: _hparam_value(value) for name, value in values.items()}
+
+    def _on_training_start(self) -> None:
+        if self.model.num_timesteps > 0:
+            return
+        from stable_baselines3.common.logger import HParam
+
+        self.logger.record("hparams", HParam(self.hyperparameters(),
+                                             {name: 0.0 for name in HPARAM_METRICS}),
+                           exclude=("stdout", "log", "json", "csv"))
+
+    def _on_step(self) -> bool:
+        return True
+

@@ -52,6 +52,8 @@ entries before padding (recurrent).
 from __future__ import annotations
 
 import copy
+import dataclasses
+import os
 import warnings
 from collections import defaultdict
 from collections.abc import Mapping
@@ -91,6 +93,10 @@ TRAINING_STATE_KEYS = (
 )
 #: Keys a training state saved before they existed may lack (restored as "nothing to restore").
 OPTIONAL_TRAINING_STATE_KEYS = ("minibatch_rng_state",)
+
+
+#: The flat keyword form of :class:`KLConfig` (``KLPPO(..., kl_coef=0.1)``, RL Zoo YAMLs).
+KL_KEYWORDS = tuple(f.name for f in dataclasses.fields(KLConfig))
 
 
 def _check(name: str, value: Any, ok: bool, requirement: str) -> None:
@@ -136,6 +142,32 @@ class KLRegularisedMixin:
         learning-rate and clip-range schedules) is ``1 - num_timesteps / schedule_total_timesteps``
         instead of using each ``learn()`` call's total, so chunked ``learn(...,
         reset_num_timesteps=False)`` calls follow the schedules of one uninterrupted run.
+    :param init_policy: path of a policy file written by the behaviour-cloning stage
+        (:func:`sb3_warmstart.policies.policy_file.save_pretrained`, e.g. ``run/bc.zip``) to
+        start from: it is validated against the env (observation shape and schema, action
+        count), its weights are loaded into the freshly built policy (same policy class and
+        architecture, else a ``ValueError`` naming the file), its observation statistics into
+        the env's ``VecNormalize`` (so the env must normalise observations exactly when the
+        policy was cloned on normalised ones), and, when the reference KL is on
+        (``kl_ref_coef_initial`` or ``kl_ref_coef_final`` > 0), it becomes the reference policy.
+        Applied once, at construction (``load()`` restores the trained weights instead).
+
+    The KL settings can also be given flat, one keyword per :class:`KLConfig` field (what RL
+    Zoo's YAML files pass), instead of ``kl``; the fields not given keep the values of
+    :meth:`KLConfig.disabled` (off), and :class:`KLConfig` validates them:
+
+    :param kl_ref_coef_initial: weight of ``KL(pi || pi_ref)`` at optimiser step 0.
+    :param kl_ref_coef_final: its weight after ``kl_ref_decay_steps`` optimiser steps.
+    :param kl_ref_decay_steps: length of its linear decay, optimiser steps.
+    :param kl_coef: weight of the instant KL penalty against the rollout policy.
+    :param target_kl_early_stop: stop an update's epochs when ``approx_kl > 1.5 * target_kl``.
+    :param entropy_warmup_coef: entropy coefficient during the first ``warmup_steps``.
+    :param warmup_steps: entropy warm-up length, optimiser steps.
+    :param entropy_min: entropy floor (nats); ``None`` = no floor.
+    :param entropy_floor_coef: weight of the hinge below the floor.
+
+    The component reads its settings from ``self.kl`` and ``self.optimization`` (saved with the
+    model).
     """
 
     def __init__(
@@ -146,8 +178,15 @@ class KLRegularisedMixin:
         kl: KLConfig | None = None,
         optimization: AdvancedOptimizationConfig | None = None,
         schedule_total_timesteps: int | None = None,
+        init_policy: str | os.PathLike | None = None,
         **kwargs: Any,
     ) -> None:
+        flat = {name: kwargs.pop(name) for name in KL_KEYWORDS if name in kwargs}
+        if flat and kl is not None:
+            raise TypeError(f"kl=KLConfig(...) and {', '.join(sorted(flat))}: give the KL "
+                            f"settings one way, not both")
+        if flat:
+            kl = dataclasses.replace(KLConfig.disabled(), **flat)
         kl = KLConfig.disabled() if kl is None else kl
         optimization = AdvancedOptimizationConfig() if optimization is None else optimization
         if not isinstance(kl, KLConfig):
@@ -161,25 +200,8 @@ class KLRegularisedMixin:
                "must be None or an integer > 0")
         self.kl = kl
         self.optimization = optimization
-        self.kl_ref_coef_initial = kl.kl_ref_coef_initial
-        self.kl_ref_coef_final = kl.kl_ref_coef_final
-        self.kl_ref_decay_steps = kl.kl_ref_decay_steps
-        self.kl_coef = kl.kl_coef
-        self.target_kl_early_stop = kl.target_kl_early_stop
-        self.entropy_warmup_coef = kl.entropy_warmup_coef
-        self.warmup_steps = kl.warmup_steps
-        self.entropy_min = kl.entropy_min
-        self.entropy_floor_coef = kl.entropy_floor_coef
-        schedule = optimization.learning_rate_schedule
-        self.lr_schedule_config = schedule if schedule.enabled else None
-        self.gradient_accumulation_steps = optimization.gradient_optimization.accumulation_steps
-        self.use_gradient_checkpointing = (
-            optimization.gradient_optimization.use_gradient_checkpointing)
-        adaptive = optimization.adaptive_batch_size
-        self.min_batch_size = adaptive.min_batch_size if adaptive.enable else None
-        self.max_batch_size = adaptive.max_batch_size if adaptive.enable else None
-        self.batch_size_adaptation_rate = adaptive.adaptation_rate
         self.schedule_total_timesteps = schedule_total_timesteps
+        self.init_policy = None if init_policy is None else os.fspath(init_policy)
         #: When True, ``train()`` takes no gradient step (it logs ``train/updates_deferred``).
         self.updates_deferred = False
         #: Frozen eval-mode copy of the reference policy, or None. Not an optimiser parameter.
@@ -193,21 +215,63 @@ class KLRegularisedMixin:
         self._minibatch_rng: np.random.Generator | None = None
         self._warned_no_reference = False
         super().__init__(policy, env, **kwargs)  # type: ignore[call-arg]
+        if self.init_policy is not None:
+            if not kwargs.get("_init_setup_model", True):
+                raise ValueError(f"init_policy={self.init_policy!r}: needs the model set up "
+                                 f"(_init_setup_model=True)")
+            self._load_init_policy(self.init_policy)
+
+    def _load_init_policy(self, path: str) -> None:
+        """Start from the cloned policy file ``path`` (see ``init_policy``)."""
+        from sb3_warmstart.policies.policy_file import (
+            load_pretrained,
+            obs_normalizer_from_metadata,
+            validate_pretrained,
+        )
+
+        validate_pretrained(path, self.env)  # type: ignore[attr-defined]
+        cloned, meta, _ = load_pretrained(path, device=str(self.device))  # type: ignore[attr-defined]
+        if type(cloned.policy) is not type(self.policy):  # type: ignore[attr-defined]
+            raise ValueError(f"init_policy={path!r}: holds a {type(cloned.policy).__name__}, this "
+                             f"model's policy is {type(self.policy).__name__} (set policy to "
+                             f"match)")  # type: ignore[attr-defined]
+        try:
+            self.policy.load_state_dict(cloned.policy.state_dict(), strict=True)  # type: ignore[attr-defined]
+        except RuntimeError as exc:
+            raise ValueError(f"init_policy={path!r}: its architecture differs from this model's "
+                             f"policy_kwargs: {exc}") from exc
+        normalizer = obs_normalizer_from_metadata(meta)
+        vec_normalize = self.get_vec_normalize_env()  # type: ignore[attr-defined]
+        normalises = vec_normalize is not None and vec_normalize.norm_obs
+        if (normalizer is not None) != normalises:
+            raise ValueError(
+                f"init_policy={path!r}: the policy was cloned on "
+                f"{'normalised' if normalizer is not None else 'raw'} observations but the env "
+                f"{'normalises' if normalises else 'does not normalise'} them (RL Zoo: "
+                f"normalize: {'true' if normalizer is not None else 'false'})")
+        if normalizer is not None:
+            vec_normalize.obs_rms = copy.deepcopy(normalizer.obs_rms)
+            vec_normalize.clip_obs = normalizer.clip_obs
+            vec_normalize.epsilon = normalizer.epsilon
+        if self.kl.kl_ref_coef_initial > 0 or self.kl.kl_ref_coef_final > 0:
+            self.set_reference_policy(cloned.policy)
 
     # ------------------------------------------------------------------ setup and schedules
     def _setup_model(self) -> None:
         super()._setup_model()  # type: ignore[misc]
         self._setup_rollout_buffer()
-        if self.min_batch_size is not None:
+        adaptive = self.optimization.adaptive_batch_size
+        if adaptive.enable:
             _check("batch_size", self.batch_size,  # type: ignore[attr-defined]
                    _is_int(self.batch_size)  # type: ignore[attr-defined]
-                   and self.min_batch_size <= self.batch_size <= self.max_batch_size,  # type: ignore[attr-defined,operator]
-                   f"must be an integer in [min_batch_size={self.min_batch_size}, "
-                   f"max_batch_size={self.max_batch_size}] with adaptive batch sizes")
+                   and adaptive.min_batch_size <= self.batch_size <= adaptive.max_batch_size,  # type: ignore[attr-defined,operator]
+                   f"must be an integer in [min_batch_size={adaptive.min_batch_size}, "
+                   f"max_batch_size={adaptive.max_batch_size}] with adaptive batch sizes")
         self._lr_scheduler = None
-        if self.lr_schedule_config is not None:
+        schedule = self.optimization.learning_rate_schedule
+        if schedule.enabled:
             self._lr_scheduler = build_lr_scheduler(self.policy.optimizer,  # type: ignore[attr-defined]
-                                                    self.lr_schedule_config)
+                                                    schedule)
 
     def _update_current_progress_remaining(self, num_timesteps: int, total_timesteps: int) -> None:
         if self.schedule_total_timesteps is not None:
@@ -229,35 +293,38 @@ class KLRegularisedMixin:
 
     def kl_ref_coef_at(self, step: int | None = None) -> float:
         """Scheduled reference-KL coefficient at optimiser step ``step`` (default: the next)."""
-        schedule = LinearDecay(self.kl_ref_coef_initial, self.kl_ref_coef_final,
-                               self.kl_ref_decay_steps)
+        kl = self.kl
+        schedule = LinearDecay(kl.kl_ref_coef_initial, kl.kl_ref_coef_final,
+                               kl.kl_ref_decay_steps)
         return schedule(self._num_minibatch_steps if step is None else step)
 
     def entropy_coef_at(self, step: int | None = None) -> float:
         """Entropy coefficient at optimiser step ``step`` (default: the next)."""
-        schedule = EntropyCoefficient(self.ent_coef, self.entropy_warmup_coef,  # type: ignore[attr-defined]
-                                      self.warmup_steps)
+        schedule = EntropyCoefficient(self.ent_coef, self.kl.entropy_warmup_coef,  # type: ignore[attr-defined]
+                                      self.kl.warmup_steps)
         return schedule(self._num_minibatch_steps if step is None else step)
 
     @property
     def current_batch_size(self) -> int | None:
         """The minibatch size the next update uses."""
-        if self.min_batch_size is None or self._adaptive_batch_size is None:
+        if not self.optimization.adaptive_batch_size.enable or self._adaptive_batch_size is None:
             return self.batch_size  # type: ignore[attr-defined]
         return int(round(self._adaptive_batch_size))
 
     def _adapt_batch_size(self, grad_norm: float) -> None:
         """Apply the rule documented in the class docstring after an update."""
-        if self.min_batch_size is None or not np.isfinite(grad_norm) or grad_norm <= 0.0:
+        adaptive = self.optimization.adaptive_batch_size
+        if not adaptive.enable or not np.isfinite(grad_norm) or grad_norm <= 0.0:
             return
         if self._adaptive_batch_size is None:
             self._adaptive_batch_size = float(self.batch_size)  # type: ignore[attr-defined]
         if self._grad_norm_reference is None:
             self._grad_norm_reference = grad_norm
             return
-        rate = self.batch_size_adaptation_rate
+        rate = adaptive.adaptation_rate
         size = self._adaptive_batch_size * (self._grad_norm_reference / grad_norm) ** rate
-        self._adaptive_batch_size = float(np.clip(size, self.min_batch_size, self.max_batch_size))
+        self._adaptive_batch_size = float(np.clip(size, adaptive.min_batch_size,
+                                                  adaptive.max_batch_size))
         self._grad_norm_reference = (1.0 - rate) * self._grad_norm_reference + rate * grad_norm
 
     # ------------------------------------------------------------------ reference policy
@@ -330,7 +397,7 @@ class KLRegularisedMixin:
                       if with_logits else None)
             return values, log_prob, entropy, mask, logits
 
-        if not self.use_gradient_checkpointing:
+        if not self.optimization.gradient_optimization.use_gradient_checkpointing:
             return forward()
         return checkpoint(forward, use_reentrant=False)
 
@@ -378,8 +445,10 @@ class KLRegularisedMixin:
             clip_range_vf = self.clip_range_vf(self._current_progress_remaining)  # type: ignore[attr-defined]
 
         reference = self.reference_policy is not None
-        if not reference and self.kl_ref_coef_initial > 0 and not self._warned_no_reference:
-            warnings.warn(f"kl_ref_coef_initial={self.kl_ref_coef_initial} but no reference "
+        kl = self.kl
+        accumulation_steps = self.optimization.gradient_optimization.accumulation_steps
+        if not reference and kl.kl_ref_coef_initial > 0 and not self._warned_no_reference:
+            warnings.warn(f"kl_ref_coef_initial={kl.kl_ref_coef_initial} but no reference "
                           f"policy is set: the reference KL term is skipped", stacklevel=2)
             self._warned_no_reference = True
         batch_size = self.current_batch_size
@@ -429,9 +498,9 @@ class KLRegularisedMixin:
                     logits=logits,
                     ref_logits=ref_logits,
                     kl_ref_coef=self.kl_ref_coef_at(step) if reference else 0.0,
-                    kl_coef=self.kl_coef,
-                    entropy_min=self.entropy_min,
-                    entropy_floor_coef=self.entropy_floor_coef,
+                    kl_coef=kl.kl_coef,
+                    entropy_min=kl.entropy_min,
+                    entropy_floor_coef=kl.entropy_floor_coef,
                 )
                 for key, value in terms.to_floats().items():
                     records[key].append(value)
@@ -440,7 +509,7 @@ class KLRegularisedMixin:
 
                 if self.target_kl is not None and approx_kl_div > 1.5 * self.target_kl:  # type: ignore[attr-defined]
                     target_kl_exceeded = True
-                    if self.target_kl_early_stop:
+                    if kl.target_kl_early_stop:
                         continue_training = False
                         if self.verbose >= 1:  # type: ignore[attr-defined]
                             print(f"Early stopping at step {epoch} due to reaching max kl: "
@@ -452,7 +521,7 @@ class KLRegularisedMixin:
                     self.policy.optimizer.zero_grad()  # type: ignore[attr-defined]
                 terms.total.backward()
                 pending += 1
-                if pending == self.gradient_accumulation_steps:
+                if pending == accumulation_steps:
                     grad_norm, lr = self._optimizer_step(pending)
                     grad_norms.append(grad_norm)
                     lrs.append(lr)
@@ -483,8 +552,9 @@ class KLRegularisedMixin:
         logger.record("train/clip_range", clip_range)
         if self.clip_range_vf is not None:  # type: ignore[attr-defined]
             logger.record("train/clip_range_vf", clip_range_vf)
-        logger.record("train/lr", lrs[-1] if lrs
-                      else float(self.policy.optimizer.param_groups[0]["lr"]))  # type: ignore[attr-defined]
+        if self._lr_scheduler is not None:  # else SB3's _update_learning_rate logged it
+            logger.record("train/learning_rate", lrs[-1] if lrs
+                          else float(self.policy.optimizer.param_groups[0]["lr"]))  # type: ignore[attr-defined]
         logger.record("train/grad_norm", mean_grad_norm)
         logger.record("train/batch_size", batch_size)
         if self._grad_norm_reference is not None:
@@ -563,7 +633,7 @@ class KLRegularisedMixin:
         sched_sd = state["lr_scheduler_state_dict"]
         if sched_sd is not None and self._lr_scheduler is None:
             raise ValueError("lr_scheduler_state_dict: the state has an LR scheduler but this "
-                             "model has lr_schedule_config=None")
+                             "model has none (optimization.learning_rate_schedule disabled)")
         if self._lr_scheduler is not None:
             if sched_sd is None:
                 warnings.warn("lr_scheduler_state_dict is None: the LR schedule starts from "

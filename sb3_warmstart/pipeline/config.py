@@ -23,7 +23,10 @@ are made from.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
+import re
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -204,8 +207,9 @@ class WarmStartConfig:
     :param imbalance: also collect under alternating high/low load phases.
     :param validation_fraction: share of demo trajectories held out.
     :param value_pretraining: fit the critic on demo returns too.
-    :param external_pretrain: a pretrained checkpoint (``sb3_warmstart.policies.io`` zip) to use
-        instead of cloning from scratch; validated against the env, copied into the run folder.
+    :param external_pretrain: a pretrained checkpoint (a ``sb3_warmstart.policies.policy_file``
+        zip) to use instead of cloning from scratch; validated against the env, copied into the
+        run folder.
     :param skip_bc_training: with ``external_pretrain``: use it as is (else BC fine-tunes it on
         fresh demos).
     :param demo_candidates: training across a family: the routers tried on every sampled
@@ -729,6 +733,47 @@ def load_config(path: str | Path | None = None, profile: str = DEFAULT_PROFILE,
             from_dict(TrainingConfig, merge_layer(_defaults_dict(), block),
                       path=f"{ENV_ID}.{name}")
         raise
+
+
+def _key_field(key: str) -> tuple[type, dataclasses.Field, Any]:
+    """The section class, field and resolved type of a dotted key (``ppo.algorithm``)."""
+    cls: type = TrainingConfig
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        if part not in fields:
+            raise KeyError(f"{key}: {part!r} is not a field of {cls.__name__}")
+        hint = typing.get_type_hints(cls)[part]
+        if i == len(parts) - 1:
+            return cls, fields[part], hint
+        cls = hint
+
+
+def describe_key(key: str) -> str:
+    """The documentation of a dotted config key (``ppo.algorithm``, ``seed``): the text of its
+    ``:param:`` entry in its section's docstring, on one line (``--help`` texts come from here,
+    so they say what the code documents)."""
+    cls, f, _ = _key_field(key)
+    doc = inspect.getdoc(cls) or ""
+    match = re.search(rf":param {re.escape(f.name)}:(.*?)(?=:param |\Z)", doc, re.S)
+    if match is None:
+        raise KeyError(f"{key}: {cls.__name__} documents no ':param {f.name}:'")
+    text = re.sub(r":\w+:`~?([^`]+)`", r"\1", match.group(1))  # :mod:`x` -> x
+    return " ".join(text.replace("``", "").split())
+
+
+def key_choices(key: str) -> tuple[Any, ...] | None:
+    """The values a ``Literal`` field allows (``None`` for other fields)."""
+    hint = _key_field(key)[2]
+    return typing.get_args(hint) if typing.get_origin(hint) is Literal else None
+
+
+def key_value(config: TrainingConfig, key: str) -> Any:
+    """The value of a dotted key in ``config``."""
+    value: Any = config
+    for part in key.split("."):
+        value = getattr(value, part)
+    return value
 
 
 def _defaults_dict() -> dict[str, Any]:

@@ -22,21 +22,26 @@ import numpy as np
 from stable_baselines3.common.callbacks import CallbackList
 
 from llm_cluster_env.atomic import atomic_write_json
-from sb3_warmstart.algorithms.callbacks import NormalizerStabilization, TemperatureController, TrainingMonitor
+from sb3_warmstart.algorithms.callbacks import (
+    HyperparameterLogger,
+    NormalizerStabilization,
+    TemperatureController,
+    TrainingMonitor,
+)
+from sb3_warmstart.algorithms.ppo import KLPPO, KLRecurrentPPO
 from sb3_warmstart.common.checkpoint import (
     CheckpointManager,
     PeriodicCheckpoint,
     TrainingSession,
     restore_pending_log_values,
 )
+from sb3_warmstart.common.normalize import vec_normalize_to_json
 from sb3_warmstart.pipeline.config import TrainingConfig
 from sb3_warmstart.pipeline.envs import make_training_venv, training_env_spec, training_layout
 from sb3_warmstart.pipeline.logs import make_run_logger
-from sb3_warmstart.common.normalize import vec_normalize_to_json
-from sb3_warmstart.algorithms.ppo import KLPPO, KLRecurrentPPO
 from sb3_warmstart.pipeline.progress import PPOProgress
-from sb3_warmstart.policies.replica_set import policy_class_for
 from sb3_warmstart.pipeline.warm_start_stage import Pretrained
+from sb3_warmstart.policies.replica_set import policy_class_for
 
 log = logging.getLogger("sb3_warmstart.pipeline.runner")
 
@@ -162,17 +167,22 @@ class PPOTrainer:
         model.set_logger(make_run_logger(self.run_dir,
                                          int(model.num_timesteps) if resumed else None))
         restore_pending_log_values(model.logger, session.pending_log_values)
-        self.monitor: TrainingMonitor = session.callbacks["monitor"]
         self.checkpoints = PeriodicCheckpoint(manager, session,
                                               config.checkpointing.checkpoint_interval,
                                               after_save=self._after_save)
         callbacks = [self.checkpoints, session.callbacks["stabilization"]]
         if "temperature" in session.callbacks:
             callbacks.append(session.callbacks["temperature"])
-        callbacks += [self.monitor, PPOProgress(config.total_requests,
-                                                note=lambda: recent_episode_note(self.monitor),
-                                                enabled=progress)]
+        callbacks += [self.monitor, HyperparameterLogger({"seed": config.seed}),
+                      PPOProgress(config.total_requests,
+                                  note=lambda: recent_episode_note(self.monitor),
+                                  enabled=progress)]
         self.callback = CallbackList(callbacks)
+
+    @property
+    def monitor(self) -> TrainingMonitor:
+        """The session's training monitor (the history rows)."""
+        return self.session.callbacks["monitor"]
 
     def _after_save(self, path: Path) -> None:
         """After each checkpoint: the training history as of that checkpoint (a resumed run

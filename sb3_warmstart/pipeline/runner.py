@@ -6,7 +6,9 @@ runs alone: :mod:`sb3_warmstart.pipeline.warm_start_stage` (demonstrations, clon
 :mod:`sb3_warmstart.pipeline.ppo_stage` (session, resume, training), :mod:`sb3_warmstart.pipeline.report`.
 ``train/warmstart.py`` is its command line. A stage runs only when needed: demonstrations and
 the clone are reused from the run folder when their settings match (``--force-warmstart``
-redoes them); resuming a PPO run skips both (the reference policy lives in the checkpoint).
+redoes them); resuming a PPO run skips both (the reference policy lives in the checkpoint);
+a finished run, run again, is only re-evaluated: ``report/`` is rewritten and nothing else
+(the model, checkpoints, logs and records are left as they are).
 
 A run folder belongs to one run (:mod:`sb3_warmstart.pipeline.run_folder`: identity, lock). Run folder::
 
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import json
 import logging
+import logging.handlers
 import sys
 import time
 from collections.abc import Callable
@@ -39,8 +42,8 @@ from typing import Any, Literal
 import torch as th
 
 from llm_cluster_env.atomic import atomic_write_json
-from sb3_warmstart.pipeline import run_folder, warm_start_stage
 from sb3_warmstart.common.checkpoint import CheckpointError, CheckpointManager, TrainingSession
+from sb3_warmstart.pipeline import run_folder, warm_start_stage
 from sb3_warmstart.pipeline.config import TrainingConfig, dump_config, load_config
 from sb3_warmstart.pipeline.ppo_stage import (
     PPOTrainer,
@@ -113,12 +116,14 @@ class WarmStartPipeline:
         self.pretrained: Pretrained | None = None
         self.stage = "setup"
         self.finished = False
+        self.log_buffer: logging.handlers.MemoryHandler | None = None
 
     # ================================================================ the job
     def run(self) -> dict[str, Any]:
         """The whole job; returns the report summary (``{"finished": False, ...}`` when
         ``--max-chunks`` stopped it early)."""
         start = time.perf_counter()
+        th.set_num_threads(1)
         if self.config.warm_start.external_pretrain:
             self._check_external()  # before the run folder is touched
         self.run_dir = self.choose_folder()
@@ -128,23 +133,16 @@ class WarmStartPipeline:
         except run_folder.RunFolderError as err:
             raise PipelineError(str(err)) from None
         try:
-            self.prepare()
+            self.log_buffer = _configure_logging()
             manager, checkpoint = self.find_checkpoint()
             decision = self.decide(checkpoint)
-            log.info("start: %s%s", decision, f" from {checkpoint}" if decision == "resume"
-                     else "")
-            session = self.resume(manager, checkpoint) if decision == "resume" else None
-            resumed = session is not None
-            if session is None:
-                manager = self.start_fresh(manager)
-                self.pretrained = self.warm_start(self.decide(None) if decision == "resume"
-                                                  else decision)
-                session = build_session(self.config, self.pretrained)
-            self.session = session
-            self.finished = self.train_ppo(manager, resumed=resumed)
+            summary = None
+            if decision == "resume" and self.already_finished(manager, checkpoint):
+                summary = self.re_evaluate(manager, checkpoint)
+            if summary is None:
+                summary = self.train_and_report(manager, checkpoint, decision)
             if not self.finished:
-                return {"finished": False, "num_timesteps": int(session.model.num_timesteps)}
-            summary = self.report()
+                return summary
         finally:
             lock.release()
         self.timings["total_s"] = time.perf_counter() - start
@@ -153,6 +151,49 @@ class WarmStartPipeline:
         atomic_write_json(self.run_dir / "report" / "summary.json", summary)
         log.info("done in %.1f s; report in %s", self.timings["total_s"], self.run_dir / "report")
         return summary
+
+    def train_and_report(self, manager: CheckpointManager, checkpoint: Path | None,
+                         decision: str) -> dict[str, Any]:
+        """Record the run in its folder, start or resume it, train PPO, report."""
+        self.prepare()
+        log.info("start: %s%s", decision, f" from {checkpoint}" if decision == "resume" else "")
+        session = self.resume(manager, checkpoint) if decision == "resume" else None
+        resumed = session is not None
+        if session is None:
+            manager = self.start_fresh(manager)
+            self.pretrained = self.warm_start(self.decide(None) if decision == "resume"
+                                              else decision)
+            session = build_session(self.config, self.pretrained)
+        self.session = session
+        self.finished = self.train_ppo(manager, resumed=resumed)
+        if not self.finished:
+            return {"finished": False, "num_timesteps": int(session.model.num_timesteps)}
+        return self.report()
+
+    def already_finished(self, manager: CheckpointManager, checkpoint: Path | None) -> bool:
+        """Whether the run in the folder reached its budget: the progress file says finished,
+        the checkpoint to resume is at the budget and the final model is written."""
+        if checkpoint is None or not (self.run_dir / "final_model.zip").is_file():
+            return False
+        steps = int(manager.verify(checkpoint)["num_timesteps"])
+        return (self.read_progress().get("status") == "finished"
+                and steps >= self.config.total_requests)
+
+    def re_evaluate(self, manager: CheckpointManager, checkpoint: Path) -> dict[str, Any] | None:
+        """A finished run: the report again from its final checkpoint. Only ``report/`` is
+        written (the model, checkpoints, logs, demos and the run's records stay as they are).
+        ``None`` when the checkpoint cannot be loaded (the caller resumes as usual)."""
+        log.info("already finished; re-evaluating: %s reached its budget of %d env steps; only "
+                 "%s is rewritten (to retrain from scratch: --resume warmstart)", self.run_dir,
+                 self.config.total_requests, self.run_dir / "report")
+        try:
+            self.session = resume_session(self.config, manager, checkpoint)
+        except CheckpointError as err:
+            log.warning("%s; resuming instead", err)
+            return None
+        self.log_buffer = _stop_buffering(self.log_buffer, None)
+        self.finished = True
+        return self.report()
 
     # ================================================================ setup
     def _check_external(self) -> None:
@@ -174,9 +215,12 @@ class WarmStartPipeline:
         return folder
 
     def prepare(self) -> None:
-        """Start the log; record config and command in the run folder."""
+        """Start the run's log file (with the lines logged so far); record config and command
+        in the run folder."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        _configure_logging(self.run_dir / "ppo_training.log")
+        if self.log_buffer is None:
+            self.log_buffer = _configure_logging()
+        self.log_buffer = _stop_buffering(self.log_buffer, self.run_dir / "ppo_training.log")
         config_path = self.run_dir / "config.yaml"
         if config_path.is_file():  # an earlier invocation: keep its config if this one differs
             try:
@@ -188,7 +232,6 @@ class WarmStartPipeline:
         dump_config(self.config, config_path)
         with open(self.run_dir / "command.txt", "a") as f:
             f.write(" ".join(self.options.command) + "\n")
-        th.set_num_threads(1)
         log.info("run folder %s; command: %s", self.run_dir, " ".join(self.options.command))
 
     def find_checkpoint(self) -> tuple[CheckpointManager, Path | None]:
@@ -380,26 +423,46 @@ class WarmStartPipeline:
         atomic_write_json(self.progress_path(), progress)
 
 
-def _configure_logging(path: Path) -> None:
-    """The pipeline log: every line in ``path``, and on the console (stdout, with the progress
-    lines and the results, so ``| tee`` keeps them in order)."""
-    handler = logging.FileHandler(path)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+def _configure_logging() -> logging.handlers.MemoryHandler:
+    """The pipeline log: every line on the console at once (stdout, with the progress lines and
+    the results, so ``| tee`` keeps them in order), and kept in a buffer until
+    :func:`_stop_buffering` says whether the run folder's log file gets them."""
     root = logging.getLogger("sb3_warmstart")
     root.setLevel(logging.INFO)
     root.propagate = False  # libraries configure the root logger; print each line once
     for old in [h for h in root.handlers if getattr(h, "_warmstart_run", False)]:
         root.removeHandler(old)
         old.close()
-    handler._warmstart_run = True  # type: ignore[attr-defined]
-    root.addHandler(handler)
     console = logging.StreamHandler(sys.stdout)
     console.setFormatter(logging.Formatter("[warmstart] %(message)s"))
-    console._warmstart_run = True  # type: ignore[attr-defined]
-    root.addHandler(console)
+    buffer = logging.handlers.MemoryHandler(capacity=1_000_000, flushLevel=logging.CRITICAL + 1,
+                                            flushOnClose=False)
+    for handler in (console, buffer):
+        handler._warmstart_run = True  # type: ignore[attr-defined]
+        root.addHandler(handler)
     try:  # HuggingFace datasets (imitation's demo format) prints a bar per save
         from datasets.utils.logging import disable_progress_bar
 
         disable_progress_bar()
     except ImportError:
         pass
+    return buffer
+
+
+def _stop_buffering(buffer: logging.handlers.MemoryHandler, path: Path | None) -> None:
+    """End the buffer of :func:`_configure_logging`: with ``path``, its lines and every later
+    line go to that file (appended); with ``None`` they are dropped (a finished run being
+    re-evaluated leaves its log untouched). Returns ``None`` (the buffer is closed)."""
+    root = logging.getLogger("sb3_warmstart")
+    root.removeHandler(buffer)
+    if path is not None:
+        handler = logging.FileHandler(path)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        handler._warmstart_run = True  # type: ignore[attr-defined]
+        buffer.setTarget(handler)
+        buffer.flush()
+        root.addHandler(handler)
+    buffer.setTarget(None)
+    buffer.buffer.clear()
+    buffer.close()
+    return None

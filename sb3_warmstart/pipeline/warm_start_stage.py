@@ -12,7 +12,9 @@ Each function does one stage and can be run alone:
   anything is written.
 
 All read the typed :class:`~sb3_warmstart.pipeline.config.TrainingConfig`; the environment is its
-already built ``config.env``.
+already built ``config.env``. The demonstrations' and the clone's scalars go to TensorBoard runs
+of their own, ``<run>/tensorboard/demos`` and ``<run>/tensorboard/bc`` (written whether the stage
+ran or reused its stored result, so a fresh run folder always shows them).
 """
 
 from __future__ import annotations
@@ -30,10 +32,11 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 
+from llm_cluster_env.config import EnvConfig
+from sb3_warmstart.common.normalize import ReturnNormalizer
 from sb3_warmstart.pipeline.config import PPOConfig, TrainingConfig
 from sb3_warmstart.pipeline.envs import make_base_env, training_env_spec
-from sb3_warmstart.common.normalize import ReturnNormalizer
-from sb3_warmstart.policies.io import class_path
+from sb3_warmstart.policies.policy_file import class_path
 from sb3_warmstart.policies.replica_set import policy_class_for
 
 log = logging.getLogger("sb3_warmstart.pipeline.runner")
@@ -93,7 +96,7 @@ def check_external(config: TrainingConfig) -> None:
 
     :raises WarmStartError: naming every mismatch.
     """
-    from sb3_warmstart.policies.io import PretrainedCheckpointError, validate_pretrained
+    from sb3_warmstart.policies.policy_file import PretrainedCheckpointError, validate_pretrained
 
     source = config.warm_start.external_pretrain
     try:
@@ -102,23 +105,29 @@ def check_external(config: TrainingConfig) -> None:
         raise WarmStartError(f"--external-pretrain={source!r}: {err}") from None
 
 
+def demo_env_config(config: TrainingConfig) -> EnvConfig:
+    """The scenario demonstrations are collected on: the training env with episodes of
+    ``warm_start.demo_episode_requests`` requests (``train/collect_demos.py`` uses it too)."""
+    return dataclasses.replace(config.env,
+                               episode_requests=config.warm_start.demo_episode_requests)
+
+
 def demonstrations(config: TrainingConfig, run_dir: Path, *, force: bool = False,
                    progress: bool = True) -> tuple[list, dict[str, Any]]:
     """Demonstrations for BC in ``run_dir/demos``, reused when collected with these settings.
 
     :param force: collect again even when the stored set fits.
-    :return: ``(trajectories, stats)`` (see :func:`sb3_warmstart.warmstart.demos.collect_demonstrations`).
+    :return: ``(trajectories, stats)`` (see
+        :func:`sb3_warmstart.warmstart.demo_collect.collect_demonstrations`); their scalars are
+        logged to ``run_dir/tensorboard/demos`` (:func:`log_demonstrations`).
     """
-    from sb3_warmstart.warmstart.demos import (
-        collect_demonstrations,
-        load_demonstrations,
-        save_demonstrations,
-    )
+    from sb3_warmstart.warmstart.demo_collect import collect_demonstrations
+    from sb3_warmstart.warmstart.demo_store import load_demonstrations, save_demonstrations
 
     ws = config.warm_start
     path = Path(run_dir) / "demos"
     family = config.family_config
-    env_config = dataclasses.replace(config.env, episode_requests=ws.demo_episode_requests)
+    env_config = demo_env_config(config)
     settings = {"env": config.training_identity()["env"],
                 "episode_requests": ws.demo_episode_requests, "policies": ws.demo_policies,
                 "steps": ws.demo_steps, "imbalance": ws.imbalance, "seed": config.seed}
@@ -133,6 +142,7 @@ def demonstrations(config: TrainingConfig, run_dir: Path, *, force: bool = False
             trajectories, stats = load_demonstrations(path)
             if stats.get("pipeline_settings") == settings_hash(settings):
                 log.info("demos: reusing %s (%d trajectories)", path, len(trajectories))
+                log_demonstrations(run_dir, trajectories, stats)
                 return trajectories, stats
             log.info("demos: %s has other settings; collecting again", path)
         except Exception as err:  # a damaged earlier set is replaced, atomically
@@ -155,12 +165,13 @@ def demonstrations(config: TrainingConfig, run_dir: Path, *, force: bool = False
     log.info("demos: %d steps in %d trajectories (%.1f s)",
              sum(len(t.acts) for t in trajectories), len(trajectories),
              time.perf_counter() - start)
+    log_demonstrations(run_dir, trajectories, stats)
     return trajectories, stats
 
 
 def external(config: TrainingConfig, run_dir: Path) -> Pretrained:
     """The external checkpoint as is: copied into ``run_dir/pretrained/external.zip``."""
-    from sb3_warmstart.policies.io import load_pretrained
+    from sb3_warmstart.policies.policy_file import load_pretrained
 
     copy = _copy_external(config, run_dir)
     model, meta, obs_rms = load_pretrained(copy)
@@ -188,13 +199,13 @@ def clone(config: TrainingConfig, run_dir: Path, trajectories: list, demo_stats:
     """Behaviour-clone the demonstrations into ``run_dir/pretrained/bc_policy.zip`` (reused
     when an earlier clone had the same settings), from scratch or from the external model.
     """
-    from sb3_warmstart.warmstart.cloning import clone_demonstrations
-    from sb3_warmstart.policies.io import (
+    from sb3_warmstart.policies.policy_file import (
         PretrainedCheckpointError,
         load_pretrained,
         read_metadata,
         save_pretrained,
     )
+    from sb3_warmstart.warmstart.cloning import clone_demonstrations
 
     ws, ppo, bc = config.warm_start, config.ppo, config.bc
     folder = Path(run_dir) / "pretrained"
@@ -216,6 +227,7 @@ def clone(config: TrainingConfig, run_dir: Path, trajectories: list, demo_stats:
                 returns = (ReturnNormalizer.from_dict(meta["return_normalization"])
                            if meta.get("return_normalization") else None)
                 log.info("BC: reusing %s", target)
+                log_behaviour_cloning(run_dir, meta["bc_metrics"].get("history", []))
                 return Pretrained(model.policy, obs_rms, returns, str(target),
                                   meta["bc_metrics"]["final"])
         except PretrainedCheckpointError as err:
@@ -246,5 +258,78 @@ def clone(config: TrainingConfig, run_dir: Path, trajectories: list, demo_stats:
              s["val_accuracy"], s["val_tie_accuracy"],
              np.round(s["predicted_share"], 3).tolist() if s["predicted_share"] else None,
              np.round(s["expert_share"], 3).tolist() if s["expert_share"] else None, seconds)
+    log_behaviour_cloning(run_dir, [m.as_dict() for m in result.history])
     return Pretrained(result.model.policy, result.obs_rms, result.return_normalizer,
                       str(target), s)
+
+
+# ------------------------------------------------------------------------------ TensorBoard
+#: Sub-folders of ``<run>/tensorboard`` holding the warm-start stages' scalars: runs of their
+#: own beside PPO's events, so PPO's purge on resume (:mod:`sb3_warmstart.pipeline.logs`)
+#: never touches them and their step axes (BC epochs; step 0 for the demos) never mix with
+#: PPO's env steps.
+DEMOS_TENSORBOARD = "demos"
+BC_TENSORBOARD = "bc"
+
+
+def _write_scalars(folder: Path, rows: list[tuple[int, dict[str, float | None]]]) -> None:
+    """Write ``(step, {tag: value})`` rows as one TensorBoard run in ``folder``, replacing what
+    an earlier write there holds (``purge_step=0``: TensorBoard hides every earlier event of the
+    run, so redoing a stage never shows two curves). ``None`` and NaN values are skipped."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(log_dir=str(folder), purge_step=0)
+    try:
+        for step, scalars in rows:
+            for tag, value in scalars.items():
+                if value is not None and np.isfinite(value):
+                    writer.add_scalar(tag, float(value), global_step=step)
+    finally:
+        writer.close()
+
+
+def demonstration_scalars(trajectories: list, stats: dict[str, Any]) -> dict[str, float]:
+    """Per heuristic (``stats["trajectory_policies"]``, which also names each trajectory's
+    expert in family demos): ``demos/<name>/episodes``, ``steps`` (routed requests),
+    ``mean_return`` (mean episode return) and ``mean_reward`` (mean reward per step); plus
+    ``demos/total_episodes`` and ``demos/total_steps``."""
+    names = stats["trajectory_policies"]
+    out: dict[str, float] = {"demos/total_episodes": float(len(trajectories)),
+                             "demos/total_steps": float(sum(len(t.acts) for t in trajectories))}
+    for name in dict.fromkeys(names):
+        mine = [t for t, owner in zip(trajectories, names, strict=True) if owner == name]
+        returns = [float(np.sum(t.rews, dtype=np.float64)) for t in mine]
+        steps = sum(len(t.acts) for t in mine)
+        out[f"demos/{name}/episodes"] = float(len(mine))
+        out[f"demos/{name}/steps"] = float(steps)
+        out[f"demos/{name}/mean_return"] = float(np.mean(returns))
+        out[f"demos/{name}/mean_reward"] = float(np.sum(returns) / steps) if steps else 0.0
+    return out
+
+
+def log_demonstrations(run_dir: Path, trajectories: list, stats: dict[str, Any]) -> None:
+    """:func:`demonstration_scalars` at step 0 into ``run_dir/tensorboard/demos``."""
+    _write_scalars(Path(run_dir) / "tensorboard" / DEMOS_TENSORBOARD,
+                   [(0, demonstration_scalars(trajectories, stats))])
+
+
+def log_behaviour_cloning(run_dir: Path, history: list[dict[str, Any]]) -> None:
+    """One row per BC epoch (step = epoch) into ``run_dir/tensorboard/bc``: ``bc/loss``,
+    ``bc/accuracy``, ``bc/neglogp``, ``bc/entropy``, ``bc/value_loss``, ``bc/learning_rate``
+    and, with a validation split, ``bc/val_accuracy``, ``bc/val_tie_accuracy``, ``bc/val_nll``,
+    ``bc/val_value_loss``.
+
+    :param history: ``BCEpochMetrics.as_dict()`` per epoch (as stored in the clone's
+        metadata, where NaN became ``None``).
+    """
+    rows = []
+    for epoch in history:
+        val = epoch.get("val") or {}
+        rows.append((int(epoch["epoch"]), {
+            "bc/loss": epoch["train_loss"], "bc/accuracy": epoch["train_accuracy"],
+            "bc/neglogp": epoch["train_neglogp"], "bc/entropy": epoch["train_entropy"],
+            "bc/value_loss": epoch["train_value_loss"],
+            "bc/learning_rate": epoch["learning_rate"],
+            **{f"bc/val_{key}": val.get(key)
+               for key in ("accuracy", "tie_accuracy", "nll", "value_loss")}}))
+    _write_scalars(Path(run_dir) / "tensorboard" / BC_TENSORBOARD, rows)

@@ -189,8 +189,8 @@ class PolicyRouter:
 def load_policy_router(path: str | Path, name: str = "policy",
                        deterministic: bool = True) -> PolicyRouter:
     """A :class:`PolicyRouter` from a run folder (its ``final_model.zip``), a checkpoint
-    directory, or a policy zip of :mod:`sb3_warmstart.policies.io`."""
-    from sb3_warmstart.policies.io import load_policy
+    directory, or a policy zip of :mod:`sb3_warmstart.policies.policy_file`."""
+    from sb3_warmstart.policies.run_loading import load_policy
 
     model, obs_rms, _, _, _ = load_policy(Path(path))
     return PolicyRouter(model, obs_rms, deterministic=deterministic, name=name)

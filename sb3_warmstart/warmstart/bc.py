@@ -14,8 +14,8 @@ plain per-sample path for SB3's feed-forward ``ActorCriticPolicy``:
   extractor, ``_process_sequence`` with ``lstm_actor``, ``mlp_extractor.forward_actor``,
   ``action_net``; the critic through ``lstm_critic``, the detached shared LSTM, or the ``critic``
   layer as the policy is configured), so the cloned weights mean the same thing at rollout
-  time. GRU cells (:class:`~sb3_warmstart.policies.recurrent.GruCellsMixin`) go the same way: their state
-  travels as sb3-contrib's ``(h, c)`` pair with ``c`` always zero.
+  time. GRU cells (:class:`~sb3_warmstart.policies.recurrent.GruCellsMixin`) go the same way:
+  their state travels as sb3-contrib's ``(h, c)`` pair with ``c`` always zero.
 * **Feed-forward path**: shuffled samples, ``batch_size * sequence_length`` per gradient step
   (the same number of steps per update as the recurrent path).
 
@@ -47,8 +47,8 @@ from stable_baselines3.common.distributions import Distribution
 from stable_baselines3.common.policies import ActorCriticPolicy
 from stable_baselines3.common.running_mean_std import RunningMeanStd
 
-from sb3_warmstart.pipeline.config import BCConfig, PPOConfig
 from sb3_warmstart.common.normalize import ObsNormalizer, ReturnNormalizer, acting_observations
+from sb3_warmstart.pipeline.config import BCConfig, PPOConfig
 
 if TYPE_CHECKING:  # pragma: no cover
     from imitation.data.types import Trajectory
@@ -72,8 +72,8 @@ class BCPreset:
 
     :param name: preset name.
     :param bc: the BC hyperparameters.
-    :param architecture: :class:`~sb3_warmstart.pipeline.config.PPOConfig` fields that differ from its
-        defaults (``net_arch``, ``lstm_hidden_size``, ``n_lstm_layers``).
+    :param architecture: :class:`~sb3_warmstart.pipeline.config.PPOConfig` fields that differ
+        from its defaults (``net_arch``, ``lstm_hidden_size``, ``n_lstm_layers``).
     """
 
     name: str
@@ -332,18 +332,10 @@ class SequenceBC:
             obs_normalizer = ObsNormalizer(obs_normalizer)
         self.obs_normalizer = obs_normalizer
         self.config = config
-        self.epochs = config.epochs
-        self.batch_size = config.batch_size
-        self.sequence_length = config.sequence_length
-        self.learning_rate = config.learning_rate
-        self.weight_decay = config.weight_decay
-        self.lr_schedule = config.lr_schedule
-        self.min_learning_rate = config.min_learning_rate
         self.validation_fraction = validation_fraction
         self.value_pretraining = value_pretraining
         self.gamma = gamma
         self.return_normalizer = return_normalizer
-        self.max_grad_norm = config.max_grad_norm
         self.tied_choices = tied_choices
         self.progress = progress
         self.logger = logger
@@ -442,7 +434,7 @@ class SequenceBC:
     def _chunk_batches(self, split: _Split, order: Sequence[int], sequence_length: int
                        ) -> Iterator[_Batch]:
         """Recurrent batches: step ``s`` takes chunk ``s`` of every lane."""
-        lanes = plan_lanes(split.lengths, order, sequence_length, self.batch_size)
+        lanes = plan_lanes(split.lengths, order, sequence_length, self.config.batch_size)
         lanes = [lane for lane in lanes if lane] or lanes[:1]
         steps = max(len(lane) for lane in lanes)
         span = np.arange(sequence_length)
@@ -465,7 +457,7 @@ class SequenceBC:
                          first=th.as_tensor(first, device=self.device), num_lanes=len(lanes))
 
     def _flat_batches(self, split: _Split, rows: np.ndarray) -> Iterator[_Batch]:
-        size = self.batch_size * self.sequence_length
+        size = self.config.batch_size * self.config.sequence_length
         for i in range(0, len(rows), size):
             r = th.as_tensor(rows[i:i + size], device=self.device)
             yield _Batch(rows=r, mask=th.ones(len(r), device=self.device),
@@ -475,7 +467,7 @@ class SequenceBC:
         split = self.train_data
         if self.recurrent:
             order = self.rng.permutation(len(split.lengths))
-            return self._chunk_batches(split, order, self.sequence_length)
+            return self._chunk_batches(split, order, self.config.sequence_length)
         return self._flat_batches(split, self.rng.permutation(split.num_steps))
 
     def _eval_batches(self, split: _Split, sequence_length: int | None = None
@@ -556,8 +548,8 @@ class SequenceBC:
         one record per epoch run."""
         from sb3_warmstart.pipeline.progress import ProgressPrinter
 
-        remaining = self.epochs - len(self.history)
-        printer = ProgressPrinter("BC", self.epochs, "epochs", initial=len(self.history),
+        remaining = self.config.epochs - len(self.history)
+        printer = ProgressPrinter("BC", self.config.epochs, "epochs", initial=len(self.history),
                                   enabled=self.progress)
         new: list[BCEpochMetrics] = []
         for _ in range(remaining):
@@ -585,9 +577,9 @@ class SequenceBC:
             loss = self.loss_calculator(dist, acts, values, returns, batch.mask)
             self.optimizer.zero_grad(set_to_none=True)
             loss.total.backward()
-            if self.max_grad_norm is not None:
+            if self.config.max_grad_norm is not None:
                 for group in self._clip_groups:
-                    th.nn.utils.clip_grad_norm_(group, self.max_grad_norm)
+                    th.nn.utils.clip_grad_norm_(group, self.config.max_grad_norm)
             self.optimizer.step()
             for k, v in loss.floats().items():
                 sums[k] += v

@@ -18,17 +18,17 @@ from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.running_mean_std import RunningMeanStd
 
 from llm_cluster_env.routing.heuristics import make_router
-from sb3_warmstart.warmstart.bc import BCEpochMetrics, RouterTies, SequenceBC
-from sb3_warmstart.pipeline.config import BCConfig, PPOConfig
 from sb3_warmstart.common.normalize import (
     ReturnNormalizer,
     acting_observations,
     fit_obs_normalizer,
     fit_return_normalizer,
 )
+from sb3_warmstart.pipeline.config import BCConfig, PPOConfig
+from sb3_warmstart.policies.policy_file import build_model
 from sb3_warmstart.policies.recurrent import clone_policy_class
-from sb3_warmstart.policies.io import build_model
 from sb3_warmstart.policies.replica_set import SET_POLICIES, policy_class_for
+from sb3_warmstart.warmstart.bc import BCEpochMetrics, RouterTies, SequenceBC
 
 
 @dataclass
@@ -100,19 +100,17 @@ def clone_demonstrations(
     :param logger: SB3 logger for per-epoch metrics.
     :param progress: show progress (:mod:`sb3_warmstart.pipeline.progress`).
     """
-    recurrent = ppo.recurrent
-    gamma = ppo.gamma
     layout = env.unwrapped.layout
     if init_model is not None:
         model = init_model
         policy_kwargs: dict[str, Any] = {}
     else:
         policy_kwargs = ppo.policy_kwargs(layout)
-        policy = (policy_class_for(True, recurrent, ppo.recurrent_cell) if ppo.replica_set
-                  else clone_policy_class(ppo.recurrent_cell) if recurrent else "MlpPolicy")
-        model = build_model(policy, env.observation_space,
-                            env.action_space, recurrent=recurrent, policy_kwargs=policy_kwargs,
-                            seed=seed, algorithm_kwargs={"gamma": gamma})
+        policy = (policy_class_for(True, ppo.recurrent, ppo.recurrent_cell) if ppo.replica_set
+                  else clone_policy_class(ppo.recurrent_cell) if ppo.recurrent else "MlpPolicy")
+        model = build_model(policy, env.observation_space, env.action_space,
+                            recurrent=ppo.recurrent, policy_kwargs=policy_kwargs, seed=seed,
+                            algorithm_kwargs={"gamma": ppo.gamma})
     scaling: dict[str, float] = {}
     if isinstance(model.policy, SET_POLICIES):
         # the replica-set policies scale their inputs themselves (statistics fitted here,
@@ -125,7 +123,7 @@ def clone_demonstrations(
         obs_rms = init_obs_rms if init_obs_rms is not None else fit_obs_normalizer(trajectories)
     value_pretraining = value_pretraining and all(
         getattr(t, "rews", None) is not None for t in trajectories)
-    returns = (fit_return_normalizer(trajectories, gamma)
+    returns = (fit_return_normalizer(trajectories, ppo.gamma)
                if value_pretraining and ppo.norm_reward else None)
     sample = np.asarray(trajectories[0].obs)[0]
     if experts is not None:
@@ -136,7 +134,7 @@ def clone_demonstrations(
     trainer = SequenceBC(policy=model.policy, trajectories=trajectories,
                          rng=np.random.default_rng(seed), obs_normalizer=obs_rms, config=bc,
                          validation_fraction=validation_fraction,
-                         value_pretraining=value_pretraining, gamma=gamma,
+                         value_pretraining=value_pretraining, gamma=ppo.gamma,
                          return_normalizer=returns, tied_choices=ties,
                          progress=progress, logger=logger)
     history = trainer.train()

@@ -11,10 +11,11 @@ cluster and workload, the rule that works best there, not one rule everywhere.
 
 Trajectories are imitation's ``TrajectoryWithRew`` (observations as the family env returns
 them: ``replica_slots`` slots, the trailing ones empty for small clusters; rewards with the
-scenario's reward scale), stored with :func:`sb3_warmstart.warmstart.demos.save_demonstrations`. The last
-``info`` of each holds its episode metrics, seed, scenario, the expert and every candidate's
-mean E2E. ``stats["trajectory_policies"]`` names each trajectory's expert; :func:`expert_ties`
-gives the tie sets behaviour cloning scores agreement with.
+scenario's reward scale), stored with
+:func:`sb3_warmstart.warmstart.demo_store.save_demonstrations`. The last ``info`` of each
+holds its episode metrics, seed, scenario, the expert and every candidate's mean E2E.
+``stats["trajectory_policies"]`` names each trajectory's expert; :func:`expert_ties` gives the
+tie sets behaviour cloning scores agreement with.
 """
 
 from __future__ import annotations
@@ -34,14 +35,14 @@ from llm_cluster_env.env.family import (
 )
 from llm_cluster_env.env.observation import ObservationLayout
 from llm_cluster_env.routing.heuristics import ROUTERS, make_router
-from llm_cluster_env.sim.metrics import balance_score
+from llm_cluster_env.tools.evaluation import balance_score
+from sb3_warmstart.warmstart.demo_store import FORMAT
 
 #: Observation-only routers tried on every scenario, in order of preference (random, round
 #: robin and Vidur's ``lor_waiting`` are never best; the look-ahead needs the simulator).
 DEFAULT_CANDIDATES = ("least_added_time", "lor", "weighted_lor", "least_work_time", "llm_d")
 #: Relative E2E margin within which the earlier candidate is kept (see the module docstring).
 DEFAULT_MARGIN = 0.005
-FORMAT = "sb3_warmstart/demos/v1"
 _MAX_SEED = 2**63 - 1
 
 
@@ -94,7 +95,7 @@ def collect_best_heuristic_demonstrations(
     :param shared_cache: shared with the family env (measured capacities, env parts).
     :param progress: print one line per episode.
     :return: ``(trajectories, stats)``; stats are JSON-able (format of
-        :func:`sb3_warmstart.warmstart.demos.save_demonstrations`).
+        :func:`sb3_warmstart.warmstart.demo_store.save_demonstrations`).
     """
     if total_steps < 1:
         raise ValueError(f"total_steps={total_steps}: must be >= 1")

@@ -29,13 +29,11 @@ architecture the caller is about to build) and lists every mismatch in one
 
 from __future__ import annotations
 
-import csv
 import importlib
 import io
 import json
 import math
 import os
-import pickle
 import platform
 import time
 import zipfile
@@ -362,8 +360,8 @@ def save_pretrained(
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
     """The metadata of a checkpoint after checking the whole archive (every member's CRC).
 
-    ``PretrainedCheckpointError`` for a missing path, a directory, a truncated/corrupt archive, missing
-    members, unparsable metadata or an unknown format version.
+    ``PretrainedCheckpointError`` for a missing path, a directory, a truncated/corrupt archive,
+    missing members, unparsable metadata or an unknown format version.
     """
     p = Path(path)
     if not p.exists():
@@ -375,34 +373,39 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
         f.seek(max(size - _EOCD_SIZE, 0))
         tail = f.read()
     if len(tail) < _EOCD_SIZE or tail[:4] != _EOCD_SIGNATURE:
-        raise PretrainedCheckpointError(f"checkpoint {p}: not a complete zip archive (no end-of-archive "
-                              f"record at the end of its {size} bytes: truncated or corrupt)")
+        raise PretrainedCheckpointError(
+            f"checkpoint {p}: not a complete zip archive (no end-of-archive record at the end "
+            f"of its {size} bytes: truncated or corrupt)")
     try:
         with zipfile.ZipFile(p) as archive:
             bad = archive.testzip()
             names = set(archive.namelist())
             raw = archive.read(META_MEMBER) if META_MEMBER in names else None
     except (zipfile.BadZipFile, zlib.error, EOFError, OSError, NotImplementedError) as exc:
-        raise PretrainedCheckpointError(f"checkpoint {p}: not a readable zip archive (truncated or "
-                              f"corrupt file, {size} bytes): {exc}") from exc
+        raise PretrainedCheckpointError(
+            f"checkpoint {p}: not a readable zip archive (truncated or corrupt file, {size} "
+            f"bytes): {exc}") from exc
     if bad is not None:
-        raise PretrainedCheckpointError(f"checkpoint {p}: member {bad!r} fails its CRC check (corrupt file)")
+        raise PretrainedCheckpointError(
+            f"checkpoint {p}: member {bad!r} fails its CRC check (corrupt file)")
     missing = [m for m in REQUIRED_MEMBERS if m not in names]
     if missing:
-        raise PretrainedCheckpointError(f"checkpoint {p}: missing member(s) {missing}; not written by "
-                              "sb3_warmstart.policies.io.save_pretrained")
+        raise PretrainedCheckpointError(
+            f"checkpoint {p}: missing member(s) {missing}; not written by "
+            "sb3_warmstart.policies.policy_file.save_pretrained")
     try:
         meta = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise PretrainedCheckpointError(f"checkpoint {p}: {META_MEMBER} is not valid JSON: {exc}") from exc
+        raise PretrainedCheckpointError(
+            f"checkpoint {p}: {META_MEMBER} is not valid JSON: {exc}") from exc
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise PretrainedCheckpointError(f"checkpoint {p}: {META_MEMBER} has format "
-                              f"{meta.get('format') if isinstance(meta, dict) else None!r}, "
-                              f"expected {FORMAT!r}")
+        raise PretrainedCheckpointError(
+            f"checkpoint {p}: {META_MEMBER} has format "
+            f"{meta.get('format') if isinstance(meta, dict) else None!r}, expected {FORMAT!r}")
     version = meta.get("format_version")
     if not isinstance(version, int) or not 1 <= version <= FORMAT_VERSION:
-        raise PretrainedCheckpointError(f"checkpoint {p}: format_version={version!r}, this code reads "
-                              f"1..{FORMAT_VERSION}")
+        raise PretrainedCheckpointError(
+            f"checkpoint {p}: format_version={version!r}, this code reads 1..{FORMAT_VERSION}")
     return meta
 
 
@@ -411,11 +414,12 @@ def _resolve_algorithm(dotted: str, source: Path) -> type[BaseAlgorithm]:
     try:
         cls = getattr(importlib.import_module(module_name), name)
     except (ImportError, AttributeError, ValueError) as exc:
-        raise PretrainedCheckpointError(f"checkpoint {source}: algorithm class {dotted!r} cannot be "
-                              f"imported: {exc}") from exc
+        raise PretrainedCheckpointError(
+            f"checkpoint {source}: algorithm class {dotted!r} cannot be imported: "
+            f"{exc}") from exc
     if not (isinstance(cls, type) and issubclass(cls, BaseAlgorithm)):
-        raise PretrainedCheckpointError(f"checkpoint {source}: algorithm {dotted!r} is not an SB3 "
-                              "algorithm class")
+        raise PretrainedCheckpointError(
+            f"checkpoint {source}: algorithm {dotted!r} is not an SB3 algorithm class")
     return cls
 
 
@@ -444,7 +448,8 @@ def load_pretrained(path: str | os.PathLike, device: str = "cpu"
     try:
         model = cls.load(p, device=device)
     except Exception as exc:  # SB3/torch raise many types; never return half a model
-        raise PretrainedCheckpointError(f"checkpoint {p}: {cls.__name__}.load failed: {exc}") from exc
+        raise PretrainedCheckpointError(
+            f"checkpoint {p}: {cls.__name__}.load failed: {exc}") from exc
     try:
         obs_rms = obs_rms_from_metadata(meta)
     except (ValueError, KeyError) as exc:
@@ -508,8 +513,8 @@ def validate_pretrained(path_or_metadata: str | os.PathLike | Mapping[str, Any],
     index), the normalisation statistics' shape, and -- for each key of ``expected_arch``
     (``policy_kwargs``-style, see :data:`ARCHITECTURE_KEYS`) -- the stored architecture.
 
-    :param path_or_metadata: a checkpoint path (fully verified first; ``PretrainedCheckpointError`` if
-        missing or corrupt) or its metadata dict.
+    :param path_or_metadata: a checkpoint path (fully verified first;
+        ``PretrainedCheckpointError`` if missing or corrupt) or its metadata dict.
     :param env: a gymnasium env (any wrappers) or an SB3 ``VecEnv`` (e.g. ``VecNormalize``).
     :param expected_arch: the architecture about to be built, e.g. PPO's ``policy_kwargs``
         plus ``policy_class``, or ``architecture_of(model.policy)``.
@@ -546,66 +551,6 @@ def validate_pretrained(path_or_metadata: str | os.PathLike | Mapping[str, Any],
         raise PretrainedMismatchError(source, mismatches)
 
 
-
-
-# ------------------------------------------------------------------ trained policies
-def read_history(path: Path) -> list[dict[str, Any]]:
-    """The rows of a run's ``training_history.csv`` (numbers parsed; empty when absent)."""
-    if not path.is_file():
-        return []
-    rows = []
-    with open(path, newline="") as f:
-        for row in csv.DictReader(f):
-            parsed: dict[str, Any] = {}
-            for key, value in row.items():
-                if value in ("", None):
-                    continue
-                for kind in (int, float):  # episode seeds are 63-bit integers: keep them exact
-                    try:
-                        parsed[key] = kind(value)
-                        break
-                    except ValueError:
-                        continue
-                else:
-                    parsed[key] = value
-            rows.append(parsed)
-    return rows
-
-
-def load_policy(model_path: str | os.PathLike
-                ) -> tuple[BaseAlgorithm, Any, dict[str, Any], list[dict[str, Any]], str]:
-    """``(model, obs_rms, env_kwargs, history_rows, label)`` of a saved policy: a run folder of
-    ``train/warmstart.py`` (``final_model.zip``, ``final_vecnormalize.pkl``, its training
-    history), a checkpoint directory, or a policy zip of :func:`save_pretrained`."""
-    import yaml
-
-    from sb3_warmstart.common.checkpoint import MODEL_FILE, STATE_FILE, CheckpointManager
-    from sb3_warmstart.algorithms.ppo import KLPPO, KLRecurrentPPO
-
-    model_path = Path(model_path)
-
-    if model_path.is_dir() and (model_path / "final_model.zip").is_file():
-        config = yaml.safe_load((model_path / "config.yaml").read_text())
-        section = next(iter(config["LLMCluster-v0"].values()))
-        cls = KLRecurrentPPO if section["ppo"]["algorithm"] == "recurrent_ppo" else KLPPO
-        model = cls.load(model_path / "final_model.zip", device="cpu")
-        with open(model_path / "final_vecnormalize.pkl", "rb") as f:
-            obs_rms = pickle.load(f).obs_rms
-        return (model, obs_rms, section["env_kwargs"],
-                read_history(model_path / "training_history.csv"), model_path.name)
-    if model_path.is_dir() and (model_path / STATE_FILE).is_file():
-        manifest = CheckpointManager(model_path.parent, max_checkpoints=1).verify(model_path)
-        training = manifest["fingerprint"]["training"]
-        cls = KLRecurrentPPO if training["ppo"]["algorithm"] == "recurrent_ppo" else KLPPO
-        model = cls.load(model_path / MODEL_FILE, device="cpu")
-        state = pickle.loads((model_path / STATE_FILE).read_bytes())
-        history = state["stateful"].get("monitor", {}).get("rows", [])
-        return (model, state["vecnormalize"]["obs_rms"], training["env_kwargs"], history,
-                model_path.name)
-    model, meta, obs_rms = load_pretrained(model_path)
-    return model, obs_rms, dict(meta.get("env_kwargs") or {}), [], model_path.stem
-
-
 __all__ = [
     "ARCHITECTURE_KEYS",
     "FORMAT",
@@ -617,13 +562,11 @@ __all__ = [
     "architecture_of",
     "build_model",
     "default_algorithm",
-    "load_policy",
     "load_pretrained",
     "normalize_architecture",
     "obs_normalizer_from_metadata",
     "obs_rms_from_metadata",
     "policy_kwargs_of",
-    "read_history",
     "read_metadata",
     "save_pretrained",
     "validate_pretrained",
