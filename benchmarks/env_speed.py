@@ -27,10 +27,13 @@ the default policy's capacity).
    per CPU-second.
 6. ``--rollout-share``: the main job's PPO (default configuration, cold start) for
    ``--rollout-steps`` env steps: the share of its CPU time spent collecting rollouts.
+7. ``--profile N [N ...]``: cProfile of one ``--scaling-requests`` episode per cluster size
+   (random routing, ~80% load, default observation), the functions with the most cumulative
+   time: where a step's time goes.
 
 Usage: ``python -m benchmarks.env_speed [--requests 20000] [--repeats 3] [--batching ...]
 [--prefix] [--prefix-only] [--scaling [--sizes 4 16 64 256 1024]] [--replay]
-[--rollout-share] [--only]``
+[--rollout-share] [--profile 4 16] [--only]``
 """
 
 from __future__ import annotations
@@ -239,6 +242,22 @@ def scaling(sizes: list[int], requests: int, repeats: int) -> list[dict]:
     return rows
 
 
+def profile(sizes: list[int], requests: int, top: int = 25) -> None:
+    """cProfile of one episode per cluster size: random routing, ~80% load, default
+    observation; the ``top`` functions by cumulative time."""
+    import cProfile
+    import pstats
+
+    for n in sizes:
+        env = LLMClusterEnv(**env_kwargs(n, 0.8, requests))
+        print(f"7) cProfile, {n} replicas, {requests:,} steps, random routing, ~80% load")
+        profiler = cProfile.Profile()
+        profiler.enable()
+        _random_episode_cpu(env)
+        profiler.disable()
+        pstats.Stats(profiler).sort_stats("cumulative").print_stats(top)
+
+
 def replay_speed(rows: int, repeats: int) -> dict:
     """Requests per CPU-second of ``replay`` (round_robin, lor) and of the core alone."""
     import tempfile
@@ -325,8 +344,10 @@ def main() -> None:
     parser.add_argument("--rollout-share", action="store_true",
                         help="the main job's rollout share of PPO time (section 6)")
     parser.add_argument("--rollout-steps", type=int, default=4096)
+    parser.add_argument("--profile", type=int, nargs="+", metavar="REPLICAS",
+                        help="cProfile of one episode per cluster size (section 7)")
     parser.add_argument("--only", action="store_true",
-                        help="only the sections asked for by --scaling/--replay")
+                        help="only the sections asked for by --scaling/--replay/--profile")
     args = parser.parse_args()
 
     if args.scaling:
@@ -337,6 +358,9 @@ def main() -> None:
         print()
     if args.rollout_share:
         rollout_share(args.rollout_steps)
+        print()
+    if args.profile:
+        profile(args.profile, args.scaling_requests)
         print()
     if args.only:
         return

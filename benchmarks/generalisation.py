@@ -43,11 +43,11 @@ from typing import Any
 import numpy as np
 
 from llm_cluster_env.atomic import atomic_write_json
-from llm_cluster_env.env.capacity import saturation_throughput
 from llm_cluster_env.config import EnvConfig, ReplicaConfig, WorkloadConfig
+from llm_cluster_env.env.capacity import saturation_throughput
 from llm_cluster_env.env.cluster_env import LLMClusterEnv
-from llm_cluster_env.tools.evaluation import RouterResult, run_episode
 from llm_cluster_env.routing.heuristics import CACHE_AWARE_ROUTERS, ROUTERS, make_router
+from llm_cluster_env.tools.evaluation import RouterResult, run_episode
 
 LONG_PROMPT = {"lengths": "lognormal", "prompt_lognormal": (2000.0, 0.6),
                "output_lognormal": (30.0, 0.6)}

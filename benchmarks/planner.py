@@ -57,6 +57,8 @@ class Args:
     """how the sampled arrivals are routed in the branches (shared, reroute, cross)"""
     lengths: str = "sampled"
     """output lengths in the copies (sampled, expected)"""
+    switch_t: float = 0.0
+    """leave the base's choice only for a saving of this many standard errors"""
     clairvoyant_assignment: str = "shared"
     """assignment of the clairvoyant planner"""
     clairvoyant_horizon_s: float = 0.0
@@ -83,7 +85,7 @@ def planner_variants(args: Args) -> dict[str, PlannerConfig]:
     return {
         "rollout_planner": PlannerConfig(
             horizon_s=args.horizon_s, samples=args.samples, candidates=args.candidates,
-            assignment=args.assignment, lengths=args.lengths),
+            assignment=args.assignment, lengths=args.lengths, switch_t=args.switch_t),
         "planner_clairvoyant": PlannerConfig(
             horizon_s=args.clairvoyant_horizon_s or args.horizon_s, candidates=args.candidates,
             assignment=args.clairvoyant_assignment, clairvoyant=True),
@@ -117,14 +119,15 @@ def make(name: str, env: LLMClusterEnv, variants: dict[str, PlannerConfig]):
 
 
 def run_router(env: LLMClusterEnv, router, seed: int) -> tuple[float, float, int]:
-    """One episode: mean E2E (s), seconds spent in ``select``, decisions."""
+    """One episode: mean E2E (s), CPU seconds of this process spent in ``select`` (less
+    disturbed by other processes than wall time on a shared machine), decisions."""
     env.reset(seed=seed)
     router.reset(env.num_replicas, np.random.default_rng(seed + 7_919))
     done, spent, steps, info = False, 0.0, 0, {}
     while not done:
-        start = time.perf_counter()
+        start = time.process_time()
         action = router.select(env.view)
-        spent += time.perf_counter() - start
+        spent += time.process_time() - start
         steps += 1
         _, _, done, _, info = env.step(action)
     return float(info["requests"]["e2e_s"].mean()), spent, steps

@@ -61,6 +61,7 @@ from stable_baselines3.common.vec_env import DummyVecEnv
 
 import llm_cluster_env  # noqa: F401  (registers LLMCluster-v0)
 from llm_cluster_env.atomic import atomic_write_json
+from sb3_warmstart.algorithms.ppo import KLPPO, KLRecurrentPPO
 from sb3_warmstart.pipeline.config import (
     AdvancedOptimizationConfig,
     GradientOptimizationConfig,
@@ -68,8 +69,10 @@ from sb3_warmstart.pipeline.config import (
     PPOConfig,
     load_config,
 )
-from sb3_warmstart.algorithms.ppo import KLPPO, KLRecurrentPPO
-from sb3_warmstart.policies.replica_set import RecurrentReplicaSetGruPolicy, RecurrentReplicaSetPolicy
+from sb3_warmstart.policies.replica_set import (
+    RecurrentReplicaSetGruPolicy,
+    RecurrentReplicaSetPolicy,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 #: The issue's configuration.

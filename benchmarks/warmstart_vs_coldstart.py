@@ -29,12 +29,12 @@ import numpy as np
 import torch
 
 from llm_cluster_env.env.cluster_env import LLMClusterEnv
-from llm_cluster_env.tools.evaluation import run_episode
 from llm_cluster_env.routing.heuristics import make_router
+from llm_cluster_env.tools.evaluation import run_episode
 from sb3_warmstart.pipeline.config import load_config
-from sb3_warmstart.pipeline.runner import RunOptions, WarmStartPipeline
 from sb3_warmstart.pipeline.ppo_stage import build_session
 from sb3_warmstart.pipeline.report import episode_curve
+from sb3_warmstart.pipeline.runner import RunOptions, WarmStartPipeline
 from sb3_warmstart.policies.router import PolicyRouter
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -57,8 +57,8 @@ def train(profile: str, scenario: str, requests: int, out: Path, seed: int):
 
 def rebuild_pretrained(out: Path):
     """The clone of an earlier run (a resumed pipeline does not load it)."""
-    from sb3_warmstart.policies.policy_file import load_pretrained
     from sb3_warmstart.pipeline.warm_start_stage import Pretrained
+    from sb3_warmstart.policies.policy_file import load_pretrained
 
     model, meta, obs_rms = load_pretrained(out / "pretrained" / "bc_policy.zip")
     return Pretrained(model.policy, obs_rms, None, str(out), meta["bc_metrics"]["final"])

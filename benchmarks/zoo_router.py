@@ -33,9 +33,9 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from llm_cluster_env.atomic import atomic_write_json  # noqa: E402
-from llm_cluster_env.tools.evaluation import evaluate_routers, format_table  # noqa: E402
 from llm_cluster_env.env.observation import ClusterView  # noqa: E402
 from llm_cluster_env.routing.heuristics import make_router  # noqa: E402
+from llm_cluster_env.tools.evaluation import evaluate_routers, format_table  # noqa: E402
 
 ENV_ID = "LLMCluster-v0"
 HEURISTICS = ("lor", "round_robin", "random", "least_tokens")

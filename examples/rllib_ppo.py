@@ -149,8 +149,8 @@ def eval_seeds(args: argparse.Namespace) -> list[int]:
 
 def lor_baseline(args: argparse.Namespace) -> float:
     """``lor``'s mean E2E (s) over the evaluation episodes (``eval_seeds``)."""
-    from llm_cluster_env.tools.evaluation import evaluate_routers
     from llm_cluster_env.routing.heuristics import make_router
+    from llm_cluster_env.tools.evaluation import evaluate_routers
 
     seeds = eval_seeds(args)
     results = evaluate_routers({"scenario": args.scenario,

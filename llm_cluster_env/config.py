@@ -367,6 +367,9 @@ class SLOConfig:
 
     Defaults are interactive-chat targets for a 7B model: the first token within half a second
     and 20 tokens/s afterwards (looser targets report ~100% attainment for every router here).
+    They define SLO attainment, SLO goodput (``goodput_rps``, see
+    :mod:`llm_cluster_env.sim.metrics`) and the reward's ``slo_violation_penalty`` and
+    ``goodput_weight`` terms. A target <= 0 (or NaN) is refused.
 
     :param ttft_s: time-to-first-token target (seconds).
     :param tpot_s: time-per-output-token target (seconds per token after the first).
@@ -377,7 +380,7 @@ class SLOConfig:
 
     def __post_init__(self) -> None:
         require(self.ttft_s > 0, "ttft_s", self.ttft_s, "must be > 0 seconds")
-        require(self.tpot_s > 0, "tpot_s", self.tpot_s, "must be > 0 seconds")
+        require(self.tpot_s > 0, "tpot_s", self.tpot_s, "must be > 0 seconds per token")
 
 
 @dataclass(frozen=True)
@@ -445,6 +448,9 @@ class RewardConfig:
     :param slo_violation_penalty: subtracted per request completed in the step that missed its
         TTFT or TPOT target.
     :param imbalance_penalty: weight of ``1 - balance`` of the recent dispatch shares.
+    :param goodput_weight: added per request completed in the step that met both its TTFT and
+        its TPOT target (``SLOConfig``), so an episode adds ``goodput_weight * (requests that
+        met the SLO)``: the SLO goodput times the episode's span.
     :param scale: every term is multiplied by this (keeps returns in a range PPO likes).
     """
 
@@ -452,10 +458,12 @@ class RewardConfig:
     ttft_weight: float = 0.0
     slo_violation_penalty: float = 0.0
     imbalance_penalty: float = 0.0
+    goodput_weight: float = 0.0
     scale: float = 1.0
 
     def __post_init__(self) -> None:
-        for name in ("latency_weight", "ttft_weight", "slo_violation_penalty", "imbalance_penalty"):
+        for name in ("latency_weight", "ttft_weight", "slo_violation_penalty", "imbalance_penalty",
+                     "goodput_weight"):
             value = getattr(self, name)
             require(value >= 0 and math.isfinite(value), name, value, "must be a finite number >= 0")
         require(self.scale > 0, "scale", self.scale, "must be > 0")

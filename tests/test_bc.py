@@ -25,22 +25,14 @@ from stable_baselines3.common.vec_env import DummyVecEnv, VecNormalize  # noqa: 
 
 import llm_cluster_env  # noqa: E402
 from llm_cluster_env.env.cluster_env import LLMClusterEnv  # noqa: E402
-from llm_cluster_env.tools.evaluation import run_episode  # noqa: E402
 from llm_cluster_env.routing.heuristics import make_router  # noqa: E402
-from sb3_warmstart.warmstart.bc import (  # noqa: E402
-    PRESETS,
-    RouterTies,
-    SequenceBC,
-    critic_only_parameters,
-    discounted_returns,
-    plan_lanes,
-)
-from sb3_warmstart.pipeline.config import BCConfig, WarmStartConfig  # noqa: E402
+from llm_cluster_env.tools.evaluation import run_episode  # noqa: E402
 from sb3_warmstart.common.normalize import (  # noqa: E402
     ObsNormalizer,
     fit_obs_normalizer,
     fit_return_normalizer,
 )
+from sb3_warmstart.pipeline.config import BCConfig, WarmStartConfig  # noqa: E402
 from sb3_warmstart.policies.policy_file import (  # noqa: E402
     PretrainedCheckpointError,
     PretrainedMismatchError,
@@ -52,6 +44,14 @@ from sb3_warmstart.policies.policy_file import (  # noqa: E402
     validate_pretrained,
 )
 from sb3_warmstart.policies.router import PolicyRouter  # noqa: E402
+from sb3_warmstart.warmstart.bc import (  # noqa: E402
+    PRESETS,
+    RouterTies,
+    SequenceBC,
+    critic_only_parameters,
+    discounted_returns,
+    plan_lanes,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCENARIO = "a100x4_conv_70"

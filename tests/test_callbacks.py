@@ -34,13 +34,13 @@ from sb3_warmstart.algorithms.callbacks import (
     TemperatureController,
     TrainingMonitor,
 )
-from sb3_warmstart.pipeline.config import TemperatureConfig
 from sb3_warmstart.common.normalize import (
     FrozenRunningMeanStd,
     freeze_obs_stats,
     make_vec_normalize,
     obs_stats_frozen,
 )
+from sb3_warmstart.pipeline.config import TemperatureConfig
 
 
 def make_controller(**kwargs) -> TemperatureController:

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 
 from llm_cluster_env.config import ConfigError
-from llm_cluster_env.routing.engine_model import ENGINE_FEATURES, EngineModel, OutputLengthPrior
 from llm_cluster_env.env.cluster_env import LLMClusterEnv
-from llm_cluster_env.tools.evaluation import run_episode
+from llm_cluster_env.routing.engine_model import ENGINE_FEATURES, EngineModel, OutputLengthPrior
 from llm_cluster_env.routing.heuristics import make_router
+from llm_cluster_env.tools.evaluation import run_episode
 
 SMALL = dict(scenario="a100x4_conv_70", episode_requests=400)
 

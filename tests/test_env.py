@@ -12,9 +12,9 @@ import pytest
 import llm_cluster_env
 from llm_cluster_env import ConfigError, EnvConfig
 from llm_cluster_env.env.cluster_env import LLMClusterEnv
-from llm_cluster_env.tools.evaluation import run_episode
 from llm_cluster_env.routing.heuristics import make_router
 from llm_cluster_env.sim.metrics import REQUEST_COLUMNS
+from llm_cluster_env.tools.evaluation import run_episode
 from llm_cluster_env.workload import Workload
 
 SMALL = dict(scenario="a100x4_conv_70", episode_requests=200)

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 
 import llm_cluster_env
-from llm_cluster_env.env.capacity import saturation_throughput
 from llm_cluster_env.config import ConfigError, ReplicaConfig, WorkloadConfig
-from llm_cluster_env.tools.evaluation import run_episode
+from llm_cluster_env.env.capacity import saturation_throughput
 from llm_cluster_env.env.family import ScenarioFamilyEnv, available_families, load_family
 from llm_cluster_env.routing.heuristics import make_router
+from llm_cluster_env.tools.evaluation import run_episode
 
 SMALL = dict(replicas=[2, 6], replica_slots=8, episode_requests=64, capacity_requests=200)
 

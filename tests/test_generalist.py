@@ -14,8 +14,8 @@ pytestmark = pytest.mark.train
 from conftest import load_script  # noqa: E402
 
 from llm_cluster_env.env.cluster_env import LLMClusterEnv  # noqa: E402
-from llm_cluster_env.tools.evaluation import run_episode  # noqa: E402
 from llm_cluster_env.env.family import ScenarioFamilyEnv, load_family  # noqa: E402
+from llm_cluster_env.tools.evaluation import run_episode  # noqa: E402
 from sb3_warmstart.pipeline.config import BCConfig, PPOConfig  # noqa: E402
 from sb3_warmstart.policies.replica_set import ReplicaSetPolicy, SchemaMismatch  # noqa: E402
 

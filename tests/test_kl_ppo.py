@@ -22,13 +22,6 @@ from stable_baselines3.common.utils import LinearSchedule  # noqa: E402
 from stable_baselines3.common.vec_env import DummyVecEnv  # noqa: E402
 
 import llm_cluster_env  # noqa: E402,F401
-from sb3_warmstart.pipeline.config import (  # noqa: E402
-    AdaptiveBatchSizeConfig,
-    AdvancedOptimizationConfig,
-    GradientOptimizationConfig,
-    KLConfig,
-    LearningRateScheduleConfig,
-)
 from sb3_warmstart.algorithms.kl import (  # noqa: E402
     PPOLossTerms,
     approx_kl,
@@ -36,12 +29,19 @@ from sb3_warmstart.algorithms.kl import (  # noqa: E402
     instant_kl_penalty,
     ppo_loss_terms,
 )
+from sb3_warmstart.algorithms.ppo import KLPPO, KLRecurrentPPO, RefLogitsRecurrentRolloutBuffer  # noqa: E402
+from sb3_warmstart.pipeline.config import (  # noqa: E402
+    AdaptiveBatchSizeConfig,
+    AdvancedOptimizationConfig,
+    GradientOptimizationConfig,
+    KLConfig,
+    LearningRateScheduleConfig,
+)
 from sb3_warmstart.policies.recurrent import (  # noqa: E402
     TemperatureMlpLstmPolicy,
     TemperatureMlpPolicy,
     action_log_probs,
 )
-from sb3_warmstart.algorithms.ppo import KLPPO, KLRecurrentPPO, RefLogitsRecurrentRolloutBuffer  # noqa: E402
 
 pytestmark = pytest.mark.train
 

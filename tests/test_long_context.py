@@ -10,8 +10,8 @@ import json
 import pytest
 
 from llm_cluster_env.config import ReplicaConfig
-from llm_cluster_env.sim.cluster import Cluster, build_replica
 from llm_cluster_env.hardware import GPUS, MODELS, kv_cache_blocks
+from llm_cluster_env.sim.cluster import Cluster, build_replica
 from llm_cluster_env.sim.latency import COEFFICIENTS_DIR, IterationTimeModel
 from llm_cluster_env.sim.request import Request
 

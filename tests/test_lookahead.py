@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 
 from llm_cluster_env.env.cluster_env import LLMClusterEnv
-from llm_cluster_env.tools.evaluation import run_episode
+from llm_cluster_env.routing.heuristics import make_router
 from llm_cluster_env.routing.lookahead import (
     LookaheadRouter,
     drain_finish_times,
     replica_copy,
     settle_at_boundary,
 )
-from llm_cluster_env.routing.heuristics import make_router
+from llm_cluster_env.tools.evaluation import run_episode
 
 
 def advance(env, steps, seed=0):

@@ -22,8 +22,9 @@ from llm_cluster_env.env.observation import (
     optional_replica_features,
 )
 from llm_cluster_env.routing.base import Router
-from llm_cluster_env.routing.engine_model import clock_and_boundary
+from llm_cluster_env.routing.engine_model import ScalarIterationTime, clock_and_boundary
 from llm_cluster_env.routing.heuristics import CACHE_AWARE_ROUTERS, ROUTERS, make_router
+from llm_cluster_env.sim.latency import IterationTimeModel
 from llm_cluster_env.tools.evaluation import evaluate_routers, run_episode
 
 
@@ -75,6 +76,8 @@ CASES = {
     "heterogeneous": dict(scenario="heterogeneous", episode_requests=500),
     "a100x16": dict(scenario="a100x16", episode_requests=500),
     "a100x4_vllm_v0": dict(scenario="a100x4_vllm_v0", episode_requests=500),
+    "a100x4_mixed": dict(scenario="a100x4_conv_70", replica={"batching": "mixed"},
+                         episode_requests=500),
     "multiturn_chat": dict(scenario="multiturn_chat", episode_requests=400),
     "a100x4_conv_70_x40": dict(scenario="a100x4_conv_70", num_replicas=40,
                                episode_requests=800, workload={"qps": 160.0}),
@@ -135,6 +138,62 @@ def test_family_samples_equal_the_per_replica_reference(oracle, path):
     assert len({len(c.replica_configs) for c in configs}) > 1
     for i, config in enumerate(configs):
         _assert_episode_matches_reference(_env(config, oracle), seed=5 + i)
+
+
+@pytest.mark.parametrize("oracle", [False, True])
+@pytest.mark.parametrize("case", ["heterogeneous", "a100x4_vllm_v0", "a100x4_mixed",
+                                  "multiturn_chat"])
+def test_replica_by_replica_estimates_are_bitwise_those_of_the_engine_model(case, oracle):
+    """The few-replica path (:class:`EngineScalars`, terms kept between decisions) gives
+    exactly the float64 values of :meth:`EngineModel.estimate` (the float32 observation could
+    hide a last-bit difference), at every decision of a whole episode."""
+    env = _env(case, oracle)
+    engine = env.builder.groups[-1]
+    assert engine.scalars is not None
+    prefix = next((g for g in env.builder.groups if isinstance(g, PrefixFeatures)), None)
+    columns = engine.columns
+    checked = []
+
+    def checking(now, request, clocks, used, boundaries):
+        got = columns(now, request, clocks, used, boundaries)
+        if request is not None:
+            prompt = request.prompt_tokens
+            for i, rep in enumerate(env.cluster.replicas):
+                cached = int(prefix.last_hits[i] * prompt) if prefix is not None else 0
+                assert tuple(got[i]) == engine.model.estimate(
+                    rep, now, prompt, request.output_tokens, cached,
+                    timing=clock_and_boundary(rep, now)), (i, now)
+                checked.append(i)
+        return got
+
+    engine.columns = checking
+    obs, _ = env.reset(seed=4)
+    rng = np.random.default_rng(4)
+    done = False
+    while not done:
+        obs, _, done, _, _ = env.step(int(rng.integers(env.num_replicas)))
+    assert len(checked) == env.config.episode_requests * env.num_replicas
+
+
+@pytest.mark.parametrize("granularity", [None, 256])
+def test_the_replica_by_replica_iteration_times_are_the_models_bit_for_bit(granularity):
+    latency = IterationTimeModel.for_replica("llama-2-7b", "a100", 1,
+                                             decode_context_granularity=granularity)
+    timing = ScalarIterationTime(latency)
+    rng = np.random.default_rng(0)
+    for _ in range(2_000):
+        batch = int(rng.choice([rng.integers(1, 300), rng.integers(4_000, 5_000)]))
+        context = batch * int(rng.integers(1, 8_000))
+        chunk = int(rng.integers(1, 20_000))
+        time = latency.iteration_time(batch, context)
+        assert timing.decode(batch, context) == time
+        assert timing.decode_and_attention(batch, context) == (
+            time, latency.decode_attention_time(batch, context))
+        attention = latency.decode_attention_time(batch, context)
+        assert timing.chunk_base(batch, chunk) + attention == latency.iteration_time(
+            batch, context, ((chunk, 0),))
+        assert timing.chunk_base(0, chunk) == latency.iteration_time(0, 0, ((chunk, 0),))
+        assert timing.chunks(batch)[chunk] == timing.chunk_base(batch, chunk)
 
 
 def test_the_default_path_depends_on_the_cluster_size():

@@ -233,11 +233,13 @@ def test_benchmark_smoke_run_prints_paired_table_and_noise(tmp_path, capsys):
     """benchmarks/planner.py end to end with a tiny budget."""
     import importlib.util
     import json
+    import sys
     from pathlib import Path
 
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "planner.py"
     spec = importlib.util.spec_from_file_location("benchmark_planner", path)
     bench = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bench  # dataclasses look their module up there
     spec.loader.exec_module(bench)
     out = tmp_path / "planner.json"
     args = bench.parse_args(["--scenarios", "heterogeneous", "--seeds", "2", "--requests", "40",
@@ -256,3 +258,17 @@ def test_benchmark_smoke_run_prints_paired_table_and_noise(tmp_path, capsys):
     exact = noise["clairvoyant/reroute@100s"]
     assert all(abs(r["est_mean"] - r["realised"]) < 1e-6 for r in exact["rows"])
     assert json.loads(out.read_text())["args"]["seeds"] == 2
+
+
+def test_the_planner_is_named_by_the_tools_but_not_run_by_all():
+    from llm_cluster_env.routing.heuristics import ROUTERS
+    from llm_cluster_env.routing.registry import ALL_ROUTERS, make_any_router
+    from llm_cluster_env.tools import compare
+
+    assert "rollout_planner" in ALL_ROUTERS and "rollout_planner" not in ROUTERS
+    assert type(make_any_router("rollout_planner")).__name__ == "RolloutPlannerRouter"
+    with pytest.raises(ValueError, match="router='nope': unknown router"):
+        make_any_router("nope")
+    args = compare.parse_args(["--routers", "lor,rollout_planner"])
+    assert args.router_names == ["lor", "rollout_planner"]
+    assert "rollout_planner" not in compare.parse_args(["--routers", "all"]).router_names

@@ -8,13 +8,17 @@ import pytest
 
 from llm_cluster_env.config import ObservationConfig
 from llm_cluster_env.env.cluster_env import LLMClusterEnv
-from llm_cluster_env.tools.evaluation import run_episode
 from llm_cluster_env.env.observation import REPLICA_FEATURES, ObservationLayout, RoutingContext
-from llm_cluster_env.routing.prefix_index import ApproximatePrefixIndex
-from llm_cluster_env.routing.heuristics import CACHE_AWARE_ROUTERS, SessionAffinityRouter, make_router
-from llm_cluster_env.scenarios import available_scenarios, load_scenario_dict
 from llm_cluster_env.prefix_chain import PrefixChain
+from llm_cluster_env.routing.heuristics import (
+    CACHE_AWARE_ROUTERS,
+    SessionAffinityRouter,
+    make_router,
+)
+from llm_cluster_env.routing.prefix_index import ApproximatePrefixIndex
+from llm_cluster_env.scenarios import available_scenarios, load_scenario_dict
 from llm_cluster_env.sim.request import Request
+from llm_cluster_env.tools.evaluation import run_episode
 
 PREFIX = ("prefix_hit", "prefix_index_fill", "cache_usage")
 

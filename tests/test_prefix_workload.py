@@ -10,15 +10,15 @@ import numpy as np
 import pytest
 
 from llm_cluster_env.config import ConfigError, EnvConfig, WorkloadConfig
+from llm_cluster_env.tools.replay import main as replay_main
+from llm_cluster_env.tools.replay import replay
+from llm_cluster_env.validation import from_dict
+from llm_cluster_env.workload import TraceError, WorkloadGenerator, load_trace
 from llm_cluster_env.workload.prefix import (
     load_mooncake_trace,
     system_prompt_lengths,
     trace_chains,
 )
-from llm_cluster_env.tools.replay import main as replay_main
-from llm_cluster_env.tools.replay import replay
-from llm_cluster_env.validation import from_dict
-from llm_cluster_env.workload import TraceError, WorkloadGenerator, load_trace
 
 REPO = Path(__file__).resolve().parents[1]
 MOONCAKE = REPO.parent / "shared" / "data" / "mooncake" / "conversation_trace.jsonl"

@@ -49,12 +49,8 @@ from torch import nn  # noqa: E402
 
 from llm_cluster_env.deploy.router_runtime import ExportedRouter  # noqa: E402
 from llm_cluster_env.env.cluster_env import LLMClusterEnv  # noqa: E402
+from sb3_warmstart.export import export_policy, sample_observations  # noqa: E402
 from sb3_warmstart.policies.replica_set import ReplicaSetPolicy  # noqa: E402
-
-try:  # the export package is being split; either layout works
-    from sb3_warmstart.export import export_policy, sample_observations
-except ImportError:  # pragma: no cover
-    from sb3_warmstart.export.onnx_export import export_policy, sample_observations
 
 #: Requests sent through the router, and the client threads sending them.
 REQUESTS = 240

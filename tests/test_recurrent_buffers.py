@@ -16,22 +16,22 @@ import gymnasium as gym  # noqa: E402
 from stable_baselines3.common.vec_env import DummyVecEnv, VecNormalize  # noqa: E402
 
 import llm_cluster_env  # noqa: E402,F401
+from sb3_warmstart.algorithms.kl import ppo_loss_terms  # noqa: E402
+from sb3_warmstart.algorithms.ppo import KLPPO, KLRecurrentPPO  # noqa: E402
+from sb3_warmstart.algorithms.recurrent_buffers import (  # noqa: E402
+    RefLogitsRecurrentRolloutBuffer,
+    SequenceLayout,
+    SequenceRolloutBuffer,
+)
 from sb3_warmstart.common.checkpoint import CheckpointManager, TrainingSession  # noqa: E402
 from sb3_warmstart.pipeline.config import (  # noqa: E402
     AdvancedOptimizationConfig,
     GradientOptimizationConfig,
     KLConfig,
 )
-from sb3_warmstart.algorithms.kl import ppo_loss_terms  # noqa: E402
 from sb3_warmstart.policies.recurrent import (  # noqa: E402
     TemperatureMlpGruPolicy,
     TemperatureMlpLstmPolicy,
-)
-from sb3_warmstart.algorithms.ppo import KLPPO, KLRecurrentPPO  # noqa: E402
-from sb3_warmstart.algorithms.recurrent_buffers import (  # noqa: E402
-    RefLogitsRecurrentRolloutBuffer,
-    SequenceLayout,
-    SequenceRolloutBuffer,
 )
 from sb3_warmstart.policies.replica_set import RecurrentReplicaSetPolicy  # noqa: E402
 

@@ -22,8 +22,15 @@ from torch import nn  # noqa: E402
 
 import llm_cluster_env  # noqa: E402
 from llm_cluster_env.routing.heuristics import make_router  # noqa: E402
-from sb3_warmstart.warmstart.cloning import clone_demonstrations  # noqa: E402
+from sb3_warmstart.algorithms.ppo import KLRecurrentPPO  # noqa: E402
 from sb3_warmstart.pipeline.config import BCConfig, KLConfig, PPOConfig, load_config  # noqa: E402
+from sb3_warmstart.pipeline.warm_start_stage import expected_architecture  # noqa: E402
+from sb3_warmstart.policies.policy_file import (  # noqa: E402
+    PretrainedMismatchError,
+    load_pretrained,
+    save_pretrained,
+    validate_pretrained,
+)
 from sb3_warmstart.policies.recurrent import (  # noqa: E402
     TemperatureMlpGruPolicy,
     TemperatureMlpLstmPolicy,
@@ -31,19 +38,12 @@ from sb3_warmstart.policies.recurrent import (  # noqa: E402
     process_sequence,
     recurrent_policy_class,
 )
-from sb3_warmstart.policies.policy_file import (  # noqa: E402
-    PretrainedMismatchError,
-    load_pretrained,
-    save_pretrained,
-    validate_pretrained,
-)
-from sb3_warmstart.algorithms.ppo import KLRecurrentPPO  # noqa: E402
 from sb3_warmstart.policies.replica_set import (  # noqa: E402
     RecurrentReplicaSetGruPolicy,
     RecurrentReplicaSetPolicy,
     policy_for_spaces,
 )
-from sb3_warmstart.pipeline.warm_start_stage import expected_architecture  # noqa: E402
+from sb3_warmstart.warmstart.cloning import clone_demonstrations  # noqa: E402
 
 pytestmark = pytest.mark.train
 

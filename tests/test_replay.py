@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from llm_cluster_env.env.cluster_env import LLMClusterEnv
+from llm_cluster_env.sim.metrics import INTEGER_COLUMNS, REQUEST_COLUMNS
 from llm_cluster_env.tools.replay import (
     REJECTED_REPLICA,
     ReplayError,
@@ -18,7 +19,6 @@ from llm_cluster_env.tools.replay import (
     replay,
     write_records_csv,
 )
-from llm_cluster_env.sim.metrics import INTEGER_COLUMNS, REQUEST_COLUMNS
 from llm_cluster_env.workload import TraceError
 
 pytest.importorskip("yaml")  # scenarios are YAML files

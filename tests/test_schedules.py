@@ -10,12 +10,12 @@ import pytest
 pytestmark = pytest.mark.train
 th = pytest.importorskip("torch")
 
-from sb3_warmstart.pipeline.config import LearningRateScheduleConfig  # noqa: E402
 from sb3_warmstart.algorithms.schedules import (  # noqa: E402
     EntropyCoefficient,
     LinearDecay,
     build_lr_scheduler,
 )
+from sb3_warmstart.pipeline.config import LearningRateScheduleConfig  # noqa: E402
 
 
 def LRScheduleConfig(**fields) -> LearningRateScheduleConfig:  # noqa: N802

@@ -135,8 +135,8 @@ def test_a_different_feature_schema_is_refused_naming_the_feature():
 def test_kl_ppo_trains_saves_and_loads_a_set_policy(tmp_path, algo):
     from stable_baselines3.common.vec_env import DummyVecEnv
 
-    from sb3_warmstart.pipeline.config import KLConfig
     from sb3_warmstart.algorithms.ppo import KLPPO, KLRecurrentPPO
+    from sb3_warmstart.pipeline.config import KLConfig
 
     def make():
         return LLMClusterEnv(scenario="a100x4_conv_70", episode_requests=64,

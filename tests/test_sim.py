@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 from llm_cluster_env.config import ReplicaConfig
+from llm_cluster_env.prefix_chain import PrefixChain
 from llm_cluster_env.sim.cluster import Cluster, build_replica
-from llm_cluster_env.sim.prefix_cache import HostCache, PrefixChain
+from llm_cluster_env.sim.prefix_cache import HostCache
 from llm_cluster_env.sim.replica import Replica
 from llm_cluster_env.sim.request import Request, RequestState
 

@@ -10,8 +10,8 @@ import pytest
 from test_sim import LinearLatency, random_requests, run_episode, timestamps
 
 from llm_cluster_env.config import ReplicaConfig
-from llm_cluster_env.sim.cluster import Cluster, build_replica
 from llm_cluster_env.hardware import GPUS, MODELS, vidur_kv_cache_blocks
+from llm_cluster_env.sim.cluster import Cluster, build_replica
 from llm_cluster_env.sim.replica import Replica
 from llm_cluster_env.sim.request import Request, RequestState
 

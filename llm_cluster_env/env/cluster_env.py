@@ -11,7 +11,6 @@ import numpy as np
 from gymnasium import spaces
 
 from llm_cluster_env.config import ConfigError, EnvConfig
-from llm_cluster_env.routing.engine_model import OutputLengthPrior
 from llm_cluster_env.env.observation import (
     ClusterView,
     ObservationBuilder,
@@ -21,6 +20,7 @@ from llm_cluster_env.env.observation import (
     feature_groups,
 )
 from llm_cluster_env.env.reward import RewardFunction
+from llm_cluster_env.routing.engine_model import OutputLengthPrior
 from llm_cluster_env.sim.cluster import Cluster
 from llm_cluster_env.sim.metrics import (
     RequestLatencies,

@@ -41,7 +41,6 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
-from llm_cluster_env.env.capacity import DEFAULT_REQUESTS, saturation_throughput
 from llm_cluster_env.config import (
     EnvConfig,
     ObservationConfig,
@@ -51,10 +50,11 @@ from llm_cluster_env.config import (
     SLOConfig,
     WorkloadConfig,
 )
+from llm_cluster_env.env.capacity import DEFAULT_REQUESTS, saturation_throughput
 from llm_cluster_env.env.cluster_env import LLMClusterEnv, check_render_mode
 from llm_cluster_env.env.observation import ObservationLayout, optional_replica_features
-from llm_cluster_env.sim.cluster import latency_model
 from llm_cluster_env.hardware import GPUS, MODELS
+from llm_cluster_env.sim.cluster import latency_model
 from llm_cluster_env.validation import ConfigError, from_dict, require
 
 _MAX_SEED = 2**63 - 1

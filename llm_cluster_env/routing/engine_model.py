@@ -377,6 +377,8 @@ class EngineArrays:
         self.num_replicas = n
         self.terms = np.zeros((len(TERM_FIELDS), n))
         self.ints = np.zeros((len(TERM_FIELDS), n), dtype=np.int64)
+        self._scalars: list[tuple] = [()] * n
+        self._changed: list[int] = []  # replicas updated since the arrays were written
         empty = np.zeros(0)
         self._remaining: list[np.ndarray] = [empty] * n
         self._tokens: list[np.ndarray] = [empty] * n
@@ -396,8 +398,8 @@ class EngineArrays:
         if cached is None or cached[0] != replica.running_version:
             cached = self._requests[i] = (replica.running_version, running_requests(replica))
         scalars, remaining, tokens = self.model.replica_terms(replica, clock, cached[1])
-        self.terms[:, i] = scalars
-        self.ints[:, i] = scalars[:_TDEC] + (0,) + scalars[_TDEC + 1:_AHEADT] + (0, 0)
+        self._scalars[i] = scalars
+        self._changed.append(i)
         self._remaining[i] = remaining
         self._tokens[i] = tokens
         self._counts[i] = len(remaining)
@@ -438,6 +440,13 @@ class EngineArrays:
         model = self.model
         prior = model.prior
         terms, ints = self.terms, self.ints
+        if self._changed:  # the updated replicas' terms, in one call each
+            changed = sorted(set(self._changed))
+            self._changed = []
+            values = np.array([self._scalars[i] for i in changed], dtype=np.float64).T
+            terms[:, changed] = values
+            ints[:, changed] = values
+            ints[_TDEC], ints[_AHEADT], ints[_V0] = 0, 0, 0
         as_int = np.int64
         batch, t_dec, cap, used, ahead = ints[_B], terms[_TDEC], ints[_CAP], ints[_USED], ints[_AHEAD]
         num_running, queued, max_batch = ints[_NRUN], ints[_QUEUED], ints[_MAXB]
@@ -508,6 +517,284 @@ class EngineArrays:
                            minlength=self.num_replicas)
 
 
+class ScalarIterationTime:
+    """:meth:`~llm_cluster_env.sim.latency.IterationTimeModel.iteration_time` of one model for
+    the shapes :class:`EngineScalars` asks, bit for bit: pure-decode iterations through the
+    model's own dense-table lookup (the model itself outside the dense tables), and
+    iterations of one prompt chunk with no prior context beside ``b`` decodes summed as the
+    model sums them: the part that depends only on ``(b, chunk)`` (memoised per ``b``,
+    :meth:`chunks`), plus the decodes' attention.
+
+    :param latency: the iteration-time model (read-only).
+    """
+
+    def __init__(self, latency) -> None:
+        from llm_cluster_env.sim.latency import DENSE_TABLE_SIZE
+
+        self.latency = latency
+        #: Decode lookups in the dense tables up to this batch (0: none, Vidur's rounding).
+        self.dense = DENSE_TABLE_SIZE if latency.decode_context_granularity is None else 0
+        self.breaks = latency._context_breaks
+        self.base = latency._segment_base
+        self.beta = latency._segment_beta
+        self._attention = latency._segment_attention
+        self._chunks: dict[int, dict[int, float]] = {}
+
+    def decode(self, batch: int, context: int) -> float:
+        """``iteration_time(batch, context)`` (``batch`` >= 1)."""
+        if batch <= self.dense:
+            s = bisect_right(self.breaks, context / batch)
+            return self.base[s][batch] + self.beta[s][batch] * context
+        return self.latency.iteration_time(batch, context)
+
+    def decode_and_attention(self, batch: int, context: int) -> tuple[float, float]:
+        """``iteration_time(batch, context)`` and ``decode_attention_time(batch, context)``
+        (``batch`` >= 1)."""
+        if batch <= self.dense:
+            s = bisect_right(self.breaks, context / batch)
+            slope = self.beta[s][batch] * context
+            return self.base[s][batch] + slope, self._attention[s][batch] + slope
+        lat = self.latency
+        return lat.iteration_time(batch, context), lat.decode_attention_time(batch, context)
+
+    def chunks(self, batch: int) -> dict[int, float]:
+        """The memo ``chunk -> time`` of :meth:`chunk_base` for ``batch`` decodes."""
+        memo = self._chunks.get(batch)
+        if memo is None:
+            if len(self._chunks) >= _CHUNK_MEMO_BATCHES:
+                self._chunks.clear()
+            memo = self._chunks[batch] = {}
+        return memo
+
+    def chunk_base(self, decode_batch: int, chunk: int) -> float:
+        """``iteration_time(decode_batch, context, ((chunk, 0),))`` without the decodes'
+        attention (which the model adds last, when ``decode_batch`` > 0), memoised."""
+        memo = self.chunks(decode_batch)
+        if len(memo) >= _CHUNK_MEMO_SIZE:
+            memo.clear()
+        lat = self.latency
+        if decode_batch == 0:
+            time = memo[chunk] = lat.iteration_time(0, 0, ((chunk, 0),))
+            return time
+        # the model's own sum for one chunk with no prior context (latency.iteration_time)
+        context = 0
+        per_chunk = 0.0
+        if chunk <= lat._max_chunk:
+            per_chunk += chunk * (lat._prefill_token + lat._prefill_pair * context
+                                  + lat._prefill_causal * chunk) + lat._prefill_prior * context
+        else:
+            per_chunk += lat._prefill_chunk_time(chunk, context)
+        rows = decode_batch + 1
+        time = memo[chunk] = (lat._overhead + lat._overhead_per_request * rows
+                              + lat._tokens(decode_batch + chunk) + lat._lm_head(rows)
+                              + lat._prefill0 + per_chunk)
+        return time
+
+
+class EngineScalars:
+    """:meth:`EngineModel.estimate` for a few replicas, replica by replica in plain Python
+    (array calls cost more than they save on a few tens of values), with each replica's
+    request-independent terms kept between decisions.
+
+    The caller calls :meth:`update` after a replica changed or its iteration clock moved (the
+    others keep their terms); :meth:`estimate` then evaluates the formulas for every replica.
+    Values equal :meth:`EngineModel.estimate`'s bit for bit: the same operations in the same
+    order, the running requests' context sums accumulated in admission order. What it saves:
+    the iteration times and admission terms that depend only on the replica's state are
+    computed once per state, the others without the model's generic call (a chunk
+    iteration's request-independent part memoised); the running requests are walked once per
+    estimate, without building lists (their sorted remaining lengths only when admission
+    needs them), and a running request that will outlive the pending request's horizon adds
+    its context sum in a precomputed form (the terms that are exactly zero then dropped).
+
+    :param model: the engine model (prior, oracle flag).
+    :param replicas: the replicas (read-only).
+    """
+
+    def __init__(self, model: EngineModel, replicas: Sequence) -> None:
+        self.model = model
+        self.replicas = list(replicas)
+        timings: dict[int, ScalarIterationTime] = {}
+        self._timing = [timings.setdefault(id(r.latency), ScalarIterationTime(r.latency))
+                        for r in self.replicas]
+        #: Per replica, what :meth:`update` read (in the order :meth:`estimate` unpacks it;
+        #: :data:`_T_SORTED` filled on demand); ``None``: not yet.
+        self._terms: list[list | None] = [None] * len(self.replicas)
+
+    def update(self, i: int, replica, clock: int) -> None:
+        """Recompute replica ``i``'s terms at iteration clock ``clock``."""
+        timing = self._timing[i]
+        batch = replica.num_decoding
+        v0 = replica.batching == "vllm_v0"
+        if batch:
+            context = batch * clock - replica._sum_r
+            t_dec, attention = timing.decode_and_attention(batch, context)
+        else:
+            context = 0
+            t_dec = attention = 0.0
+        budget = replica.token_budget
+        cap = budget if (v0 or not replica.chunked_prefill) else max(budget - batch, 1)
+        chunk_batch = 0 if v0 else batch
+        used = replica.decode_blocks(clock) + replica.prefill_blocks
+        ahead = replica.pending_prefill_tokens
+        chunks = timing.chunks(chunk_batch)
+        if ahead > 0:
+            x = ahead if ahead < cap else cap
+            time = chunks.get(x)
+            if time is None:
+                time = timing.chunk_base(chunk_batch, x)
+            ahead_time = math.ceil(ahead / cap) * (time + attention if chunk_batch else time)
+        else:
+            ahead_time = 0.0
+        # the running requests are read at estimates, as they are then (the caller updates
+        # the replica's terms whenever it changes)
+        self._terms[i] = [clock, batch, t_dec, cap, chunk_batch, attention, used, ahead,
+                          replica.num_blocks - used - replica.watermark_blocks,
+                          len(replica.running), len(replica.waiting), replica.max_batch_size,
+                          replica.block_size, ahead_time, v0, replica.running, timing, chunks,
+                          None, {}]
+
+    def _remaining(self, terms: list) -> list:
+        """The replica's running requests' expected (or true) remaining decode tokens, sorted."""
+        ordered = terms[_T_SORTED]
+        if ordered is None:
+            clock = terms[0]
+            decoding = _DECODING
+            if self.model.oracle:
+                ordered = [r.output_tokens - (clock - r.decode_offset if r.state is decoding
+                                              else r.generated) for r in terms[15].values()]
+            else:
+                table = self.model.prior._residual
+                size = len(table)
+                last = table[-1]
+                ordered = []
+                for r in terms[15].values():
+                    g = clock - r.decode_offset if r.state is decoding else r.generated
+                    ordered.append(table[g] if g < size else last)
+            ordered.sort()
+            terms[_T_SORTED] = ordered
+        return ordered
+
+    def estimate(self, tau0: Sequence[float], prompt_tokens: int, output_tokens: int = 0,
+                 cached_tokens: Sequence[int] | None = None) -> list[tuple[float, float, float]]:
+        """``(est_wait_s, est_ttft_s, est_delta_s)`` of a pending request on every replica,
+        ``tau0`` being each one's seconds to its next iteration boundary
+        (:func:`clock_and_boundary`) and ``cached_tokens`` its cached prompt tokens there."""
+        model = self.model
+        prior = model.prior
+        oracle = model.oracle
+        expected_out = float(output_tokens) if oracle else prior.expected_output(prompt_tokens)
+        horizon = expected_out - 1.0 if expected_out > 1.0 else 0.0
+        steady = prior.mean_context
+        mean_output = prior.mean_output
+        # a running request with m = its remaining tokens >= horizon adds
+        # horizon * (p + g) + full + (horizon - horizon) * steady, the last term exactly 0
+        full = 0.5 * horizon * (horizon - 1.0)
+        mean_own = prompt_tokens + 0.5 * (horizon - 1.0)
+        m_queued = mean_output if mean_output < horizon else horizon
+        table = prior._residual
+        size = len(table)
+        end = table[-1]
+        decoding = _DECODING
+        ceil = math.ceil
+        out = []
+        append = out.append
+        for i, terms in enumerate(self._terms):
+            (clock, batch, t_dec, cap, chunk_batch, attention, used, ahead, free_blocks,
+             num_running, queued, max_batch, block_size, ahead_time, v0, running, timing,
+             chunks, _, by_horizon) = terms
+            # admission: a batch slot and KV blocks above the watermark for everything ahead + us
+            need_blocks = -(-(ahead + prompt_tokens) // block_size)
+            completions = num_running + queued + 1 - max_batch
+            if need_blocks > free_blocks and num_running:
+                per_request = used / num_running if used > num_running else 1.0
+                completions = max(completions, ceil((need_blocks - free_blocks) / per_request))
+            admit_wait = 0.0
+            if completions > 0 and t_dec > 0.0:
+                remaining = self._remaining(terms)
+                if completions <= num_running:
+                    admit_wait = remaining[completions - 1] * t_dec
+                else:
+                    admit_wait = (remaining[-1] + (completions - num_running) * mean_output
+                                  / (batch or 1)) * t_dec
+            wait = tau0[i] + (ahead_time if ahead_time > admit_wait else admit_wait)
+            cached = cached_tokens[i] if cached_tokens is not None else 0
+            own = prompt_tokens - cached if prompt_tokens > cached else 1
+            prefill_iterations = ceil(own / cap)
+            x = own if own < cap else cap
+            time = chunks.get(x)
+            if time is None:
+                time = timing.chunk_base(chunk_batch, x)
+            own_prefill = prefill_iterations * (time + attention if chunk_batch else time)
+            ttft = wait + own_prefill
+            co_batch = batch + queued
+            if co_batch >= max_batch:
+                co_batch = max_batch - 1
+            delta = ttft
+            if batch:
+                if v0:
+                    delta += batch * own_prefill
+                else:
+                    extra = own_prefill - prefill_iterations * t_dec
+                    delta += batch * extra if extra > 0.0 else 0.0
+            if horizon > 0.0:
+                # the running requests' context tokens over our horizon, in admission order
+                co_context = by_horizon.get(horizon)
+                if co_context is None:
+                    co_context = 0.0
+                    if oracle:
+                        for r in running.values():
+                            g = clock - r.decode_offset if r.state is decoding else r.generated
+                            left = r.output_tokens - g
+                            if left < horizon:
+                                co_context += (left * (r.prompt_tokens + g)
+                                               + 0.5 * left * (left - 1.0)
+                                               + (horizon - left) * steady)
+                            else:
+                                co_context += horizon * (r.prompt_tokens + g) + full
+                    else:
+                        for r in running.values():
+                            g = clock - r.decode_offset if r.state is decoding else r.generated
+                            left = table[g] if g < size else end
+                            if left < horizon:
+                                co_context += (left * (r.prompt_tokens + g)
+                                               + 0.5 * left * (left - 1.0)
+                                               + (horizon - left) * steady)
+                            else:
+                                co_context += horizon * (r.prompt_tokens + g) + full
+                    by_horizon[horizon] = co_context
+                if queued:
+                    fresh = ahead / queued if ahead > 0 else steady
+                    co_context += queued * (m_queued * fresh + 0.5 * m_queued * (m_queued - 1.0)
+                                            + (horizon - m_queued) * steady)
+                mean_co = co_context / horizon
+                n, c = co_batch + 1, int(mean_co + mean_own + 0.5)
+                if n <= timing.dense:
+                    s = bisect_right(timing.breaks, c / n)
+                    with_us = timing.base[s][n] + timing.beta[s][n] * c
+                else:
+                    with_us = timing.decode(n, c)
+                delta += horizon * with_us
+                if co_batch:
+                    n, c = co_batch, max(int(mean_co + 0.5), 1)
+                    if n <= timing.dense:
+                        s = bisect_right(timing.breaks, c / n)
+                        without_us = timing.base[s][n] + timing.beta[s][n] * c
+                    else:
+                        without_us = timing.decode(n, c)
+                    delta += co_batch * horizon * (with_us - without_us)
+            append((wait, ttft, delta))
+        return out
+
+
+#: :class:`EngineScalars` terms: the sorted remaining lengths (``None`` until admission needs
+#: them), and the running requests' context sum by horizon (of the estimates so far).
+_T_SORTED = 18
+#: :class:`ScalarIterationTime` memo bounds: decode batches, and chunk sizes per batch.
+_CHUNK_MEMO_BATCHES = 256
+_CHUNK_MEMO_SIZE = 4096
+
+
 def clock_and_boundary(replica, now: float) -> tuple[int, float]:
     """The replica's iteration clock at ``now`` and the seconds from ``now`` to the end of the
     iteration in flight (0 when idle): the next point at which it can schedule a request."""
@@ -524,4 +811,5 @@ def clock_and_boundary(replica, now: float) -> tuple[int, float]:
 
 
 __all__ = ["ENGINE_FEATURES", "TERM_FIELDS", "ArrayIterationTime", "EngineArrays", "EngineModel",
-           "OutputLengthPrior", "clock_and_boundary", "running_requests"]
+           "EngineScalars", "OutputLengthPrior", "ScalarIterationTime", "clock_and_boundary",
+           "running_requests"]

@@ -72,9 +72,9 @@ from types import MappingProxyType
 
 import numpy as np
 
-from llm_cluster_env.routing.lookahead import LookaheadRouter
 from llm_cluster_env.env.observation import PREFILL_K, ClusterView
 from llm_cluster_env.routing.base import Router, ScoredRouter, _all_min
+from llm_cluster_env.routing.lookahead import LookaheadRouter
 
 
 class RoundRobinRouter(Router):

@@ -55,7 +55,8 @@ from bisect import bisect_left, insort
 from copy import deepcopy
 from heapq import heapify, heappop, heappush
 
-from llm_cluster_env.prefix_chain import PrefixChain
+# re-exported: checkpoints pickled before 2026-12-04 name the class here
+from llm_cluster_env.prefix_chain import PrefixChain  # noqa: F401
 
 
 def chain_spans(ids: tuple[int, ...], starts: tuple[int, ...], begin: int, end: int):

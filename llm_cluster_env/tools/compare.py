@@ -17,9 +17,15 @@ from pathlib import Path
 
 from llm_cluster_env.atomic import atomic_write_json
 from llm_cluster_env.config import ConfigError, EnvConfig
-from llm_cluster_env.tools.evaluation import evaluate_routers, format_table, plot_latency_cdf, write_csv
-from llm_cluster_env.routing.heuristics import CACHE_AWARE_ROUTERS, ROUTERS, make_router
+from llm_cluster_env.routing.heuristics import CACHE_AWARE_ROUTERS, ROUTERS
+from llm_cluster_env.routing.registry import ALL_ROUTERS, make_any_router
 from llm_cluster_env.scenarios import available_scenarios, scenario_description
+from llm_cluster_env.tools.evaluation import (
+    evaluate_routers,
+    format_table,
+    plot_latency_cdf,
+    write_csv,
+)
 from llm_cluster_env.workload import TraceError
 
 
@@ -30,7 +36,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="packaged scenario name, a YAML path, or 'all' "
                              f"(packaged: {', '.join(available_scenarios())})")
     parser.add_argument("--routers", default="all",
-                        help=f"comma-separated router names or 'all' ({', '.join(ROUTERS)})")
+                        help=f"comma-separated router names ({', '.join(ALL_ROUTERS)}) or 'all' "
+                             "(every heuristic and the look-ahead; planners only when named)")
     parser.add_argument("--episodes", type=int, default=3, help="episodes (seeds) per router")
     parser.add_argument("--seed", type=int, default=1000, help="first episode seed")
     parser.add_argument("--requests", type=int, default=None,
@@ -53,8 +60,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--requests={args.requests}: must be >= 1")
     names = list(ROUTERS) if args.routers == "all" else args.routers.split(",")
     for name in names:
-        if name not in ROUTERS:
-            parser.error(f"--routers: unknown router {name!r} (known: {', '.join(ROUTERS)})")
+        if name not in ALL_ROUTERS:
+            parser.error(f"--routers: unknown router {name!r} (known: {', '.join(ALL_ROUTERS)})")
     args.router_names = names
     args.all_routers = args.routers == "all"
     return args
@@ -75,7 +82,7 @@ def compare_scenario(scenario: str, args: argparse.Namespace) -> dict:
     seeds = list(range(args.seed, args.seed + args.episodes))
     names = _routers_for(EnvConfig.from_kwargs(**env_kwargs), args)
     start = time.perf_counter()
-    results = evaluate_routers(env_kwargs, {n: (lambda n=n: make_router(n)) for n in names},
+    results = evaluate_routers(env_kwargs, {n: (lambda n=n: make_any_router(n)) for n in names},
                                seeds)
     elapsed = time.perf_counter() - start
     name = Path(scenario).stem

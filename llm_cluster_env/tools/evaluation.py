@@ -20,7 +20,8 @@ import numpy as np
 from llm_cluster_env.atomic import atomic_write_text
 from llm_cluster_env.env.cluster_env import LLMClusterEnv
 from llm_cluster_env.routing.heuristics import Router
-from llm_cluster_env.sim.metrics import RequestLatencies, balance_score  # balance_score: re-exported for the training side
+from llm_cluster_env.sim.metrics import RequestLatencies
+from llm_cluster_env.sim.metrics import balance_score as balance_score  # for the training side
 
 TABLE_COLUMNS = (
     ("e2e_mean", "E2E mean s", "{:.3f}"),
@@ -31,6 +32,7 @@ TABLE_COLUMNS = (
     ("tpot_mean", "TPOT mean ms", "{:.1f}"),
     ("throughput_rps", "req/s", "{:.2f}"),
     ("slo_attainment", "SLO %", "{:.1f}"),
+    ("goodput_rps", "goodput/s", "{:.2f}"),
     ("balance", "balance", "{:.3f}"),
     ("preemptions_total", "preempt", "{:.0f}"),
 )
@@ -75,6 +77,9 @@ def run_episode(env: LLMClusterEnv, router: Router, seed: int,
         observe_for(router)
     try:
         env.reset(seed=seed, options=dict(options) if options else None)
+        bind = getattr(router, "bind", None)  # planners simulate the env's workload and cluster
+        if bind is not None:
+            bind(env)
         router.reset(env.num_replicas, np.random.default_rng(seed + 7_919))
         terminated = False
         info: dict[str, Any] = {}

@@ -70,17 +70,18 @@ import numpy as np
 
 from llm_cluster_env.atomic import atomic_write_text
 from llm_cluster_env.env.cluster_env import LLMClusterEnv
-from llm_cluster_env.tools.evaluation import run_episode
-from llm_cluster_env.workload.prefix import trace_chains
-from llm_cluster_env.routing.heuristics import ROUTERS, Router, make_router
+from llm_cluster_env.routing.base import Router
+from llm_cluster_env.routing.registry import ALL_ROUTERS, make_any_router
 from llm_cluster_env.sim.metrics import (
     INTEGER_COLUMNS,
     PERCENTILES,
     PREFIX_REQUEST_COLUMNS,
     REQUEST_COLUMNS,
 )
+from llm_cluster_env.tools.evaluation import run_episode
 from llm_cluster_env.validation import deep_merge
 from llm_cluster_env.workload import Trace, Workload, load_trace
+from llm_cluster_env.workload.prefix import trace_chains
 
 #: ``replica`` of a request that ``oversize_policy="reject"`` dropped.
 REJECTED_REPLICA = -1
@@ -169,7 +170,7 @@ def replay(requests: str | os.PathLike[str] | Trace, env_kwargs: Mapping[str, An
     :raises ValueError: unknown router name, or every request was rejected.
     """
     if isinstance(router, str):
-        router = make_router(router)
+        router = make_any_router(router)
     env = LLMClusterEnv(**dict(env_kwargs or {}))
     workload_config = env.config.workload
     trace = requests if isinstance(requests, Trace) else load_trace(
@@ -315,7 +316,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "or a Mooncake JSONL trace (.jsonl)")
     parser.add_argument("--scenario", required=True,
                         help="packaged scenario name or YAML path: the cluster to replay on")
-    parser.add_argument("--router", default="lor", help=f"heuristic router ({', '.join(ROUTERS)})")
+    parser.add_argument("--router", default="lor", help=f"router ({', '.join(ALL_ROUTERS)})")
     parser.add_argument("--out", required=True, metavar="OUT.csv",
                         help="per-request CSV to write (atomically)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the router's randomness")
@@ -323,8 +324,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="override an env config field, dotted, value parsed as YAML "
                              "(e.g. workload.oversize_policy=reject); repeatable")
     args = parser.parse_args(argv)
-    if args.router not in ROUTERS:
-        parser.error(f"--router={args.router!r}: unknown router (known: {', '.join(ROUTERS)})")
+    if args.router not in ALL_ROUTERS:
+        parser.error(f"--router={args.router!r}: unknown router (known: {', '.join(ALL_ROUTERS)})")
     if args.seed < 0:
         parser.error(f"--seed={args.seed}: must be >= 0")
     out_dir = Path(args.out).parent

@@ -40,8 +40,8 @@ from stable_baselines3.common.vec_env import VecNormalize
 
 from llm_cluster_env.atomic import atomic_write_text
 from llm_cluster_env.tools.evaluation import balance_score
-from sb3_warmstart.pipeline.config import TemperatureConfig
 from sb3_warmstart.common.normalize import freeze_obs_stats, obs_stats_frozen
+from sb3_warmstart.pipeline.config import TemperatureConfig
 
 EPISODE_METRICS = ("e2e_mean", "e2e_p99", "ttft_mean", "tpot_mean", "slo_attainment",
                    "balance", "throughput_rps")

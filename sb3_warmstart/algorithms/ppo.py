@@ -69,8 +69,13 @@ from stable_baselines3.common.policies import ActorCriticPolicy, BasePolicy
 from stable_baselines3.common.utils import explained_variance
 from torch.utils.checkpoint import checkpoint
 
-from sb3_warmstart.pipeline.config import AdvancedOptimizationConfig, KLConfig
 from sb3_warmstart.algorithms.kl import PPOLossTerms, ppo_loss_terms
+from sb3_warmstart.algorithms.recurrent_buffers import (
+    RefLogitsRecurrentRolloutBuffer,
+    SequenceRolloutBuffer,
+)
+from sb3_warmstart.algorithms.schedules import EntropyCoefficient, LinearDecay, build_lr_scheduler
+from sb3_warmstart.pipeline.config import AdvancedOptimizationConfig, KLConfig
 from sb3_warmstart.policies.recurrent import (
     TemperatureMlpGruPolicy,
     TemperatureMlpLstmPolicy,
@@ -78,8 +83,6 @@ from sb3_warmstart.policies.recurrent import (
     action_log_probs,
     distribution_log_probs,
 )
-from sb3_warmstart.algorithms.recurrent_buffers import RefLogitsRecurrentRolloutBuffer, SequenceRolloutBuffer
-from sb3_warmstart.algorithms.schedules import EntropyCoefficient, LinearDecay, build_lr_scheduler
 
 TRAINING_STATE_KEYS = (
     "num_minibatch_steps",

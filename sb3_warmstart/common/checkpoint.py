@@ -16,7 +16,8 @@ A checkpoint is a directory ``step_<num_timesteps>/`` holding:
 ``vecnormalize.json``
     the ``VecNormalize`` settings and statistics as JSON
     (:func:`~sb3_warmstart.common.normalize.vec_normalize_to_json`), readable without this project;
-    ``model.zip`` loads with stock SB3 through ``train/export.py``'s ``sb3/router_policies``.
+    ``model.zip`` loads with stock SB3's ``load`` given this package without extras
+    (see ``docs/export.md``).
 ``manifest.json``
     format version, step count, a fingerprint of what the checkpoint fits (observation schema,
     action count, algorithm, architecture, number of envs, env kwargs) and the SHA-256 and size

@@ -16,7 +16,8 @@ A run folder belongs to one run (:mod:`sb3_warmstart.pipeline.run_folder`: ident
     config.yaml              resolved configuration (loadable with --config)
     command.txt              the command line, one line per invocation
     ppo_training.log         pipeline log and SB3's training tables
-    tensorboard/             TensorBoard events (train/, rollout/, episode/, temperature/ ...)
+    tensorboard/             TensorBoard events (train/, rollout/, episode/, temperature/ ...;
+                             the warm start's stages as the runs demos/ and bc/)
     progress.csv             SB3's CSV log;  training_history.csv  the monitor's rows
     demos/                   imitation trajectories + stats.json
     pretrained/              bc_policy.zip (clone) or external.zip (copied, validated)

@@ -21,7 +21,12 @@ from stable_baselines3.common.policies import ActorCriticPolicy
 from stable_baselines3.common.running_mean_std import RunningMeanStd
 
 from sb3_warmstart.common.normalize import ObsNormalizer
-from sb3_warmstart.policies.replica_set import SET_POLICIES, SchemaMismatch, clip_share, policy_for_spaces
+from sb3_warmstart.policies.replica_set import (
+    SET_POLICIES,
+    SchemaMismatch,
+    clip_share,
+    policy_for_spaces,
+)
 
 
 class PolicyRouter:

@@ -1,0 +1,31 @@
+"""Every router by name, for the tools that take router names (``compare``, ``replay``).
+
+:data:`~llm_cluster_env.routing.heuristics.ROUTERS` holds the heuristics and the look-ahead
+baseline, what ``--routers all`` runs. :data:`PLANNERS` holds the costlier planners (tens of
+milliseconds per decision: :mod:`llm_cluster_env.routing.planner`), which a tool runs only when
+named.
+"""
+
+from __future__ import annotations
+
+from types import MappingProxyType
+
+from llm_cluster_env.routing.base import Router
+from llm_cluster_env.routing.heuristics import ROUTERS
+from llm_cluster_env.routing.planner import RolloutPlannerRouter
+
+PLANNERS: MappingProxyType[str, type[Router]] = MappingProxyType({
+    RolloutPlannerRouter.name: RolloutPlannerRouter,
+})
+#: Heuristics, baselines and planners.
+ALL_ROUTERS: MappingProxyType[str, type[Router]] = MappingProxyType({**ROUTERS, **PLANNERS})
+
+
+def make_any_router(name: str, **kwargs) -> Router:
+    """A router of :data:`ALL_ROUTERS` by name; ``ValueError`` lists the names on a miss."""
+    try:
+        cls = ALL_ROUTERS[name]
+    except KeyError:
+        raise ValueError(f"router={name!r}: unknown router "
+                         f"(known: {', '.join(ALL_ROUTERS)})") from None
+    return cls(**kwargs)
