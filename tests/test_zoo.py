@@ -9,6 +9,7 @@ import importlib.util
 import json
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -113,34 +114,34 @@ def test_rl_zoo_train_and_enjoy_on_a_tiny_budget(algo, tmp_path):
     assert summary["policy_e2e_mean"] > 0 and summary["lor_e2e_mean"] > 0
 
 
-_CLONE = """
-import sys, gymnasium as gym, torch as th, llm_cluster_env
-from stable_baselines3.common.running_mean_std import RunningMeanStd
-from stable_baselines3.common.vec_env import DummyVecEnv
-from sb3_warmstart.algorithms.ppo import KLPPO
-from sb3_warmstart.policies.policy_file import save_pretrained
-env_kwargs = {**eval(sys.argv[2]), "episode_requests": 40}
-venv = DummyVecEnv([lambda: gym.make("LLMCluster-v0", **env_kwargs)])
-model = KLPPO("TemperatureMlpPolicy", venv, seed=1, policy_kwargs=eval(sys.argv[3]))
-with th.no_grad():
-    for p in model.policy.parameters():
-        p.add_(0.25)
-obs_rms = RunningMeanStd(shape=venv.observation_space.shape)
-save_pretrained(sys.argv[1], model.policy, {}, obs_rms,
-                observation_schema=venv.envs[0].unwrapped.layout.schema())
-"""
+_CLONE = textwrap.dedent("""
+    import ast, sys, gymnasium as gym, torch as th, llm_cluster_env
+    from stable_baselines3.common.running_mean_std import RunningMeanStd
+    from stable_baselines3.common.vec_env import DummyVecEnv
+    from sb3_warmstart.algorithms.ppo import KLPPO
+    from sb3_warmstart.policies.policy_file import save_pretrained
+    env_kwargs = {**ast.literal_eval(sys.argv[2]), "episode_requests": 40}
+    venv = DummyVecEnv([lambda: gym.make("LLMCluster-v0", **env_kwargs)])
+    model = KLPPO("TemperatureMlpPolicy", venv, seed=1, policy_kwargs=eval(sys.argv[3]))  # the zoo's "dict(...)" string
+    with th.no_grad():
+        for p in model.policy.parameters():
+            p.add_(0.25)
+    obs_rms = RunningMeanStd(shape=venv.observation_space.shape)
+    save_pretrained(sys.argv[1], model.policy, {}, obs_rms,
+                    observation_schema=venv.envs[0].unwrapped.layout.schema())
+""")
 
-_CHECK = """
-import sys, torch as th
-from sb3_warmstart.algorithms.ppo import KLPPO
-from sb3_warmstart.policies.policy_file import load_pretrained
-trained = KLPPO.load(sys.argv[1], device="cpu")
-cloned, _, _ = load_pretrained(sys.argv[2])
-reference = trained.reference_policy.state_dict()
-same = all(th.equal(reference[k], v) for k, v in cloned.policy.state_dict().items())
-moved = not th.equal(trained.policy.action_net.weight, cloned.policy.action_net.weight)
-print("reference is the cloned policy:", same, "learner moved:", moved)
-"""
+_CHECK = textwrap.dedent("""
+    import sys, torch as th
+    from sb3_warmstart.algorithms.ppo import KLPPO
+    from sb3_warmstart.policies.policy_file import load_pretrained
+    trained = KLPPO.load(sys.argv[1], device="cpu")
+    cloned, _, _ = load_pretrained(sys.argv[2])
+    reference = trained.reference_policy.state_dict()
+    same = all(th.equal(reference[k], v) for k, v in cloned.policy.state_dict().items())
+    moved = not th.equal(trained.policy.action_net.weight, cloned.policy.action_net.weight)
+    print("reference is the cloned policy:", same, "learner moved:", moved)
+""")
 
 
 @pytest.mark.zoo
