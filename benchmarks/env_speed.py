@@ -301,25 +301,15 @@ def rollout_share(steps: int) -> dict:
     calls; the rest is collecting rollouts (env steps, policy forward passes, the buffer)."""
     import torch
 
+    from benchmarks.train_speed import timed_learn
     from sb3_warmstart.pipeline.config import load_config
     from sb3_warmstart.pipeline.ppo_stage import build_session
 
     torch.set_num_threads(1)
     config = load_config()
     session = build_session(config, None)
-    model = session.model
-    train = model.train
-    spent = [0.0]
-
-    def timed_train() -> None:
-        start = time.process_time()
-        train()
-        spent[0] += time.process_time() - start
-
-    model.train = timed_train
-    start = time.process_time()
-    model.learn(steps)
-    total = time.process_time() - start
+    timing = timed_learn(session.model, steps)
+    total, spent = timing.total_s, [timing.train_s]
     out = {"steps": steps, "learn_cpu_s": total, "train_cpu_s": spent[0],
            "rollout_share": (total - spent[0]) / total}
     print(f"6) main job PPO (default config, cold start), {steps:,} env steps: learn() "

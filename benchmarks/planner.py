@@ -152,7 +152,7 @@ def paired_e2e(args: Args, scenario: str) -> dict:
     return out
 
 
-def _base_episode(env: LLMClusterEnv, seed: int, actions: list[int] | None = None,
+def follow_base_policy(env: LLMClusterEnv, seed: int, actions: list[int] | None = None,
                   steps: int | None = None):
     """Reset to ``seed`` and route with ``actions`` (replayed) or least_added_time for
     ``steps`` decisions (all when ``None``); returns the actions and the last info."""
@@ -170,7 +170,7 @@ def _base_episode(env: LLMClusterEnv, seed: int, actions: list[int] | None = Non
 def realised_total(env: LLMClusterEnv, seed: int, prefix: list[int], choice: int) -> float:
     """Sum of E2E (s) when the episode follows ``prefix``, takes ``choice``, then
     least_added_time on the true future."""
-    _base_episode(env, seed, prefix, len(prefix))
+    follow_base_policy(env, seed, prefix, len(prefix))
     _, _, done, _, info = env.step(choice)
     base = make_router("least_added_time")
     base.reset(env.num_replicas, np.random.default_rng(0))
@@ -186,9 +186,9 @@ def noise_diagnostics(args: Args, scenario: str) -> dict:
     variants = noise_variants(args)
     rows = {name: [] for name in variants}
     for seed in range(args.seeds):
-        actions, _ = _base_episode(env, seed)
+        actions, _ = follow_base_policy(env, seed)
         for d in range(args.noise_every, len(actions) - 1, args.noise_every):
-            _base_episode(env, seed, actions, d)
+            follow_base_policy(env, seed, actions, d)
             estimates = {}
             for name, cfg in variants.items():
                 planner = RolloutPlannerRouter(cfg).bind(env)

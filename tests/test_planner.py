@@ -21,17 +21,10 @@ from llm_cluster_env.tools.evaluation import run_episode
 
 
 def follow_base(env, seed, steps=None, actions=None):
-    """Reset to ``seed``; route ``steps`` decisions (all when None) by ``actions`` or
-    least_added_time; return the actions and the last info."""
-    env.reset(seed=seed)
-    base = make_router("least_added_time")
-    base.reset(env.num_replicas, np.random.default_rng(0))
-    taken, done, info = [], False, {}
-    while not done and (steps is None or len(taken) < steps):
-        action = actions[len(taken)] if actions is not None else base.select(env.view)
-        taken.append(action)
-        _, _, done, _, info = env.step(action)
-    return taken, info
+    """The benchmark's base-policy replay (``benchmarks.planner.follow_base_policy``)."""
+    from benchmarks.planner import follow_base_policy
+
+    return follow_base_policy(env, seed, actions, steps)
 
 
 def planner(env, **fields):
