@@ -1,0 +1,461 @@
+"""DAgger (Ross, Gordon, Bagnell 2011) for our routing policies: the learner drives, a teacher
+router labels the states the learner visits, behaviour cloning retrains on the aggregate.
+
+Rounds (``k = 0 .. config.rounds``):
+
+* **round 0**: the teacher routes ``episodes_per_round`` episodes itself and labels them
+  (plain behaviour-cloning demonstrations); ``policy_round_0`` is their clone;
+* **round k >= 1**: ``policy_round_{k-1}`` routes ``episodes_per_round`` fresh episodes (greedy
+  or sampled: ``config.deterministic``); before every step the teacher's ``select(env.view)``
+  labels the state (on the same env state the policy acts on); with probability ``beta_k =
+  beta * beta_decay ** (k - 1)`` the teacher's action is executed instead of the policy's (the
+  paper's mixture; ``beta = 0``, the default, is pure on-policy DAgger). The labelled states
+  join the aggregate, and ``policy_round_k`` is cloned **from scratch** on the aggregate of
+  rounds ``0 .. k`` with :func:`~sb3_warmstart.warmstart.cloning.clone_demonstrations` (the
+  project's :class:`~sb3_warmstart.warmstart.bc.SequenceBC`: one imitation ``Trajectory`` per
+  episode, observations = the visited states, actions = the teacher's labels).
+
+The teacher is any name of :func:`~llm_cluster_env.routing.registry.make_any_router`. It is
+driven as :func:`llm_cluster_env.tools.evaluation.run_episode` drives a router: the env is
+checked to provide the features it reads (``observe_for``), then computes the whole observation
+(the policy reads all of it); planners are ``bind(env)``-ed after each reset; the teacher's
+generator is ``default_rng(seed + 7919)`` as in ``run_episode``. A teacher whose ``select``
+records its own decision (``round_robin``) labels as if its previous choices had been executed;
+the observation-only and env-reading teachers (``least_added_time``, ``lookahead``,
+``rollout_planner``, the cache-aware ones, whose index lives in the env) do not.
+
+Kill-safe and resumable. In ``out``: ``dagger.json`` (the config and its fingerprint),
+``round_<k>.npz`` (the labelled states of round ``k``) and ``round_<k>.json`` (fingerprint and
+counts), both written atomically *before* training on them, and ``policy_round_<k>.zip``
+(:func:`~sb3_warmstart.policies.policy_file.save_pretrained`) after. A rerun with the same
+config resumes at the first round whose policy file is missing, reusing every round's labels
+already on disk (a round counts as labelled once its JSON, written after its npz, is there);
+a rerun with another config is refused with a :class:`~llm_cluster_env.validation.ConfigError`
+naming the differing keys. Everything is a function of the config: episode seeds
+``seed + k * episodes_per_round + i``, the mixing and sampling generators seeded by
+``(seed, k, i)``, BC seeded by ``seed`` (so an interrupted and resumed run produces the same
+rounds, labels and weights as an uninterrupted one, with torch on one thread).
+
+Why not imitation's ``DAggerTrainer`` / ``SimpleDAggerTrainer`` (imitation 1.0.0,
+``imitation/algorithms/dagger.py``): (1) its expert is a ``BasePolicy`` called through
+``predict`` on the VecEnv's observation array, so a teacher that needs the routing context
+(``lookahead``, ``rollout_planner``: ``requires_context``) or ``bind(env)`` cannot label, and
+the heuristics would need a policy adapter each; (2) it trains with imitation's ``bc.BC``
+(shuffled transitions, its own loss), not our ``SequenceBC`` (the replica-set policy's fitted
+input scaling, tie-aware accuracy, the recurrent path); (3) the learner's actions come from
+``policy.predict`` (torch's global generator when sampling) and its checkpoints are a
+``th.save`` pickle of the whole trainer plus demo files with random names, neither atomic nor
+tied to a config fingerprint, so a resume can neither prove it relabels nothing nor refuse
+another config. The loop is short enough to own.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from imitation.data.types import Trajectory
+
+from llm_cluster_env.atomic import atomic_write_bytes, atomic_write_json
+from llm_cluster_env.env.cluster_env import LLMClusterEnv
+from llm_cluster_env.routing.base import Router
+from llm_cluster_env.routing.heuristics import ROUTERS
+from llm_cluster_env.routing.registry import ALL_ROUTERS, make_any_router
+from llm_cluster_env.validation import ConfigError, require, to_dict
+from sb3_warmstart.pipeline.config import BCConfig, PPOConfig
+from sb3_warmstart.policies.policy_file import load_pretrained, save_pretrained
+from sb3_warmstart.policies.router import PolicyRouter
+from sb3_warmstart.warmstart.cloning import clone_demonstrations
+
+MANIFEST = "dagger.json"
+#: ``round_index`` of :func:`policy_agreement`'s generators (distinct from any round's).
+AGREEMENT_STREAM = 2**31 - 1
+FORMAT_VERSION = 1
+
+
+# ---------------------------------------------------------------------------------- config
+@dataclass(frozen=True)
+class DAggerConfig:
+    """The DAgger loop (see the module docstring).
+
+    :param teacher: router name (:data:`~llm_cluster_env.routing.registry.ALL_ROUTERS`) that
+        labels every visited state and routes round 0.
+    :param rounds: DAgger rounds after round 0 (>= 1); ``rounds + 1`` policies are trained.
+    :param episodes_per_round: episodes routed and labelled per round (>= 1).
+    :param deterministic: the policy takes its most likely replica (True) or samples one.
+    :param beta: probability, in round 1, of executing the teacher's action instead of the
+        policy's, in [0, 1].
+    :param beta_decay: ``beta_k = beta * beta_decay ** (k - 1)``, in [0, 1].
+    :param validation_fraction: share of the aggregate's episodes BC holds out, in [0, 1).
+    :param seed: episode seeds, mixing/sampling generators and BC.
+    """
+
+    teacher: str = "least_added_time"
+    rounds: int = 3
+    episodes_per_round: int = 4
+    deterministic: bool = True
+    beta: float = 0.0
+    beta_decay: float = 1.0
+    validation_fraction: float = 0.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        require(isinstance(self.teacher, str) and self.teacher in ALL_ROUTERS, "teacher",
+                self.teacher, f"must be a router name ({', '.join(ALL_ROUTERS)})")
+        for name in ("rounds", "episodes_per_round"):
+            value = getattr(self, name)
+            require(isinstance(value, int) and not isinstance(value, bool) and value >= 1,
+                    name, value, "must be an integer >= 1")
+        require(isinstance(self.deterministic, bool), "deterministic", self.deterministic,
+                "must be true or false")
+        for name in ("beta", "beta_decay"):
+            value = getattr(self, name)
+            require(isinstance(value, (int, float)) and not isinstance(value, bool)
+                    and 0.0 <= value <= 1.0, name, value, "must be a number in [0, 1]")
+        require(isinstance(self.validation_fraction, (int, float))
+                and 0.0 <= self.validation_fraction < 1.0, "validation_fraction",
+                self.validation_fraction, "must be in [0, 1)")
+        require(isinstance(self.seed, int) and not isinstance(self.seed, bool) and self.seed >= 0,
+                "seed", self.seed, "must be an integer >= 0")
+
+    def beta_at(self, round_index: int) -> float:
+        """Probability of executing the teacher's action in round ``round_index`` (1 in round
+        0, where the teacher routes)."""
+        return 1.0 if round_index == 0 else self.beta * self.beta_decay ** (round_index - 1)
+
+    def episode_seeds(self, round_index: int) -> list[int]:
+        n = self.episodes_per_round
+        return [self.seed + round_index * n + i for i in range(n)]
+
+
+# ------------------------------------------------------------------------------ round data
+@dataclass(frozen=True)
+class RoundData:
+    """The labelled states of one round, episode after episode.
+
+    ``obs[j]`` is the observation the teacher labelled ``labels[j]`` and on which
+    ``actions[j]`` was executed (``teacher_acted[j]``: the teacher's); episode ``e`` has
+    ``lengths[e]`` rows, was served with seed ``seeds[e]`` and ended in ``final_obs[e]``.
+    """
+
+    obs: np.ndarray          # (N, D) float32
+    labels: np.ndarray       # (N,) int64
+    actions: np.ndarray      # (N,) int64
+    teacher_acted: np.ndarray  # (N,) bool
+    lengths: np.ndarray      # (E,) int64
+    seeds: np.ndarray        # (E,) int64
+    final_obs: np.ndarray    # (E, D) float32
+
+    @property
+    def num_states(self) -> int:
+        return int(self.lengths.sum())
+
+    def trajectories(self) -> list[Trajectory]:
+        """One imitation ``Trajectory`` per episode: the visited states, the teacher's labels."""
+        out = []
+        start = 0
+        for e, n in enumerate(self.lengths.tolist()):
+            obs = np.concatenate([self.obs[start:start + n], self.final_obs[e][None]])
+            out.append(Trajectory(obs=obs, acts=self.labels[start:start + n].copy(),
+                                  infos=None, terminal=True))
+            start += n
+        return out
+
+    def agreement(self) -> float:
+        """Share of the states where the executed action was the teacher's label."""
+        return float(np.mean(self.actions == self.labels)) if len(self.labels) else float("nan")
+
+    def to_bytes(self) -> bytes:
+        import io
+
+        buffer = io.BytesIO()
+        np.savez(buffer, **{f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
+        return buffer.getvalue()
+
+    @classmethod
+    def load(cls, path: str | Path) -> RoundData:
+        with np.load(path) as data:
+            return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls)})
+
+
+@dataclass(frozen=True)
+class RoundEvent:
+    """Passed to the ``callback`` of :func:`run_dagger`: ``stage`` ``"labelled"`` right after
+    round ``round_index``'s data is on disk (``resumed``: it was already), ``"trained"`` right
+    after its policy is."""
+
+    round_index: int
+    stage: Literal["labelled", "trained"]
+    path: Path
+    resumed: bool = False
+
+
+@dataclass
+class DAggerResult:
+    """What :func:`run_dagger` leaves: the rounds' data and policy files, BC summaries of the
+    rounds trained in this call, and the last policy."""
+
+    out: Path
+    rounds: list[RoundData]
+    policy_paths: list[Path]
+    bc_summaries: dict[int, dict[str, Any]]
+    final_router: PolicyRouter
+
+    @property
+    def aggregate_states(self) -> int:
+        return sum(r.num_states for r in self.rounds)
+
+
+# ------------------------------------------------------------------------------- labelling
+def make_teacher(name: str) -> Router:
+    """The teacher router by name (:func:`make_any_router`)."""
+    return make_any_router(name)
+
+
+def label_episodes(env: LLMClusterEnv, teacher: Router, policy: PolicyRouter | None,
+                   seeds: Sequence[int], *, beta: float, seed: int, round_index: int
+                   ) -> RoundData:
+    """Route one episode per seed and label every visited state with ``teacher``.
+
+    Before each step the teacher's ``select(env.view)`` gives the label; the executed action is
+    the teacher's when ``policy`` is None, else the teacher's with probability ``beta`` (drawn
+    from ``default_rng((seed, round_index, i, 1))``) and the policy's otherwise (the policy
+    selects on every step, so a recurrent policy keeps its state; sampling draws from
+    ``default_rng((seed, round_index, i, 2))``).
+
+    :param env: the unwrapped env; it computes the whole observation during the episodes.
+    """
+    env.observe_for(teacher)  # refuses a teacher reading a feature this env lacks
+    env.observe_for(None)
+    obs_rows, labels, actions, by_teacher, lengths, finals = [], [], [], [], [], []
+    for i, ep_seed in enumerate(seeds):
+        env.reset(seed=int(ep_seed))
+        bind = getattr(teacher, "bind", None)
+        if bind is not None:
+            bind(env)
+        teacher.reset(env.num_replicas, np.random.default_rng(int(ep_seed) + 7_919))
+        mix = np.random.default_rng((seed, round_index, i, 1))
+        if policy is not None:
+            policy.reset(env.num_replicas, np.random.default_rng((seed, round_index, i, 2)))
+        steps = 0
+        terminated = False
+        obs = None
+        while not terminated:
+            view = env.view
+            row = np.array(view.obs, dtype=np.float32)
+            label = int(teacher.select(view))
+            act = label
+            teacher_acts = True
+            if policy is not None:
+                chosen = int(policy.select(view))
+                teacher_acts = bool(mix.random() < beta) if beta > 0 else False
+                act = label if teacher_acts else chosen
+            obs_rows.append(row)
+            labels.append(label)
+            actions.append(act)
+            by_teacher.append(teacher_acts)
+            obs, _, terminated, truncated, _ = env.step(act)
+            terminated = terminated or truncated
+            steps += 1
+        lengths.append(steps)
+        finals.append(np.asarray(obs, dtype=np.float32))
+    return RoundData(obs=np.stack(obs_rows).astype(np.float32),
+                     labels=np.asarray(labels, np.int64), actions=np.asarray(actions, np.int64),
+                     teacher_acted=np.asarray(by_teacher, bool),
+                     lengths=np.asarray(lengths, np.int64),
+                     seeds=np.asarray(list(seeds), np.int64), final_obs=np.stack(finals))
+
+
+def policy_agreement(env: LLMClusterEnv, policy: PolicyRouter, teacher: Router,
+                     seeds: Sequence[int]) -> dict[str, float]:
+    """On-policy agreement: ``policy`` routes one episode per seed; the share of its decisions
+    equal to the teacher's label (``exact``), and in the teacher's tie set (``tie_aware``, when
+    the teacher defines one for every state; else equal to ``exact``)."""
+    data = label_episodes(env, teacher, policy, seeds, beta=0.0, seed=0,
+                          round_index=AGREEMENT_STREAM)
+    exact = data.agreement()
+    layout = env.layout
+    tie_hits = []
+    for row, act in zip(data.obs, data.actions):
+        ties = None if teacher.requires_context else teacher.tied_choices(layout.view(row))
+        if ties is None:
+            return {"exact": exact, "tie_aware": exact, "states": float(data.num_states)}
+        tie_hits.append(int(act) in set(np.asarray(ties).tolist()))
+    return {"exact": exact, "tie_aware": float(np.mean(tie_hits)),
+            "states": float(data.num_states)}
+
+
+# ---------------------------------------------------------------------------- bookkeeping
+def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(data, Mapping):
+        out: dict[str, Any] = {}
+        for key, value in data.items():
+            out.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+        return out
+    return {prefix: data}
+
+
+def run_settings(config: DAggerConfig, env_kwargs: Mapping[str, Any], bc: BCConfig,
+                 ppo: PPOConfig) -> dict[str, Any]:
+    """Everything the run's results depend on, as JSON-able data."""
+    return json.loads(json.dumps({"format": FORMAT_VERSION, "dagger": to_dict(config),
+                                  "env_kwargs": dict(env_kwargs), "bc": to_dict(bc),
+                                  "ppo": to_dict(ppo)}, sort_keys=True, default=str))
+
+
+def fingerprint(settings: Mapping[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def check_or_write_manifest(out: Path, settings: Mapping[str, Any]) -> str:
+    """Write ``out/dagger.json``, or check the one there describes ``settings``: a
+    :class:`ConfigError` names every differing key otherwise."""
+    path = out / MANIFEST
+    fp = fingerprint(settings)
+    if path.exists():
+        stored = json.loads(path.read_text())
+        if stored.get("fingerprint") != fp:
+            old, new = _flatten(stored.get("settings", {})), _flatten(settings)
+            diffs = [f"{k}: {old.get(k, '<absent>')!r} on disk, {new.get(k, '<absent>')!r} now"
+                     for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+            raise ConfigError(f"{path}: the DAgger run there has other settings, refusing to "
+                              f"resume it ({'; '.join(diffs) or 'fingerprint differs'}); use "
+                              "another output folder")
+        return fp
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(path, {"fingerprint": fp, "settings": dict(settings)})
+    return fp
+
+
+def _stored_round(out: Path, k: int, fp: str) -> RoundData | None:
+    """Round ``k``'s labels if they are complete on disk (its JSON written after its npz)."""
+    meta_path, data_path = out / f"round_{k}.json", out / f"round_{k}.npz"
+    if not (meta_path.exists() and data_path.exists()):
+        return None
+    meta = json.loads(meta_path.read_text())
+    if meta.get("fingerprint") != fp:
+        raise ConfigError(f"{meta_path}: fingerprint={meta.get('fingerprint')!r}, the run's "
+                          f"is {fp!r}: the folder mixes runs; use another output folder")
+    data = RoundData.load(data_path)
+    if data.num_states != meta.get("states") or len(data.lengths) != meta.get("episodes"):
+        raise ConfigError(f"{data_path}: {data.num_states} states in {len(data.lengths)} "
+                          f"episodes, its manifest says {meta.get('states')} in "
+                          f"{meta.get('episodes')}")
+    return data
+
+
+def _write_round(out: Path, k: int, fp: str, data: RoundData, beta: float) -> Path:
+    path = atomic_write_bytes(out / f"round_{k}.npz", data.to_bytes())
+    atomic_write_json(out / f"round_{k}.json", {
+        "fingerprint": fp, "round": k, "episodes": int(len(data.lengths)),
+        "states": data.num_states, "beta": beta, "seeds": data.seeds.tolist(),
+        "teacher_acted": int(data.teacher_acted.sum()), "agreement": data.agreement()})
+    return path
+
+
+def _router(model, obs_rms, config: DAggerConfig, k: int) -> PolicyRouter:
+    return PolicyRouter(model, obs_rms, deterministic=config.deterministic,
+                        name=f"dagger_round_{k}")
+
+
+# ------------------------------------------------------------------------------------ loop
+def run_dagger(config: DAggerConfig, *, env_kwargs: Mapping[str, Any], bc: BCConfig,
+               ppo: PPOConfig, out: str | Path,
+               callback: Callable[[RoundEvent], None] | None = None,
+               progress: Callable[[str], None] | None = None) -> DAggerResult:
+    """Run (or resume) DAgger into ``out`` (see the module docstring).
+
+    :param config: the loop's settings.
+    :param env_kwargs: keyword arguments of ``LLMClusterEnv`` (``scenario``, ...).
+    :param bc: BC hyperparameters of every round's clone.
+    :param ppo: the policy architecture (``ppo.policy``, ``ppo.algorithm``...).
+    :param out: the run folder.
+    :param callback: called with a :class:`RoundEvent` after each round's labels and policy are
+        written (an exception from it stops the run; a rerun resumes).
+    :param progress: called with a short line per stage.
+    """
+    if not isinstance(config, DAggerConfig):
+        raise TypeError(f"config: expected a DAggerConfig, got {type(config).__name__}")
+    out = Path(out)
+    settings = run_settings(config, env_kwargs, bc, ppo)
+    env = LLMClusterEnv(**dict(env_kwargs))
+    teacher = make_teacher(config.teacher)
+    env.observe_for(teacher)  # a teacher this env cannot serve is refused before any work
+    env.observe_for(None)
+    fp = check_or_write_manifest(out, settings)
+    say = progress or (lambda _msg: None)
+    expert = (config.teacher if config.teacher in ROUTERS and not teacher.requires_context
+              else None)
+
+    rounds: list[RoundData] = []
+    paths: list[Path] = []
+    summaries: dict[int, dict[str, Any]] = {}
+    router: PolicyRouter | None = None
+    for k in range(config.rounds + 1):
+        policy_path = out / f"policy_round_{k}.zip"
+        data = _stored_round(out, k, fp)
+        if policy_path.exists():
+            if data is None:
+                raise ConfigError(f"{policy_path}: exists but round {k}'s labels "
+                                  f"(round_{k}.npz/.json) do not; the folder is damaged")
+            rounds.append(data)
+            paths.append(policy_path)
+            router = None  # loaded below when the next round needs it
+            continue
+        resumed = data is not None
+        if data is None:
+            if k > 0 and router is None:
+                model, _, obs_rms = load_pretrained(paths[-1])
+                router = _router(model, obs_rms, config, k - 1)
+            data = label_episodes(env, teacher, router if k > 0 else None,
+                                  config.episode_seeds(k), beta=config.beta_at(k),
+                                  seed=config.seed, round_index=k)
+            _write_round(out, k, fp, data, config.beta_at(k))
+        say(f"round {k}: {data.num_states} states in {len(data.lengths)} episodes "
+            f"({'on disk' if resumed else 'labelled'}), policy agreed with the teacher on "
+            f"{data.agreement():.3f}")
+        rounds.append(data)
+        if callback is not None:
+            callback(RoundEvent(k, "labelled", out / f"round_{k}.npz", resumed))
+        trajectories = [t for r in rounds for t in r.trajectories()]
+        result = clone_demonstrations(
+            trajectories, env=env, bc=bc, ppo=ppo, seed=config.seed,
+            validation_fraction=config.validation_fraction if len(trajectories) > 1 else 0.0,
+            value_pretraining=False, expert=expert)
+        metadata = result.metadata(dagger={"round": k, "fingerprint": fp,
+                                           "aggregate_states": sum(r.num_states for r in rounds),
+                                           "teacher": config.teacher},
+                                   env_kwargs=settings["env_kwargs"])
+        save_pretrained(policy_path, result.model.policy, metadata, result.obs_rms,
+                        observation_schema=env.layout.schema())
+        summaries[k] = result.summary
+        paths.append(policy_path)
+        router = _router(result.model, result.obs_rms, config, k)
+        say(f"round {k}: cloned on {sum(r.num_states for r in rounds)} states "
+            f"(train accuracy {result.summary['train_accuracy']:.3f})")
+        if callback is not None:
+            callback(RoundEvent(k, "trained", policy_path))
+    if router is None:
+        model, _, obs_rms = load_pretrained(paths[-1])
+        router = _router(model, obs_rms, config, config.rounds)
+    return DAggerResult(out=out, rounds=rounds, policy_paths=paths, bc_summaries=summaries,
+                        final_router=router)
+
+
+def load_round_policy(out: str | Path, k: int, deterministic: bool = True,
+                      name: str | None = None) -> PolicyRouter:
+    """``policy_round_<k>.zip`` of a DAgger run folder as a router."""
+    model, _, obs_rms = load_pretrained(Path(out) / f"policy_round_{k}.zip")
+    return PolicyRouter(model, obs_rms, deterministic=deterministic,
+                        name=name or f"dagger_round_{k}")
+
+
+__all__ = ["DAggerConfig", "DAggerResult", "RoundData", "RoundEvent", "check_or_write_manifest",
+           "label_episodes", "load_round_policy", "make_teacher", "policy_agreement",
+           "run_dagger", "run_settings"]
