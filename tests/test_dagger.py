@@ -81,6 +81,12 @@ def test_config_rejects_bad_value_naming_key_and_value(field, value):
         DAggerConfig(**{field: value})
 
 
+def test_config_rejects_validation_split_of_a_single_episode():
+    with pytest.raises(ConfigError, match=r"^validation_fraction=0.2: needs episodes_per_round"):
+        DAggerConfig(validation_fraction=0.2, episodes_per_round=1)
+    assert DAggerConfig(validation_fraction=0.2, episodes_per_round=2).validation_fraction == 0.2
+
+
 def test_config_beta_schedule_and_seeds():
     cfg = DAggerConfig(beta=0.5, beta_decay=0.5, episodes_per_round=3, seed=10)
     assert [cfg.beta_at(k) for k in range(4)] == [1.0, 0.5, 0.25, 0.125]

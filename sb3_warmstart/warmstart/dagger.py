@@ -92,7 +92,8 @@ class DAggerConfig:
     :param beta: probability, in round 1, of executing the teacher's action instead of the
         policy's, in [0, 1].
     :param beta_decay: ``beta_k = beta * beta_decay ** (k - 1)``, in [0, 1].
-    :param validation_fraction: share of the aggregate's episodes BC holds out, in [0, 1).
+    :param validation_fraction: share of the aggregate's episodes BC holds out, in [0, 1)
+        (> 0 needs ``episodes_per_round >= 2``).
     :param seed: episode seeds, mixing/sampling generators and BC.
     """
 
@@ -121,6 +122,10 @@ class DAggerConfig:
         require(isinstance(self.validation_fraction, (int, float))
                 and 0.0 <= self.validation_fraction < 1.0, "validation_fraction",
                 self.validation_fraction, "must be in [0, 1)")
+        require(self.validation_fraction == 0 or self.episodes_per_round >= 2,
+                "validation_fraction", self.validation_fraction,
+                f"needs episodes_per_round >= 2 (got {self.episodes_per_round}): round 0's "
+                "clone holds out whole episodes")
         require(isinstance(self.seed, int) and not isinstance(self.seed, bool) and self.seed >= 0,
                 "seed", self.seed, "must be an integer >= 0")
 
@@ -426,7 +431,7 @@ def run_dagger(config: DAggerConfig, *, env_kwargs: Mapping[str, Any], bc: BCCon
         trajectories = [t for r in rounds for t in r.trajectories()]
         result = clone_demonstrations(
             trajectories, env=env, bc=bc, ppo=ppo, seed=config.seed,
-            validation_fraction=config.validation_fraction if len(trajectories) > 1 else 0.0,
+            validation_fraction=config.validation_fraction,
             value_pretraining=False, expert=expert)
         metadata = result.metadata(dagger={"round": k, "fingerprint": fp,
                                            "aggregate_states": sum(r.num_states for r in rounds),
