@@ -17,7 +17,7 @@ on-policy agreement with the teacher (share of their own decisions equal to the 
 label, on the held-out episodes).
 
 Run: ``python benchmarks/dagger.py --teacher least_added_time --scenario a100x4_conv_70
---requests 200 --rounds 3 --episodes-per-round 4 --seeds 10 --out-dir /tmp/dagger_run``.
+--requests 200 --rounds 3 --episodes-per-round 4 --seeds 10 --out-dir runs/dagger``.
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ class Args:
     """DAgger and BC seed"""
     seeds: int = 10
     """held-out paired evaluation seeds"""
-    out_dir: str = "dagger_run"
+    out_dir: str = "runs/dagger"
     """DAgger run folder (resumed when it exists with the same settings)"""
     out: str | None = None
     """write the results as JSON here"""

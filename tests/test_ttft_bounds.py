@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -17,7 +19,9 @@ from llm_cluster_env.tools.ttft_bounds import (
 )
 from llm_cluster_env.workload import Workload
 
-MOONCAKE = "/work/shared/data/mooncake/conversation_trace.jsonl"
+#: The trace beside the checkout (``../shared/data``); the tests that need it skip without it.
+MOONCAKE = str(Path(__file__).resolve().parents[2] / "shared" / "data" / "mooncake"
+               / "conversation_trace.jsonl")
 
 
 def one_replica(batching: str) -> LLMClusterEnv:
@@ -125,8 +129,6 @@ def test_no_router_beats_the_bound_with_shared_system_prompts():
 
 
 def test_no_router_beats_the_bound_on_the_mooncake_trace():
-    from pathlib import Path
-
     if not Path(MOONCAKE).is_file():
         pytest.skip(f"{MOONCAKE} not present (the Mooncake conversation trace)")
     env = LLMClusterEnv(scenario="mooncake_conv", episode_requests=150,
@@ -141,8 +143,6 @@ def test_no_router_beats_the_bound_on_the_mooncake_trace():
 def test_headline_refuses_windows_outside_the_trace_before_running(argv, message):
     import subprocess
     import sys
-    from pathlib import Path
-
     if not Path(MOONCAKE).is_file():
         pytest.skip(f"{MOONCAKE} not present (the Mooncake conversation trace)")
     root = Path(__file__).resolve().parents[1]

@@ -17,7 +17,7 @@ It serves what production-stack's router reads from an engine:
 (the router's failover re-routes it). The server stops by itself after ``--lifetime-s``.
 
     python deploy/production_stack/standin_vllm.py --port 18101 --model m \\
-        --running 3 --waiting 1 --kv 0.42 --log /tmp/standin-18101.jsonl
+        --running 3 --waiting 1 --kv 0.42 --log runs/standin-18101.jsonl
 """
 
 from __future__ import annotations
