@@ -95,6 +95,7 @@ from llm_cluster_env.routing.engine_model import (
     EngineModel,
     EngineScalars,
     OutputLengthPrior,
+    clock_end_until,
 )
 from llm_cluster_env.routing.prefix_index import ApproximatePrefixIndex
 
@@ -312,7 +313,6 @@ class ObservationBuilder:
         self._always_stale = np.array([getattr(r, "cache", None) is not None
                                        for r in self.replicas])
         # per replica, as read at the last decision (see _refresh)
-        self._num_blocks_list = self._num_blocks.tolist()
         self._speed_list = self._speed_k.tolist()
         self._capacity_list = self._capacity_k.tolist()
         self._always_list = self._always_stale.tolist()
@@ -345,7 +345,6 @@ class ObservationBuilder:
             if group in active:
                 active.extend(d for d in group.depends_on if d not in active)
         self.reads = None if features is None else tuple(sorted(read, key=column.get))
-        self._read = read
         self._read_columns = {column[f] for f in read}
         self._unread_columns = [column[f] for f in self.layout.replica_features
                                 if f not in read and f not in _STATIC_FEATURES]
@@ -768,22 +767,6 @@ class EngineFeatures(ReplicaFeatureGroup):
             cached = (np.asarray(self.prefix.last_hits) * prompt).astype(np.int64)
         return np.column_stack(self.arrays.estimate(boundaries, prompt, request.output_tokens,
                                                     cached))
-
-
-def clock_end_until(replica: Replica, now: float) -> tuple[int, float, float]:
-    """The replica's iteration clock at ``now``, the end of the iteration in flight (seconds;
-    ``-inf`` when none is, so the time to the next boundary is ``max(end - now, 0)``), and the
-    time until which both hold while the replica's state does not change (the same clock and
-    boundary as :func:`~llm_cluster_env.routing.engine_model.clock_and_boundary`)."""
-    if not replica.busy:
-        return replica.clock, -math.inf, math.inf
-    if replica._batch_pure and replica.batch_iterations > 1:
-        done = replica.iterations_done_by(now)
-        if done < replica.batch_iterations:
-            end = replica.batch_start + replica._stretch_duration(done + 1)
-            return replica.clock + done, end, end
-        return replica.clock + done, -math.inf, math.inf
-    return replica.clock, replica.batch_end, math.inf
 
 
 def prefix_features_on(config: ObservationConfig, caches_prefixes: bool) -> bool:

@@ -7,6 +7,8 @@ the look-ahead baseline in :mod:`llm_cluster_env.routing.lookahead`, learned pol
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 
 from llm_cluster_env.env.observation import ClusterView, RoutingContext
@@ -94,4 +96,15 @@ class ScoredRouter(Router):
         return _all_min(self.cost(view))
 
 
-__all__ = ["Router", "ScoredRouter"]
+def build_router(routers: Mapping[str, type[Router]], name: str, **kwargs) -> Router:
+    """``routers[name](**kwargs)``; ``ValueError`` naming ``name`` and listing the known names
+    on a miss (what ``make_router`` and ``make_any_router`` share)."""
+    try:
+        cls = routers[name]
+    except KeyError:
+        raise ValueError(f"router={name!r}: unknown router "
+                         f"(known: {', '.join(routers)})") from None
+    return cls(**kwargs)
+
+
+__all__ = ["Router", "ScoredRouter", "build_router"]

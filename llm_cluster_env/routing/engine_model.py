@@ -228,12 +228,6 @@ class EngineModel:
                 delta += co_batch * horizon * (with_us - without_us)
         return wait, ttft, delta
 
-    def estimate_all(self, replicas: Sequence, now: float, prompt_tokens: int,
-                     output_tokens: int = 0) -> list[tuple[float, float, float]]:
-        """:meth:`estimate` for every replica (one at a time: the reference that
-        :class:`EngineArrays` computes for all replicas at once)."""
-        return [self.estimate(r, now, prompt_tokens, output_tokens) for r in replicas]
-
     def replica_terms(self, replica, clock: int,
                       requests: list[tuple] | None = None) -> tuple:
         """What :meth:`estimate` needs of ``replica`` at iteration clock ``clock`` that does
@@ -795,21 +789,29 @@ _CHUNK_MEMO_BATCHES = 256
 _CHUNK_MEMO_SIZE = 4096
 
 
-def clock_and_boundary(replica, now: float) -> tuple[int, float]:
-    """The replica's iteration clock at ``now`` and the seconds from ``now`` to the end of the
-    iteration in flight (0 when idle): the next point at which it can schedule a request."""
+def clock_end_until(replica, now: float) -> tuple[int, float, float]:
+    """The replica's iteration clock at ``now``, the end of the iteration in flight (seconds;
+    ``-inf`` when none is, so the time to the next boundary is ``max(end - now, 0)``), and the
+    time until which both hold while the replica's state does not change (what
+    :func:`clock_and_boundary` and the observation builder read)."""
     if not replica.busy:
-        return replica.clock, 0.0
+        return replica.clock, -math.inf, math.inf
     if replica._batch_pure and replica.batch_iterations > 1:
         done = replica.iterations_done_by(now)
         if done < replica.batch_iterations:
             end = replica.batch_start + replica._stretch_duration(done + 1)
-            return replica.clock + done, (end - now if end > now else 0.0)
-        return replica.clock + done, 0.0
-    end = replica.batch_end
-    return replica.clock, (end - now if end > now else 0.0)
+            return replica.clock + done, end, end
+        return replica.clock + done, -math.inf, math.inf
+    return replica.clock, replica.batch_end, math.inf
+
+
+def clock_and_boundary(replica, now: float) -> tuple[int, float]:
+    """The replica's iteration clock at ``now`` and the seconds from ``now`` to the end of the
+    iteration in flight (0 when idle): the next point at which it can schedule a request."""
+    clock, end, _ = clock_end_until(replica, now)
+    return clock, (end - now if end > now else 0.0)
 
 
 __all__ = ["ENGINE_FEATURES", "TERM_FIELDS", "ArrayIterationTime", "EngineArrays", "EngineModel",
            "EngineScalars", "OutputLengthPrior", "ScalarIterationTime", "clock_and_boundary",
-           "running_requests"]
+           "clock_end_until", "running_requests"]

@@ -73,7 +73,7 @@ from types import MappingProxyType
 import numpy as np
 
 from llm_cluster_env.env.observation import PREFILL_K, ClusterView
-from llm_cluster_env.routing.base import Router, ScoredRouter, _all_min
+from llm_cluster_env.routing.base import Router, ScoredRouter, _all_min, build_router
 from llm_cluster_env.routing.lookahead import LookaheadRouter
 
 
@@ -492,8 +492,4 @@ CACHE_AWARE_ROUTERS = ("sglang_cache_aware", "llm_d_prefix", "dynamo_kv", "sessi
 
 def make_router(name: str, **kwargs) -> Router:
     """A router by name (see the table above); ``ValueError`` lists the names on a miss."""
-    try:
-        cls = ROUTERS[name]
-    except KeyError:
-        raise ValueError(f"router={name!r}: unknown router (known: {', '.join(ROUTERS)})") from None
-    return cls(**kwargs)
+    return build_router(ROUTERS, name, **kwargs)

@@ -28,7 +28,7 @@ from __future__ import annotations
 import numpy as np
 
 from llm_cluster_env.env.observation import ClusterView
-from llm_cluster_env.routing.base import Router
+from llm_cluster_env.routing.base import Router, _all_min
 from llm_cluster_env.sim.request import Request, RequestState
 
 _DECODING = RequestState.DECODING
@@ -56,6 +56,15 @@ def settle_at_boundary(replica, now: float) -> float:
     end = replica.batch_end
     replica.end_batch(end)
     return end
+
+
+def expected_length(prior, request, generated: int) -> int:
+    """The output length (tokens) a copy gives ``request`` after ``generated`` tokens:
+    ``g + E[O - g | O > g]`` (rounded, at least ``g + 1``), or ``E[O | prompt]`` (at least 1)
+    for a request that has produced none (``prior``: an
+    :class:`~llm_cluster_env.routing.engine_model.OutputLengthPrior`)."""
+    return generated + max(1, round(prior.remaining(generated) if generated
+                                    else prior.expected_output(request.prompt_tokens)))
 
 
 def drain_finish_times(replica, start: float) -> float:
@@ -102,12 +111,10 @@ class LookaheadRouter(Router):
             t0 = settle_at_boundary(base, now)
             if not self.oracle:
                 base.replace_output_lengths(
-                    lambda req, generated: generated + max(1, round(
-                        prior.remaining(generated) if generated
-                        else prior.expected_output(req.prompt_tokens))))
+                    lambda req, generated: expected_length(prior, req, generated))
             extra = Request(-1, now, request.prompt_tokens,
                             request.output_tokens if self.oracle
-                            else max(1, round(prior.expected_output(request.prompt_tokens))),
+                            else expected_length(prior, request, 0),
                             chain=request.chain)  # its prompt's blocks: hits in the copy's cache
             with_request = replica_copy(base)
             with_request.enqueue(extra)
@@ -119,8 +126,8 @@ class LookaheadRouter(Router):
         return int(np.argmin(self.costs(view)))
 
     def tied_choices(self, view: ClusterView) -> np.ndarray:
-        costs = self.costs(view)
-        return np.flatnonzero(costs == costs.min())
+        return _all_min(self.costs(view))
 
 
-__all__ = ["LookaheadRouter", "drain_finish_times", "replica_copy", "settle_at_boundary"]
+__all__ = ["LookaheadRouter", "drain_finish_times", "expected_length", "replica_copy",
+           "settle_at_boundary"]

@@ -63,7 +63,7 @@ import numpy as np
 from llm_cluster_env.env.observation import ClusterView
 from llm_cluster_env.routing.base import Router
 from llm_cluster_env.routing.engine_model import EngineModel
-from llm_cluster_env.routing.lookahead import settle_at_boundary
+from llm_cluster_env.routing.lookahead import expected_length, settle_at_boundary
 from llm_cluster_env.sim.cluster import Cluster
 from llm_cluster_env.sim.events import BATCH_END, BATCH_START
 from llm_cluster_env.sim.request import Request
@@ -283,10 +283,12 @@ class RolloutPlannerRouter(Router):
         """Requests arriving in ``(now, now + horizon_s]`` drawn from the workload model."""
         workload = self.workload
         cfg = workload.config
-        if cfg.arrival not in ("poisson", "gamma") or cfg.prefix == "multiturn":
-            raise ValueError(f"rollout_planner: cannot sample futures of workload.arrival="
-                             f"{cfg.arrival!r} / prefix={cfg.prefix!r} (supported: poisson and "
-                             "gamma arrivals); use clairvoyant=True")
+        if cfg.arrival not in ("poisson", "gamma"):
+            raise ValueError(f"workload.arrival={cfg.arrival!r}: rollout_planner samples futures "
+                             "of poisson and gamma arrivals only; use clairvoyant=True")
+        if cfg.prefix == "multiturn":
+            raise ValueError("workload.prefix='multiturn': rollout_planner cannot sample futures "
+                             "of multi-turn sessions; use clairvoyant=True")
         horizon = self.config.horizon_s
         expected = cfg.qps * horizon
         n = int(ceil(expected + 6.0 * sqrt(expected) + 10.0))
@@ -326,17 +328,20 @@ class RolloutPlannerRouter(Router):
         return self._model
 
     @staticmethod
-    def base_choice(model: EngineModel, replicas: Sequence[Replica], request: Request,
+    def base_deltas(model: EngineModel, replicas: Sequence[Replica], request: Request,
+                    now: float) -> list[np.float32]:
+        """``est_delta_s`` of ``request`` on each of (copies of) ``replicas``, rounded to
+        float32 as in the observation."""
+        prompt, output = request.prompt_tokens, request.output_tokens
+        return [np.float32(model.estimate(rep, now, prompt, output)[2]) for rep in replicas]
+
+    @classmethod
+    def base_choice(cls, model: EngineModel, replicas: Sequence[Replica], request: Request,
                     now: float) -> int:
-        """``least_added_time`` on (copies of) replicas: least ``est_delta_s``, rounded to
-        float32 as in the observation, ties to the lowest index."""
-        best, choice = None, 0
-        for i, rep in enumerate(replicas):
-            delta = np.float32(model.estimate(rep, now, request.prompt_tokens,
-                                              request.output_tokens)[2])
-            if best is None or delta < best:
-                best, choice = delta, i
-        return choice
+        """``least_added_time`` on (copies of) replicas: least :meth:`base_deltas`, ties to
+        the lowest index."""
+        deltas = cls.base_deltas(model, replicas, request, now)
+        return deltas.index(min(deltas))
 
     # ------------------------------------------------------------------ planning
     def _rollout(self, replicas, ready_at, now: float, pending: Request, candidate: int,
@@ -375,8 +380,7 @@ class RolloutPlannerRouter(Router):
                 return lengths.total(generated, rng)
         else:
             def length_of(req, generated):
-                return generated + max(1, round(prior.remaining(generated) if generated
-                                                else prior.expected_output(req.prompt_tokens)))
+                return expected_length(prior, req, generated)
         copies, ready = [], []
         for rep in context.replicas:
             twin = rep.snapshot()
@@ -399,10 +403,8 @@ class RolloutPlannerRouter(Router):
             return np.asarray(view.column("est_delta_s"), dtype=np.float64)
         context = self.context(view)
         model = self._engine_model(context.output_prior)
-        request = context.request
-        return np.array([np.float32(model.estimate(rep, context.now, request.prompt_tokens,
-                                                   request.output_tokens)[2])
-                         for rep in context.replicas], dtype=np.float64)
+        return np.array(self.base_deltas(model, context.replicas, context.request, context.now),
+                        dtype=np.float64)
 
     def estimate(self, view: ClusterView) -> PlanEstimate:
         """Per-future, per-candidate costs at this decision (see :class:`PlanEstimate`)."""

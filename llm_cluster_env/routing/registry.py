@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from types import MappingProxyType
 
-from llm_cluster_env.routing.base import Router
+from llm_cluster_env.routing.base import Router, build_router
 from llm_cluster_env.routing.heuristics import ROUTERS
 from llm_cluster_env.routing.planner import RolloutPlannerRouter
 
@@ -23,9 +23,4 @@ ALL_ROUTERS: MappingProxyType[str, type[Router]] = MappingProxyType({**ROUTERS, 
 
 def make_any_router(name: str, **kwargs) -> Router:
     """A router of :data:`ALL_ROUTERS` by name; ``ValueError`` lists the names on a miss."""
-    try:
-        cls = ALL_ROUTERS[name]
-    except KeyError:
-        raise ValueError(f"router={name!r}: unknown router "
-                         f"(known: {', '.join(ALL_ROUTERS)})") from None
-    return cls(**kwargs)
+    return build_router(ALL_ROUTERS, name, **kwargs)

@@ -19,7 +19,7 @@ import numpy as np
 
 from llm_cluster_env.atomic import atomic_write_text
 from llm_cluster_env.env.cluster_env import LLMClusterEnv
-from llm_cluster_env.routing.heuristics import Router
+from llm_cluster_env.routing.base import Router
 from llm_cluster_env.sim.metrics import RequestLatencies
 from llm_cluster_env.sim.metrics import balance_score as balance_score  # for the training side
 

@@ -23,8 +23,9 @@ not used, except that the mean output length of its distribution stays the prior
 deployable decode-work estimate in the observation (``decode_tokens_k``, used by routers such as
 ``least_tokens``), as in a deployment tuned for that scenario.
 
-``--router`` is a heuristic from :mod:`llm_cluster_env.routing.heuristics`; it draws any randomness (ties
-of ``lor``, ``random``) from ``numpy.random.default_rng(seed + 7919)``, like
+``--router`` names a router of :data:`llm_cluster_env.routing.registry.ALL_ROUTERS` (the
+heuristics, ``lookahead`` and the planners); it draws any randomness (ties of ``lor``,
+``random``) from ``numpy.random.default_rng(seed + 7919)``, like
 :func:`llm_cluster_env.tools.evaluation.run_episode`, so one ``--seed`` gives one result.
 
 Output (``--out``): one row per input row, in input order, with the columns of
