@@ -169,6 +169,11 @@ def parse_args(argv: Sequence[str] | None = None) -> CollectionJob:
         config = load_config(None, overrides=overrides_from_args(ns, parser))
         given = {f.name: getattr(ns, f"imbalance_{f.name}")
                  for f in dataclasses.fields(ImbalanceSpec)}
+        if not config.warm_start.imbalance:
+            for name, value in given.items():
+                if value is not None:
+                    parser.error(f"--imbalance-{name.replace('_', '-')}={value}: only used with "
+                                 "--imbalance; add it or drop the flag")
         imbalance = (ImbalanceSpec(**{k: v for k, v in given.items() if v is not None})
                      if config.warm_start.imbalance else None)
         ws = config.warm_start

@@ -208,6 +208,19 @@ def parse_args(argv: Sequence[str] | None = None) -> PretrainJob:
         parser.error(f"--output={ns.output!r}: is a directory (give a file path)")
     if output.parent.exists() and not output.parent.is_dir():
         parser.error(f"--output={ns.output!r}: parent is not a directory")
+    from sb3_warmstart.policies.policy_file import (
+        PretrainedCheckpointError,
+        _target_path,
+        read_metadata,
+    )
+
+    target = _target_path(output)
+    if target.exists():  # only an earlier clone may be replaced, never another file
+        try:
+            read_metadata(target)
+        except PretrainedCheckpointError as err:
+            parser.error(f"--output={ns.output!r}: exists and is not an earlier pretrained "
+                         f"checkpoint, refusing to replace it ({err})")
     try:  # everything else is validated by the config, once
         config = load_config(None, overrides=overrides_from_args(ns, stats))
     except ConfigError as err:

@@ -159,6 +159,7 @@ def export_router(source: str | Path, out: str | Path, *, sample_requests: int =
     directory or its ``model.zip``, or a policy zip of ``train/pretrain.py``) into ``out``
     (see :func:`export_policy`)."""
     require_deploy_extra()
+    check_out_replaceable(Path(out))  # before the source is loaded
     resolved = resolve_source(source)
     model, obs_rms, env_kwargs, label = load_source(resolved)
     return export_policy(model.policy, obs_rms, env_kwargs, out, label=label,
@@ -184,6 +185,18 @@ def _normalizer_json(normalizer: ObsNormalizer | None) -> dict[str, Any]:
     return out
 
 
+def check_out_replaceable(out: Path) -> None:
+    """Raise :class:`ExportError` when ``out`` exists and is neither an empty folder nor an
+    earlier export (a folder with :data:`SCHEMA_FILE`): the export replaces nothing else."""
+    if not out.exists() and not out.is_symlink():
+        return
+    if not out.is_dir() or out.is_symlink():
+        raise ExportError(f"{out}: exists and is not an export folder; refusing to replace it")
+    if any(out.iterdir()) and not (out / SCHEMA_FILE).is_file():
+        raise ExportError(f"{out}: an existing folder without {SCHEMA_FILE} (not an earlier "
+                          "export); refusing to replace it")
+
+
 def export_policy(policy: ActorCriticPolicy, obs_rms: Any, env_kwargs: dict[str, Any],
                   out: str | Path, *, label: str, source: str,
                   model_files: Sequence[Path] = (), sample_requests: int = 256,
@@ -202,6 +215,7 @@ def export_policy(policy: ActorCriticPolicy, obs_rms: Any, env_kwargs: dict[str,
     """
     require_deploy_extra()
     out = Path(out)
+    check_out_replaceable(out)
     th.set_num_threads(1)
     set_policy = isinstance(policy, SET_POLICIES)
     normalizer = None
@@ -254,5 +268,5 @@ def export_policy(policy: ActorCriticPolicy, obs_rms: Any, env_kwargs: dict[str,
 
 
 __all__ = ["DEPLOY_INSTALL", "DEPLOY_MODULES", "ONNX_FILE", "SCHEMA_FILE", "ExportResult",
-           "ExportSource", "check_zip", "export_policy", "export_router", "load_source",
-           "require_deploy_extra", "resolve_source"]
+           "ExportSource", "check_out_replaceable", "check_zip", "export_policy",
+           "export_router", "load_source", "require_deploy_extra", "resolve_source"]

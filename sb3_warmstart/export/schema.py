@@ -13,13 +13,17 @@ from __future__ import annotations
 import hashlib
 import time
 from dataclasses import replace
-from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from sb3_warmstart.export.graph import OPSET, GraphSpec
+from sb3_warmstart.policies.policy_file import library_versions
+
+#: Packages whose versions the schema's provenance records.
+EXPORT_VERSIONED_PACKAGES = ("torch", "stable-baselines3", "sb3-contrib", "onnx", "onnxruntime",
+                             "llm-cluster-rl", "numpy")
 
 SCHEMA_FORMAT = "llm-cluster-rl/router-export"
 SCHEMA_VERSION = 1
@@ -70,17 +74,6 @@ def reference_hardware(env_kwargs: dict[str, Any]) -> list[dict[str, Any]]:
                              "kv_capacity_k": replica.num_blocks * replica.block_size / 1000.0,
                              "prefill_tokens_per_s": PREFILL_REFERENCE_TOKENS / chunk})
     return rows
-
-
-def _versions() -> dict[str, str]:
-    out = {}
-    for name in ("torch", "stable-baselines3", "sb3-contrib", "onnx", "onnxruntime",
-                 "llm-cluster-rl", "numpy"):
-        try:
-            out[name] = importlib_metadata.version(name)
-        except importlib_metadata.PackageNotFoundError:
-            pass
-    return out
 
 
 def _sha256(path: Path) -> str:
@@ -151,7 +144,7 @@ def build_schema(spec: GraphSpec, layout, *, source: str, hardware: list[dict[st
         "export_check": check,
         "provenance": {"source": source, "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ",
                                                                        time.gmtime()),
-                       "versions": _versions()},
+                       "versions": library_versions(EXPORT_VERSIONED_PACKAGES)},
     }
 
 

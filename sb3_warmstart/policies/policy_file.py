@@ -38,7 +38,7 @@ import platform
 import time
 import zipfile
 import zlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Any
@@ -231,9 +231,10 @@ def build_model(policy: str | type[ActorCriticPolicy], observation_space: spaces
 
 
 # -------------------------------------------------------------------------------- saving
-def library_versions() -> dict[str, str]:
+def library_versions(packages: Sequence[str] = VERSIONED_PACKAGES) -> dict[str, str]:
+    """The Python version and the installed version of each of ``packages``."""
     versions = {"python": platform.python_version()}
-    for name in VERSIONED_PACKAGES:
+    for name in packages:
         try:
             versions[name] = importlib_metadata.version(name)
         except importlib_metadata.PackageNotFoundError:

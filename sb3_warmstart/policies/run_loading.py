@@ -38,6 +38,13 @@ def read_history(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def _algorithm(ppo: dict[str, Any]) -> type[BaseAlgorithm]:
+    """The algorithm class a saved ``ppo`` config section trained with."""
+    from sb3_warmstart.algorithms.ppo import KLPPO, KLRecurrentPPO
+
+    return KLRecurrentPPO if ppo["algorithm"] == "recurrent_ppo" else KLPPO
+
+
 def load_policy(model_path: str | os.PathLike
                 ) -> tuple[BaseAlgorithm, Any, dict[str, Any], list[dict[str, Any]], str]:
     """``(model, obs_rms, env_kwargs, history_rows, label)`` of a saved policy: a run folder of
@@ -45,7 +52,6 @@ def load_policy(model_path: str | os.PathLike
     history), a checkpoint directory, or a policy zip of :func:`save_pretrained`."""
     import yaml
 
-    from sb3_warmstart.algorithms.ppo import KLPPO, KLRecurrentPPO
     from sb3_warmstart.common.checkpoint import MODEL_FILE, STATE_FILE, CheckpointManager
 
     model_path = Path(model_path)
@@ -53,8 +59,7 @@ def load_policy(model_path: str | os.PathLike
     if model_path.is_dir() and (model_path / "final_model.zip").is_file():
         config = yaml.safe_load((model_path / "config.yaml").read_text())
         section = next(iter(config["LLMCluster-v0"].values()))
-        cls = KLRecurrentPPO if section["ppo"]["algorithm"] == "recurrent_ppo" else KLPPO
-        model = cls.load(model_path / "final_model.zip", device="cpu")
+        model = _algorithm(section["ppo"]).load(model_path / "final_model.zip", device="cpu")
         with open(model_path / "final_vecnormalize.pkl", "rb") as f:
             obs_rms = pickle.load(f).obs_rms
         return (model, obs_rms, section["env_kwargs"],
@@ -62,8 +67,7 @@ def load_policy(model_path: str | os.PathLike
     if model_path.is_dir() and (model_path / STATE_FILE).is_file():
         manifest = CheckpointManager(model_path.parent, max_checkpoints=1).verify(model_path)
         training = manifest["fingerprint"]["training"]
-        cls = KLRecurrentPPO if training["ppo"]["algorithm"] == "recurrent_ppo" else KLPPO
-        model = cls.load(model_path / MODEL_FILE, device="cpu")
+        model = _algorithm(training["ppo"]).load(model_path / MODEL_FILE, device="cpu")
         state = pickle.loads((model_path / STATE_FILE).read_bytes())
         history = state["stateful"].get("monitor", {}).get("rows", [])
         return (model, state["vecnormalize"]["obs_rms"], training["env_kwargs"], history,

@@ -364,11 +364,6 @@ def _write_round(out: Path, k: int, fp: str, data: RoundData, beta: float) -> Pa
     return path
 
 
-def _router(model, obs_rms, config: DAggerConfig, k: int) -> PolicyRouter:
-    return PolicyRouter(model, obs_rms, deterministic=config.deterministic,
-                        name=f"dagger_round_{k}")
-
-
 # ------------------------------------------------------------------------------------ loop
 def run_dagger(config: DAggerConfig, *, env_kwargs: Mapping[str, Any], bc: BCConfig,
                ppo: PPOConfig, out: str | Path,
@@ -416,8 +411,7 @@ def run_dagger(config: DAggerConfig, *, env_kwargs: Mapping[str, Any], bc: BCCon
         resumed = data is not None
         if data is None:
             if k > 0 and router is None:
-                model, _, obs_rms = load_pretrained(paths[-1])
-                router = _router(model, obs_rms, config, k - 1)
+                router = load_round_policy(out, k - 1, config.deterministic)
             data = label_episodes(env, teacher, router if k > 0 else None,
                                   config.episode_seeds(k), beta=config.beta_at(k),
                                   seed=config.seed, round_index=k)
@@ -441,14 +435,14 @@ def run_dagger(config: DAggerConfig, *, env_kwargs: Mapping[str, Any], bc: BCCon
                         observation_schema=env.layout.schema())
         summaries[k] = result.summary
         paths.append(policy_path)
-        router = _router(result.model, result.obs_rms, config, k)
+        router = PolicyRouter(result.model, result.obs_rms, deterministic=config.deterministic,
+                              name=f"dagger_round_{k}")
         say(f"round {k}: cloned on {sum(r.num_states for r in rounds)} states "
             f"(train accuracy {result.summary['train_accuracy']:.3f})")
         if callback is not None:
             callback(RoundEvent(k, "trained", policy_path))
     if router is None:
-        model, _, obs_rms = load_pretrained(paths[-1])
-        router = _router(model, obs_rms, config, config.rounds)
+        router = load_round_policy(out, config.rounds, config.deterministic)
     return DAggerResult(out=out, rounds=rounds, policy_paths=paths, bc_summaries=summaries,
                         final_router=router)
 
