@@ -332,13 +332,18 @@ def test_a_flat_policy_scores_exactly_its_replica_count(tmp_path):
         running.stop()
 
 
-def test_the_command_refuses_a_bad_export_or_port_in_one_line(tmp_path, capsys):
+def test_the_command_refuses_a_bad_export_port_or_timeout_in_one_line(tmp_path, capsys):
     assert main([str(tmp_path / "absent"), "--port", "0"]) == 2
     assert capsys.readouterr().err == f"error: {tmp_path / 'absent'}: no such export folder\n"
     with pytest.raises(SystemExit) as stop:
         main([str(tmp_path), "--port", "70000"])
     assert stop.value.code == 2
     assert "--port=70000: must be in [0, 65535]" in capsys.readouterr().err
+    for timeout in ("inf", "nan", "0"):  # inf would pass "> 0" and fail every connection
+        with pytest.raises(SystemExit):
+            main([str(tmp_path), "--read-timeout", timeout])
+        assert f"--read-timeout={float(timeout)}: must be finite and > 0" in \
+            capsys.readouterr().err
 
 
 def test_python_dash_m_serves_the_export_on_loopback(export_dir):

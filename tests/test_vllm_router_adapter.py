@@ -239,6 +239,16 @@ def test_features_equal_the_simulators_where_engine_metrics_and_router_state_are
     assert steps == 400
 
 
+def test_the_constants_copied_from_the_observation_builder_still_equal_its_own():
+    """The adapter imports no simulator module, so it keeps its own copies; a change on one
+    side only would silently shift ``est_*_s`` or the arrival rate the policy sees."""
+    from llm_cluster_env.deploy import vllm_router_adapter as adapter
+    from llm_cluster_env.env import observation
+
+    assert adapter.REFERENCE_BATCH == observation.REFERENCE_BATCH
+    assert adapter.MIN_RATE_WINDOW_FRACTION == observation.MIN_RATE_WINDOW_FRACTION
+
+
 def test_an_endpoint_without_hardware_is_a_configuration_error_naming_it(runtime):
     logic = PolicyRoutingLogic(runtime, {"http://a": HW}, mean_output_tokens=100.0)
     endpoints = [endpoint("http://a"), endpoint("http://b", label="h100")]
@@ -508,6 +518,18 @@ def test_router_config_from_a_file_and_flags(tmp_path, runtime):
         load_router_config(tmp_path / "c.json", export_dir="/nowhere", mean_output_tokens=99)
     with pytest.raises(ValueError, match="c.json: export_dir is not set"):
         load_router_config(tmp_path / "c.json", mean_output_tokens=99)
+
+
+@pytest.mark.parametrize("name, text, message", [
+    ("c.json", '{"mean_output_tokens": 100,', "not valid JSON (line 1, column 28"),
+    ("c.yaml", "mean_output_tokens: [100\nhardware: {}\n", "not valid YAML (line 2, column 9)"),
+])
+def test_an_unparsable_router_config_is_refused_naming_the_file_and_line(tmp_path, name, text,
+                                                                         message):
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(ValueError, match=f"^{re.escape(str(path))}: {re.escape(message)}"):
+        load_router_config(path, export_dir=tmp_path / "export")
 
 
 @pytest.mark.parametrize("content, message", [

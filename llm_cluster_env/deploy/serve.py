@@ -42,6 +42,7 @@ import argparse
 import ipaddress
 import json
 import logging
+import math
 import sys
 import threading
 import time
@@ -105,8 +106,8 @@ class ServeConfig:
             raise ValueError(f"port={self.port}: must be in [0, 65535]")
         if self.max_body_bytes < 64:
             raise ValueError(f"max_body_bytes={self.max_body_bytes}: must be >= 64")
-        if not self.read_timeout_s > 0:
-            raise ValueError(f"read_timeout_s={self.read_timeout_s}: must be > 0")
+        if not (self.read_timeout_s > 0 and math.isfinite(self.read_timeout_s)):
+            raise ValueError(f"read_timeout_s={self.read_timeout_s}: must be finite and > 0")
         if self.onnx_threads < 1:
             raise ValueError(f"onnx_threads={self.onnx_threads}: must be >= 1")
 

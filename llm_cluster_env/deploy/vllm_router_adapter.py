@@ -207,9 +207,18 @@ def load_router_config(path: str | Path | None = None, *, export_dir: str | Path
         if str(path).endswith((".yaml", ".yml")):
             import yaml
 
-            raw = yaml.safe_load(text) or {}
+            try:
+                raw = yaml.safe_load(text) or {}
+            except yaml.YAMLError as err:
+                mark = getattr(err, "problem_mark", None)
+                at = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+                raise ValueError(f"{where}: not valid YAML{at}") from None
         else:
-            raw = json.loads(text)
+            try:
+                raw = json.loads(text)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{where}: not valid JSON (line {err.lineno}, column "
+                                 f"{err.colno}: {err.msg})") from None
         if not isinstance(raw, Mapping):
             raise ValueError(f"{where}: expected a mapping of {list(CONFIG_KEYS)}")
         unknown = sorted(set(raw) - set(CONFIG_KEYS))
