@@ -668,6 +668,7 @@ TINY_RUN = [
     "--set", "stabilization.stabilization_steps=128", "--set", "ppo.n_steps=64",
     "--set", "ppo.batch_size=64", "--set", "ppo.n_envs=2", "--set", "ppo.set_embed_dim=16",
     "--set", "ppo.set_hidden_dim=16", "--set", "checkpointing.checkpoint_interval=256",
+    "--set", "dagger.enabled=false",  # the DAgger stage: tests/test_pipeline_dagger.py
 ]
 
 

@@ -31,6 +31,8 @@ TINY_FAMILY = [
     "--set", "stabilization.stabilization_steps=128", "--set", "ppo.n_steps=64",
     "--set", "ppo.batch_size=64", "--set", "ppo.n_envs=2", "--set", "ppo.set_embed_dim=16",
     "--set", "ppo.set_hidden_dim=16", "--set", "checkpointing.checkpoint_interval=256",
+    "--set", "dagger.rounds=1", "--set", "dagger.episodes_per_round=2",
+    "--set", "dagger.episode_requests=64", "--set", "dagger.epochs=2",
 ]
 
 

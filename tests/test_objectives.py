@@ -6,16 +6,19 @@ import math
 
 import pytest
 
+from llm_cluster_env.config import ConfigError
 from llm_cluster_env.env.cluster_env import LLMClusterEnv
 from llm_cluster_env.routing.heuristics import make_router
 from llm_cluster_env.tools.evaluation import run_episode
 from llm_cluster_env.tools.objectives import OBJECTIVES, Objective, make_objective
 
-METRICS = {"ttft_mean": 2.0, "e2e_p99": 40.0, "goodput_rps": 1.25}
+METRICS = {"ttft_mean": 2.0, "e2e_p99": 40.0, "goodput_rps": 1.25, "e2e_mean": 9.0}
 
 
 def test_values_and_sign_convention():
-    assert OBJECTIVES == ("mean_ttft", "ttft_e2e", "goodput")
+    assert OBJECTIVES == ("mean_e2e", "mean_ttft", "ttft_e2e", "goodput")
+    e2e = make_objective("mean_e2e")
+    assert e2e.value(METRICS) == 9.0 == e2e.loss(METRICS) and not e2e.higher_is_better
     ttft = make_objective("mean_ttft")
     assert ttft.value(METRICS) == 2.0 and ttft.loss(METRICS) == 2.0
     assert not ttft.higher_is_better and ttft.unit == "s"
@@ -29,8 +32,8 @@ def test_values_and_sign_convention():
 
 
 def test_loss_ranks_a_better_episode_lower_for_every_objective():
-    worse = {"ttft_mean": 3.0, "e2e_p99": 50.0, "goodput_rps": 1.0}
-    for objective in (make_objective("mean_ttft"), make_objective("goodput"),
+    worse = {"ttft_mean": 3.0, "e2e_p99": 50.0, "goodput_rps": 1.0, "e2e_mean": 10.0}
+    for objective in (make_objective("mean_e2e"), make_objective("mean_ttft"), make_objective("goodput"),
                       make_objective("ttft_e2e", e2e_p99_weight=0.1)):
         assert objective.loss(METRICS) < objective.loss(worse), objective
 
@@ -40,8 +43,8 @@ def test_ttft_e2e_with_zero_weight_is_mean_ttft():
 
 
 def test_unknown_name_is_refused_naming_key_and_value():
-    with pytest.raises(ValueError, match=r"^objective='p99_ttft': unknown \(known: mean_ttft, "
-                                         r"ttft_e2e, goodput\)"):
+    with pytest.raises(ConfigError, match=r"^objective='p99_ttft': unknown \(known: mean_e2e, "
+                                          r"mean_ttft, ttft_e2e, goodput\)"):
         make_objective("p99_ttft")
 
 

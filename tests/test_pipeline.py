@@ -34,6 +34,7 @@ TINY = [
     "--set", "ppo.batch_size=64", "--set", "ppo.n_envs=2", "--set", "ppo.lstm_hidden_size=16",
     "--set", "ppo.net_arch=[16]", "--set", "checkpointing.checkpoint_interval=128",
     "--set", "checkpointing.max_checkpoints=2", "--set", "kl.kl_ref_decay_steps=10",
+    "--set", "dagger.enabled=false",  # DAgger in the job: tests/test_pipeline_dagger.py
 ]
 
 

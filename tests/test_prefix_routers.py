@@ -216,7 +216,7 @@ def test_metrics_agree_with_the_request_records():
 def test_existing_scenarios_keep_prefix_caching_off():
     for name in available_scenarios():
         replica = load_scenario_dict(name).get("replica", {})
-        expected = name.startswith(("mooncake_conv", "multiturn", "shared_system"))
+        expected = name.startswith(("mooncake_conv", "multiturn", "shared_system", "prefix_holdout"))
         assert replica.get("prefix_caching", False) == expected, name
 
 

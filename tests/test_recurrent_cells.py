@@ -244,7 +244,7 @@ def test_config_selects_the_cell_and_sequence_length():
 
     gru = config("mlp", recurrent_cell="gru", sequence_length=16)
     venv = make_training_venv(training_env_spec(gru), seed=0, n_envs=2, gamma=0.99,
-                              norm_reward=True)
+                              norm_reward=True, paired_baseline=None)
     model = make_model(gru, venv, warm=True)
     assert type(model.policy) is TemperatureMlpGruPolicy and model.sequence_length == 16
     lstm = make_model(config("mlp"), venv, warm=True)

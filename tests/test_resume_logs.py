@@ -29,6 +29,7 @@ ARGS = [
     "--set", "ppo.n_steps=64", "--set", "ppo.batch_size=64", "--set", "ppo.n_envs=2",
     "--set", "ppo.lstm_hidden_size=8", "--set", "ppo.net_arch=[8]",
     "--set", "checkpointing.checkpoint_interval=128", "--set", "kl.kl_ref_decay_steps=10",
+    "--set", "dagger.enabled=false",  # the DAgger stage: tests/test_pipeline_dagger.py
 ]
 #: Wall-clock columns: they differ between any two runs.
 WALL_CLOCK = {"time/fps", "time/time_elapsed"}

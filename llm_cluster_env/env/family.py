@@ -25,6 +25,36 @@ One draw:
 5. **Reward scale** (with ``reward_per_service_time``): rewards are divided by the service time
    of a mean request alone on the cluster's median replica, so scenarios with long and short
    requests weigh alike in training (episode metrics stay in seconds).
+
+**Prefix-sharing families** (all optional: a family without ``workloads`` draws as above, and
+a family without ``gpu_memory_utilization``/``host_cache`` draws no replica settings):
+
+* **Replicas**: ``prefix_caching`` for every replica; the KV cache's
+  ``gpu_memory_utilization`` on a grid over its range; with probability ``host_cache`` the
+  host-memory tier, its size (GB) log-uniform on a grid over ``host_cache_gb``.
+* **Workload**: with ``workloads`` non-empty, one of them by weight replaces steps 2-4:
+
+  - ``trace``: a window of ``episode_requests`` consecutive rows of a Mooncake trace, its first
+    row uniform in ``trace_rows`` (the window never leaves the range), time-scaled to
+    ``load * capacity`` requests/s (``load`` uniform in the choice's ``load`` or the family's);
+  - ``multiturn``: multi-turn sessions whose mean turns, mean turn gap (log-uniform) and shared
+    system prompt are drawn on grids over their ranges; each turn's new tokens and output come
+    from one of ``lengths`` (the prompt's growth per turn); Poisson sessions at
+    ``load * capacity`` requests/s (``arrivals`` does not apply);
+  - ``system_prompt``: tenants' system prompts whose number (log-uniform), Zipf popularity
+    exponent and median length (log-uniform; each tenant's length uniform in
+    ``[1 - SYSTEM_PROMPT_SPREAD, 1 + SYSTEM_PROMPT_SPREAD]`` times it) are drawn on grids; user
+    parts and outputs from one of ``lengths``; arrivals from ``arrivals`` at
+    ``load * capacity``.
+
+  Capacity is the measured saturation throughput with prefix caching *off* (as the packaged
+  prefix scenarios define their loads, so a load does not depend on the router): a trace's
+  over its ``trace_rows``, a multi-turn workload's with a 60 s turn gap (the mix of turns
+  entering the cluster does not depend on the gap). ``holdout`` names scenarios the family
+  never draws, kept for validation (:func:`prefix_holdout_scenarios`).
+
+The observation layout is the same for every draw: the prefix-cache feature group is on when
+the family's replicas cache prefixes (``prefix_caching``), off otherwise.
 """
 
 from __future__ import annotations
@@ -32,7 +62,7 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -43,11 +73,13 @@ from gymnasium import spaces
 
 from llm_cluster_env.config import (
     EnvConfig,
+    MultiTurnConfig,
     ObservationConfig,
     PhaseConfig,
     ReplicaConfig,
     RewardConfig,
     SLOConfig,
+    SystemPromptConfig,
     WorkloadConfig,
 )
 from llm_cluster_env.env.capacity import DEFAULT_REQUESTS, saturation_throughput
@@ -58,6 +90,14 @@ from llm_cluster_env.sim.cluster import latency_model
 from llm_cluster_env.validation import ConfigError, from_dict, require
 
 _MAX_SEED = 2**63 - 1
+#: The Mooncake conversation trace (relative to the repository root: raw data is never shipped).
+MOONCAKE_CONV_TRACE = "../shared/data/mooncake/conversation_trace.jsonl"
+#: Rows (requests) of the Mooncake conversation trace.
+MOONCAKE_CONV_ROWS = 12_031
+#: A system-prompt draw's tenants have lengths uniform in ``[1 - x, 1 + x]`` times its median.
+SYSTEM_PROMPT_SPREAD = 0.5
+#: Turn gap (seconds) of the workload that measures a multi-turn draw's capacity.
+CAPACITY_TURN_GAP_S = 60.0
 
 
 def _range(name: str, value: tuple[float, float], low: float = 0.0,
@@ -118,6 +158,71 @@ class ArrivalChoice:
 
 
 @dataclass(frozen=True)
+class WorkloadChoice:
+    """One prefix-sharing workload a family draws (module docstring); the fields of the other
+    kinds are ignored.
+
+    :param weight: relative probability of this choice.
+    :param kind: ``trace`` (Mooncake trace windows), ``multiturn`` (sessions) or
+        ``system_prompt`` (shared system prompts).
+    :param load: range of the load (fraction of capacity with caching off); ``None`` = the
+        family's ``load``.
+    :param trace_path: the Mooncake JSONL trace (``trace``); a relative path is used as
+        written when it exists from the working directory, else against the repository root.
+    :param trace_length: rows the trace has (checked against the file when it is read).
+    :param trace_rows: ``(first, end)``: every window lies in rows ``[first, end)``.
+    :param turns_mean: range of the sessions' mean turns (``multiturn``), drawn uniformly.
+    :param turn_gap_s: range of the mean gap between a session's turns (seconds),
+        drawn log-uniformly.
+    :param system_prompt_tokens: range of the system prompt every session starts with
+        (tokens; 0 = none), drawn uniformly.
+    :param num_prompts: range of the number of tenants (``system_prompt``), log-uniformly.
+    :param zipf_s: range of the tenants' Zipf popularity exponent, drawn uniformly.
+    :param prompt_tokens: range of the system prompts' median length (tokens), log-uniformly.
+    """
+
+    weight: float = 1.0
+    kind: Literal["trace", "multiturn", "system_prompt"] = "multiturn"
+    load: tuple[float, float] | None = None
+    trace_path: str = MOONCAKE_CONV_TRACE
+    trace_length: int = MOONCAKE_CONV_ROWS
+    trace_rows: tuple[int, int] = (0, MOONCAKE_CONV_ROWS)
+    turns_mean: tuple[float, float] = (2.0, 6.0)
+    turn_gap_s: tuple[float, float] = (15.0, 120.0)
+    system_prompt_tokens: tuple[int, int] = (0, 0)
+    num_prompts: tuple[int, int] = (8, 128)
+    zipf_s: tuple[float, float] = (0.6, 1.4)
+    prompt_tokens: tuple[float, float] = (256.0, 4096.0)
+
+    def __post_init__(self) -> None:
+        require(self.weight > 0, "weight", self.weight, "must be > 0")
+        if self.load is not None:
+            _range("load", self.load, 0.01, 2.0)
+        require(self.trace_length >= 2, "trace_length", self.trace_length, "must be >= 2 rows")
+        first, end = self.trace_rows
+        require(0 <= first < end, "trace_rows", self.trace_rows,
+                "empty or inverted row range (need 0 <= first < end)")
+        require(end <= self.trace_length, "trace_rows", self.trace_rows,
+                f"ends past the trace's last row (trace_length={self.trace_length} rows)")
+        _range("turns_mean", self.turns_mean, 1.0, 1e4)
+        _range("turn_gap_s", self.turn_gap_s, 1e-3, 1e6)
+        _range("system_prompt_tokens", self.system_prompt_tokens, 0, 1 << 20)
+        _range("num_prompts", self.num_prompts, 1, 1 << 20)
+        _range("zipf_s", self.zipf_s, 0.0, 10.0)
+        _range("prompt_tokens", self.prompt_tokens, 2.0, 1 << 20)
+
+
+def _check_holdout(names: tuple[str, ...]) -> None:
+    """Every held-out scenario is a packaged scenario or a YAML file."""
+    from llm_cluster_env.scenarios import available_scenarios
+
+    known = available_scenarios()
+    for k, name in enumerate(names):
+        found = name in known or (Path(name).suffix in (".yaml", ".yml") and Path(name).is_file())
+        require(found, f"holdout[{k}]", name, "unknown scenario (a packaged name or a .yaml path)")
+
+
+@dataclass(frozen=True)
 class ScenarioFamilyConfig:
     """Distributions over scenarios (see the module docstring).
 
@@ -128,9 +233,11 @@ class ScenarioFamilyConfig:
     :param mixed_gpus: probability that a cluster mixes two GPU types.
     :param model: the model every replica serves.
     :param batching: the engines' batching policy.
-    :param load: range of the load, a fraction of measured saturation throughput.
-    :param lengths: the length choices.
-    :param arrivals: the arrival choices.
+    :param load: range of the load, a fraction of measured saturation throughput (a
+        workload choice may set its own).
+    :param lengths: the length choices (with ``workloads``: the new tokens per turn and the
+        user parts of the synthetic workloads).
+    :param arrivals: the arrival choices (with ``workloads``: of the ``system_prompt`` ones).
     :param episode_requests: requests per episode.
     :param grid_points: values a continuous length or arrival parameter can take.
     :param capacity_requests: requests per saturation measurement.
@@ -138,6 +245,15 @@ class ScenarioFamilyConfig:
     :param observation: what the router sees (``replica_slots`` is set from the family).
     :param reward: reward terms (``scale`` is multiplied by the per-scenario scale).
     :param slo: latency targets.
+    :param workloads: prefix-sharing workload choices; empty = lengths and arrivals as above.
+    :param prefix_caching: every replica caches prefixes (the observation then has the
+        prefix-cache features).
+    :param gpu_memory_utilization: range of the replicas' GPU memory fraction (sizes the KV
+        cache), drawn on a grid; ``None`` = the replica default, no draw.
+    :param host_cache: probability that a cluster has the host-memory tier (needs
+        ``prefix_caching``).
+    :param host_cache_gb: range of the tier's size per replica (GB), drawn log-uniformly.
+    :param holdout: scenarios the family never draws, kept for validation (names or paths).
     """
 
     name: str = "family"
@@ -157,6 +273,12 @@ class ScenarioFamilyConfig:
     observation: ObservationConfig = field(default_factory=ObservationConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     slo: SLOConfig = field(default_factory=SLOConfig)
+    workloads: tuple[WorkloadChoice, ...] = ()
+    prefix_caching: bool = False
+    gpu_memory_utilization: tuple[float, float] | None = None
+    host_cache: float = 0.0
+    host_cache_gb: tuple[float, float] = (128.0, 128.0)
+    holdout: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         lo, hi = self.replicas
@@ -181,8 +303,39 @@ class ScenarioFamilyConfig:
         require(self.grid_points >= 1, "grid_points", self.grid_points, "must be >= 1")
         require(self.capacity_requests >= 10, "capacity_requests", self.capacity_requests,
                 "must be >= 10 requests")
+        self._check_prefix_settings()
         object.__setattr__(self, "observation",
                            replace(self.observation, replica_slots=self.replica_slots))
+
+    def _check_prefix_settings(self) -> None:
+        """Validate the prefix-sharing fields (workloads, caches, held-out scenarios)."""
+        for k, choice in enumerate(self.workloads):
+            first, end = choice.trace_rows
+            if choice.kind == "trace":
+                require(end - first >= self.episode_requests, f"workloads[{k}].trace_rows",
+                        choice.trace_rows, f"holds {end - first} rows, fewer than the "
+                        f"{self.episode_requests} requests of an episode (episode_requests)")
+        if self.prefix_caching:
+            require(self.batching != "vllm_v0", "prefix_caching", self.prefix_caching,
+                    "not available with batching='vllm_v0'")
+        require(0.0 <= self.host_cache <= 1.0, "host_cache", self.host_cache,
+                "a probability: must be in [0, 1]")
+        if self.host_cache > 0:
+            require(self.prefix_caching, "host_cache", self.host_cache,
+                    "the host tier extends the prefix cache: set prefix_caching=true")
+        _range("host_cache_gb", self.host_cache_gb, 1e-3, 1e6)
+        if self.gpu_memory_utilization is not None:
+            _range("gpu_memory_utilization", self.gpu_memory_utilization, 0.1, 1.0)
+            lowest = self.gpu_memory_utilization[0]
+            for gpu in sorted(self.gpus):
+                try:
+                    ReplicaConfig(model=self.model, gpu=gpu, batching=self.batching,
+                                  gpu_memory_utilization=lowest)
+                except ConfigError as err:
+                    raise ConfigError(f"gpu_memory_utilization={self.gpu_memory_utilization!r}: "
+                                      f"the lowest fraction does not fit {self.model} on {gpu} "
+                                      f"({err})") from None
+        _check_holdout(self.holdout)
 
 
 # --------------------------------------------------------------------------------- loading
@@ -261,6 +414,57 @@ def _pick(rng: np.random.Generator, choices: tuple) -> Any:
     return choices[int(rng.choice(len(choices), p=weights / weights.sum()))]
 
 
+def _load_info(load: float, capacity: float) -> dict[str, float]:
+    """The load (fraction), rate (requests/s) and capacity (requests/s) of a draw, rounded."""
+    return {"load": round(load, 3), "qps": round(float(load * capacity), 3),
+            "capacity_rps": round(float(capacity), 3)}
+
+
+_REPLICA_DEFAULTS = {f.name: f.default for f in fields(ReplicaConfig)}
+
+
+def _without_cache(replica: ReplicaConfig) -> ReplicaConfig:
+    """``replica`` with prefix caching (and the host tier) off: what capacity is measured on."""
+    return replace(replica, prefix_caching=False, host_cache=False,
+                   host_cache_gb=_REPLICA_DEFAULTS["host_cache_gb"])
+
+
+def resolve_trace_path(path: str) -> str:
+    """A family's trace path as read: as written when absolute or present from the working
+    directory, else against the repository root of this checkout (as packaged scenarios)."""
+    candidate = Path(path)
+    if candidate.is_absolute() or candidate.exists():
+        return str(candidate)
+    from llm_cluster_env.scenarios import REPOSITORY_ROOT
+
+    return str(REPOSITORY_ROOT / candidate)
+
+
+def family_trace_missing(family: ScenarioFamilyConfig) -> str | None:
+    """The first trace a family's ``trace`` choices replay that is not there (``None`` when
+    every one is, or the family replays none)."""
+    for choice in family.workloads:
+        if choice.kind == "trace" and not Path(resolve_trace_path(choice.trace_path)).is_file():
+            return choice.trace_path
+    return None
+
+
+def _check_traces(family: ScenarioFamilyConfig) -> None:
+    """Every trace the family replays exists and has the rows its choice declares."""
+    from llm_cluster_env.workload import load_trace
+
+    for k, choice in enumerate(family.workloads):
+        if choice.kind != "trace":
+            continue
+        path = resolve_trace_path(choice.trace_path)
+        require(Path(path).is_file(), f"family.workloads[{k}].trace_path", choice.trace_path,
+                f"trace file not found (looked at {path}); fetch it, or drop the trace choice "
+                "from 'workloads'")
+        rows = len(load_trace(path))
+        require(rows == choice.trace_length, f"family.workloads[{k}].trace_length",
+                choice.trace_length, f"but {path} has {rows} rows")
+
+
 class ScenarioSampler:
     """Draws scenarios of a family (see the module docstring).
 
@@ -272,6 +476,7 @@ class ScenarioSampler:
         self.family = family
         self.shared_cache = SharedCache() if shared_cache is None else shared_cache
         self.capacities: dict[tuple, float] = {}
+        _check_traces(family)
 
     def capacity(self, replica: ReplicaConfig, lengths: WorkloadConfig) -> float:
         """Measured saturation throughput (requests/s) of one replica, cached."""
@@ -327,27 +532,124 @@ class ScenarioSampler:
         lo, hi = family.replicas
         n = int(rng.integers(lo, hi + 1))
         gpus = self._gpus(rng, n)
-        length_fields, length_info = self._lengths(rng)
-        lengths = WorkloadConfig(**length_fields)
-        replicas = tuple(ReplicaConfig(model=family.model, gpu=g, batching=family.batching)
-                         for g in gpus)
-        capacity = sum(self.capacity(r, lengths) for r in replicas)
-        load = float(rng.uniform(*family.load))
-        arrival_fields, arrival_info = self._arrivals(rng, load * capacity)
-        workload = WorkloadConfig(**length_fields, **arrival_fields)
+        replica_fields, replica_info = self._replica_fields(rng)
+        replicas = tuple(ReplicaConfig(model=family.model, gpu=g, batching=family.batching,
+                                       **replica_fields) for g in gpus)
+        draw = self._prefix_workload if family.workloads else self._plain_workload
+        workload, lengths, workload_info = draw(rng, replicas)
         reward = family.reward
         if family.reward_per_service_time:
-            median = replicas[len(replicas) // 2]
+            median = _without_cache(replicas[len(replicas) // 2])
             service = self._service_time(median, lengths)
             reward = replace(reward, scale=reward.scale / service)
         config = EnvConfig(name=family.name, replicas=replicas, workload=workload,
                            observation=family.observation, reward=reward, slo=family.slo,
                            episode_requests=family.episode_requests)
         info = {"family": family.name, "replicas": n,
-                "gpus": {g: gpus.count(g) for g in sorted(set(gpus))}, **length_info,
-                **arrival_info, "load": round(load, 3), "qps": round(float(load * capacity), 3),
-                "capacity_rps": round(float(capacity), 3), "reward_scale": float(reward.scale)}
+                "gpus": {g: gpus.count(g) for g in sorted(set(gpus))}, **replica_info,
+                **workload_info, "reward_scale": float(reward.scale)}
         return config, info
+
+    def _cluster_capacity(self, replicas: tuple[ReplicaConfig, ...],
+                          lengths: WorkloadConfig) -> float:
+        """Summed saturation throughput (requests/s) of ``replicas`` with caching off."""
+        return sum(self.capacity(_without_cache(r), lengths) for r in replicas)
+
+    def _plain_workload(self, rng: np.random.Generator, replicas: tuple[ReplicaConfig, ...]
+                        ) -> tuple[WorkloadConfig, WorkloadConfig, dict[str, Any]]:
+        """Steps 2-4 of the module docstring: the workload, its rate-free lengths and info."""
+        length_fields, length_info = self._lengths(rng)
+        lengths = WorkloadConfig(**length_fields)
+        capacity = self._cluster_capacity(replicas, lengths)
+        load = float(rng.uniform(*self.family.load))
+        arrival_fields, arrival_info = self._arrivals(rng, load * capacity)
+        workload = WorkloadConfig(**length_fields, **arrival_fields)
+        return workload, lengths, {**length_info, **arrival_info, **_load_info(load, capacity)}
+
+    def _replica_fields(self, rng: np.random.Generator) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Replica settings drawn for the whole cluster (none unless the family sets them):
+        prefix caching, the KV cache's memory fraction, the host tier and its size (GB)."""
+        family = self.family
+        fields: dict[str, Any] = {}
+        info: dict[str, Any] = {}
+        if family.prefix_caching:
+            fields["prefix_caching"] = info["prefix_caching"] = True
+        if family.gpu_memory_utilization is not None:
+            fraction = round(_grid(rng, family.gpu_memory_utilization, family.grid_points), 4)
+            fields["gpu_memory_utilization"] = info["gpu_memory_utilization"] = fraction
+        if family.host_cache > 0:
+            host = bool(rng.random() < family.host_cache)
+            size = round(_grid(rng, family.host_cache_gb, family.grid_points, log=True), 1) \
+                if host else 0.0
+            if host:
+                fields.update(host_cache=True, host_cache_gb=size)
+            info["host_cache_gb"] = size
+        return fields, info
+
+    def _prefix_workload(self, rng: np.random.Generator, replicas: tuple[ReplicaConfig, ...]
+                         ) -> tuple[WorkloadConfig, WorkloadConfig, dict[str, Any]]:
+        """One of ``workloads`` (module docstring): the workload, its rate-free version (what
+        capacity and the reward scale are measured on) and info."""
+        choice: WorkloadChoice = _pick(rng, self.family.workloads)
+        draw = {"trace": self._trace_fields, "multiturn": self._multiturn_fields,
+                "system_prompt": self._system_prompt_fields}[choice.kind]
+        fields, lengths, info = draw(rng, choice)
+        capacity = self._cluster_capacity(replicas, lengths)
+        load = float(rng.uniform(*(choice.load or self.family.load)))
+        qps = load * capacity
+        if choice.kind == "trace":
+            rate, rate_info = {"trace_qps": qps}, {"arrival": "trace"}
+        elif choice.kind == "multiturn":
+            rate, rate_info = {"arrival": "poisson", "qps": qps}, {"arrival": "poisson sessions"}
+        else:
+            rate, rate_info = self._arrivals(rng, qps)
+        workload = WorkloadConfig(**fields, **rate)
+        return workload, lengths, {**info, **rate_info, **_load_info(load, capacity)}
+
+    def _trace_fields(self, rng: np.random.Generator, choice: WorkloadChoice
+                      ) -> tuple[dict[str, Any], WorkloadConfig, dict[str, Any]]:
+        """A window of ``episode_requests`` rows inside ``choice.trace_rows`` (its first row
+        uniform); capacity is measured over the whole row range."""
+        n = self.family.episode_requests
+        first, end = choice.trace_rows
+        start = int(rng.integers(first, end - n + 1))
+        base = {"arrival": "trace", "lengths": "trace",
+                "trace_path": resolve_trace_path(choice.trace_path)}
+        lengths = WorkloadConfig(**base, trace_rows=(first, end))
+        info = {"workload": "trace", "lengths": "trace", "trace_rows": [start, start + n]}
+        return {**base, "trace_start": start}, lengths, info
+
+    def _multiturn_fields(self, rng: np.random.Generator, choice: WorkloadChoice
+                          ) -> tuple[dict[str, Any], WorkloadConfig, dict[str, Any]]:
+        """Multi-turn sessions with drawn turns, turn gap, system prompt and per-turn lengths."""
+        points = self.family.grid_points
+        turns = round(_grid(rng, choice.turns_mean, points), 3)
+        gap = round(_grid(rng, choice.turn_gap_s, points, log=True), 3)
+        system = int(round(_grid(rng, choice.system_prompt_tokens, points)))
+        length_fields, length_info = self._lengths(rng)
+        sessions = MultiTurnConfig(turns_mean=turns, turn_gap_s=gap, system_prompt_tokens=system)
+        fields = {**length_fields, "prefix": "multiturn", "multiturn": sessions}
+        lengths = WorkloadConfig(**{**fields, "multiturn": replace(
+            sessions, turn_gap_s=CAPACITY_TURN_GAP_S)})
+        info = {"workload": "multiturn", **length_info, "turns_mean": turns, "turn_gap_s": gap,
+                "system_prompt_tokens": system}
+        return fields, lengths, info
+
+    def _system_prompt_fields(self, rng: np.random.Generator, choice: WorkloadChoice
+                              ) -> tuple[dict[str, Any], WorkloadConfig, dict[str, Any]]:
+        """Shared system prompts with drawn tenants, popularity, lengths and user parts."""
+        points = self.family.grid_points
+        tenants = int(round(_grid(rng, choice.num_prompts, points, log=True)))
+        zipf = round(_grid(rng, choice.zipf_s, points), 3)
+        median = _grid(rng, choice.prompt_tokens, points, log=True)
+        span = (max(1, round(median * (1.0 - SYSTEM_PROMPT_SPREAD))),
+                max(1, round(median * (1.0 + SYSTEM_PROMPT_SPREAD))))
+        length_fields, length_info = self._lengths(rng)
+        prompts = SystemPromptConfig(num_prompts=tenants, zipf_s=zipf, prompt_tokens_range=span)
+        fields = {**length_fields, "prefix": "system_prompt", "system_prompt": prompts}
+        info = {"workload": "system_prompt", **length_info, "num_prompts": tenants,
+                "zipf_s": zipf, "system_prompt_tokens": list(span)}
+        return fields, WorkloadConfig(**fields), info
 
     def _service_time(self, replica: ReplicaConfig, lengths: WorkloadConfig) -> float:
         """Seconds a mean request takes alone on ``replica``: its prefill, then its decode
@@ -369,9 +671,18 @@ class ScenarioSampler:
 
 def family_layout(family: ScenarioFamilyConfig) -> ObservationLayout:
     """The observation layout every episode of ``family`` shares (its replica slots and
-    optional feature groups; the family's replicas do not cache prefixes)."""
+    optional feature groups: the prefix-cache group when every replica caches prefixes,
+    ``prefix_caching``, or ``observation.prefix_features`` says so)."""
     config = family.observation
-    return ObservationLayout(1, config, optional_replica_features(config, caches_prefixes=False))
+    return ObservationLayout(1, config, optional_replica_features(
+        config, caches_prefixes=family.prefix_caching))
+
+
+def prefix_holdout_scenarios() -> tuple[str, ...]:
+    """The scenarios the packaged ``prefix`` family leaves out for validation (its
+    ``holdout``): the Mooncake trace's rows it never replays and generator settings outside
+    its ranges; build each with ``LLMCluster-v0(scenario=name)``."""
+    return load_family("prefix").holdout
 
 
 # --------------------------------------------------------------------------------- the env
@@ -517,6 +828,8 @@ class ScenarioFamilyEnv(gym.Env):
         self.sampler.capacities = dict(capacities)
 
 
-__all__ = ["ArrivalChoice", "LengthChoice", "ScenarioFamilyConfig", "ScenarioFamilyEnv",
-           "ScenarioSampler", "SharedCache", "available_families", "family_layout",
-           "load_family"]
+__all__ = ["CAPACITY_TURN_GAP_S", "MOONCAKE_CONV_ROWS", "MOONCAKE_CONV_TRACE",
+           "SYSTEM_PROMPT_SPREAD", "ArrivalChoice", "LengthChoice", "ScenarioFamilyConfig",
+           "ScenarioFamilyEnv", "ScenarioSampler", "SharedCache", "WorkloadChoice",
+           "available_families", "family_layout", "family_trace_missing", "load_family",
+           "prefix_holdout_scenarios", "resolve_trace_path"]

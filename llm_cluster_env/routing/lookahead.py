@@ -10,6 +10,12 @@ the total time in system of the replica's requests grows least:
 arrival), which is the request's own end-to-end latency plus the delay it causes the others
 there. Ties go to the lowest replica index.
 
+``objective="mean_ttft"`` (``lookahead_ttft``) counts first tokens instead: the added
+request-seconds waiting for a first token, the request's own TTFT plus the first-token delay it
+causes the requests queued there (:func:`llm_cluster_env.tools.objectives.rollout_loss`);
+``"ttft_e2e"`` adds ``e2e_weight`` times the E2E cost above. (``goodput`` is the planner's
+only: one replica's count barely moves with one request.)
+
 Output lengths are not known to a router: in the copies, a request that has produced ``g``
 tokens gets ``g + E[O - g | O > g]`` (rounded) output tokens and a new one ``E[O | prompt]``,
 from the workload's length distribution
@@ -30,6 +36,11 @@ import numpy as np
 from llm_cluster_env.env.observation import ClusterView
 from llm_cluster_env.routing.base import Router, _all_min
 from llm_cluster_env.sim.request import Request, RequestState
+from llm_cluster_env.tools.objectives import is_finite_number, rollout_loss
+from llm_cluster_env.validation import require
+
+#: Objectives the look-ahead scores (``goodput`` is left to the rollout planner).
+LOOKAHEAD_OBJECTIVES = ("mean_e2e", "mean_ttft", "ttft_e2e")
 
 _DECODING = RequestState.DECODING
 
@@ -67,18 +78,26 @@ def expected_length(prior, request, generated: int) -> int:
                                     else prior.expected_output(request.prompt_tokens)))
 
 
-def drain_finish_times(replica, start: float) -> float:
-    """Run an idle-between-batches copy from ``start`` until it is empty; return the sum of the
-    finish times (seconds) of the requests that finish."""
-    total = 0.0
+def drain_finished(replica, start: float) -> list:
+    """Run an idle-between-batches copy from ``start`` until it is empty; return the requests
+    that finish, in finishing order."""
+    out = []
     t = start
     while replica.has_work():
         end = replica.start_batch(t)
         if end is None:
             break
         t = end
-        for req in replica.end_batch(t):
-            total += req.finish_time
+        out.extend(replica.end_batch(t))
+    return out
+
+
+def drain_finish_times(replica, start: float) -> float:
+    """Run an idle-between-batches copy from ``start`` until it is empty; return the sum of the
+    finish times (seconds) of the requests that finish."""
+    total = 0.0
+    for req in drain_finished(replica, start):  # summed in finishing order, as before
+        total += req.finish_time
     return total
 
 
@@ -86,14 +105,27 @@ class LookaheadRouter(Router):
     """Greedy look-ahead over copies of the replicas (see the module docstring).
 
     :param oracle: simulate with the requests' true output lengths instead of estimates.
+    :param objective: ``"mean_e2e"`` (added time in system), ``"mean_ttft"`` (added
+        request-seconds waiting for a first token) or ``"ttft_e2e"`` (the second plus
+        ``e2e_weight`` times the first).
+    :param e2e_weight: ``ttft_e2e``'s seconds of TTFT per second in system (finite, >= 0).
     """
 
     name = "lookahead"
     requires_context = True
     reads = ()  # simulates copies of the replicas instead
+    default_objective = "mean_e2e"
 
-    def __init__(self, oracle: bool = False) -> None:
+    def __init__(self, oracle: bool = False, objective: str | None = None,
+                 e2e_weight: float = 0.1) -> None:
+        objective = self.default_objective if objective is None else objective
+        require(objective in LOOKAHEAD_OBJECTIVES, "lookahead.objective", objective,
+                f"must be one of {LOOKAHEAD_OBJECTIVES}")
+        require(is_finite_number(e2e_weight) and e2e_weight >= 0, "lookahead.e2e_weight",
+                e2e_weight, "must be a finite number >= 0 (seconds of TTFT per second in system)")
         self.oracle = oracle
+        self.objective = objective
+        self.e2e_weight = e2e_weight
 
     def costs(self, view: ClusterView) -> np.ndarray:
         """Added total time in system (seconds) of the pending request on each replica."""
@@ -118,9 +150,16 @@ class LookaheadRouter(Router):
                             chain=request.chain)  # its prompt's blocks: hits in the copy's cache
             with_request = replica_copy(base)
             with_request.enqueue(extra)
-            without = drain_finish_times(base, t0)
-            costs[i] = drain_finish_times(with_request, t0) - without - now
+            if self.objective == "mean_e2e":  # the historical arithmetic, bit for bit
+                without = drain_finish_times(base, t0)
+                costs[i] = drain_finish_times(with_request, t0) - without - now
+                continue
+            costs[i] = self._loss(drain_finished(with_request, t0), now) \
+                - self._loss(drain_finished(base, t0), now)
         return costs
+
+    def _loss(self, finished: list, now: float) -> float:
+        return rollout_loss(self.objective, finished, now, e2e_weight=self.e2e_weight)
 
     def select(self, view: ClusterView) -> int:
         return int(np.argmin(self.costs(view)))
@@ -129,5 +168,13 @@ class LookaheadRouter(Router):
         return _all_min(self.costs(view))
 
 
-__all__ = ["LookaheadRouter", "drain_finish_times", "expected_length", "replica_copy",
+class TTFTLookaheadRouter(LookaheadRouter):
+    """``lookahead`` scoring the added request-seconds waiting for a first token."""
+
+    name = "lookahead_ttft"
+    default_objective = "mean_ttft"
+
+
+__all__ = ["LOOKAHEAD_OBJECTIVES", "LookaheadRouter", "TTFTLookaheadRouter", "drain_finished",
+           "drain_finish_times", "expected_length", "replica_copy",
            "settle_at_boundary"]

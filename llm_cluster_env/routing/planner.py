@@ -38,6 +38,17 @@ Noise control — why the estimate is not noise (see ``docs/planner.md`` for the
 4. **Switch threshold** (``switch_t``, off by default): leave the base's choice only for a paired
    saving of at least that many standard errors over the futures.
 
+**Objective** (``objective``; :func:`llm_cluster_env.tools.objectives.rollout_loss`): what a
+rollout's cost counts, over every request the copy holds from the decision until it is empty:
+
+* ``"mean_e2e"`` (default): request-seconds in system (the copy's ``area``), as above;
+* ``"mean_ttft"``: request-seconds waiting for a first token, ``sum(max(0, first_token -
+  max(arrival, now)))``: prefills that get ahead count, decodes that slow down do not;
+* ``"ttft_e2e"``: the ``mean_ttft`` sum plus ``e2e_weight`` times the ``mean_e2e`` sum;
+* ``"goodput"``: minus the requests meeting both SLO targets (``slo_ttft_s``/``slo_tpot_s``,
+  the env's :class:`~llm_cluster_env.config.SLOConfig` unless given). A count is flat: where
+  the candidates tie the base's choice stays.
+
 ``clairvoyant=True`` uses the episode's true future arrivals and every request's true output
 length (one future; ``samples`` is not used): the bound of what better futures could give.
 
@@ -67,6 +78,7 @@ from llm_cluster_env.routing.lookahead import expected_length, settle_at_boundar
 from llm_cluster_env.sim.cluster import Cluster
 from llm_cluster_env.sim.events import BATCH_END, BATCH_START
 from llm_cluster_env.sim.request import Request
+from llm_cluster_env.tools.objectives import OBJECTIVES, is_finite_number, rollout_loss
 from llm_cluster_env.validation import ConfigError
 
 if TYPE_CHECKING:
@@ -102,6 +114,14 @@ class PlannerConfig:
         futures is at least this many standard errors of the paired difference (>= 0; 0 = the
         least mean cost). A guard against acting on noise.
     :param seed: mixed into every decision's generator (with the episode key and request id).
+    :param objective: what a rollout's cost counts (one of
+        :data:`~llm_cluster_env.tools.objectives.OBJECTIVES`; see the module docstring).
+    :param e2e_weight: ``objective="ttft_e2e"``: seconds of TTFT one request-second in system
+        is worth (finite, >= 0; read by that objective only).
+    :param slo_ttft_s: ``objective="goodput"``: the TTFT target (seconds, finite, > 0);
+        ``None`` = the bound env's ``slo.ttft_s``.
+    :param slo_tpot_s: ``objective="goodput"``: the TPOT target (seconds per token, finite,
+        > 0); ``None`` = the bound env's ``slo.tpot_s``.
     """
 
     horizon_s: float = 3.0
@@ -113,6 +133,10 @@ class PlannerConfig:
     clairvoyant: bool = False
     switch_t: float = 0.0
     seed: int = 0
+    objective: str = "mean_e2e"
+    e2e_weight: float = 0.1
+    slo_ttft_s: float | None = None
+    slo_tpot_s: float | None = None
 
     def __post_init__(self) -> None:
         def need(ok: bool, key: str, expectation: str) -> None:
@@ -139,6 +163,13 @@ class PlannerConfig:
              and self.switch_t >= 0 and np.isfinite(self.switch_t), "switch_t",
              "must be a finite number >= 0")
         need(is_int(self.seed) and self.seed >= 0, "seed", "must be an integer >= 0")
+        need(self.objective in OBJECTIVES, "objective", f"must be one of {OBJECTIVES}")
+        need(is_finite_number(self.e2e_weight) and self.e2e_weight >= 0, "e2e_weight",
+             "must be a finite number >= 0 (seconds of TTFT per second in system)")
+        for key in ("slo_ttft_s", "slo_tpot_s"):
+            value = getattr(self, key)
+            need(value is None or (is_finite_number(value) and value > 0), key,
+                 "must be a finite number of seconds > 0, or None for the env's SLO")
 
 
 @dataclass(frozen=True)
@@ -146,8 +177,9 @@ class PlanEstimate:
     """What the planner computed at one decision.
 
     :param candidates: replica indices tried, best first under the base rule.
-    :param costs: ``(futures, candidates)`` request-seconds in system from the decision until
-        the copy is empty, per future and candidate (lower is better).
+    :param costs: ``(futures, candidates)`` rollout loss of the planner's objective from the
+        decision until the copy is empty, per future and candidate (lower is better;
+        request-seconds, or minus requests meeting the SLO for ``goodput``).
     :param base_scores: the base rule's score of every replica (seconds, ``est_delta_s``).
     """
 
@@ -260,6 +292,7 @@ class RolloutPlannerRouter(Router):
         self._lengths: LengthSampler | None = None
         self._model: EngineModel | None = None
         self._episode_key = 0
+        self._env_slo: tuple[float, float] | None = None
 
     def bind(self, env) -> RolloutPlannerRouter:
         """Take the workload model and the episode from ``env`` (an unwrapped
@@ -267,7 +300,31 @@ class RolloutPlannerRouter(Router):
         self.workload = env.workload
         self.cluster = env.cluster
         self._lengths = None
+        slo = env.config.slo
+        self._env_slo = (float(slo.ttft_s), float(slo.tpot_s))
         return self
+
+    def slo_targets(self) -> tuple[float, float]:
+        """The ``goodput`` objective's (TTFT seconds, TPOT seconds per token): the config's,
+        else the bound env's."""
+        cfg = self.config
+        env = self._env_slo or (None, None)
+        ttft = cfg.slo_ttft_s if cfg.slo_ttft_s is not None else env[0]
+        tpot = cfg.slo_tpot_s if cfg.slo_tpot_s is not None else env[1]
+        if ttft is None or tpot is None:
+            raise ValueError("rollout_planner: objective='goodput' needs SLO targets: bind(env) "
+                             "or set slo_ttft_s and slo_tpot_s")
+        return ttft, tpot
+
+    def rollout_cost(self, cluster: Cluster, now: float) -> float:
+        """The objective's loss of a drained copy (lower is better; see the module docstring).
+        ``mean_e2e`` is the copy's ``area`` exactly."""
+        cfg = self.config
+        if cfg.objective == "mean_e2e":
+            return cluster.area
+        slo = self.slo_targets() if cfg.objective == "goodput" else (None, None)
+        return rollout_loss(cfg.objective, cluster.finished, now, area=cluster.area,
+                            e2e_weight=cfg.e2e_weight, ttft_slo_s=slo[0], tpot_slo_s=slo[1])
 
     def reset(self, num_replicas: int, rng: np.random.Generator | None = None) -> None:
         super().reset(num_replicas, rng)
@@ -347,9 +404,9 @@ class RolloutPlannerRouter(Router):
     def _rollout(self, replicas, ready_at, now: float, pending: Request, candidate: int,
                  arrivals: Sequence[Request], assignment: list[int] | None, model: EngineModel
                  ) -> tuple[float, list[int]]:
-        """Request-seconds in system from ``now`` until empty with ``pending`` on
-        ``candidate`` and ``arrivals`` routed by ``assignment`` (or live by the base rule);
-        returns it and the replicas the arrivals went to."""
+        """The objective's loss from ``now`` until empty (:meth:`rollout_cost`) with
+        ``pending`` on ``candidate`` and ``arrivals`` routed by ``assignment`` (or live by the
+        base rule); returns it and the replicas the arrivals went to."""
         cluster = fork_cluster(replicas, now, [_fresh(a) for a in arrivals], ready_at)
         cluster.dispatch(_fresh(pending), candidate)
         chosen = []
@@ -360,7 +417,7 @@ class RolloutPlannerRouter(Router):
             chosen.append(target)
             cluster.dispatch(req, target)
         cluster.drain()
-        return cluster.area, chosen
+        return self.rollout_cost(cluster, now), chosen
 
     def _future(self, context, k: int):
         """Future ``k``: (prepared replica copies, their ready times, the pending request with
@@ -414,6 +471,8 @@ class RolloutPlannerRouter(Router):
         if context.output_prior is None:
             raise ValueError("rollout_planner: the routing context has no output-length prior")
         cfg = self.config
+        if cfg.objective == "goodput":
+            self.slo_targets()  # refused before any rollout when there are none
         scores = self.base_scores(view)
         order = np.argsort(scores, kind="stable")[: cfg.candidates]
         candidates = tuple(int(i) for i in order)
@@ -446,8 +505,51 @@ class RolloutPlannerRouter(Router):
         return self.estimate(view).choose(self.config.switch_t)
 
     def __repr__(self) -> str:
-        return f"RolloutPlannerRouter({self.config!r})"
+        return f"{type(self).__name__}({self.config!r})"
 
 
-__all__ = ["ASSIGNMENTS", "LENGTHS", "LengthSampler", "PLANNER_BASES", "PlanEstimate", "PlannerConfig",
-           "RolloutPlannerRouter", "fork_cluster"]
+class _ObjectivePlanner(RolloutPlannerRouter):
+    """A :class:`RolloutPlannerRouter` registered under its objective's name: built without
+    a config it takes :class:`PlannerConfig`'s defaults with ``objective`` set; a config with
+    another objective is refused (``ConfigError``) so the name cannot lie."""
+
+    objective = "mean_e2e"
+
+    def __init__(self, config: PlannerConfig | None = None, **kwargs) -> None:
+        if config is None:
+            config = PlannerConfig(objective=self.objective)
+        if config.objective != self.objective:
+            raise ConfigError(f"planner.objective={config.objective!r}: router {self.name!r} "
+                              f"plans for {self.objective!r}")
+        super().__init__(config, **kwargs)
+
+
+class TTFTPlannerRouter(_ObjectivePlanner):
+    """``rollout_planner`` for ``objective="mean_ttft"``."""
+
+    name = "rollout_planner_ttft"
+    objective = "mean_ttft"
+
+
+class TTFTE2EPlannerRouter(_ObjectivePlanner):
+    """``rollout_planner`` for ``objective="ttft_e2e"`` (``e2e_weight`` from the config)."""
+
+    name = "rollout_planner_ttft_e2e"
+    objective = "ttft_e2e"
+
+
+class GoodputPlannerRouter(_ObjectivePlanner):
+    """``rollout_planner`` for ``objective="goodput"`` (SLO targets: the env's unless set)."""
+
+    name = "rollout_planner_goodput"
+    objective = "goodput"
+
+
+#: The planner per objective, by router name (the registry's planner entries).
+OBJECTIVE_PLANNERS = (RolloutPlannerRouter, TTFTPlannerRouter, TTFTE2EPlannerRouter,
+                      GoodputPlannerRouter)
+
+
+__all__ = ["ASSIGNMENTS", "GoodputPlannerRouter", "LENGTHS", "LengthSampler", "OBJECTIVE_PLANNERS",
+           "PLANNER_BASES", "PlanEstimate", "PlannerConfig", "RolloutPlannerRouter",
+           "TTFTE2EPlannerRouter", "TTFTPlannerRouter", "fork_cluster"]

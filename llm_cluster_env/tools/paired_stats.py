@@ -5,7 +5,8 @@ per-seed relative differences ``(candidate - baseline) / baseline`` remove most 
 seeds' workloads add to each value; their mean gets a 95 % bootstrap interval (percentile, or
 BCa with a jackknife acceleration), resampled from a fixed-seed generator so a report is
 reproducible. :func:`verdict` says ``"better"`` or ``"worse"`` only when the interval excludes
-0 (style guide, habit 16), else ``"no difference shown"``.
+0 (style guide, habit 16), else ``"no difference shown"``. Where a ratio means little (a hit
+rate that may be 0), :func:`compare_paired_absolute` gives the same for the plain differences.
 
 NumPy and the standard library only (``statistics.NormalDist`` for BCa's normal quantiles).
 """
@@ -21,12 +22,8 @@ METHODS = ("percentile", "bca")
 NO_DIFFERENCE = "no difference shown"
 
 
-def relative_differences(candidate, baseline) -> np.ndarray:
-    """``(candidate - baseline) / baseline`` per seed (fractions; -0.02 = 2 % lower).
-
-    :param candidate: one metric value per seed (e.g. mean E2E latency, seconds).
-    :param baseline: the baseline's values on the same seeds, in the same order (> 0).
-    """
+def _paired_arrays(candidate, baseline) -> tuple[np.ndarray, np.ndarray]:
+    """Both as float64 1-D arrays of one finite value per seed, or a ``ValueError``."""
     c = np.asarray(candidate, dtype=np.float64)
     b = np.asarray(baseline, dtype=np.float64)
     if c.ndim != 1 or c.shape != b.shape:
@@ -34,6 +31,16 @@ def relative_differences(candidate, baseline) -> np.ndarray:
                          f"got shapes {c.shape} and {b.shape}")
     if not (np.all(np.isfinite(c)) and np.all(np.isfinite(b))):
         raise ValueError("candidate and baseline: values must be finite")
+    return c, b
+
+
+def relative_differences(candidate, baseline) -> np.ndarray:
+    """``(candidate - baseline) / baseline`` per seed (fractions; -0.02 = 2 % lower).
+
+    :param candidate: one metric value per seed (e.g. mean E2E latency, seconds).
+    :param baseline: the baseline's values on the same seeds, in the same order (> 0).
+    """
+    c, b = _paired_arrays(candidate, baseline)
     if np.any(b <= 0):
         raise ValueError(f"baseline={float(b[b <= 0][0])!r}: values must be > 0 for a relative "
                          "difference")
@@ -124,6 +131,9 @@ class PairedComparison:
     :param seeds: paired seeds compared.
     :param confidence: the interval's coverage.
     :param lower_is_better: the metric's direction.
+    :param relative: ``mean``, ``low`` and ``high`` are relative differences (fractions); False:
+        absolute differences ``candidate - baseline``, in the metric's own units
+        (:func:`compare_paired_absolute`).
     """
 
     mean: float
@@ -132,12 +142,16 @@ class PairedComparison:
     seeds: int
     confidence: float
     lower_is_better: bool = True
+    relative: bool = True
 
     @property
     def verdict(self) -> str:
         return verdict(self.low, self.high, self.lower_is_better)
 
     def __str__(self) -> str:
+        if not self.relative:
+            return (f"{self.mean:+.4g} [{self.low:+.4g}, {self.high:+.4g}] "
+                    f"({self.seeds} seeds): {self.verdict}")
         return (f"{self.mean:+.2%} [{self.low:+.2%}, {self.high:+.2%}] "
                 f"({self.seeds} seeds): {self.verdict}")
 
@@ -153,5 +167,29 @@ def compare_paired(candidate, baseline, confidence: float = 0.95, resamples: int
                             lower_is_better)
 
 
-__all__ = ["METHODS", "NO_DIFFERENCE", "PairedComparison", "bootstrap_mean_ci",
-           "compare_paired", "relative_differences", "verdict"]
+def absolute_differences(candidate, baseline) -> np.ndarray:
+    """``candidate - baseline`` per seed, in the metric's units (for metrics where a ratio
+    means little, e.g. a hit rate that may be 0).
+
+    :param candidate: one metric value per seed.
+    :param baseline: the baseline's values on the same seeds, in the same order.
+    """
+    c, b = _paired_arrays(candidate, baseline)
+    return c - b
+
+
+def compare_paired_absolute(candidate, baseline, confidence: float = 0.95,
+                            resamples: int = 10_000, seed: int = 0,
+                            method: str = "percentile",
+                            lower_is_better: bool = True) -> PairedComparison:
+    """Mean absolute difference ``candidate - baseline`` (the metric's units) with its
+    bootstrap interval; otherwise as :func:`compare_paired`."""
+    diffs = absolute_differences(candidate, baseline)
+    low, high = bootstrap_mean_ci(diffs, confidence, resamples, seed, method)
+    return PairedComparison(float(diffs.mean()), low, high, int(diffs.size), confidence,
+                            lower_is_better, relative=False)
+
+
+__all__ = ["METHODS", "NO_DIFFERENCE", "PairedComparison", "absolute_differences",
+           "bootstrap_mean_ci", "compare_paired", "compare_paired_absolute",
+           "relative_differences", "verdict"]

@@ -54,6 +54,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections import OrderedDict
 from collections.abc import Callable
 
 import numpy as np
@@ -138,8 +139,17 @@ def _parse_mooncake_line(path: str, line: int, text: str, hash_block_tokens: int
     return float(stamp), prompt, output, ids
 
 
+#: Parsed traces by (path, size, mtime, inode, block tokens): an env built per episode (a
+#: scenario family) replays the same file without parsing it again. Traces are read-only.
+_PARSED: OrderedDict[tuple, Trace] = OrderedDict()
+_PARSED_MAX = 4
+
+
 def load_mooncake_trace(path: str | os.PathLike[str], hash_block_tokens: int = 512) -> Trace:
     """Parse and validate a Mooncake JSONL trace (module docstring); arrival times in seconds.
+
+    A file parsed before and unchanged since (same size, modification time and inode) is not
+    parsed again: the same read-only :class:`Trace` is returned (the last few are kept).
 
     :param path: the ``.jsonl`` file.
     :param hash_block_tokens: tokens per ``hash_ids`` block (512 for the Mooncake release).
@@ -150,6 +160,21 @@ def load_mooncake_trace(path: str | os.PathLike[str], hash_block_tokens: int = 5
         raise trace_error(name, None, None, None, "trace file not found")
     if not os.path.isfile(name):
         raise trace_error(name, None, None, None, "not a regular file")
+    stat = os.stat(name)
+    key = (name, stat.st_size, stat.st_mtime_ns, stat.st_ino, hash_block_tokens)
+    trace = _PARSED.get(key)
+    if trace is None:
+        trace = _parse_mooncake_trace(name, hash_block_tokens)
+        _PARSED[key] = trace
+        while len(_PARSED) > _PARSED_MAX:
+            _PARSED.popitem(last=False)
+    else:
+        _PARSED.move_to_end(key)
+    return trace
+
+
+def _parse_mooncake_trace(name: str, hash_block_tokens: int) -> Trace:
+    """Parse and validate the Mooncake JSONL trace ``name`` (see :func:`load_mooncake_trace`)."""
     arrivals: list[float] = []
     prompts: list[int] = []
     outputs: list[int] = []

@@ -74,6 +74,12 @@ class PPOConfig:
     :param norm_reward: normalise rewards with VecNormalize.
     :param set_embed_dim: ``replica_set``: size of each replica's encoding.
     :param set_hidden_dim: ``replica_set``: hidden width of its encoder and heads.
+    :param paired_baseline: a router name (any of ``llm_cluster_env.routing.registry``), or
+        ``null``. When set, every training step's reward becomes the policy's reward minus the
+        reward this router earns over the same step on a shadow copy of the episode (same
+        cluster, same arrivals and lengths: common random numbers). The subtracted term does
+        not depend on the policy's actions, so the optimum is unchanged, while the workload's
+        noise shared by both copies cancels (``sb3_warmstart.pipeline.envs``).
     """
 
     algorithm: Literal["recurrent_ppo", "ppo"] = "ppo"
@@ -98,8 +104,14 @@ class PPOConfig:
     norm_reward: bool = True
     set_embed_dim: int = 64
     set_hidden_dim: int = 64
+    paired_baseline: str | None = None
 
     def __post_init__(self) -> None:
+        if self.paired_baseline is not None:
+            from llm_cluster_env.routing.registry import ALL_ROUTERS
+
+            require(self.paired_baseline in ALL_ROUTERS, "paired_baseline", self.paired_baseline,
+                    f"unknown router (known: {', '.join(ALL_ROUTERS)})")
         for name in ("n_envs", "n_steps", "n_epochs", "lstm_hidden_size", "n_lstm_layers",
                      "set_embed_dim", "set_hidden_dim"):
             require(getattr(self, name) >= 1, name, getattr(self, name), "must be >= 1")
@@ -310,6 +322,64 @@ class BCConfig:
 
 
 @dataclass(frozen=True)
+class DistillationConfig:
+    """DAgger after behaviour cloning (:mod:`sb3_warmstart.warmstart.dagger`; the measurements
+    behind the defaults are in that module's docstring): the clone routes fresh episodes of the
+    training scenarios, a teacher better than every heuristic labels every state it visits, and
+    the clone is retrained on the labelled states, round after round; the last round's policy
+    (``<run>/pretrained/distilled_policy.zip``) is what PPO starts from and is regularised
+    towards. Runs only after a warm start that cloned demonstrations (not with
+    ``warm_start.enabled: false`` or ``skip_bc_training``).
+
+    :param enabled: distil at all (False: PPO starts from the clone, as before).
+    :param teacher: the labelling router, any name of ``llm_cluster_env.routing.registry``
+        (``lookahead`` simulates every replica per decision, ~1.5-5 ms; ``rollout_planner`` rolls
+        the whole cluster out over sampled futures, ~20-30 ms, and cannot sample phased
+        arrivals).
+    :param rounds: DAgger rounds after the clone (each labels ``episodes_per_round`` episodes
+        routed by the previous round's policy, then retrains).
+    :param episodes_per_round: episodes routed and labelled per round.
+    :param episode_requests: requests per DAgger episode.
+    :param deterministic: the learner takes its most likely replica (True) or samples one.
+    :param beta: probability, in round 1, of executing the teacher's action instead of the
+        learner's, in [0, 1] (0: pure on-policy DAgger).
+    :param beta_decay: ``beta`` is multiplied by this every further round, in [0, 1].
+    :param fine_tune: every round starts from the previous round's weights (round 1 from the
+        clone's) instead of fresh ones.
+    :param include_demos: the heuristic demonstrations stay in every round's aggregate beside
+        the teacher-labelled states.
+    :param epochs: BC epochs of every round (``null``: ``bc.epochs``).
+    """
+
+    enabled: bool = True
+    teacher: str = "lookahead"
+    rounds: int = 3
+    episodes_per_round: int = 8
+    episode_requests: int = 512
+    deterministic: bool = True
+    beta: float = 0.0
+    beta_decay: float = 1.0
+    fine_tune: bool = True
+    include_demos: bool = True
+    epochs: int | None = 10
+
+    def __post_init__(self) -> None:
+        from llm_cluster_env.routing.registry import ALL_ROUTERS
+
+        require(self.teacher in ALL_ROUTERS, "teacher", self.teacher,
+                f"unknown router (known: {', '.join(ALL_ROUTERS)})")
+        for name in ("rounds", "episodes_per_round"):
+            require(getattr(self, name) >= 1, name, getattr(self, name), "must be >= 1")
+        require(self.episode_requests >= 8, "episode_requests", self.episode_requests,
+                "must be >= 8")
+        for name in ("beta", "beta_decay"):
+            value = getattr(self, name)
+            require(0.0 <= value <= 1.0, name, value, "must be in [0, 1]")
+        if self.epochs is not None:
+            require(self.epochs >= 1, "epochs", self.epochs, "must be >= 1 or null")
+
+
+@dataclass(frozen=True)
 class TemperatureConfig:
     """Temperature control (``sb3_warmstart.algorithms.callbacks.TemperatureController``, whose docstring
     gives the rule).
@@ -504,7 +574,8 @@ class AdvancedOptimizationConfig:
 class EvaluationConfig:
     """The final report: the trained policy against every heuristic on held-out seeds.
 
-    :param episodes: episodes per router. :param seed: first held-out seed (training uses
+    :param episodes: paired episodes per held-out scenario (every router serves the same seeds;
+        the report's 95% intervals are over these). :param seed: first held-out seed (training uses
         others). :param routers: heuristics to compare (empty = all).
     :param episode_requests: episode length for evaluation (None = the scenario's).
     :param env_overrides: ``env_kwargs`` fields replaced for evaluation only (one-scenario
@@ -512,7 +583,7 @@ class EvaluationConfig:
         trace that training never replayed.
     """
 
-    episodes: int = 3
+    episodes: int = 10
     seed: int = 100_000
     routers: tuple[str, ...] = ()
     episode_requests: int | None = 1000
@@ -556,6 +627,7 @@ class TrainingConfig:
     kl: KLConfig = field(default_factory=KLConfig)
     warm_start: WarmStartConfig = field(default_factory=WarmStartConfig)
     bc: BCConfig = field(default_factory=BCConfig)
+    dagger: DistillationConfig = field(default_factory=DistillationConfig)
     temperature: TemperatureConfig = field(default_factory=TemperatureConfig)
     stabilization: StabilizationConfig = field(default_factory=StabilizationConfig)
     checkpointing: CheckpointConfig = field(default_factory=CheckpointConfig)

@@ -12,7 +12,12 @@ environment (e.g. by a sampler over a family of scenarios) touches this module o
   (``LLMCluster-v0``), or a scenario family that draws a new cluster and workload every
   episode (``LLMClusterFamily-v0``, :mod:`llm_cluster_env.env.family`).
 * :func:`make_env` wraps it for training; :func:`make_training_venv` builds the PPO's
-  ``VecNormalize(DummyVecEnv)``.
+  ``VecNormalize(DummyVecEnv)``. With ``ppo.paired_baseline`` set, each training env's reward
+  is paired with that router on a shadow copy of the episode
+  (:class:`~llm_cluster_env.env.paired_reward.PairedBaselineReward`): the policy's step reward
+  minus the router's over the same step, the raw one kept in ``info["raw_reward"]``. Monitor's
+  episode returns (``rollout/ep_rew_mean``) and the reward normaliser then see the paired
+  reward; episode metrics stay the policy's own. Evaluation envs are never paired.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from llm_cluster_env.env.family import (
     family_layout,
 )
 from llm_cluster_env.env.observation import ObservationLayout
+from llm_cluster_env.env.paired_reward import PairedBaselineReward
 from sb3_warmstart.common.normalize import make_vec_normalize
 
 if TYPE_CHECKING:
@@ -107,16 +113,22 @@ def training_layout(spec: TrainingEnvSpec) -> ObservationLayout:
 
 
 def make_env(spec: TrainingEnvSpec, seed_sequence: np.random.SeedSequence,
-             shared_cache: dict | None = None) -> gym.Env:
+             shared_cache: dict | None = None, *, paired_baseline: str | None) -> gym.Env:
     """One training environment: :func:`make_base_env`, every episode seeded from
-    ``seed_sequence``, inside SB3's ``Monitor`` (episode returns and lengths)."""
-    return Monitor(EpisodeSeedWrapper(make_base_env(spec, shared_cache), seed_sequence))
+    ``seed_sequence``, with rewards paired with the router ``paired_baseline`` when given
+    (:class:`~llm_cluster_env.env.paired_reward.PairedBaselineReward`), inside SB3's
+    ``Monitor`` (episode returns, of the paired reward when paired, and lengths)."""
+    env: gym.Env = EpisodeSeedWrapper(make_base_env(spec, shared_cache), seed_sequence)
+    if paired_baseline is not None:
+        env = PairedBaselineReward(env, paired_baseline)
+    return Monitor(env)
 
 
 def make_training_venv(spec: TrainingEnvSpec, *, seed: int, n_envs: int, gamma: float,
                        norm_reward: bool, norm_obs: bool = True,
                        obs_rms: RunningMeanStd | None = None,
-                       freeze_obs: bool = False) -> VecNormalize:
+                       freeze_obs: bool = False, paired_baseline: str | None
+                       ) -> VecNormalize:
     """PPO's environments: ``n_envs`` of :func:`make_env` in a ``DummyVecEnv`` (checkpoints
     pickle them; they share one cache of read-only env parts), wrapped in
     :func:`~sb3_warmstart.common.normalize.make_vec_normalize`.
@@ -127,10 +139,12 @@ def make_training_venv(spec: TrainingEnvSpec, *, seed: int, n_envs: int, gamma: 
     :param norm_obs: normalise observations (False for the replica-set policies, which scale
         their inputs themselves). :param obs_rms: initial observation statistics (from
         behaviour cloning). :param freeze_obs: keep them fixed.
+    :param paired_baseline: pair every env's reward with this router (``ppo.paired_baseline``;
+        see :func:`make_env`); the normaliser then scales the paired reward.
     """
     cache = SharedCache()
     venv = DummyVecEnv([functools.partial(make_env, spec, training_seed_sequence(seed, rank),
-                                          cache)
+                                          cache, paired_baseline=paired_baseline)
                         for rank in range(n_envs)])
     return make_vec_normalize(venv, gamma=gamma, obs_rms=obs_rms, freeze_obs=freeze_obs,
                               norm_reward=norm_reward, norm_obs=norm_obs)

@@ -104,8 +104,12 @@ def build_session(config: TrainingConfig, pretrained: Pretrained | None, *,
     venv = make_training_venv(training_env_spec(config), seed=config.seed, n_envs=ppo.n_envs,
                               gamma=ppo.gamma, norm_reward=ppo.norm_reward, norm_obs=norm_obs,
                               obs_rms=pretrained.obs_rms if pretrained and norm_obs else None,
-                              freeze_obs=norm_obs and pretrained is not None and not update_obs)
-    if pretrained is not None and pretrained.return_normalizer is not None:
+                              freeze_obs=norm_obs and pretrained is not None and not update_obs,
+                              paired_baseline=ppo.paired_baseline)
+    # the clone's return statistics measure the raw reward: a paired reward (a difference of
+    # two such rewards, far smaller) starts its own statistics in the stabilisation rollouts
+    if (pretrained is not None and pretrained.return_normalizer is not None
+            and ppo.paired_baseline is None):
         stats = pretrained.return_normalizer.ret_rms
         venv.ret_rms.mean, venv.ret_rms.var = np.array(stats.mean), np.array(stats.var)
         venv.ret_rms.count = float(stats.count)

@@ -1,5 +1,17 @@
 """The final report: trained routers against every heuristic on held-out scenarios, with plots.
 
+The learned routers are the PPO policy (``ppo``), the distilled policy it started from
+(``distilled``: ``<run>/pretrained/distilled_policy.zip``, when a DAgger stage wrote one) and the
+behaviour clone (``bc_clone``: ``<run>/pretrained/bc_policy.zip``). Every router serves the same
+held-out episodes, so every comparison is paired: the mean of the per-episode relative
+differences with a 95 % bootstrap interval (:mod:`llm_cluster_env.tools.paired_stats`), and a
+"better"/"worse" word only where the interval excludes 0. ``report.md`` opens with a headline:
+each learned router against the best heuristic of each held-out scenario and against ``lor``,
+and whether PPO improved on its start (the distilled policy, else the clone). When the replicas
+cache prefixes, the headline is mean TTFT, p99 E2E, mean E2E, SLO goodput and prefix hit rate
+of each learned router against every cache-aware heuristic, the held-out trace rows, and the
+verdict on the prefix-caching aim (:class:`PrefixAim`).
+
 One builder (:func:`build_report`) serves both kinds of run. A run trained across a scenario
 family is evaluated on several held-out scenarios of the family (one episode each, seeds training
 never drew); a run trained on one scenario is evaluated on that scenario, which is the one-row
@@ -11,7 +23,9 @@ case of the same path (:class:`HeldOutScenario`). :func:`write_report` writes, i
   scenarios, then every router's metrics averaged over all held-out episodes;
 * ``results.csv`` (those averages), ``results.json`` (everything, JSON), ``report.md``;
 * ``latency_cdf.png``: E2E latency CDF per router over all held-out requests, the learned
-  routers and the three best heuristics drawn thick in colour and listed first;
+  routers and the three best heuristics drawn thick in colour and listed first; with prefix
+  caching also ``ttft_cdf.png`` (TTFT, the learned routers and the cache-aware heuristics
+  emphasised);
 * with the training history: ``learning_curve.png`` (training-episode mean E2E against env
   steps, paired with ``lor`` on the same arrivals; it states how many episodes it shows) and
   ``dispatch_distribution.png`` (each replica's share of every rollout's requests).
@@ -33,21 +47,30 @@ import numpy as np
 
 from llm_cluster_env.atomic import atomic_write_json, atomic_write_text
 from llm_cluster_env.config import EnvConfig
+from llm_cluster_env.env.cluster_env import LLMClusterEnv
 from llm_cluster_env.env.family import ScenarioFamilyConfig, ScenarioFamilyEnv
 from llm_cluster_env.routing.heuristics import CACHE_AWARE_ROUTERS, ROUTERS, make_router
 from llm_cluster_env.tools.evaluation import (
     RouterResult,
-    evaluate_routers,
     format_table,
     run_episode,
     write_csv,
 )
+from llm_cluster_env.tools.paired_stats import (
+    NO_DIFFERENCE,
+    compare_paired,
+    compare_paired_absolute,
+)
 from sb3_warmstart.pipeline.envs import make_base_env, training_env_spec
-from sb3_warmstart.policies.router import PolicyRouter
+from sb3_warmstart.policies.router import PolicyRouter, load_policy_router
 
 POLICY_NAME = "ppo"
+DISTILLED_NAME = "distilled"
 CLONE_NAME = "bc_clone"
-LEARNED_NAMES = (POLICY_NAME, CLONE_NAME)
+#: The learned routers, in the order of every table.
+LEARNED_NAMES = (POLICY_NAME, DISTILLED_NAME, CLONE_NAME)
+#: ``<run>/pretrained/<CLONE_POLICY>``: the behaviour clone the warm-start stage writes.
+CLONE_POLICY = "bc_policy.zip"
 LEARNING_CURVE_NOTE = ("points: training episodes, actions sampled (exploration, temperature "
                        "control); the results table evaluates the greedy policy on held-out "
                        "episodes")
@@ -57,9 +80,50 @@ PAIRED_EPISODES = 48
 SCENARIO_COLUMN = 44
 #: Heuristics drawn emphasised in the latency CDF (the best by mean E2E), besides the learned.
 EMPHASISED_HEURISTICS = 3
+#: Paired episodes a comparison needs for its interval (fewer: the mean difference alone, with
+#: no interval and no better/worse word).
+MIN_PAIRED_EPISODES = 10
+#: Coverage of the report's bootstrap intervals.
+CONFIDENCE = 0.95
+#: Seed of the bootstrap resampling (the same results give the same intervals).
+BOOTSTRAP_SEED = 0
+#: The episode metric every comparison of the headline is on (seconds).
+HEADLINE_METRIC = "e2e_mean"
+#: Episode metrics of the prefix-cache headline: (key, label, lower is better, difference
+#: ``"relative"`` (fraction of the heuristic's value) or ``"absolute"`` (percentage points of a
+#: rate, which may be 0)).
+PREFIX_METRICS = (("ttft_mean", "mean TTFT", True, "relative"),
+                  ("e2e_p99", "p99 E2E", True, "relative"),
+                  ("e2e_mean", "mean E2E", True, "relative"),
+                  ("goodput_rps", "SLO goodput", False, "relative"),
+                  ("prefix_hit_rate_tokens", "prefix hit rate", False, "absolute"))
+#: The episode metric whose presence marks replicas that cache prefixes.
+PREFIX_MARKER = "prefix_hit_rate_tokens"
 
 
 # ============================================================================ evaluation
+@dataclass
+class EpisodeResult(RouterResult):
+    """A router's episodes (:class:`RouterResult`) with every request's TTFT too.
+
+    :param ttft: per episode, every finished request's time to first token (seconds).
+    """
+
+    ttft: list[np.ndarray] = field(default_factory=list)
+
+    def add(self, metrics: Mapping[str, float], latencies) -> None:
+        """Record one episode (``run_episode``'s metrics and ``RequestLatencies``)."""
+        self.episodes.append(dict(metrics))
+        self.e2e.append(latencies.e2e)
+        self.ttft.append(latencies.ttft)
+
+
+def pooled_ttft(result: RouterResult) -> np.ndarray:
+    """Every held-out request's TTFT (seconds; empty for a result that kept none)."""
+    ttft = getattr(result, "ttft", [])
+    return np.concatenate(ttft) if ttft else np.zeros(0)
+
+
 @dataclass
 class HeldOutScenario:
     """One held-out scenario of the report: every router on the same episodes (arrivals).
@@ -101,17 +165,41 @@ def evaluate_held_out(spec: EnvConfig | ScenarioFamilyConfig,
         for seed in seeds:
             results = {}
             for name, factory in routers.items():
-                metrics, latencies = run_episode(env, factory(), int(seed))
-                results[name] = RouterResult(name, [metrics], [latencies.e2e])
+                results[name] = EpisodeResult(name)
+                results[name].add(*run_episode(env, factory(), int(seed)))
                 if progress is not None:
                     progress(name)
             out.append(HeldOutScenario(scenario_label(env.scenario), [int(seed)], results,
                                        dict(env.scenario)))
         return out
-    results = evaluate_routers({"config": spec}, routers, seeds,
-                               progress=None if progress is None
-                               else lambda message: progress(message.split(" seed")[0]))
+    results = evaluate_scenario({"config": spec}, routers, seeds, progress)
     return [HeldOutScenario(spec.name, [int(s) for s in seeds], results, {"name": spec.name})]
+
+
+def evaluate_scenario(env_kwargs: Mapping[str, Any], routers: Mapping[str, Callable[[], Any]],
+                      seeds: Sequence[int], progress: Callable[[str], None] | None = None
+                      ) -> dict[str, EpisodeResult]:
+    """Every router on every episode seed of one scenario (the same arrivals for all).
+
+    Every router is built, and refused if it reads a feature the env lacks, before any episode
+    runs (as ``evaluate_routers``, whose results lack the requests' TTFT).
+
+    :param env_kwargs: ``LLMClusterEnv`` keyword arguments (``{"config": EnvConfig}``).
+    :param progress: called with the router's name after each episode.
+    """
+    env = LLMClusterEnv(**env_kwargs)
+    built = {name: factory() for name, factory in routers.items()}
+    for router in built.values():
+        env.observe_for(router)
+    env.observe_for(None)
+    results: dict[str, EpisodeResult] = {}
+    for name, router in built.items():
+        results[name] = EpisodeResult(name)
+        for seed in seeds:
+            results[name].add(*run_episode(env, router, int(seed)))
+            if progress is not None:
+                progress(name)
+    return results
 
 
 def evaluate_policy(policy_routers: Mapping[str, Any], env_kwargs: Mapping[str, Any],
@@ -121,10 +209,10 @@ def evaluate_policy(policy_routers: Mapping[str, Any], env_kwargs: Mapping[str, 
 
     :param env_kwargs: ``LLMClusterEnv`` keyword arguments (``{"config": EnvConfig}`` for a
         built config).
-    :param progress: called after each episode (see ``evaluate_routers``).
+    :param progress: called with the router's name after each episode.
     """
-    return evaluate_routers(env_kwargs, router_factories(policy_routers, heuristics), seeds,
-                            progress=progress)
+    return evaluate_scenario(env_kwargs, router_factories(policy_routers, heuristics), seeds,
+                             progress=progress)
 
 
 def router_factories(learned: Mapping[str, Any], heuristics: Sequence[str]
@@ -150,16 +238,36 @@ def report_heuristics(config) -> list[str]:
     return names
 
 
-def learned_routers(session, pretrained=None) -> dict[str, PolicyRouter]:
-    """The trained policy (``ppo``) and, after a warm start, the clone it started from
-    (``bc_clone``, with the observation statistics it was cloned with)."""
+def learned_routers(session, pretrained=None, run_dir: str | Path | None = None
+                    ) -> dict[str, PolicyRouter]:
+    """The learned routers of a run, in :data:`LEARNED_NAMES` order.
+
+    * ``ppo``: the trained policy (the session's model and observation statistics);
+    * ``distilled``: ``<run>/pretrained/distilled_policy.zip`` when that file exists (what PPO
+      started from after DAgger);
+    * ``bc_clone``: ``<run>/pretrained/bc_policy.zip`` when it exists; else, after a warm start
+      that distilled nothing (an external policy), the reference policy PPO was regularised
+      toward, with the observation statistics it was trained with.
+    """
+    from sb3_warmstart.pipeline.warm_start_stage import DISTILLED_POLICY
+
     model, venv = session.model, session.venv
     learned = {POLICY_NAME: PolicyRouter(model, venv.obs_rms, name=POLICY_NAME)}
-    reference = getattr(model, "reference_policy", None)
-    if reference is not None:
+    folder = Path(run_dir) / "pretrained" if run_dir is not None else None
+    if folder is not None and (folder / DISTILLED_POLICY).is_file():
+        learned[DISTILLED_NAME] = load_policy_router(folder / DISTILLED_POLICY,
+                                                     name=DISTILLED_NAME)
+    if folder is not None and (folder / CLONE_POLICY).is_file():
+        learned[CLONE_NAME] = load_policy_router(folder / CLONE_POLICY, name=CLONE_NAME)
+    elif DISTILLED_NAME not in learned and getattr(model, "reference_policy", None) is not None:
         obs_rms = pretrained.obs_rms if pretrained is not None else venv.obs_rms
-        learned[CLONE_NAME] = PolicyRouter(reference, obs_rms, name=CLONE_NAME)
+        learned[CLONE_NAME] = PolicyRouter(model.reference_policy, obs_rms, name=CLONE_NAME)
     return learned
+
+
+def start_of(learned: Sequence[str]) -> str | None:
+    """The policy PPO started from among ``learned``: the distilled one, else the clone."""
+    return next((n for n in (DISTILLED_NAME, CLONE_NAME) if n in learned), None)
 
 
 def heuristic_on_episodes(spec: EnvConfig | ScenarioFamilyConfig, router: str,
@@ -199,9 +307,10 @@ def pooled(scenarios: Sequence[HeldOutScenario]) -> dict[str, RouterResult]:
     out: dict[str, RouterResult] = {}
     for held_out in scenarios:
         for name, result in held_out.results.items():
-            target = out.setdefault(name, RouterResult(name))
+            target = out.setdefault(name, EpisodeResult(name))
             target.episodes.extend(result.episodes)
             target.e2e.extend(result.e2e)
+            target.ttft.extend(getattr(result, "ttft", []))
     return out
 
 
@@ -282,6 +391,286 @@ def comparison_table(scenarios: Sequence[HeldOutScenario], learned: Sequence[str
     return "\n".join(lines), summary
 
 
+# ============================================================================ paired comparisons
+def episode_values(held_out: HeldOutScenario, router: str, metric: str) -> list[float]:
+    """``router``'s ``metric`` on each episode of ``held_out`` (the episodes' order)."""
+    return [float(ep.get(metric, float("nan"))) for ep in held_out.results[router].episodes]
+
+
+def paired(candidate: Sequence[float], baseline: Sequence[float], *,
+           lower_is_better: bool = True, difference: str = "relative") -> dict[str, Any]:
+    """A candidate against a baseline on the same episodes (one value each per episode).
+
+    :param difference: ``"relative"``: per-episode ``(candidate - baseline) / baseline``
+        (fractions; absolute differences instead when a baseline value is not > 0);
+        ``"absolute"``: ``candidate - baseline`` in the metric's units.
+    :return: ``mean`` (mean difference), ``low``/``high`` (its :data:`CONFIDENCE` bootstrap
+        interval; ``None`` with fewer than :data:`MIN_PAIRED_EPISODES` pairs), ``episodes``,
+        ``difference`` and ``verdict``: ``"better"``/``"worse"`` only when the interval
+        excludes 0, else ``"no difference shown"`` (or, without an interval, why there is none).
+    """
+    c = np.asarray(candidate, dtype=np.float64)
+    b = np.asarray(baseline, dtype=np.float64)
+    if difference == "relative" and not np.all(b > 0):
+        difference = "absolute"
+    diffs = (c - b) / b if difference == "relative" else c - b
+    out: dict[str, Any] = {"mean": float(np.mean(diffs)) if diffs.size else float("nan"),
+                           "low": None, "high": None, "episodes": int(diffs.size),
+                           "difference": difference}
+    if diffs.size < MIN_PAIRED_EPISODES or not np.all(np.isfinite(diffs)):
+        out["verdict"] = (f"no interval ({_count(int(diffs.size), 'paired episode')}, fewer "
+                          f"than {MIN_PAIRED_EPISODES})" if np.all(np.isfinite(diffs))
+                          else "no interval (a value is missing)")
+        return out
+    compare = compare_paired if difference == "relative" else compare_paired_absolute
+    result = compare(c, b, confidence=CONFIDENCE, seed=BOOTSTRAP_SEED,
+                     lower_is_better=lower_is_better)
+    out.update(low=result.low, high=result.high, verdict=result.verdict)
+    return out
+
+
+def _coverage() -> str:
+    """:data:`CONFIDENCE` in words (``95%``)."""
+    return f"{100 * CONFIDENCE:.0f}%"
+
+
+def has_interval(entry: Mapping[str, Any]) -> bool:
+    """Whether a :func:`paired` entry has its interval."""
+    return entry.get("low") is not None
+
+
+def paired_text(entry: Mapping[str, Any]) -> str:
+    """``-3.1% [-5.0%, -1.2%] better`` (relative) or ``+4.2 pp [...]`` (absolute differences of
+    a rate, in percentage points); the verdict word only where the interval excludes 0."""
+    relative = entry["difference"] == "relative"
+
+    def fmt(x: float) -> str:
+        return f"{100 * x:+.1f}%" if relative else f"{100 * x:+.1f}"
+
+    unit = "" if relative else " pp"
+    if not has_interval(entry):
+        return f"{fmt(entry['mean'])}{unit} ({entry['verdict']})"
+    text = f"{fmt(entry['mean'])}{unit} [{fmt(entry['low'])}, {fmt(entry['high'])}]"
+    return text + (f" {entry['verdict']}" if entry["verdict"] != NO_DIFFERENCE else "")
+
+
+def best_heuristic(held_out: HeldOutScenario, among: Sequence[str],
+                   metric: str = HEADLINE_METRIC, lower_is_better: bool = True) -> str:
+    """The router of ``among`` with the best mean ``metric`` over the scenario's episodes."""
+    present = [n for n in among if n in held_out.results]
+    sign = 1.0 if lower_is_better else -1.0
+    return min(present, key=lambda n: sign * held_out.results[n].mean(metric))
+
+
+def compare_routers(scenarios: Sequence[HeldOutScenario], candidate: str,
+                    baseline: str | Callable[[HeldOutScenario], str], *,
+                    metric: str = HEADLINE_METRIC, lower_is_better: bool = True,
+                    difference: str = "relative") -> dict[str, Any]:
+    """``candidate`` against ``baseline`` (a router, or per scenario a choice of one) on every
+    held-out episode, per scenario and overall (all the scenarios' episodes as pairs).
+
+    :return: the overall :func:`paired` entry with ``metric``, ``baseline`` (the names used)
+        and ``scenarios`` (one :func:`paired` entry each, with its ``baseline``).
+    """
+    choose = baseline if callable(baseline) else (lambda _s: baseline)
+    cand: list[float] = []
+    base: list[float] = []
+    per_scenario = []
+    for held_out in scenarios:
+        name = choose(held_out)
+        c, b = episode_values(held_out, candidate, metric), episode_values(held_out, name, metric)
+        cand += c
+        base += b
+        per_scenario.append({"baseline": name, **paired(
+            c, b, lower_is_better=lower_is_better, difference=difference)})
+    names = "/".join(dict.fromkeys(s["baseline"] for s in per_scenario))
+    return {"metric": metric, "baseline": names,
+            **paired(cand, base, lower_is_better=lower_is_better, difference=difference),
+            "scenarios": per_scenario}
+
+
+def improved(entry: Mapping[str, Any]) -> tuple[bool, str]:
+    """Whether PPO improved on its start, from their :func:`paired` entry (PPO the candidate):
+    yes only when the interval excludes 0 in PPO's favour; the reason in words."""
+    if not has_interval(entry):
+        return False, f"not shown: {entry['verdict']}"
+    if entry["verdict"] == "better":
+        return True, f"the {_coverage()} interval lies wholly on PPO's side"
+    if entry["verdict"] == "worse":
+        return False, f"PPO is worse (the {_coverage()} interval excludes 0 on the other side)"
+    return False, f"the {_coverage()} interval contains 0"
+
+
+def headline_comparisons(scenarios: Sequence[HeldOutScenario], learned: Sequence[str]
+                         ) -> dict[str, Any]:
+    """Every learned router against the best heuristic of each scenario (by mean E2E) and
+    against ``lor``, and PPO against its start (:func:`start_of`), all on mean E2E.
+
+    :return: ``vs_best``/``vs_lor`` (learned name -> :func:`compare_routers`) and, when PPO
+        and a start were evaluated, ``ppo_vs_start`` (with ``start``, ``improved`` and
+        ``reason``, per scenario too).
+    """
+    def best(held_out: HeldOutScenario) -> str:
+        return best_heuristic(held_out, [n for n in held_out.results if n not in LEARNED_NAMES])
+
+    has_lor = all("lor" in s.results for s in scenarios)
+    out: dict[str, Any] = {
+        "metric": HEADLINE_METRIC, "confidence": CONFIDENCE,
+        "vs_best": {n: compare_routers(scenarios, n, best) for n in learned},
+        "vs_lor": {n: compare_routers(scenarios, n, "lor") for n in learned} if has_lor else {}}
+    start = start_of(learned)
+    if POLICY_NAME in learned and start is not None:
+        entry = compare_routers(scenarios, POLICY_NAME, start)
+        entry["start"] = start
+        entry["improved"], entry["reason"] = improved(entry)
+        for row in entry["scenarios"]:
+            row["improved"], row["reason"] = improved(row)
+        out["ppo_vs_start"] = entry
+    return out
+
+
+def is_prefix_run(results: Mapping[str, RouterResult]) -> bool:
+    """Whether the replicas cached prefixes (the episodes report a prefix hit rate)."""
+    return any(PREFIX_MARKER in ep for r in results.values() for ep in r.episodes)
+
+
+@dataclass(frozen=True)
+class PrefixAim:
+    """The prefix-caching aim for a learned router against the best cache-aware heuristic (the
+    one of least mean TTFT), as fractions of that heuristic's value (the rule of
+    ``benchmarks/prefix_routing.py``).
+
+    :param ttft_cut: mean TTFT at least this much lower, and shown lower (interval below 0).
+    :param p99_slack: p99 E2E at most this much higher (mean of the paired differences).
+    :param e2e_slack: mean E2E no worse: not shown higher (the interval's low end at most
+        this; without an interval, the mean).
+    """
+
+    ttft_cut: float = 0.10
+    p99_slack: float = 0.02
+    e2e_slack: float = 0.0
+
+    def check(self, vs: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+        """Which parts a router's entries against the best cache-aware heuristic (metric ->
+        :func:`paired` entry) meet; ``met`` = all three. A TTFT entry without an interval
+        cannot show the cut."""
+        ttft, p99, e2e = vs["ttft_mean"], vs["e2e_p99"], vs["e2e_mean"]
+        e2e_bound = e2e["low"] if has_interval(e2e) else e2e["mean"]
+        out = {"ttft": bool(has_interval(ttft) and ttft["mean"] <= -self.ttft_cut
+                            and ttft["high"] < 0),
+               "p99": bool(p99["mean"] <= self.p99_slack),
+               "e2e": bool(e2e_bound <= self.e2e_slack)}
+        out["met"] = all(out.values())
+        return out
+
+    def describe(self) -> str:
+        """The aim in words."""
+        return (f"mean TTFT at least {100 * self.ttft_cut:.0f}% below the best cache-aware "
+                f"heuristic (and shown below), p99 E2E at most {100 * self.p99_slack:+.0f}%, "
+                "mean E2E not shown worse")
+
+
+def prefix_comparisons(scenarios: Sequence[HeldOutScenario], learned: Sequence[str],
+                       aim: PrefixAim = PrefixAim()) -> dict[str, Any] | None:
+    """Each learned router against every cache-aware heuristic on :data:`PREFIX_METRICS`, and
+    the aim's verdict against the best of them (least mean TTFT); ``None`` when no
+    cache-aware heuristic was evaluated.
+
+    :return: ``cache_aware`` (their names), ``best_cache_aware``, ``routers`` (learned ->
+        heuristic -> metric -> :func:`compare_routers`) and ``aim`` (learned -> the parts met).
+    """
+    results = pooled(scenarios)
+    cache_aware = [n for n in CACHE_AWARE_ROUTERS if n in results]
+    if not cache_aware:
+        return None
+    best = min(cache_aware, key=lambda n: results[n].mean("ttft_mean"))
+    routers = {name: {h: {key: compare_routers(scenarios, name, h, metric=key,
+                                               lower_is_better=lower, difference=diff)
+                          for key, _, lower, diff in PREFIX_METRICS}
+                      for h in cache_aware}
+               for name in learned}
+    return {"cache_aware": cache_aware, "best_cache_aware": best, "aim_rule": aim.describe(),
+            "routers": routers,
+            "aim": {name: aim.check(routers[name][best]) for name in learned},
+            "means": {n: {key: results[n].mean(key) for key, *_ in PREFIX_METRICS}
+                      for n in [*learned, *cache_aware]}}
+
+
+def headline_lines(paired_summary: Mapping[str, Any]) -> list[str]:
+    """The top of ``report.md``: each learned router against the best heuristic and ``lor``
+    (mean E2E, 95% intervals), and whether PPO improved on its start, in words."""
+    pairs = next(iter(paired_summary["vs_best"].values()), {}).get("episodes", 0)
+    lines = ["## Headline: mean E2E against the heuristics", "",
+             f"Mean E2E latency, paired over the same {_count(pairs, 'held-out episode')}: the "
+             f"mean of the per-episode relative differences with its {_coverage()} bootstrap "
+             "interval; "
+             "\"better\"/\"worse\" only where the interval excludes 0 (negative = lower "
+             "latency). The best heuristic is picked on these same episodes, which favours "
+             "it.", "",
+             "| learned router | vs the best heuristic of each scenario | vs lor |",
+             "|---|---|---|"]
+    for name, entry in paired_summary["vs_best"].items():
+        lor = paired_summary["vs_lor"].get(name)
+        lines.append(f"| {name} | {paired_text(entry)} ({entry['baseline']}) | "
+                     f"{paired_text(lor) if lor else 'n/a'} |")
+    lines.append("")
+    start = paired_summary.get("ppo_vs_start")
+    if start is not None:
+        lines.append(f"**Did PPO improve on its start ({start['start']})? "
+                     f"{'Yes' if start['improved'] else 'No'}**: {paired_text(start)} mean E2E "
+                     f"over all {_count(start['episodes'], 'paired episode')}; "
+                     f"{start['reason']}.")
+        rows = start["scenarios"]
+        if len(rows) > 1 and not any(has_interval(r) for r in rows):
+            diffs = ", ".join(f"{100 * r['mean']:+.1f}%" for r in rows)
+            lines.append(f"Per scenario: one episode each, so no per-scenario interval "
+                         f"(differences: {diffs}).")
+        elif len(rows) > 1:
+            lines += [f"* scenario {i + 1}: {'yes' if r['improved'] else 'no'} "
+                      f"({paired_text(r)}; {r['reason']})" for i, r in enumerate(rows)]
+        lines.append("")
+    return lines
+
+
+def prefix_headline_lines(prefix: Mapping[str, Any], held_out_data: str = "") -> list[str]:
+    """The prefix-cache headline: per learned router a table of :data:`PREFIX_METRICS` against
+    every cache-aware heuristic (95% intervals), and the aim's verdict with its figures."""
+    best = prefix["best_cache_aware"]
+    labels = [label for _, label, *_ in PREFIX_METRICS]
+    lines = ["## Headline: prefix caching", "",
+             f"Held-out data: {held_out_data or 'the evaluation episodes (no trace rows set)'}. "
+             "Paired over the same windows (episodes); relative differences except the hit "
+             f"rate (percentage points); {_coverage()} bootstrap intervals; \"better\"/\"worse\" only "
+             "where the interval excludes 0.", ""]
+    for name, by_heuristic in prefix["routers"].items():
+        lines += [f"**{name}** against each cache-aware heuristic:", "",
+                  "| vs | " + " | ".join(labels) + " |", "|---" * (len(labels) + 1) + "|"]
+        for heuristic, entries in by_heuristic.items():
+            mark = " (best, least mean TTFT)" if heuristic == best else ""
+            lines.append(f"| {heuristic}{mark} | "
+                         + " | ".join(paired_text(entries[key]) for key, *_ in PREFIX_METRICS)
+                         + " |")
+        lines.append("")
+    lines.append(f"Aim ({prefix['aim_rule']}), against {best}:")
+    means = prefix["means"]
+    for name, check in prefix["aim"].items():
+        vs = prefix["routers"][name][best]
+        parts = [f"{label} {means[name][key]:.4g} s vs {means[best][key]:.4g} s, "
+                 f"{paired_text(vs[key])} ({'ok' if check[part] else 'missed'})"
+                 for key, label, part in (("ttft_mean", "mean TTFT", "ttft"),
+                                          ("e2e_p99", "p99 E2E", "p99"),
+                                          ("e2e_mean", "mean E2E", "e2e"))]
+        lines.append(f"* **{name}: aim {'met' if check['met'] else 'NOT met'}**: "
+                     + "; ".join(parts))
+    lines += ["", "Means over the held-out windows (s; hit rate %):", "",
+              "| router | " + " | ".join(labels) + " |", "|---" * (len(labels) + 1) + "|"]
+    for name, row in means.items():
+        cells = [f"{100 * row[k]:.1f}" if k == PREFIX_MARKER else f"{row[k]:.4g}"
+                 for k, *_ in PREFIX_METRICS]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
 # ============================================================================ plots
 def _pyplot():
     import matplotlib
@@ -292,13 +681,23 @@ def _pyplot():
     return plt
 
 
+def pooled_e2e(result: RouterResult) -> np.ndarray:
+    """Every held-out request's E2E latency (seconds)."""
+    return result.pooled_e2e
+
+
 def plot_emphasised_cdf(results: Mapping[str, RouterResult], path: str | Path, *,
-                     emphasised: Sequence[str], title: str = ""):
-    """One E2E-latency CDF per router; returns the (closed) figure.
+                        emphasised: Sequence[str], title: str = "",
+                        latencies: Callable[[RouterResult], np.ndarray] = pooled_e2e,
+                        xlabel: str = "end-to-end latency (s, log scale)"):
+    """One latency CDF per router (E2E, or what ``latencies`` gives); returns the (closed)
+    figure.
 
     The ``emphasised`` routers (the learned ones and the best heuristics) are drawn thick, in
     distinct colours, on top and first in the legend; every other router thin, in greys with
     alternating dash patterns, so the learned router stands out among a dozen or more.
+
+    :param latencies: a router's pooled latencies (seconds), e.g. :func:`pooled_ttft`.
     """
     plt = _pyplot()
     import matplotlib
@@ -309,23 +708,23 @@ def plot_emphasised_cdf(results: Mapping[str, RouterResult], path: str | Path, *
     rest = [n for n in results if n not in front]
     handles = {}
     for i, name in enumerate(rest):
-        e2e = np.sort(results[name].pooled_e2e)
+        e2e = np.sort(latencies(results[name]))
         if e2e.size:
             handles[name], = ax.plot(e2e, np.arange(1, e2e.size + 1) / e2e.size, label=name,
                                      color=str(0.45 + 0.35 * (i % 4) / 3),
                                      linestyle=("-", "--", ":", "-.")[(i // 4) % 4],
                                      linewidth=0.9, zorder=2)
     for i, name in enumerate(front):
-        e2e = np.sort(results[name].pooled_e2e)
+        e2e = np.sort(latencies(results[name]))
         if e2e.size:
             learned = name in LEARNED_NAMES
             handles[name], = ax.plot(e2e, np.arange(1, e2e.size + 1) / e2e.size, label=name,
                                      color=colors[i % len(colors)],
                                      linewidth=3.0 if learned else 2.2, zorder=4 if learned else 3)
     ax.set_xscale("log")
-    ax.set_xlabel("end-to-end latency (s, log scale)")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("fraction of requests")
-    ax.set_title(title or "E2E latency CDF", fontsize=9)
+    ax.set_title(textwrap.fill(title or "latency CDF", 100), fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
     order = [n for n in front + rest if n in handles]
     ax.legend([handles[n] for n in order], order, fontsize=8, loc="center left",
@@ -472,7 +871,8 @@ def write_report(folder: str | Path,
                  title: str, description: str = "",
                  history: Sequence[Mapping[str, Any]] = (),
                  lor_by_seed: Mapping[int, float] | None = None, stabilization_steps: int = 0,
-                 notes: Mapping[str, Any] | None = None) -> dict[str, Any]:
+                 notes: Mapping[str, Any] | None = None,
+                 held_out_data: str = "") -> dict[str, Any]:
     """Write the report files; returns a JSON-able summary.
 
     :param held_out: the held-out scenarios, or one scenario's ``router -> RouterResult``.
@@ -482,9 +882,13 @@ def write_report(folder: str | Path,
     :param lor_by_seed: ``lor``'s mean E2E on training episodes' seeds (the paired curve).
     :param stabilization_steps: env steps of random routing at the start (shaded).
     :param notes: ``key: value`` lines of the report (a mapping value becomes ``k=v, ...``).
+    :param held_out_data: what the held-out episodes replay (e.g. the trace rows), named in the
+        prefix-cache headline.
     :return: ``routers`` (every router's metrics averaged over all held-out episodes),
-        ``scenarios``, per learned router its averages, ``comparison``, ``table``, and the
-        learning curve's numbers.
+        ``scenarios``, per learned router its averages, ``comparison``, ``paired``
+        (:func:`headline_comparisons`), with prefix caching ``prefix``
+        (:func:`prefix_comparisons`), ``headline`` (its lines), ``table``, and the learning
+        curve's numbers.
     """
     if isinstance(held_out, Mapping):
         held_out = [HeldOutScenario(title, [], dict(held_out))]
@@ -502,12 +906,23 @@ def write_report(folder: str | Path,
              f"{_count(episodes_per_router, 'held-out episode')}{pooled_note}:\n{metrics_table}")
     atomic_write_text(folder / "results.txt", table + "\n")
     write_csv(results, folder / "results.csv")
-    summary = {"routers": {n: r.summary() for n, r in results.items()}, **summary}
+    summary = {"routers": {n: r.summary() for n, r in results.items()}, **summary,
+               "paired": headline_comparisons(held_out, learned)}
+    headline = headline_lines(summary["paired"])
+    prefix = prefix_comparisons(held_out, learned) if is_prefix_run(results) else None
+    if prefix is not None:
+        summary["prefix"] = {**prefix, "held_out_data": held_out_data}
+        headline = prefix_headline_lines(prefix, held_out_data) + headline
+    summary["headline"] = headline
     emphasised = learned + rank_heuristics(held_out, heuristics)[:EMPHASISED_HEURISTICS]
+    requests = f"all requests of {_count(episodes_per_router, 'held-out episode')} per router"
     plot_emphasised_cdf(results, folder / "latency_cdf.png", emphasised=emphasised,
-                     title=f"{title}: E2E latency CDF, all requests of "
-                           f"{_count(episodes_per_router, 'held-out episode')} per router "
-                           "(greedy actions)")
+                        title=f"{title}: E2E latency CDF, {requests} (greedy actions)")
+    if prefix is not None:
+        plot_emphasised_cdf(results, folder / "ttft_cdf.png",
+                            emphasised=learned + prefix["cache_aware"], latencies=pooled_ttft,
+                            xlabel="time to first token (s, log scale)",
+                            title=f"{title}: TTFT CDF, {requests} (greedy actions)")
     episodes = [r for r in history if r.get("kind") == "episode" and "e2e_mean" in r]
     rollouts = [r for r in history if r.get("kind") == "rollout"]
     curve: dict[str, Any] = {}
@@ -524,13 +939,15 @@ def write_report(folder: str | Path,
     lines = [f"# {title}", ""]
     if description:
         lines += [description, ""]
-    lines += ["Seconds unless a column says otherwise:", "", "```", table, "```", ""]
+    lines += [*headline, "## Results", "",
+              "Seconds unless a column says otherwise:", "", "```", table, "```", ""]
     if "comparison" in summary:
         c = summary["comparison"]
-        lines.append(f"* PPO vs the best heuristic ({c['best_heuristic']}): "
+        lines.append(f"* the table's ratios of means (geometric mean over the scenarios): PPO "
+                     f"vs the best heuristic ({c['best_heuristic']}) "
                      f"{100 * c['ppo_vs_best_heuristic']:+.1f}% mean E2E")
         if c["ppo_vs_lor"] is not None:
-            lines.append(f"* PPO vs lor: {100 * c['ppo_vs_lor']:+.1f}% mean E2E, "
+            lines.append(f"* the same, PPO vs lor: {100 * c['ppo_vs_lor']:+.1f}% mean E2E, "
                          f"{100 * c['ppo_p99_vs_lor']:+.1f}% p99 E2E")
     if episodes:
         shown = episodes_shown(curve["curve_episodes_shown"], curve["curve_episodes_total"])
@@ -545,12 +962,43 @@ def write_report(folder: str | Path,
         if isinstance(value, Mapping):
             value = ", ".join(f"{k}={_fmt(v)}" for k, v in value.items())
         lines.append(f"* {key}: {_fmt(value)}")
-    plots = [p for p in ("learning_curve.png", "dispatch_distribution.png", "latency_cdf.png")
-             if (folder / p).exists()]
-    lines += ["", *[f"![{p}]({p})" for p in plots], ""]
+    plots = [p for p in ("learning_curve.png", "dispatch_distribution.png") if (folder / p).exists()]
+    cdfs = [p for p in ("latency_cdf.png", "ttft_cdf.png") if (folder / p).exists()]
+    lines += ["", *[f"![{p}]({p})" for p in plots], " ".join(f"![{p}]({p})" for p in cdfs), ""]
     atomic_write_text(folder / "report.md", "\n".join(lines))
     summary["table"] = table
     return summary
+
+
+def held_out_data(spec: EnvConfig | ScenarioFamilyConfig,
+                  training: EnvConfig | ScenarioFamilyConfig | None = None) -> str:
+    """The trace rows a one-scenario evaluation replays, and those training replayed:
+    ``trace rows 8400..12030 of <file> (training: rows 0..8399)``; ``""`` without trace rows."""
+    workload = getattr(spec, "workload", None)
+    rows = getattr(workload, "trace_rows", None)
+    if rows is None:
+        return ""
+    trace = Path(workload.trace_path).name if workload.trace_path else "the trace"
+    trained = getattr(getattr(training, "workload", None), "trace_rows", None)
+    seen = (f"training: rows {trained[0]}..{trained[1] - 1}" if trained is not None
+            else "training windows may start anywhere in the trace")
+    return f"trace rows {rows[0]}..{rows[1] - 1} of {trace} ({seen})"
+
+
+def family_holdout_configs(family, episode_requests: int | None) -> list[EnvConfig]:
+    """The scenarios a family leaves out for validation (``family.holdout``), each built in the
+    family's observation layout (so the family's policy can route them) with
+    ``episode_requests`` requests (``None``: the scenario's own); empty without a family or a
+    holdout."""
+    if family is None or not family.holdout:
+        return []
+    out = []
+    for name in family.holdout:
+        overrides: dict[str, Any] = {"observation": {"replica_slots": family.replica_slots}}
+        if episode_requests is not None:
+            overrides["episode_requests"] = episode_requests
+        out.append(EnvConfig.from_kwargs(scenario=name, **overrides))
+    return out
 
 
 def build_report(run_dir: str | Path, config, session, monitor, *, pretrained=None,
@@ -572,7 +1020,7 @@ def build_report(run_dir: str | Path, config, session, monitor, *, pretrained=No
     if ev.episode_requests is not None:
         spec = dataclasses.replace(spec, episode_requests=ev.episode_requests)
     seeds = list(range(ev.seed, ev.seed + ev.episodes))
-    learned = learned_routers(session, pretrained)
+    learned = learned_routers(session, pretrained, run_dir)
     routers = router_factories(learned, report_heuristics(config))
     history = monitor.history_rows() if monitor is not None else []
     training_seeds = paired_episode_seeds(history)
@@ -584,12 +1032,23 @@ def build_report(run_dir: str | Path, config, session, monitor, *, pretrained=No
         done[0] += 1
         printer.update(done[0], message)
 
-    held_out = evaluate_held_out(spec, routers, seeds, progress=advance)
+    holdout_specs = family_holdout_configs(family, ev.episode_requests)
+    if holdout_specs:  # the family names scenarios it never draws: validate on those
+        held_out = [scenario for held in holdout_specs
+                    for scenario in evaluate_held_out(held, routers, seeds, progress=advance)]
+    else:
+        held_out = evaluate_held_out(spec, routers, seeds, progress=advance)
     lor_by_seed = heuristic_on_episodes(training_env_spec(config), "lor", training_seeds,
                                         progress=advance)
     printer.close()
     seed_range = f"seeds {seeds[0]}..{seeds[-1]}"
-    if family is not None:
+    if holdout_specs:
+        title = f"family {family.name}"
+        description = (f"the {len(holdout_specs)} scenarios the family leaves out "
+                       f"({', '.join(h.name for h in holdout_specs)}), "
+                       f"{_count(len(seeds), 'paired episode')} each ({seed_range}), greedy "
+                       "actions.")
+    elif family is not None:
         title = f"family {family.name}"
         description = (f"{len(seeds)} held-out scenarios drawn from the family ({seed_range}), "
                        f"one episode of {spec.episode_requests} requests each, greedy actions.")
@@ -609,8 +1068,10 @@ def build_report(run_dir: str | Path, config, session, monitor, *, pretrained=No
     stabilization = -(-config.stabilization.stabilization_steps // rollout) * rollout
     summary = write_report(Path(run_dir) / "report", held_out, title=title,
                            description=description, history=history, lor_by_seed=lor_by_seed,
-                           stabilization_steps=stabilization, notes=notes)
+                           stabilization_steps=stabilization, notes=notes,
+                           held_out_data=held_out_data(spec, training_env_spec(config)))
     print(f"\n== {title}: trained policy vs heuristics. {description}")
+    print("\n".join(summary["headline"]))
     print(summary["table"])
     if "last_quarter_vs_lor_pct" in summary:
         shown = episodes_shown(summary["curve_episodes_shown"], summary["curve_episodes_total"])

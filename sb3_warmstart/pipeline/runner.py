@@ -1,14 +1,17 @@
-"""The main job: demos -> behaviour cloning (or an external checkpoint) -> PPO with KL
-regularisation and temperature control -> evaluation and report.
+"""The main job: demos -> behaviour cloning (or an external checkpoint) -> DAgger toward a
+teacher better than the heuristics (``dagger`` section) -> PPO with KL regularisation toward
+the distilled policy and temperature control -> evaluation and report.
 
 :class:`WarmStartPipeline` only orchestrates; each stage is a function or small object that
-runs alone: :mod:`sb3_warmstart.pipeline.warm_start_stage` (demonstrations, cloning, external models),
+runs alone: :mod:`sb3_warmstart.pipeline.warm_start_stage` (demonstrations, cloning, DAgger,
+external models),
 :mod:`sb3_warmstart.pipeline.ppo_stage` (session, resume, training), :mod:`sb3_warmstart.pipeline.report`.
 ``train/warmstart.py`` is its command line. A stage runs only when needed: demonstrations and
 the clone are reused from the run folder when their settings match (``--force-warmstart``
-redoes them); resuming a PPO run skips both (the reference policy lives in the checkpoint);
-a finished run, run again, is only re-evaluated: ``report/`` is rewritten and nothing else
-(the model, checkpoints, logs and records are left as they are).
+redoes them), and DAgger resumes at its first unfinished round; resuming a PPO run skips all
+three (the reference policy lives in the checkpoint); a finished run, run again, is only
+re-evaluated: ``report/`` is rewritten and nothing else (the model, checkpoints, logs and
+records are left as they are).
 
 A run folder belongs to one run (:mod:`sb3_warmstart.pipeline.run_folder`: identity, lock). Run folder::
 
@@ -17,10 +20,12 @@ A run folder belongs to one run (:mod:`sb3_warmstart.pipeline.run_folder`: ident
     command.txt              the command line, one line per invocation
     ppo_training.log         pipeline log and SB3's training tables
     tensorboard/             TensorBoard events (train/, rollout/, episode/, temperature/ ...;
-                             the warm start's stages as the runs demos/ and bc/)
+                             the warm start's stages as the runs demos/, bc/, dagger/)
     progress.csv             SB3's CSV log;  training_history.csv  the monitor's rows
     demos/                   imitation trajectories + stats.json
-    pretrained/              bc_policy.zip (clone) or external.zip (copied, validated)
+    pretrained/              bc_policy.zip (clone) or external.zip (copied, validated);
+                             dagger/ (the DAgger rounds: labels, policies) and
+                             distilled_policy.zip (its last round: what PPO starts from)
     checkpoints/             step_<n>/ directories and latest.json
     training_progress.json   the chunks completed (chunk mode) and the run status
     final_model.zip, final_vecnormalize.pkl (and .json: the statistics without pickles)
@@ -127,6 +132,7 @@ class WarmStartPipeline:
         th.set_num_threads(1)
         if self.config.warm_start.external_pretrain:
             self._check_external()  # before the run folder is touched
+        self._check_teacher()
         self.run_dir = self.choose_folder()
         lock = run_folder.RunLock(self.run_dir, " ".join(self.options.command))
         try:
@@ -148,6 +154,9 @@ class WarmStartPipeline:
             lock.release()
         self.timings["total_s"] = time.perf_counter() - start
         summary["timings"] = self.timings
+        dagger = warm_start_stage.stored_dagger_summary(self.run_dir)
+        if dagger is not None:
+            summary["dagger"] = dagger
         summary["finished"] = True
         atomic_write_json(self.run_dir / "report" / "summary.json", summary)
         log.info("done in %.1f s; report in %s", self.timings["total_s"], self.run_dir / "report")
@@ -200,6 +209,16 @@ class WarmStartPipeline:
     def _check_external(self) -> None:
         try:
             warm_start_stage.check_external(self.config)
+        except WarmStartError as err:
+            raise PipelineError(str(err)) from None
+
+    def _check_teacher(self) -> None:
+        """Refuse a DAgger teacher the training env cannot serve, before the folder is touched."""
+        ws = self.config.warm_start
+        if not ws.enabled or ws.skip_bc_training:
+            return
+        try:
+            warm_start_stage.check_teacher(self.config)
         except WarmStartError as err:
             raise PipelineError(str(err)) from None
 
@@ -339,6 +358,13 @@ class WarmStartPipeline:
             fine_tune_external=decision == "external", force=options.force_warmstart,
             progress=options.progress, command=options.command)
         self.timings["bc_s"] = time.perf_counter() - start
+        if self.config.dagger.enabled:
+            self.stage = "DAgger"
+            start = time.perf_counter()
+            pretrained = warm_start_stage.distill(
+                self.config, self.run_dir, pretrained, trajectories,
+                force=options.force_warmstart)
+            self.timings["dagger_s"] = time.perf_counter() - start
         return pretrained
 
     def train_ppo(self, manager: CheckpointManager, *, resumed: bool) -> bool:

@@ -7,14 +7,18 @@ Each function does one stage and can be run alone:
 * :func:`clone` behaviour-clones them into the exact policy PPO trains, saved as
   ``<run>/pretrained/bc_policy.zip`` (or reuses an identical earlier clone), optionally
   fine-tuning an external checkpoint;
+* :func:`distill` runs DAgger from the clone toward a teacher router (``dagger`` section,
+  :mod:`sb3_warmstart.warmstart.dagger`) in ``<run>/pretrained/dagger`` and saves its last
+  round as ``<run>/pretrained/distilled_policy.zip``, the policy PPO then starts from;
 * :func:`external` uses an external checkpoint as is (``--skip-bc-training``);
 * :func:`check_external` validates one against the environment and the architecture before
   anything is written.
 
 All read the typed :class:`~sb3_warmstart.pipeline.config.TrainingConfig`; the environment is its
-already built ``config.env``. The demonstrations' and the clone's scalars go to TensorBoard runs
-of their own, ``<run>/tensorboard/demos`` and ``<run>/tensorboard/bc`` (written whether the stage
-ran or reused its stored result, so a fresh run folder always shows them).
+already built ``config.env``. The demonstrations', the clone's and DAgger's scalars go to
+TensorBoard runs of their own, ``<run>/tensorboard/demos``, ``<run>/tensorboard/bc`` and
+``<run>/tensorboard/dagger`` (written whether the stage ran or reused its stored result, so a
+fresh run folder always shows them).
 """
 
 from __future__ import annotations
@@ -263,6 +267,187 @@ def clone(config: TrainingConfig, run_dir: Path, trajectories: list, demo_stats:
                       str(target), s)
 
 
+# ------------------------------------------------------------------------------ DAgger
+#: ``<run>/pretrained/<DAGGER_FOLDER>``: the DAgger run (:mod:`sb3_warmstart.warmstart.dagger`).
+DAGGER_FOLDER = "dagger"
+#: ``<run>/pretrained/<DISTILLED_POLICY>``: its last round's policy, what PPO starts from.
+DISTILLED_POLICY = "distilled_policy.zip"
+#: ``spawn_key`` of the DAgger episodes' seeds (training, demos and evaluation use others).
+DAGGER_STREAM = 11
+
+
+def dagger_loop(config: TrainingConfig):
+    """The :class:`~sb3_warmstart.warmstart.dagger.DAggerConfig` of ``config.dagger``: its
+    episodes are seeded from their own stream of ``config.seed`` (a 62-bit base, so they
+    never meet the evaluation's seeds)."""
+    from sb3_warmstart.warmstart.dagger import DAggerConfig
+
+    d = config.dagger
+    state = np.random.SeedSequence(config.seed, spawn_key=(DAGGER_STREAM,)).generate_state(
+        1, np.uint64)
+    return DAggerConfig(teacher=d.teacher, rounds=d.rounds,
+                        episodes_per_round=d.episodes_per_round, deterministic=d.deterministic,
+                        beta=d.beta, beta_decay=d.beta_decay, fine_tune=d.fine_tune,
+                        seed=config.seed, episode_seed_base=int(state[0] >> np.uint64(2)))
+
+
+def dagger_env_spec(config: TrainingConfig):
+    """The scenario or family DAgger routes: the training one, with episodes of
+    ``dagger.episode_requests`` requests."""
+    return dataclasses.replace(training_env_spec(config),
+                               episode_requests=config.dagger.episode_requests)
+
+
+def dagger_bc(config: TrainingConfig):
+    """BC of every DAgger round: ``bc`` with ``dagger.epochs`` epochs (when set)."""
+    epochs = config.dagger.epochs
+    return config.bc if epochs is None else dataclasses.replace(config.bc, epochs=epochs)
+
+
+def check_teacher(config: TrainingConfig) -> None:
+    """Refuse a DAgger teacher that reads a feature the training env lacks, before any work.
+
+    :raises WarmStartError: naming ``dagger.teacher``, the value and the feature.
+    """
+    from sb3_warmstart.warmstart.dagger import check_teacher as check
+    from sb3_warmstart.warmstart.dagger import make_env, make_teacher
+
+    if not config.dagger.enabled:
+        return
+    teacher = make_teacher(config.dagger.teacher)
+    try:
+        check(make_env(spec=dagger_env_spec(config)), teacher)
+    except ValueError as err:
+        raise WarmStartError(f"dagger.teacher={config.dagger.teacher!r}: {err}") from None
+    family = config.family_config
+    planner = getattr(teacher, "config", None)
+    if (family is not None and hasattr(teacher, "sample_arrivals")
+            and not getattr(planner, "clairvoyant", True)
+            and any(a.kind == "phases" for a in family.arrivals)):
+        raise WarmStartError(f"dagger.teacher={config.dagger.teacher!r}: it samples futures of "
+                             f"poisson and gamma arrivals only, and the family {family.name!r} "
+                             "draws phased arrivals too")
+
+
+def distill(config: TrainingConfig, run_dir: Path, clone: Pretrained, demos: list, *,
+            force: bool = False) -> Pretrained:
+    """DAgger from the clone into ``run_dir/pretrained/dagger`` (resumed when it holds a run of
+    these settings, started again when it holds another), then its last round's policy as
+    ``run_dir/pretrained/distilled_policy.zip`` (the clone's return statistics kept, so PPO's
+    reward normaliser starts where the clone's value head was fitted).
+
+    :param clone: the clone (:func:`clone`), whose file is round 0.
+    :param demos: the demonstrations it was cloned from (in every round's aggregate with
+        ``dagger.include_demos``).
+    :param force: start DAgger again even when the folder holds a run of these settings.
+    :return: the distilled policy; ``summary["dagger"]`` is :func:`dagger_summary`.
+    """
+    from sb3_warmstart.policies.policy_file import load_pretrained
+    from sb3_warmstart.warmstart.dagger import fingerprint, run_dagger, run_settings
+
+    folder = Path(run_dir) / "pretrained" / DAGGER_FOLDER
+    target = Path(run_dir) / "pretrained" / DISTILLED_POLICY
+    loop, bc, spec = dagger_loop(config), dagger_bc(config), dagger_env_spec(config)
+    aggregate_demos = demos if config.dagger.include_demos else None
+    settings = run_settings(loop, None, bc, config.ppo, spec=spec, initial_policy=clone.source,
+                            demos=aggregate_demos)
+    _clear_other_dagger_run(folder, fingerprint(settings), force)
+    start = time.perf_counter()
+    result = run_dagger(loop, spec=spec, bc=bc, ppo=config.ppo, out=folder,
+                        initial_policy=clone.source, demos=aggregate_demos,
+                        progress=lambda line: log.info("DAgger %s", line))
+    rows = dagger_rounds(folder, loop.rounds)
+    summary = {"teacher": loop.teacher, "rounds": rows, "policy": str(target),
+               "seconds_this_invocation": round(time.perf_counter() - start, 1)}
+    _save_distilled(config, target, result.policy_paths[-1], clone, summary,
+                    fingerprint(settings))
+    model, meta, obs_rms = load_pretrained(target)
+    log_dagger(run_dir, rows)
+    log.info("DAgger (teacher %s): agreement of each round's learner with the teacher on the "
+             "states it visited %s; aggregate %s states; %s", loop.teacher,
+             [round(r["agreement"], 3) for r in rows], rows[-1]["aggregate_states"], target)
+    return Pretrained(model.policy, obs_rms, clone.return_normalizer, str(target),
+                      {**clone.summary, "distilled": True, "dagger": meta["dagger_summary"]})
+
+
+def stored_dagger_summary(run_dir: Path) -> dict[str, Any] | None:
+    """The DAgger summary kept in ``run_dir/pretrained/distilled_policy.zip`` (``None`` when
+    the run distilled nothing): teacher, per-round agreement and aggregate sizes."""
+    from sb3_warmstart.policies.policy_file import PretrainedCheckpointError, read_metadata
+
+    path = Path(run_dir) / "pretrained" / DISTILLED_POLICY
+    if not path.is_file():
+        return None
+    try:
+        return read_metadata(path).get("dagger_summary")
+    except PretrainedCheckpointError as err:
+        log.warning("DAgger: %s unreadable (%s)", path, err)
+        return None
+
+
+def _clear_other_dagger_run(folder: Path, fp: str, force: bool) -> None:
+    """Remove ``folder`` when it holds a DAgger run of other settings (an earlier clone or demo
+    set: the pipeline wrote it, and its labels are of another learner) or ``force``."""
+    manifest = folder / "dagger.json"
+    if not folder.exists():
+        return
+    try:
+        stored = json.loads(manifest.read_text()).get("fingerprint")
+    except (OSError, ValueError):
+        stored = None
+    if stored == fp and not force:
+        return
+    log.info("DAgger: %s %s; starting it again", folder,
+             "redone (--force-warmstart)" if stored == fp else "holds a run of other settings")
+    shutil.rmtree(folder)
+
+
+def dagger_rounds(folder: Path, rounds: int) -> list[dict[str, Any]]:
+    """Per DAgger round ``k >= 1`` of ``folder``: ``agreement`` (share of the states round
+    ``k - 1``'s policy visited where its action was the teacher's label), ``states`` (labelled
+    this round), ``aggregate_states`` (teacher-labelled states it was trained on),
+    ``demo_states`` (demonstrations in its aggregate) and ``train_accuracy`` (BC's, on the
+    aggregate)."""
+    from sb3_warmstart.policies.policy_file import read_metadata
+
+    rows = []
+    for k in range(1, rounds + 1):
+        meta = json.loads((folder / f"round_{k}.json").read_text())
+        policy = read_metadata(folder / f"policy_round_{k}.zip")
+        rows.append({"round": k, "agreement": float(meta["agreement"]),
+                     "states": int(meta["states"]),
+                     "aggregate_states": int(policy["dagger"]["aggregate_states"]),
+                     "demo_states": int(policy["dagger"].get("demo_states", 0)),
+                     "train_accuracy": float(policy["bc_metrics"]["final"]["train_accuracy"])})
+    return rows
+
+
+def _save_distilled(config: TrainingConfig, target: Path, last_round: Path, clone: Pretrained,
+                    summary: dict[str, Any], fp: str) -> None:
+    """Write the last round's policy as ``target`` (kept when it is already this run's)."""
+    from sb3_warmstart.policies.policy_file import (
+        PretrainedCheckpointError,
+        load_pretrained,
+        read_metadata,
+        save_pretrained,
+    )
+
+    if target.is_file():
+        try:
+            if read_metadata(target).get("pipeline_settings") == fp:
+                return
+        except PretrainedCheckpointError as err:
+            log.warning("DAgger: %s unusable (%s); writing it again", target, err)
+    model, meta, obs_rms = load_pretrained(last_round)
+    keep = {k: meta[k] for k in ("bc_metrics", "training_kwargs", "policy_kwargs") if k in meta}
+    save_pretrained(target, model.policy, {**keep, "pipeline_settings": fp,
+                                           "env_kwargs": config.env_kwargs,
+                                           "distilled_from": clone.source,
+                                           "dagger_summary": summary}, obs_rms,
+                    observation_schema=_env(config).unwrapped.layout.schema(),
+                    return_normalizer=clone.return_normalizer)
+
+
 # ------------------------------------------------------------------------------ TensorBoard
 #: Sub-folders of ``<run>/tensorboard`` holding the warm-start stages' scalars: runs of their
 #: own beside PPO's events, so PPO's purge on resume (:mod:`sb3_warmstart.pipeline.logs`)
@@ -270,6 +455,7 @@ def clone(config: TrainingConfig, run_dir: Path, trajectories: list, demo_stats:
 #: PPO's env steps.
 DEMOS_TENSORBOARD = "demos"
 BC_TENSORBOARD = "bc"
+DAGGER_TENSORBOARD = "dagger"
 
 
 def _write_scalars(folder: Path, rows: list[tuple[int, dict[str, float | None]]]) -> None:
@@ -333,3 +519,13 @@ def log_behaviour_cloning(run_dir: Path, history: list[dict[str, Any]]) -> None:
             **{f"bc/val_{key}": val.get(key)
                for key in ("accuracy", "tie_accuracy", "nll", "value_loss")}}))
     _write_scalars(Path(run_dir) / "tensorboard" / BC_TENSORBOARD, rows)
+
+
+def log_dagger(run_dir: Path, rows: list[dict[str, Any]]) -> None:
+    """One row per DAgger round (step = round, from 1) into ``run_dir/tensorboard/dagger``:
+    ``dagger/agreement``, ``dagger/states``, ``dagger/aggregate_states``,
+    ``dagger/train_accuracy`` (see :func:`dagger_rounds`)."""
+    _write_scalars(Path(run_dir) / "tensorboard" / DAGGER_TENSORBOARD,
+                   [(row["round"], {f"dagger/{key}": float(row[key]) for key in
+                                    ("agreement", "states", "aggregate_states",
+                                     "train_accuracy")}) for row in rows])

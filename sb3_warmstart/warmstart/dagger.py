@@ -4,16 +4,65 @@ router labels the states the learner visits, behaviour cloning retrains on the a
 Rounds (``k = 0 .. config.rounds``):
 
 * **round 0**: the teacher routes ``episodes_per_round`` episodes itself and labels them
-  (plain behaviour-cloning demonstrations); ``policy_round_0`` is their clone;
+  (plain behaviour-cloning demonstrations); ``policy_round_0`` is their clone. Or, with
+  ``initial_policy`` (the main job: its clone of the best heuristic per scenario), that policy
+  *is* round 0 (copied to ``policy_round_0.zip``; nothing is labelled);
 * **round k >= 1**: ``policy_round_{k-1}`` routes ``episodes_per_round`` fresh episodes (greedy
   or sampled: ``config.deterministic``); before every step the teacher's ``select(env.view)``
   labels the state (on the same env state the policy acts on); with probability ``beta_k =
   beta * beta_decay ** (k - 1)`` the teacher's action is executed instead of the policy's (the
   paper's mixture; ``beta = 0``, the default, is pure on-policy DAgger). The labelled states
-  join the aggregate, and ``policy_round_k`` is cloned **from scratch** on the aggregate of
-  rounds ``0 .. k`` with :func:`~sb3_warmstart.warmstart.cloning.clone_demonstrations` (the
-  project's :class:`~sb3_warmstart.warmstart.bc.SequenceBC`: one imitation ``Trajectory`` per
-  episode, observations = the visited states, actions = the teacher's labels).
+  join the aggregate, and ``policy_round_k`` is cloned on the aggregate of rounds ``0 .. k``
+  (plus ``demos`` when given) with :func:`~sb3_warmstart.warmstart.cloning.clone_demonstrations`
+  (the project's :class:`~sb3_warmstart.warmstart.bc.SequenceBC`: one imitation ``Trajectory``
+  per episode, observations = the visited states, actions = the teacher's labels), from
+  scratch, or (``fine_tune``) from ``policy_round_{k-1}``'s weights and input scaling.
+
+Across a scenario family (``spec`` a
+:class:`~llm_cluster_env.env.family.ScenarioFamilyConfig`) every episode seed draws its own
+cluster and workload (:class:`~llm_cluster_env.env.family.ScenarioFamilyEnv`); the teacher
+labels through ``env.view`` (the current scenario's routing context), a planner is bound to
+the scenario's inner env after each reset, and the teacher's features are checked against
+the family's layout.
+
+**The main job's choice** (``dagger`` section of :mod:`sb3_warmstart.pipeline.config`;
+measured 2026-12-04, seed 0, on 20 scenarios drawn from the ``generalist`` family with seeds
+50,000-50,019 -- not the report's held-out 100,000+ -- one 1,000-request episode each, greedy;
+relative mean E2E, geometric mean over scenarios, paired 95% bootstrap interval vs the clone).
+Round 0 is the job's clone (64 episodes, 16,384 states of the best heuristic per scenario);
+3 rounds of 4,096 states labelled by ``lookahead`` (16 episodes of 256 requests, or 8 of 512),
+10 BC epochs per round::
+
+    policy                                 vs least_added_time  vs clone [95% CI]      worst vs lat
+    clone (round 0)                        +0.13%               --                     +3.0%
+    lookahead (the teacher itself)         -0.17%               -0.30% [-1.38, +0.81]  +7.0%
+    256-request episodes:
+    teacher labels only, fine-tuned        +0.44%               +0.31% [-0.46, +1.07]  +4.3%
+    demos + teacher labels, fine-tuned     -0.03%               -0.16% [-0.62, +0.22]  +1.4%
+    demos + teacher labels, from scratch   +0.14%               +0.01% [-0.58, +0.46]  +1.5%
+    512-request episodes:
+    demos + teacher labels, fine-tuned     -0.24%               -0.37% [-0.97, +0.09]  +0.9%
+
+So the aggregate keeps the heuristic-labelled demonstrations beside the teacher-labelled
+states, every round fine-tunes the previous one, and the episodes are 512 requests long
+(``include_demos: true``, ``fine_tune: true``, ``episodes_per_round: 8``,
+``episode_requests: 512``): the lowest mean and the smallest worst case, at the same number
+of labels. Without the demonstrations the policy drifts to ``lookahead``'s choices where it
+cannot tell them apart from the observation (its on-policy agreement with ``lookahead`` stays
+at 0.52-0.58 over the rounds in every variant, BC's train accuracy at 0.69-0.71 on the labels
+alone, 0.76-0.81 with the demos), which costs most on the scenarios where ``lookahead``
+itself loses (it is greedy: +3.4% and +7.0% on two of the 20). The longer episodes reach the
+congested states the 1,000-request evaluation episodes spend most of their time in. None of
+the differences is resolved at 20 scenarios: ``lookahead`` beats ``least_added_time`` on 14
+of them but by -0.17% overall, so there is little for distillation to gain on this family.
+More rounds did not help monotonically (256-request variant: round 1 +0.00%, round 2 +0.37%,
+round 3 -0.03% vs ``least_added_time``). Cost: 10-14 s of CPU to label a round (4,096
+states, 2.3-3.3 ms per state with the policy's own step), 12-20 s to retrain on the demos
+plus the aggregate: 72 s (256-request episodes) or 85 s (512) for 3 rounds.
+``rollout_planner`` is not the default teacher: it cannot sample the futures of the family's
+phased arrivals (a fifth of its scenarios; the job's ``check_teacher`` refuses it
+there) and costs 20-30 ms per decision on 4 replicas (~100 s per
+round of 4,096 states), more on the family's 16.
 
 The teacher is any name of :func:`~llm_cluster_env.routing.registry.make_any_router`. It is
 driven as :func:`llm_cluster_env.tools.evaluation.run_episode` drives a router: the env is
@@ -63,12 +112,14 @@ import numpy as np
 from imitation.data.types import Trajectory
 
 from llm_cluster_env.atomic import atomic_write_bytes, atomic_write_json
+from llm_cluster_env.config import EnvConfig
 from llm_cluster_env.env.cluster_env import LLMClusterEnv
+from llm_cluster_env.env.family import ScenarioFamilyConfig, ScenarioFamilyEnv
 from llm_cluster_env.routing.base import Router
 from llm_cluster_env.routing.heuristics import ROUTERS
 from llm_cluster_env.routing.registry import ALL_ROUTERS, make_any_router
 from llm_cluster_env.validation import ConfigError, require, to_dict
-from sb3_warmstart.pipeline.config import BCConfig, PPOConfig
+from sb3_warmstart.pipeline.config import BCConfig, DistillationConfig, PPOConfig
 from sb3_warmstart.policies.policy_file import load_pretrained, save_pretrained
 from sb3_warmstart.policies.router import PolicyRouter
 from sb3_warmstart.warmstart.cloning import clone_demonstrations
@@ -76,13 +127,20 @@ from sb3_warmstart.warmstart.cloning import clone_demonstrations
 MANIFEST = "dagger.json"
 #: ``round_index`` of :func:`policy_agreement`'s generators (distinct from any round's).
 AGREEMENT_STREAM = 2**31 - 1
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+#: Episode seeds are drawn below this bound (``2**62``: sums with the round offsets stay int64).
+_SEED_BOUND = 2**62
 
 
 # ---------------------------------------------------------------------------------- config
+_SECTION = DistillationConfig  # the pipeline's ``dagger`` section: the one home of the defaults
+
+
 @dataclass(frozen=True)
 class DAggerConfig:
-    """The DAgger loop (see the module docstring).
+    """The DAgger loop (see the module docstring). The knobs it shares with the pipeline's
+    ``dagger`` section (:class:`~sb3_warmstart.pipeline.config.DistillationConfig`) take their
+    defaults from there.
 
     :param teacher: router name (:data:`~llm_cluster_env.routing.registry.ALL_ROUTERS`) that
         labels every visited state and routes round 0.
@@ -95,16 +153,22 @@ class DAggerConfig:
     :param validation_fraction: share of the aggregate's episodes BC holds out, in [0, 1)
         (> 0 needs ``episodes_per_round >= 2``).
     :param seed: episode seeds, mixing/sampling generators and BC.
+    :param fine_tune: round ``k``'s clone starts from round ``k - 1``'s weights (and input
+        scaling) instead of fresh ones.
+    :param episode_seed_base: first episode seed (``None``: ``seed``); episode ``i`` of round
+        ``k`` is served with ``episode_seed_base + k * episodes_per_round + i``.
     """
 
-    teacher: str = "least_added_time"
-    rounds: int = 3
-    episodes_per_round: int = 4
-    deterministic: bool = True
-    beta: float = 0.0
-    beta_decay: float = 1.0
+    teacher: str = _SECTION.teacher
+    rounds: int = _SECTION.rounds
+    episodes_per_round: int = _SECTION.episodes_per_round
+    deterministic: bool = _SECTION.deterministic
+    beta: float = _SECTION.beta
+    beta_decay: float = _SECTION.beta_decay
     validation_fraction: float = 0.0
     seed: int = 0
+    fine_tune: bool = _SECTION.fine_tune
+    episode_seed_base: int | None = None
 
     def __post_init__(self) -> None:
         require(isinstance(self.teacher, str) and self.teacher in ALL_ROUTERS, "teacher",
@@ -113,8 +177,9 @@ class DAggerConfig:
             value = getattr(self, name)
             require(isinstance(value, int) and not isinstance(value, bool) and value >= 1,
                     name, value, "must be an integer >= 1")
-        require(isinstance(self.deterministic, bool), "deterministic", self.deterministic,
-                "must be true or false")
+        for name in ("deterministic", "fine_tune"):
+            require(isinstance(getattr(self, name), bool), name, getattr(self, name),
+                    "must be true or false")
         for name in ("beta", "beta_decay"):
             value = getattr(self, name)
             require(isinstance(value, (int, float)) and not isinstance(value, bool)
@@ -128,6 +193,11 @@ class DAggerConfig:
                 "clone holds out whole episodes")
         require(isinstance(self.seed, int) and not isinstance(self.seed, bool) and self.seed >= 0,
                 "seed", self.seed, "must be an integer >= 0")
+        if self.episode_seed_base is not None:
+            base = self.episode_seed_base
+            require(isinstance(base, int) and not isinstance(base, bool)
+                    and 0 <= base < _SEED_BOUND, "episode_seed_base", base,
+                    "must be an integer in [0, 2**62) or null")
 
     def beta_at(self, round_index: int) -> float:
         """Probability of executing the teacher's action in round ``round_index`` (1 in round
@@ -136,7 +206,8 @@ class DAggerConfig:
 
     def episode_seeds(self, round_index: int) -> list[int]:
         n = self.episodes_per_round
-        return [self.seed + round_index * n + i for i in range(n)]
+        base = self.seed if self.episode_seed_base is None else self.episode_seed_base
+        return [base + round_index * n + i for i in range(n)]
 
 
 # ------------------------------------------------------------------------------ round data
@@ -211,6 +282,7 @@ class DAggerResult:
     policy_paths: list[Path]
     bc_summaries: dict[int, dict[str, Any]]
     final_router: PolicyRouter
+    first_round: int = 0  # 1 when round 0 was an initial policy (``rounds[0]`` is round 1)
 
     @property
     def aggregate_states(self) -> int:
@@ -223,7 +295,31 @@ def make_teacher(name: str) -> Router:
     return make_any_router(name)
 
 
-def label_episodes(env: LLMClusterEnv, teacher: Router, policy: PolicyRouter | None,
+#: An env DAgger routes: one scenario, or a family serving a new scenario every episode.
+DAggerEnv = LLMClusterEnv | ScenarioFamilyEnv
+
+
+def scenario_env(env: DAggerEnv) -> LLMClusterEnv:
+    """The env of the current episode's scenario: ``env`` itself, or a family's inner env
+    (a new object after every ``reset``; planners are bound to it)."""
+    return env.env if isinstance(env, ScenarioFamilyEnv) else env
+
+
+def check_teacher(env: DAggerEnv, teacher: Router) -> None:
+    """Refuse a teacher that reads a per-replica feature the env does not provide (a
+    ``ValueError`` naming the router and the feature), before any episode runs."""
+    if isinstance(env, ScenarioFamilyEnv):
+        missing = [f for f in getattr(teacher, "reads", None) or () if f not in env.layout.column]
+        if missing:
+            raise ValueError(f"router {teacher.name!r} reads the feature {missing[0]!r}, which "
+                             f"the family {env.family.name!r} does not provide (per-replica "
+                             f"features: {', '.join(env.layout.replica_features)})")
+        return  # every episode's env is new and computes the whole observation
+    env.observe_for(teacher)
+    env.observe_for(None)
+
+
+def label_episodes(env: DAggerEnv, teacher: Router, policy: PolicyRouter | None,
                    seeds: Sequence[int], *, beta: float, seed: int, round_index: int
                    ) -> RoundData:
     """Route one episode per seed and label every visited state with ``teacher``.
@@ -234,16 +330,18 @@ def label_episodes(env: LLMClusterEnv, teacher: Router, policy: PolicyRouter | N
     selects on every step, so a recurrent policy keeps its state; sampling draws from
     ``default_rng((seed, round_index, i, 2))``).
 
-    :param env: the unwrapped env; it computes the whole observation during the episodes.
+    :param env: the unwrapped env (one scenario) or a
+        :class:`~llm_cluster_env.env.family.ScenarioFamilyEnv` (``reset(seed=s)`` draws the
+        scenario of seed ``s``); it computes the whole observation during the episodes, and a
+        planner teacher is bound to the scenario's env after every reset.
     """
-    env.observe_for(teacher)  # refuses a teacher reading a feature this env lacks
-    env.observe_for(None)
+    check_teacher(env, teacher)  # refuses a teacher reading a feature this env lacks
     obs_rows, labels, actions, by_teacher, lengths, finals = [], [], [], [], [], []
     for i, ep_seed in enumerate(seeds):
         env.reset(seed=int(ep_seed))
         bind = getattr(teacher, "bind", None)
         if bind is not None:
-            bind(env)
+            bind(scenario_env(env))
         teacher.reset(env.num_replicas, np.random.default_rng(int(ep_seed) + 7_919))
         mix = np.random.default_rng((seed, round_index, i, 1))
         if policy is not None:
@@ -277,7 +375,7 @@ def label_episodes(env: LLMClusterEnv, teacher: Router, policy: PolicyRouter | N
                      seeds=np.asarray(list(seeds), np.int64), final_obs=np.stack(finals))
 
 
-def policy_agreement(env: LLMClusterEnv, policy: PolicyRouter, teacher: Router,
+def policy_agreement(env: DAggerEnv, policy: PolicyRouter, teacher: Router,
                      seeds: Sequence[int]) -> dict[str, float]:
     """On-policy agreement: ``policy`` routes one episode per seed; the share of its decisions
     equal to the teacher's label (``exact``), and in the teacher's tie set (``tie_aware``, when
@@ -306,12 +404,33 @@ def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix: data}
 
 
-def run_settings(config: DAggerConfig, env_kwargs: Mapping[str, Any], bc: BCConfig,
-                 ppo: PPOConfig) -> dict[str, Any]:
-    """Everything the run's results depend on, as JSON-able data."""
-    return json.loads(json.dumps({"format": FORMAT_VERSION, "dagger": to_dict(config),
-                                  "env_kwargs": dict(env_kwargs), "bc": to_dict(bc),
-                                  "ppo": to_dict(ppo)}, sort_keys=True, default=str))
+def run_settings(config: DAggerConfig, env_kwargs: Mapping[str, Any] | None, bc: BCConfig,
+                 ppo: PPOConfig, *, spec: EnvConfig | ScenarioFamilyConfig | None = None,
+                 initial_policy: str | Path | None = None,
+                 demos: Sequence[Trajectory] | None = None) -> dict[str, Any]:
+    """Everything the run's results depend on, as JSON-able data: the loop, the env (its
+    keyword arguments, or the built scenario or family ``spec``), BC, the architecture, and
+    the SHA-256 of the initial policy's file and of the demonstrations' arrays."""
+    settings: dict[str, Any] = {"format": FORMAT_VERSION, "dagger": to_dict(config),
+                                "env_kwargs": dict(env_kwargs or {}), "bc": to_dict(bc),
+                                "ppo": to_dict(ppo)}
+    if spec is not None:
+        kind = "family" if isinstance(spec, ScenarioFamilyConfig) else "scenario"
+        settings[kind] = to_dict(spec)
+    if initial_policy is not None:
+        settings["initial_policy"] = hashlib.sha256(Path(initial_policy).read_bytes()).hexdigest()
+    if demos is not None:
+        settings["demos"] = trajectories_digest(demos)
+    return json.loads(json.dumps(settings, sort_keys=True, default=str))
+
+
+def trajectories_digest(trajectories: Sequence[Trajectory]) -> str:
+    """SHA-256 of the trajectories' observations and actions (tells two demo sets apart)."""
+    digest = hashlib.sha256()
+    for t in trajectories:
+        digest.update(np.ascontiguousarray(t.obs, dtype=np.float32).tobytes())
+        digest.update(np.ascontiguousarray(t.acts, dtype=np.int64).tobytes())
+    return f"{len(trajectories)}:{digest.hexdigest()}"
 
 
 def fingerprint(settings: Mapping[str, Any]) -> str:
@@ -365,39 +484,71 @@ def _write_round(out: Path, k: int, fp: str, data: RoundData, beta: float) -> Pa
 
 
 # ------------------------------------------------------------------------------------ loop
-def run_dagger(config: DAggerConfig, *, env_kwargs: Mapping[str, Any], bc: BCConfig,
+def make_env(env_kwargs: Mapping[str, Any] | None = None,
+             spec: EnvConfig | ScenarioFamilyConfig | None = None) -> DAggerEnv:
+    """The env DAgger routes: ``LLMClusterEnv(**env_kwargs)``, or the built scenario or family
+    ``spec`` (exactly one of the two)."""
+    if (env_kwargs is None) == (spec is None):
+        raise TypeError("run_dagger: give exactly one of env_kwargs and spec")
+    if isinstance(spec, ScenarioFamilyConfig):
+        return ScenarioFamilyEnv(spec)
+    if spec is not None:
+        return LLMClusterEnv(config=spec)
+    return LLMClusterEnv(**dict(env_kwargs))
+
+
+def _copy_initial_policy(source: str | Path, target: Path) -> None:
+    if target.exists():
+        return
+    atomic_write_bytes(target, Path(source).read_bytes())
+
+
+def run_dagger(config: DAggerConfig, *, env_kwargs: Mapping[str, Any] | None = None,
+               spec: EnvConfig | ScenarioFamilyConfig | None = None, bc: BCConfig,
                ppo: PPOConfig, out: str | Path,
                callback: Callable[[RoundEvent], None] | None = None,
-               progress: Callable[[str], None] | None = None) -> DAggerResult:
+               progress: Callable[[str], None] | None = None,
+               initial_policy: str | Path | None = None,
+               demos: Sequence[Trajectory] | None = None) -> DAggerResult:
     """Run (or resume) DAgger into ``out`` (see the module docstring).
 
     :param config: the loop's settings.
-    :param env_kwargs: keyword arguments of ``LLMClusterEnv`` (``scenario``, ...).
+    :param env_kwargs: keyword arguments of ``LLMClusterEnv`` (``scenario``, ...); or
+    :param spec: a built :class:`~llm_cluster_env.config.EnvConfig` or a scenario family
+        (a new scenario every episode, drawn from the episode's seed).
     :param bc: BC hyperparameters of every round's clone.
     :param ppo: the policy architecture (``ppo.policy``, ``ppo.algorithm``...).
     :param out: the run folder.
     :param callback: called with a :class:`RoundEvent` after each round's labels and policy are
         written (an exception from it stops the run; a rerun resumes).
     :param progress: called with a short line per stage.
+    :param initial_policy: a :func:`~sb3_warmstart.policies.policy_file.save_pretrained` file
+        that *is* round 0 (copied to ``policy_round_0.zip``; nothing is labelled in round 0).
+    :param demos: trajectories added to every round's aggregate (labelled by whoever routed
+        them, e.g. the heuristic demonstrations the initial policy was cloned from).
     """
     if not isinstance(config, DAggerConfig):
         raise TypeError(f"config: expected a DAggerConfig, got {type(config).__name__}")
     out = Path(out)
-    settings = run_settings(config, env_kwargs, bc, ppo)
-    env = LLMClusterEnv(**dict(env_kwargs))
+    env = make_env(env_kwargs, spec)
     teacher = make_teacher(config.teacher)
-    env.observe_for(teacher)  # a teacher this env cannot serve is refused before any work
-    env.observe_for(None)
+    check_teacher(env, teacher)  # a teacher this env cannot serve is refused before any work
+    settings = run_settings(config, env_kwargs, bc, ppo, spec=spec,
+                            initial_policy=initial_policy, demos=demos)
     fp = check_or_write_manifest(out, settings)
     say = progress or (lambda _msg: None)
     expert = (config.teacher if config.teacher in ROUTERS and not teacher.requires_context
-              else None)
+              and demos is None else None)
+    first = 0
+    if initial_policy is not None:
+        _copy_initial_policy(initial_policy, out / "policy_round_0.zip")
+        first = 1
 
     rounds: list[RoundData] = []
-    paths: list[Path] = []
+    paths: list[Path] = [out / "policy_round_0.zip"] if first else []
     summaries: dict[int, dict[str, Any]] = {}
     router: PolicyRouter | None = None
-    for k in range(config.rounds + 1):
+    for k in range(first, config.rounds + 1):
         policy_path = out / f"policy_round_{k}.zip"
         data = _stored_round(out, k, fp)
         if policy_path.exists():
@@ -422,13 +573,19 @@ def run_dagger(config: DAggerConfig, *, env_kwargs: Mapping[str, Any], bc: BCCon
         rounds.append(data)
         if callback is not None:
             callback(RoundEvent(k, "labelled", out / f"round_{k}.npz", resumed))
-        trajectories = [t for r in rounds for t in r.trajectories()]
+        aggregate = sum(r.num_states for r in rounds)
+        trajectories = [*(demos or ()), *(t for r in rounds for t in r.trajectories())]
+        init_model = init_obs_rms = None
+        if config.fine_tune and k > 0:
+            init_model, _, init_obs_rms = load_pretrained(out / f"policy_round_{k - 1}.zip")
         result = clone_demonstrations(
             trajectories, env=env, bc=bc, ppo=ppo, seed=config.seed,
             validation_fraction=config.validation_fraction,
-            value_pretraining=False, expert=expert)
+            value_pretraining=False, expert=expert, init_model=init_model,
+            init_obs_rms=init_obs_rms)
         metadata = result.metadata(dagger={"round": k, "fingerprint": fp,
-                                           "aggregate_states": sum(r.num_states for r in rounds),
+                                           "aggregate_states": aggregate,
+                                           "demo_states": sum(len(t.acts) for t in demos or ()),
                                            "teacher": config.teacher},
                                    env_kwargs=settings["env_kwargs"])
         save_pretrained(policy_path, result.model.policy, metadata, result.obs_rms,
@@ -437,14 +594,15 @@ def run_dagger(config: DAggerConfig, *, env_kwargs: Mapping[str, Any], bc: BCCon
         paths.append(policy_path)
         router = PolicyRouter(result.model, result.obs_rms, deterministic=config.deterministic,
                               name=f"dagger_round_{k}")
-        say(f"round {k}: cloned on {sum(r.num_states for r in rounds)} states "
+        say(f"round {k}: cloned on {aggregate} labelled states"
+            f"{f' and {len(demos)} demonstrations' if demos else ''} "
             f"(train accuracy {result.summary['train_accuracy']:.3f})")
         if callback is not None:
             callback(RoundEvent(k, "trained", policy_path))
     if router is None:
         router = load_round_policy(out, config.rounds, config.deterministic)
     return DAggerResult(out=out, rounds=rounds, policy_paths=paths, bc_summaries=summaries,
-                        final_router=router)
+                        final_router=router, first_round=first)
 
 
 def load_round_policy(out: str | Path, k: int, deterministic: bool = True,
@@ -456,5 +614,6 @@ def load_round_policy(out: str | Path, k: int, deterministic: bool = True,
 
 
 __all__ = ["DAggerConfig", "DAggerResult", "RoundData", "RoundEvent", "check_or_write_manifest",
-           "label_episodes", "load_round_policy", "make_teacher", "policy_agreement",
-           "run_dagger", "run_settings"]
+           "check_teacher", "label_episodes", "load_round_policy", "make_env", "make_teacher",
+           "policy_agreement", "run_dagger", "run_settings", "scenario_env",
+           "trajectories_digest"]
