@@ -227,3 +227,34 @@ def test_held_out_trace_rows_are_named():
     text = report.held_out_data(SimpleNamespace(workload=workload), training)
     assert text == "trace rows 8400..12030 of conv.jsonl (training: rows 0..8399)"
     assert report.held_out_data(SimpleNamespace(workload=SimpleNamespace(trace_rows=None))) == ""
+
+
+def test_a_family_with_a_holdout_is_reported_on_its_held_out_scenarios():
+    """The ``prefix`` family names the scenarios it never draws; the report evaluates those,
+    in the family's observation layout, with the evaluation's episode length."""
+    from llm_cluster_env.env.family import family_layout, family_trace_missing, load_family
+    from llm_cluster_env.env.cluster_env import LLMClusterEnv
+
+    family = load_family("prefix")
+    if family_trace_missing(family) is not None:
+        pytest.skip("the Mooncake trace is not in ../shared/data/mooncake")
+    configs = report.family_holdout_configs(family, 64)
+    assert [c.name for c in configs] == list(family.holdout)
+    for config in configs:
+        assert config.episode_requests == 64
+        env = LLMClusterEnv(config=config)
+        assert env.layout.names == family_layout(family).names
+    assert report.family_holdout_configs(load_family("generalist"), 64) == []
+    assert report.family_holdout_configs(None, 64) == []
+
+
+def test_the_holdout_data_names_the_held_out_trace_rows_and_the_training_ones():
+    from llm_cluster_env.env.family import family_trace_missing, load_family
+
+    family = load_family("prefix")
+    if family_trace_missing(family) is not None:
+        pytest.skip("the Mooncake trace is not in ../shared/data/mooncake")
+    text = report.holdout_data(report.family_holdout_configs(family, 64), family)
+    assert "prefix_holdout_mooncake: trace rows 8400..12030 of" in text
+    assert "(training windows: rows 0..8399)" in text
+    assert "prefix_holdout_multiturn: generated" in text

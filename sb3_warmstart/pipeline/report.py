@@ -226,12 +226,14 @@ def router_factories(learned: Mapping[str, Any], heuristics: Sequence[str]
 
 def report_heuristics(config) -> list[str]:
     """The heuristics of a run's report: ``evaluation.routers`` (all when empty), always with
-    ``lor`` (every comparison's reference). Across a family, the routers that need the
-    simulator's state are left out, and the cache-aware ones unless named."""
+    ``lor`` (every comparison's reference). Across a family, the cache-aware ones are left out
+    unless named, and the routers that need the simulator's state unless the report runs on
+    the family's named held-out scenarios (single-scenario envs, which can serve them)."""
     ev = config.evaluation
     names = list(ev.router_names)
-    if config.family_config is not None:
-        names = [n for n in names if not ROUTERS[n].requires_context
+    family = config.family_config
+    if family is not None:  # held-out family draws cannot serve routers needing the simulator
+        names = [n for n in names if (family.holdout or not ROUTERS[n].requires_context)
                  and (ev.routers or n not in CACHE_AWARE_ROUTERS)]
     if "lor" not in names:
         names.insert(0, "lor")
@@ -985,6 +987,26 @@ def held_out_data(spec: EnvConfig | ScenarioFamilyConfig,
     return f"trace rows {rows[0]}..{rows[1] - 1} of {trace} ({seen})"
 
 
+def holdout_data(configs: Sequence[EnvConfig], family) -> str:
+    """The trace rows the family's held-out scenarios replay, with the rows its training
+    windows come from: ``prefix_holdout_mooncake: trace rows 8400..12030 of <file> (training
+    windows: rows 0..8399)``; the scenarios without trace rows are named as generated."""
+    trained = [c.trace_rows for c in family.workloads if c.kind == "trace"]
+    seen = ("training windows: " + ", ".join(f"rows {a}..{b - 1}" for a, b in trained)
+            if trained else "the family replays no trace")
+    parts = []
+    for config in configs:
+        rows = config.workload.trace_rows
+        if rows is None:
+            parts.append(f"{config.name}: generated")
+        else:
+            trace = Path(config.workload.trace_path).name if config.workload.trace_path else \
+                "the trace"
+            parts.append(f"{config.name}: trace rows {rows[0]}..{rows[1] - 1} of {trace} "
+                         f"({seen})")
+    return "; ".join(parts)
+
+
 def family_holdout_configs(family, episode_requests: int | None) -> list[EnvConfig]:
     """The scenarios a family leaves out for validation (``family.holdout``), each built in the
     family's observation layout (so the family's policy can route them) with
@@ -1069,7 +1091,8 @@ def build_report(run_dir: str | Path, config, session, monitor, *, pretrained=No
     summary = write_report(Path(run_dir) / "report", held_out, title=title,
                            description=description, history=history, lor_by_seed=lor_by_seed,
                            stabilization_steps=stabilization, notes=notes,
-                           held_out_data=held_out_data(spec, training_env_spec(config)))
+                           held_out_data=(holdout_data(holdout_specs, family) if holdout_specs
+                                          else held_out_data(spec, training_env_spec(config))))
     print(f"\n== {title}: trained policy vs heuristics. {description}")
     print("\n".join(summary["headline"]))
     print(summary["table"])
