@@ -11,9 +11,9 @@ import pytest
 
 pytestmark = pytest.mark.train
 
+from llm_cluster_env.tools.evaluation import RouterResult  # noqa: E402
 from sb3_warmstart.pipeline import report  # noqa: E402
 from sb3_warmstart.pipeline.report import (  # noqa: E402
-    EpisodeResult,
     HeldOutScenario,
     PrefixAim,
     write_report,
@@ -25,10 +25,10 @@ WORKLOAD = 1.0 + 0.5 * np.sin(np.arange(EPISODES))
 
 
 def _result(name: str, e2e: float, *, ttft: float = 0.2, hit: float | None = None,
-            noise: float = 0.0, seed: int = 0) -> EpisodeResult:
+            noise: float = 0.0, seed: int = 0) -> RouterResult:
     """A router whose episode ``i`` has mean E2E ``e2e * WORKLOAD[i] * (1 + noise * z_i)``."""
     rng = np.random.default_rng(seed)
-    result = EpisodeResult(name)
+    result = RouterResult(name)
     for w in WORKLOAD:
         scale = w * (1.0 + noise * rng.standard_normal())
         e2e_s = e2e * scale * np.linspace(0.5, 1.5, 50)
@@ -41,7 +41,7 @@ def _result(name: str, e2e: float, *, ttft: float = 0.2, hit: float | None = Non
     return result
 
 
-def _scenario(results: dict[str, EpisodeResult]) -> HeldOutScenario:
+def _scenario(results: dict[str, RouterResult]) -> HeldOutScenario:
     return HeldOutScenario("a100x4_conv_70", list(range(EPISODES)), results)
 
 
@@ -129,8 +129,8 @@ def test_family_runs_compare_each_episode_with_its_scenarios_best_heuristic(tmp_
     assert "Per scenario: one episode each" in (tmp_path / "report.md").read_text()
 
 
-def _one(name: str, e2e: float) -> EpisodeResult:
-    result = EpisodeResult(name)
+def _one(name: str, e2e: float) -> RouterResult:
+    result = RouterResult(name)
     result.add({"e2e_mean": e2e, "e2e_p99": 2 * e2e, "balance": 0.9},
                SimpleNamespace(e2e=np.full(4, e2e), ttft=np.full(4, e2e / 10)))
     return result
@@ -158,7 +158,7 @@ def test_prefix_aim_verdict(ttft, p99, e2e, met):
                               "e2e_mean": _entry(*e2e)})["met"] is False
 
 
-def _prefix_results(ppo_ttft: float) -> dict[str, EpisodeResult]:
+def _prefix_results(ppo_ttft: float) -> dict[str, RouterResult]:
     return {"ppo": _result("ppo", 1.0, ttft=ppo_ttft, hit=0.5),
             "bc_clone": _result("bc_clone", 1.05, ttft=0.25, hit=0.4),
             "lor": _result("lor", 1.2, ttft=0.3, hit=0.2),
@@ -232,8 +232,8 @@ def test_held_out_trace_rows_are_named():
 def test_a_family_with_a_holdout_is_reported_on_its_held_out_scenarios():
     """The ``prefix`` family names the scenarios it never draws; the report evaluates those,
     in the family's observation layout, with the evaluation's episode length."""
-    from llm_cluster_env.env.family import family_layout, family_trace_missing, load_family
     from llm_cluster_env.env.cluster_env import LLMClusterEnv
+    from llm_cluster_env.env.family import family_layout, family_trace_missing, load_family
 
     family = load_family("prefix")
     if family_trace_missing(family) is not None:

@@ -43,11 +43,23 @@ _SCALE = {"tpot_mean": 1000.0, "slo_attainment": 100.0, "prefix_hit_rate_tokens"
 
 @dataclass
 class RouterResult:
-    """A router's per-episode metrics and its pooled request latencies."""
+    """A router's per-episode metrics and its requests' latencies, episode by episode.
+
+    :param episodes: ``run_episode``'s metrics per episode.
+    :param e2e: per episode, every finished request's end-to-end latency (seconds).
+    :param ttft: per episode, every finished request's time to first token (seconds).
+    """
 
     name: str
     episodes: list[dict[str, float]] = field(default_factory=list)
     e2e: list[np.ndarray] = field(default_factory=list)
+    ttft: list[np.ndarray] = field(default_factory=list)
+
+    def add(self, metrics: Mapping[str, float], latencies: RequestLatencies) -> None:
+        """Record one episode (``run_episode``'s metrics and latencies)."""
+        self.episodes.append(dict(metrics))
+        self.e2e.append(latencies.e2e)
+        self.ttft.append(latencies.ttft)
 
     def mean(self, key: str) -> float:
         values = [ep[key] for ep in self.episodes if key in ep and not math.isnan(ep[key])]
@@ -56,6 +68,10 @@ class RouterResult:
     @property
     def pooled_e2e(self) -> np.ndarray:
         return np.concatenate(self.e2e) if self.e2e else np.zeros(0)
+
+    @property
+    def pooled_ttft(self) -> np.ndarray:
+        return np.concatenate(self.ttft) if self.ttft else np.zeros(0)
 
     def summary(self) -> dict[str, float]:
         keys = sorted({k for ep in self.episodes for k in ep})
@@ -115,8 +131,7 @@ def evaluate_routers(
         result = RouterResult(name)
         for seed in seeds:
             metrics, latencies = run_episode(env, router, seed)
-            result.episodes.append(metrics)
-            result.e2e.append(latencies.e2e)
+            result.add(metrics, latencies)
             if progress:
                 progress(f"{name} seed {seed}: mean E2E {metrics['e2e_mean']:.3f} s")
         results[name] = result

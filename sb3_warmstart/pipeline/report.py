@@ -47,11 +47,11 @@ import numpy as np
 
 from llm_cluster_env.atomic import atomic_write_json, atomic_write_text
 from llm_cluster_env.config import EnvConfig
-from llm_cluster_env.env.cluster_env import LLMClusterEnv
 from llm_cluster_env.env.family import ScenarioFamilyConfig, ScenarioFamilyEnv
 from llm_cluster_env.routing.heuristics import CACHE_AWARE_ROUTERS, ROUTERS, make_router
 from llm_cluster_env.tools.evaluation import (
     RouterResult,
+    evaluate_routers,
     format_table,
     run_episode,
     write_csv,
@@ -102,26 +102,9 @@ PREFIX_MARKER = "prefix_hit_rate_tokens"
 
 
 # ============================================================================ evaluation
-@dataclass
-class EpisodeResult(RouterResult):
-    """A router's episodes (:class:`RouterResult`) with every request's TTFT too.
-
-    :param ttft: per episode, every finished request's time to first token (seconds).
-    """
-
-    ttft: list[np.ndarray] = field(default_factory=list)
-
-    def add(self, metrics: Mapping[str, float], latencies) -> None:
-        """Record one episode (``run_episode``'s metrics and ``RequestLatencies``)."""
-        self.episodes.append(dict(metrics))
-        self.e2e.append(latencies.e2e)
-        self.ttft.append(latencies.ttft)
-
-
 def pooled_ttft(result: RouterResult) -> np.ndarray:
-    """Every held-out request's TTFT (seconds; empty for a result that kept none)."""
-    ttft = getattr(result, "ttft", [])
-    return np.concatenate(ttft) if ttft else np.zeros(0)
+    """Every held-out request's TTFT (seconds)."""
+    return result.pooled_ttft
 
 
 @dataclass
@@ -157,7 +140,7 @@ def evaluate_held_out(spec: EnvConfig | ScenarioFamilyConfig,
     :class:`HeldOutScenario` holding all the episodes.
 
     :param routers: name -> factory of the router (learned or heuristic).
-    :param progress: called with the router's name after each episode.
+    :param progress: called with a short line after each episode.
     """
     if isinstance(spec, ScenarioFamilyConfig):
         env = ScenarioFamilyEnv(spec)
@@ -165,41 +148,15 @@ def evaluate_held_out(spec: EnvConfig | ScenarioFamilyConfig,
         for seed in seeds:
             results = {}
             for name, factory in routers.items():
-                results[name] = EpisodeResult(name)
+                results[name] = RouterResult(name)
                 results[name].add(*run_episode(env, factory(), int(seed)))
                 if progress is not None:
                     progress(name)
             out.append(HeldOutScenario(scenario_label(env.scenario), [int(seed)], results,
                                        dict(env.scenario)))
         return out
-    results = evaluate_scenario({"config": spec}, routers, seeds, progress)
+    results = evaluate_routers({"config": spec}, routers, [int(s) for s in seeds], progress)
     return [HeldOutScenario(spec.name, [int(s) for s in seeds], results, {"name": spec.name})]
-
-
-def evaluate_scenario(env_kwargs: Mapping[str, Any], routers: Mapping[str, Callable[[], Any]],
-                      seeds: Sequence[int], progress: Callable[[str], None] | None = None
-                      ) -> dict[str, EpisodeResult]:
-    """Every router on every episode seed of one scenario (the same arrivals for all).
-
-    Every router is built, and refused if it reads a feature the env lacks, before any episode
-    runs (as ``evaluate_routers``, whose results lack the requests' TTFT).
-
-    :param env_kwargs: ``LLMClusterEnv`` keyword arguments (``{"config": EnvConfig}``).
-    :param progress: called with the router's name after each episode.
-    """
-    env = LLMClusterEnv(**env_kwargs)
-    built = {name: factory() for name, factory in routers.items()}
-    for router in built.values():
-        env.observe_for(router)
-    env.observe_for(None)
-    results: dict[str, EpisodeResult] = {}
-    for name, router in built.items():
-        results[name] = EpisodeResult(name)
-        for seed in seeds:
-            results[name].add(*run_episode(env, router, int(seed)))
-            if progress is not None:
-                progress(name)
-    return results
 
 
 def evaluate_policy(policy_routers: Mapping[str, Any], env_kwargs: Mapping[str, Any],
@@ -209,10 +166,10 @@ def evaluate_policy(policy_routers: Mapping[str, Any], env_kwargs: Mapping[str, 
 
     :param env_kwargs: ``LLMClusterEnv`` keyword arguments (``{"config": EnvConfig}`` for a
         built config).
-    :param progress: called with the router's name after each episode.
+    :param progress: called with a short line after each episode.
     """
-    return evaluate_scenario(env_kwargs, router_factories(policy_routers, heuristics), seeds,
-                             progress=progress)
+    return evaluate_routers(env_kwargs, router_factories(policy_routers, heuristics), seeds,
+                            progress=progress)
 
 
 def router_factories(learned: Mapping[str, Any], heuristics: Sequence[str]
@@ -309,10 +266,10 @@ def pooled(scenarios: Sequence[HeldOutScenario]) -> dict[str, RouterResult]:
     out: dict[str, RouterResult] = {}
     for held_out in scenarios:
         for name, result in held_out.results.items():
-            target = out.setdefault(name, EpisodeResult(name))
+            target = out.setdefault(name, RouterResult(name))
             target.episodes.extend(result.episodes)
             target.e2e.extend(result.e2e)
-            target.ttft.extend(getattr(result, "ttft", []))
+            target.ttft.extend(result.ttft)
     return out
 
 
