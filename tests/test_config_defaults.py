@@ -190,3 +190,22 @@ def test_evaluate_resolves_the_reports_evaluation_config():
     assert cli.evaluation_config(args) == config.EvaluationConfig()
     args = cli.build_parser().parse_args(["--model", "x", "--routers", "lor", "--episodes", "2"])
     assert cli.evaluation_config(args) == config.EvaluationConfig(episodes=2, routers=("lor",))
+
+
+def test_a_setting_added_later_at_the_old_behaviour_leaves_the_identity_unchanged():
+    """Runs saved before ``warm_start.demo_objective`` existed trained with mean-E2E
+    demonstrations: at that value the setting is not in the identity (so they, their
+    checkpoints and DAgger rounds still match); at ``mean_ttft`` it is another run."""
+    from sb3_warmstart.pipeline.config import (
+        ADDED_SETTINGS,
+        identity_differences,
+        load_config,
+    )
+
+    assert ADDED_SETTINGS["warm_start.demo_objective"] == "mean_e2e"
+    current = load_config(None).training_identity()
+    assert "demo_objective" not in current["warm_start"]
+    assert "demo_objective" in load_config(None).to_dict()["warm_start"]
+    ttft = load_config(None, overrides={"warm_start": {"demo_objective": "mean_ttft"}})
+    assert identity_differences(current, ttft.training_identity()) == [
+        "warm_start.demo_objective: '<absent>' -> 'mean_ttft'"]

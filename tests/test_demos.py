@@ -511,3 +511,35 @@ def test_family_demonstrations_round_trip_through_the_store(tmp_path):
     save_demonstrations(tmp_path / "bad", bad, stats)
     with pytest.raises(ValueError, match=r"actions outside \[0, 5\)"):
         load_demonstrations(tmp_path / "bad")
+
+
+def test_family_demonstrations_pick_the_expert_by_the_chosen_objective():
+    """``objective="mean_ttft"`` keeps, per episode, the candidate with the least mean TTFT
+    (the first within the margin), not the least mean E2E; an unknown objective is refused."""
+    from llm_cluster_env.env.family import load_family
+    from sb3_warmstart.warmstart.family_demos import collect_best_heuristic_demonstrations
+
+    family = load_family("generalist", {"replicas": [2, 4], "replica_slots": 4,
+                                        "episode_requests": 24, "capacity_requests": 100})
+    candidates = ("round_robin", "least_ttft", "least_added_time")
+    trajs, stats = collect_best_heuristic_demonstrations(
+        family=family, total_steps=96, seed=3, candidates=candidates, margin=0.0,
+        objective="mean_ttft")
+    assert stats["objective"] == "mean_ttft"
+    for t, expert in zip(trajs, stats["trajectory_policies"], strict=True):
+        score = t.infos[-1]["candidates_mean_ttft"]
+        assert set(score) == set(candidates)
+        assert score[expert] == min(score.values())
+        assert expert == next(n for n in candidates if score[n] == min(score.values()))
+        assert t.infos[-1]["metrics"]["ttft_mean"] == score[expert]
+    with pytest.raises(ValueError, match="objective='goodput'"):
+        collect_best_heuristic_demonstrations(family=family, total_steps=8, seed=0,
+                                              candidates=candidates, objective="goodput")
+
+
+def test_config_refuses_an_unknown_demo_objective():
+    from llm_cluster_env.validation import ConfigError
+    from sb3_warmstart.pipeline.config import load_config
+
+    with pytest.raises(ConfigError, match="demo_objective.*p99"):
+        load_config(None, overrides={"warm_start": {"demo_objective": "p99"}})

@@ -70,6 +70,26 @@ def test_aim_needs_ttft_shown_lower_tail_within_slack_mean_e2e_not_worse_and_goo
     assert at_80["goodput"] is None and at_80["met"]  # the goodput half is for 90% load
 
 
+def test_aim_against_every_cache_aware_heuristic_takes_each_half_from_its_best():
+    """The strict aim: the candidate beats `dynamo_kv` (least TTFT) on every half, but
+    `llm_d_prefix` has a 10% better tail here, so against every cache-aware heuristic the p99
+    half is missed; cache-aware rows have no such check."""
+    result = synthetic(llm_d_prefix=rows(3.2, p99=45.0))
+    entries = pr.summarise_cell(result)["routers"]
+    assert entries["candidate"]["aim"]["met"]
+    strict = entries["candidate"]["aim_every"]
+    assert strict == {"ttft": True, "p99": False, "e2e": True, "goodput": True, "met": False}
+    assert set(entries["candidate"]["vs_each"]) == {"dynamo_kv", "sglang_cache_aware",
+                                                    "llm_d_prefix", "session_affinity"}
+    p99 = entries["candidate"]["vs_each"]["llm_d_prefix"]["e2e_p99"]
+    assert p99["mean"] == pytest.approx(50.5 / 45.0 - 1, rel=1e-6)
+    assert "aim_every" not in entries["llm_d_prefix"]
+    assert pr.summarise_cell(synthetic())["routers"]["candidate"]["aim_every"]["met"]
+    line = next(x for x in pr.format_cell(result, pr.summarise_cell(result))
+                if x.startswith("| `candidate`"))
+    assert "| yes | no: p99 |" in line
+
+
 def test_no_verdict_word_where_the_interval_contains_zero():
     noisy = rows(3.0, spread=0.3)
     noisy["ttft_mean"] = list(np.array(rows(3.0)["ttft_mean"])

@@ -100,6 +100,29 @@ def test_power_of_two_compares_two_random_replicas():
     np.testing.assert_allclose(counts, [3 / 6, 2 / 6, 1 / 6, 0.0], atol=0.03)
 
 
+def test_least_ttft_scores_estimated_first_token_plus_weighted_added_time_and_kv():
+    v = view(est_ttft_s=[2.0, 1.0, 1.5, 3.0], est_delta_s=[1.0, 9.0, 2.0, 0.0])
+    plain = make_router("least_ttft", delta_weight=0.0, kv_weight=0.0)
+    assert plain.select(v) == 1  # TTFT alone: 2, 1, 1.5, 3
+    # + 0.5 x added time: 2.5, 5.5, 2.5, 3 -> the lower index of the tie
+    weighted = make_router("least_ttft", delta_weight=0.5, kv_weight=0.0)
+    assert weighted.select(v) == 0
+    np.testing.assert_allclose(weighted.tied_choices(v), [0, 2])
+    np.testing.assert_allclose(weighted.cost(v), [2.5, 5.5, 2.5, 3.0])
+    # the defaults: + 0.1 x added time + 4 s per unit of KV-cache usage
+    v = view(est_ttft_s=[2.0, 1.0, 1.5, 3.0], est_delta_s=[1.0, 2.0, 2.0, 0.0],
+             kv_usage=[0.1, 0.5, 0.2, 0.0])
+    np.testing.assert_allclose(router("least_ttft").cost(v), [2.5, 3.2, 2.5, 3.0], rtol=1e-6)
+    assert router("least_ttft").select(v) == 0 and plain.select(v) == 1
+
+
+@pytest.mark.parametrize("key", ["delta_weight", "kv_weight"])
+@pytest.mark.parametrize("bad", [-0.1, float("nan"), float("inf"), "1"])
+def test_least_ttft_refuses_a_bad_weight(key, bad):
+    with pytest.raises(ValueError, match=rf"least_ttft\.{key}="):
+        make_router("least_ttft", **{key: bad})
+
+
 @pytest.mark.parametrize("name", sorted(n for n, cls in ROUTERS.items()
                                          if not cls.requires_context
                                          and n not in CACHE_AWARE_ROUTERS))

@@ -51,6 +51,10 @@ from llm_cluster_env.validation import require
 
 #: Known objective names, in the order of the table above.
 OBJECTIVES = ("mean_e2e", "mean_ttft", "ttft_e2e", "goodput")
+#: Objectives a scenario family's demonstrations can choose their expert by
+#: (:mod:`sb3_warmstart.warmstart.family_demos`): positive, lower-is-better and with no weight to
+#: set, since the choice uses a relative margin.
+DEMO_OBJECTIVES = ("mean_e2e", "mean_ttft")
 _HIGHER_IS_BETTER = {"mean_e2e": False, "mean_ttft": False, "ttft_e2e": False, "goodput": True}
 _UNITS = {"mean_e2e": "s", "mean_ttft": "s", "ttft_e2e": "s", "goodput": "requests/s"}
 

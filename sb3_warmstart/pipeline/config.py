@@ -34,6 +34,7 @@ from typing import Any, Literal
 
 from llm_cluster_env.config import EnvConfig
 from llm_cluster_env.routing.heuristics import ROUTERS
+from llm_cluster_env.tools.objectives import DEMO_OBJECTIVES
 from llm_cluster_env.validation import ConfigError, deep_merge, from_dict, require, to_dict
 
 ENV_ID = "LLMCluster-v0"
@@ -227,8 +228,10 @@ class WarmStartConfig:
     :param demo_candidates: training across a family: the routers tried on every sampled
         scenario, in order of preference; the best one's episode is the demonstration
         (:mod:`sb3_warmstart.warmstart.family_demos`). ``demo_policies`` applies to one scenario.
-    :param demo_margin: relative mean-E2E margin within which an earlier candidate counts as
-        the best (keeps near-ties from switching the expert between similar scenarios).
+    :param demo_margin: relative margin of ``demo_objective`` within which an earlier candidate
+        counts as the best (keeps near-ties from switching the expert between similar scenarios).
+    :param demo_objective: what the family's candidates are ranked by: ``mean_e2e`` or
+        ``mean_ttft`` (a profile judged on first tokens).
     """
 
     enabled: bool = True
@@ -236,6 +239,7 @@ class WarmStartConfig:
     demo_candidates: tuple[str, ...] = ("least_added_time", "lor", "weighted_lor",
                                         "least_work_time", "llm_d")
     demo_margin: float = 0.005
+    demo_objective: str = "mean_e2e"
     demo_steps: int = 16384
     demo_episode_requests: int = 256
     imbalance: bool = False
@@ -262,6 +266,8 @@ class WarmStartConfig:
                     "the observation")
         require(0.0 <= self.demo_margin < 1.0, "demo_margin", self.demo_margin,
                 "must be in [0, 1)")
+        require(self.demo_objective in DEMO_OBJECTIVES, "demo_objective",
+                self.demo_objective, f"must be one of {DEMO_OBJECTIVES}")
         require(self.demo_steps >= 1, "demo_steps", self.demo_steps, "must be >= 1")
         require(self.demo_episode_requests >= 8, "demo_episode_requests",
                 self.demo_episode_requests, "must be >= 8")
@@ -699,8 +705,13 @@ class TrainingConfig:
         """Everything that changes what is trained: the resolved config less the sections that
         only say how the run is kept and reported (:data:`RUN_ONLY_SECTIONS`). Two configs with
         equal identities train bit-identical policies; a run folder belongs to one identity.
+        A setting of :data:`ADDED_SETTINGS` at its listed value is left out.
         ``env`` is the resolved environment (so an edited scenario file counts as a change)."""
         identity = {k: v for k, v in to_dict(self).items() if k not in RUN_ONLY_SECTIONS}
+        for path, legacy in ADDED_SETTINGS.items():
+            section, key = path.split(".")
+            if identity.get(section, {}).get(key, legacy) == legacy:
+                identity[section].pop(key, None)
         identity["env"] = to_dict(self.env)
         if self.family_config is not None:
             identity["family"] = to_dict(self.family_config)
@@ -712,6 +723,14 @@ class TrainingConfig:
 RUN_ONLY_SECTIONS = ("checkpointing", "evaluation")
 #: Largest seed: seeds feed NumPy's SeedSequence, torch and Python's ``random`` (all 64-bit).
 MAX_SEED = 2**32 - 1
+
+
+#: Settings added after run folders were made, each with the value that trains what those
+#: runs trained. :meth:`TrainingConfig.training_identity` leaves such a setting out while it
+#: holds that value, so older run folders, checkpoints and DAgger rounds still match (a
+#: setting whose default changed what is trained, such as the ``dagger`` section, is not
+#: listed).
+ADDED_SETTINGS: Mapping[str, Any] = {"warm_start.demo_objective": "mean_e2e"}
 
 
 def identity_differences(saved: Mapping[str, Any], current: Mapping[str, Any],
@@ -870,4 +889,5 @@ def dump_config(config: TrainingConfig, path: str | Path, profile: str = DEFAULT
     atomic_write_text(path, dump_config_text(config, profile))
 
 
-__all__ = ["ConfigError", "TrainingConfig", "dump_config", "identity_differences", "load_config"]
+__all__ = ["ADDED_SETTINGS", "ConfigError", "TrainingConfig", "dump_config",
+           "identity_differences", "load_config"]

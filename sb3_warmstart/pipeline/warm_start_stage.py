@@ -141,6 +141,8 @@ def demonstrations(config: TrainingConfig, run_dir: Path, *, force: bool = False
                     "episode_requests": ws.demo_episode_requests,
                     "candidates": list(ws.demo_candidates), "margin": ws.demo_margin,
                     "steps": ws.demo_steps, "seed": config.seed}
+        if ws.demo_objective != "mean_e2e":  # earlier runs' demos keep their fingerprint
+            settings["objective"] = ws.demo_objective
     if path.is_dir() and not force:
         try:
             trajectories, stats = load_demonstrations(path)
@@ -157,9 +159,11 @@ def demonstrations(config: TrainingConfig, run_dir: Path, *, force: bool = False
 
         trajectories, stats = collect_best_heuristic_demonstrations(
             family=family, total_steps=ws.demo_steps, seed=config.seed,
-            candidates=ws.demo_candidates, margin=ws.demo_margin, progress=progress)
-        log.info("demos: best heuristic per sampled scenario: %s; lor %.1f%% above the best "
-                 "on average", stats["expert_wins"], 100 * stats["lor_over_best_mean"])
+            candidates=ws.demo_candidates, margin=ws.demo_margin, objective=ws.demo_objective,
+            progress=progress)
+        log.info("demos: best heuristic per sampled scenario by %s: %s; lor %.1f%% above the "
+                 "best on average", ws.demo_objective, stats["expert_wins"],
+                 100 * stats["lor_over_best_mean"])
     else:
         trajectories, stats = collect_demonstrations(
             env_config=env_config, policies=ws.demo_policies, total_steps=ws.demo_steps,

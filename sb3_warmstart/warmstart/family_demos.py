@@ -3,8 +3,9 @@
 For every demonstration episode a scenario is drawn from the family
 (:class:`~llm_cluster_env.env.family.ScenarioFamilyEnv`, seeded from ``seed``); every candidate
 router routes that same episode (same cluster, same requests), and the trajectory of the best
-one is kept: the first candidate (in the given order, a preference) whose mean end-to-end
-latency is within ``margin`` of the lowest. The margin keeps near-ties (on identical replicas
+one is kept: the first candidate (in the given order, a preference) whose ``objective``
+(mean end-to-end latency by default, ``mean_ttft`` for a profile judged on first tokens;
+:mod:`llm_cluster_env.tools.objectives`) is within ``margin`` of the lowest. The margin keeps near-ties (on identical replicas
 every balanced rule is within a fraction of a percent) from switching the expert back and forth
 between similar scenarios, which would only add label noise. So the clone learns, per kind of
 cluster and workload, the rule that works best there, not one rule everywhere.
@@ -36,13 +37,15 @@ from llm_cluster_env.env.family import (
 from llm_cluster_env.env.observation import ObservationLayout
 from llm_cluster_env.routing.heuristics import ROUTERS, make_router
 from llm_cluster_env.tools.evaluation import balance_score
+from llm_cluster_env.tools.objectives import DEMO_OBJECTIVES, make_objective
 from sb3_warmstart.warmstart.demo_store import FORMAT
 
 #: Observation-only routers tried on every scenario, in order of preference (random, round
 #: robin and Vidur's ``lor_waiting`` are never best; the look-ahead needs the simulator).
 DEFAULT_CANDIDATES = ("least_added_time", "lor", "weighted_lor", "least_work_time", "llm_d")
-#: Relative E2E margin within which the earlier candidate is kept (see the module docstring).
+#: Relative margin within which the earlier candidate is kept (see the module docstring).
 DEFAULT_MARGIN = 0.005
+
 _MAX_SEED = 2**63 - 1
 
 
@@ -82,7 +85,7 @@ def _rollout(env: ScenarioFamilyEnv, router_name: str, seed: int) -> dict[str, A
 def collect_best_heuristic_demonstrations(
         *, family: str | Mapping[str, Any] | ScenarioFamilyConfig, total_steps: int, seed: int,
         candidates: Sequence[str] = DEFAULT_CANDIDATES, margin: float = DEFAULT_MARGIN,
-        shared_cache: dict | None = None, progress: bool = False
+        objective: str = "mean_e2e", shared_cache: dict | None = None, progress: bool = False
         ) -> tuple[list[TrajectoryWithRew], dict[str, Any]]:
     """Collect at least ``total_steps`` transitions (whole episodes) of the best candidate per
     sampled scenario (module docstring).
@@ -91,7 +94,10 @@ def collect_best_heuristic_demonstrations(
     :param total_steps: transitions to collect (rounded up to whole episodes).
     :param seed: root of every episode's seed (``SeedSequence(seed)``).
     :param candidates: observation-only router names tried on every scenario, preferred first.
-    :param margin: relative E2E margin within which an earlier candidate counts as best.
+    :param margin: relative ``objective`` margin within which an earlier candidate counts as
+        best.
+    :param objective: what candidates are ranked by, one of
+        :data:`~llm_cluster_env.tools.objectives.DEMO_OBJECTIVES`.
     :param shared_cache: shared with the family env (measured capacities, env parts).
     :param progress: print one line per episode.
     :return: ``(trajectories, stats)``; stats are JSON-able (format of
@@ -101,6 +107,9 @@ def collect_best_heuristic_demonstrations(
         raise ValueError(f"total_steps={total_steps}: must be >= 1")
     if not 0.0 <= margin < 1.0:
         raise ValueError(f"margin={margin}: must be in [0, 1)")
+    if objective not in DEMO_OBJECTIVES:
+        raise ValueError(f"objective={objective!r}: must be one of {DEMO_OBJECTIVES}")
+    scorer = make_objective(objective)
     names = _check_candidates(candidates)
     config = load_family(family)
     env = ScenarioFamilyEnv(config, shared_cache=shared_cache)
@@ -116,17 +125,19 @@ def collect_best_heuristic_demonstrations(
         episode_seed = int(seeds.integers(_MAX_SEED))
         runs = {name: _rollout(env, name, episode_seed) for name in names}
         e2e = {name: run["metrics"]["e2e_mean"] for name, run in runs.items()}
-        lowest = min(e2e.values())
-        best = next(n for n in names if e2e[n] <= lowest * (1.0 + margin))
+        score = {name: scorer.value(run["metrics"]) for name, run in runs.items()}
+        lowest = min(score.values())
+        best = next(n for n in names if score[n] <= lowest * (1.0 + margin))
         run = runs[best]
         infos = np.array([{}] * (len(run["acts"]) - 1) + [{
             "metrics": run["metrics"], "episode_seed": episode_seed, "expert": best,
-            "scenario": run["scenario"], "candidates_e2e_mean": e2e}], dtype=object)
+            "scenario": run["scenario"], "candidates_e2e_mean": e2e,
+            f"candidates_{objective}": score}], dtype=object)
         trajectories.append(TrajectoryWithRew(obs=run["obs"], acts=run["acts"], infos=infos,
                                               terminal=True, rews=run["rews"]))
         experts.append(best)
         wins[best] += 1
-        gaps.append(e2e["lor"] / lowest - 1.0 if "lor" in e2e else 0.0)
+        gaps.append(score["lor"] / lowest - 1.0 if "lor" in score else 0.0)
         steps += len(run["acts"])
         if progress:
             print(f"[demos] episode {len(trajectories)}: {run['scenario']['replicas']} replicas, "
@@ -141,6 +152,7 @@ def collect_best_heuristic_demonstrations(
         "schema": layout.schema(),
         "candidates": names,
         "margin": margin,
+        "objective": objective,
         "trajectory_policies": experts,
         "expert_wins": wins,
         "lor_over_best_mean": float(np.mean(gaps)),
