@@ -37,6 +37,22 @@ def vidur_data_dir() -> Path:
     return Path(override) if override else REPO_ROOT.parent / "shared" / "data" / "vidur"
 
 
+def follow_base(env, seed, steps=None, actions=None):
+    """The planner benchmark's base-policy replay (``benchmarks.planner.follow_base_policy``)."""
+    from benchmarks.planner import follow_base_policy
+
+    return follow_base_policy(env, seed, actions, steps)
+
+
+def planner(env, **fields):
+    """A rollout planner with ``PlannerConfig(**fields)``, bound to ``env`` and reset (seed 0)."""
+    from llm_cluster_env.routing.planner import PlannerConfig, RolloutPlannerRouter
+
+    router = RolloutPlannerRouter(PlannerConfig(**fields)).bind(env)
+    router.reset(env.num_replicas, np.random.default_rng(0))
+    return router
+
+
 def load_script(name: str):
     """Import ``train/<name>.py`` (a script, not a package module) for its ``main``."""
     import importlib.util

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import follow_base, planner
 
 from llm_cluster_env.config import ConfigError
 from llm_cluster_env.env.cluster_env import LLMClusterEnv
@@ -18,19 +19,6 @@ from llm_cluster_env.routing.planner import (
     fork_cluster,
 )
 from llm_cluster_env.tools.evaluation import run_episode
-
-
-def follow_base(env, seed, steps=None, actions=None):
-    """The benchmark's base-policy replay (``benchmarks.planner.follow_base_policy``)."""
-    from benchmarks.planner import follow_base_policy
-
-    return follow_base_policy(env, seed, actions, steps)
-
-
-def planner(env, **fields):
-    router = RolloutPlannerRouter(PlannerConfig(**fields)).bind(env)
-    router.reset(env.num_replicas, np.random.default_rng(0))
-    return router
 
 
 # ------------------------------------------------------------------ config

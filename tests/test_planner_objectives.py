@@ -8,6 +8,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from conftest import follow_base, planner
 
 from llm_cluster_env.config import ConfigError
 from llm_cluster_env.env.cluster_env import LLMClusterEnv
@@ -16,18 +17,6 @@ from llm_cluster_env.routing.lookahead import LookaheadRouter
 from llm_cluster_env.routing.planner import PlannerConfig, RolloutPlannerRouter
 from llm_cluster_env.routing.registry import ALL_ROUTERS, make_any_router
 from llm_cluster_env.tools.objectives import rollout_loss
-
-
-def follow_base(env, seed, steps=None, actions=None):
-    from benchmarks.planner import follow_base_policy
-
-    return follow_base_policy(env, seed, actions, steps)
-
-
-def planner(env, **fields):
-    router = RolloutPlannerRouter(PlannerConfig(**fields)).bind(env)
-    router.reset(env.num_replicas, np.random.default_rng(0))
-    return router
 
 
 def req(arrival, first, finish, output):
