@@ -14,7 +14,8 @@ Trajectories are imitation's ``TrajectoryWithRew`` (observations as the family e
 them: ``replica_slots`` slots, the trailing ones empty for small clusters; rewards with the
 scenario's reward scale), stored with
 :func:`sb3_warmstart.warmstart.demo_store.save_demonstrations`. The last ``info`` of each
-holds its episode metrics, seed, scenario, the expert and every candidate's mean E2E.
+holds its episode metrics, seed, scenario, the expert and every candidate's objective value
+(``candidates_<objective>``, e.g. ``candidates_mean_e2e``).
 ``stats["trajectory_policies"]`` names each trajectory's expert; :func:`expert_ties` gives the
 tie sets behaviour cloning scores agreement with.
 """
@@ -124,15 +125,13 @@ def collect_best_heuristic_demonstrations(
     while steps < total_steps:
         episode_seed = int(seeds.integers(_MAX_SEED))
         runs = {name: _rollout(env, name, episode_seed) for name in names}
-        e2e = {name: run["metrics"]["e2e_mean"] for name, run in runs.items()}
         score = {name: scorer.value(run["metrics"]) for name, run in runs.items()}
         lowest = min(score.values())
         best = next(n for n in names if score[n] <= lowest * (1.0 + margin))
         run = runs[best]
         infos = np.array([{}] * (len(run["acts"]) - 1) + [{
             "metrics": run["metrics"], "episode_seed": episode_seed, "expert": best,
-            "scenario": run["scenario"], "candidates_e2e_mean": e2e,
-            f"candidates_{objective}": score}], dtype=object)
+            "scenario": run["scenario"], f"candidates_{objective}": score}], dtype=object)
         trajectories.append(TrajectoryWithRew(obs=run["obs"], acts=run["acts"], infos=infos,
                                               terminal=True, rews=run["rews"]))
         experts.append(best)
