@@ -563,7 +563,9 @@ def _pct(x: float) -> str:
     return "–" if x is None or not math.isfinite(x) else f"{100 * x:+.2f}%"
 
 
-def _ci(comp: Mapping[str, Any] | None) -> str:
+def interval_text(comp: Mapping[str, Any] | None) -> str:
+    """``+0.12% [-0.03%, +0.27%]`` from a mapping with ``mean``, ``low`` and ``high``
+    (fractions); "–" for none."""
     if not comp:
         return "–"
     return f"{_pct(comp['mean'])} [{_pct(comp['low'])}, {_pct(comp['high'])}]"
@@ -592,16 +594,10 @@ def cell_markdown(name: str, cell_result: Mapping[str, Any]) -> str:
         clip = r["clip_share"]
         lines.append(
             f"| `{router}` | {r['seeds']}×{r['requests']} | {r['e2e_mean']:.3f} | "
-            f"{r['e2e_p99']:.2f} | {_ci(r['vs_best'])} | {_word(r['vs_best'])} | "
-            f"{_ci(r.get('vs_lookahead'))} | {_word(r.get('vs_lookahead'))} | "
+            f"{r['e2e_p99']:.2f} | {interval_text(r['vs_best'])} | {_word(r['vs_best'])} | "
+            f"{interval_text(r.get('vs_lookahead'))} | {_word(r.get('vs_lookahead'))} | "
             f"{r['ms_per_decision']:.2f} | {'' if not math.isfinite(clip) else f'{100 * clip:.1f}%'} |")
     return "\n".join(lines)
-
-
-def _mean_ci(d: Mapping[str, Any] | None) -> str:
-    if not d:
-        return "–"
-    return f"{_pct(d['mean'])} [{_pct(d['low'])}, {_pct(d['high'])}]"
 
 
 def summary_markdown(summaries: Mapping[str, Mapping[str, Any]]) -> str:
@@ -614,14 +610,14 @@ def summary_markdown(summaries: Mapping[str, Mapping[str, Any]]) -> str:
         gap_text = "–"
         if gap:
             gap_text = (f"{100 * gap['share']:.0f}% [{100 * gap['low']:.0f}%, "
-                        f"{100 * gap['high']:.0f}%] of a {_mean_ci({'mean': gap['gap'], 'low': gap['gap_low'], 'high': gap['gap_high']})} gap"
+                        f"{100 * gap['high']:.0f}%] of a {interval_text({'mean': gap['gap'], 'low': gap['gap_low'], 'high': gap['gap_high']})} gap"
                         if math.isfinite(gap["share"]) else
                         f"undefined: gap {_pct(gap['gap'])} [{_pct(gap['gap_low'])}, "
                         f"{_pct(gap['gap_high'])}] not above 0")
         w = s["worst"]
         lo, hi = s.get("ms_per_decision_range", (math.nan, math.nan))
-        lines.append(f"| `{router}` | {len(s['cells'])} | {_mean_ci(s['vs_best'])} | "
-                     f"`{w['cell']}` {_ci(w)} | {_mean_ci(s.get('vs_lookahead'))} | {gap_text} | "
+        lines.append(f"| `{router}` | {len(s['cells'])} | {interval_text(s['vs_best'])} | "
+                     f"`{w['cell']}` {interval_text(w)} | {interval_text(s.get('vs_lookahead'))} | {gap_text} | "
                      f"{s['ms_per_decision']:.1f} ({lo:.1f}–{hi:.1f}) |")
     lines += ["", "Verdicts (\"met\"/\"missed\" only when the 95% interval is on one side of "
               "the bound; \"not shown\" otherwise):", ""]
@@ -653,14 +649,15 @@ def report_markdown(report: Mapping[str, Any]) -> str:
     return "\n".join(parts)
 
 
-def write_markdown(path: str | Path, block: str) -> None:
-    """Write ``block`` into ``path``: between the markers when the file has them (the prose
-    around stays), else as the whole file."""
+def write_markdown(path: str | Path, block: str, begin: str = MARK_BEGIN,
+                   end: str = MARK_END) -> None:
+    """Write ``block`` into ``path``: between the markers ``begin`` and ``end`` when the file
+    has them (the prose around stays), else as the whole file."""
     target = Path(path)
     text = target.read_text() if target.is_file() else ""
-    if MARK_BEGIN in text and MARK_END in text:
-        head, rest = text.split(MARK_BEGIN, 1)
-        tail = rest.split(MARK_END, 1)[1]
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        tail = rest.split(end, 1)[1]
         text = head + block + tail
     else:
         text = block + "\n"
@@ -763,7 +760,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def _settings(args: argparse.Namespace, argv: list[str], wall_s: float, cpu_s: float
+def run_settings(args: argparse.Namespace, argv: list[str], wall_s: float, cpu_s: float
               ) -> dict[str, Any]:
     """The run's settings and conditions (``wall_s``/``cpu_s``: seconds of wall and of this
     process's CPU time)."""
@@ -810,7 +807,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             name, baselines, learned, seeds, args.requests, planner_seeds,
             args.planner_requests, cache, family, args.planner_max_replicas or None,
             progress=lambda m: print("  " + m, file=sys.stderr, flush=True))
-        settings = _settings(args, argv, time.perf_counter() - start,
+        settings = run_settings(args, argv, time.perf_counter() - start,
                              time.process_time() - cpu_start)
         report = {"settings": {**settings, "cells_done": len(cells)},
                   "summary": summarise(cells, [*learned, *PLANNERS]), "cells": cells}

@@ -34,6 +34,7 @@ from llm_cluster_env.tools.evaluation import run_episode
     ({"assignment": "each"}, "planner.assignment='each'"),
     ({"lengths": "mean"}, "planner.lengths='mean'"),
     ({"clairvoyant": 1}, "planner.clairvoyant=1"),
+    ({"clairvoyant_lengths": "no"}, "planner.clairvoyant_lengths='no'"),
     ({"switch_t": -1.0}, "planner.switch_t=-1.0"),
     ({"seed": -1}, "planner.seed=-1"),
 ])
@@ -93,6 +94,48 @@ def test_expected_lengths_and_no_arrival_in_the_horizon_is_the_lookahead():
     cands = list(est.candidates)
     for costs in est.costs:  # no randomness left: every future is the same
         np.testing.assert_allclose(costs - costs[0], look[cands] - look[cands[0]], atol=1e-6)
+
+
+def test_true_arrivals_with_expected_lengths_and_no_arrival_is_the_lookahead():
+    """The arrivals half of the clairvoyant bound: with no arrival in the horizon it is
+    ``lookahead`` with its expected lengths (not the oracle's), one future."""
+    env = LLMClusterEnv(scenario="heterogeneous", episode_requests=300)
+    follow_base(env, 2, 150)
+    router = planner(env, horizon_s=1e-9, candidates=4, samples=3, clairvoyant=True,
+                     clairvoyant_lengths=False, lengths="expected")
+    assert router.futures_per_decision() == 1
+    est = router.estimate(env.view)
+    look = LookaheadRouter().costs(env.view)
+    oracle = LookaheadRouter(oracle=True).costs(env.view)
+    cands = list(est.candidates)
+    np.testing.assert_allclose(est.costs[0] - est.costs[0, 0], look[cands] - look[cands[0]],
+                               atol=1e-6)
+    assert not np.allclose(oracle[cands] - oracle[cands[0]], look[cands] - look[cands[0]])
+
+
+def test_true_arrivals_keep_their_times_and_prompts_and_estimate_their_outputs():
+    env = LLMClusterEnv(scenario="a100x4_conv_90", episode_requests=300)
+    follow_base(env, 5, 120)
+    expected = planner(env, horizon_s=2.0, clairvoyant=True, clairvoyant_lengths=False,
+                       lengths="expected")
+    sampled = planner(env, horizon_s=2.0, clairvoyant=True, clairvoyant_lengths=False,
+                      samples=3)
+    assert sampled.futures_per_decision() == 3
+    context = expected.context(env.view)
+    truth = expected.true_arrivals(context.request, context.now)
+    assert len(truth) >= 5
+    _, _, pending, arrivals = expected._future(context, 0)
+    assert [(a.id, a.arrival_time, a.prompt_tokens) for a in arrivals] == \
+        [(a.id, a.arrival_time, a.prompt_tokens) for a in truth]
+    from llm_cluster_env.routing.lookahead import expected_length
+    prior = context.output_prior
+    assert [a.output_tokens for a in arrivals] == [expected_length(prior, a, 0) for a in truth]
+    assert pending.output_tokens == expected_length(prior, context.request, 0)
+    drawn = [[a.output_tokens for a in sampled._future(context, k)[3]] for k in range(3)]
+    assert len({tuple(d) for d in drawn}) > 1  # each future draws its own lengths
+    assert [len(d) for d in drawn] == [len(truth)] * 3
+    costs = sampled.estimate(env.view).costs
+    assert costs.shape == (3, 2) and np.all(np.isfinite(costs))
 
 
 def test_fork_leaves_the_simulators_replicas_untouched():

@@ -51,6 +51,9 @@ rollout's cost counts, over every request the copy holds from the decision until
 
 ``clairvoyant=True`` uses the episode's true future arrivals and every request's true output
 length (one future; ``samples`` is not used): the bound of what better futures could give.
+With ``clairvoyant_lengths=False`` it knows the arrivals (times and prompts) but estimates
+every output length by ``lengths`` like the sampled planner: the part of the bound that
+knowing the arrivals is worth.
 
 A baseline, not a deployable design: it needs the whole simulator state, and costs
 ``candidates x samples`` cluster simulations per request (``benchmarks/planner.py`` reports
@@ -110,6 +113,12 @@ class PlannerConfig:
         sampled ones: ``"sampled"`` from the workload's lengths given the tokens generated, or
         ``"expected"`` (``lookahead``'s: ``g + E[O - g | O > g]``, new ones ``E[O | prompt]``).
     :param clairvoyant: the episode's true future and true output lengths instead of samples.
+    :param clairvoyant_lengths: with ``clairvoyant``: also the true output lengths (the
+        default). ``False`` takes the true future arrivals (times and prompts) but estimates
+        every output length by ``lengths``, as the sampled planner does (``"sampled"`` draws an
+        arrival's output from the workload's output lengths, not conditioned on its prompt;
+        ``"expected"`` takes ``E[O | prompt]``): the two halves of the clairvoyant bound, what
+        the arrivals are worth and what the lengths are worth.
     :param switch_t: leave the base's choice only for a candidate whose mean saving over the
         futures is at least this many standard errors of the paired difference (>= 0; 0 = the
         least mean cost). A guard against acting on noise.
@@ -131,6 +140,7 @@ class PlannerConfig:
     assignment: str = "shared"
     lengths: str = "sampled"
     clairvoyant: bool = False
+    clairvoyant_lengths: bool = True
     switch_t: float = 0.0
     seed: int = 0
     objective: str = "mean_e2e"
@@ -159,6 +169,8 @@ class PlannerConfig:
         need(self.assignment in ASSIGNMENTS, "assignment", f"must be one of {ASSIGNMENTS}")
         need(self.lengths in LENGTHS, "lengths", f"must be one of {LENGTHS}")
         need(isinstance(self.clairvoyant, bool), "clairvoyant", "must be True or False")
+        need(isinstance(self.clairvoyant_lengths, bool), "clairvoyant_lengths",
+             "must be True or False")
         need(isinstance(self.switch_t, (int, float)) and not isinstance(self.switch_t, bool)
              and self.switch_t >= 0 and np.isfinite(self.switch_t), "switch_t",
              "must be a finite number >= 0")
@@ -423,14 +435,15 @@ class RolloutPlannerRouter(Router):
         """Future ``k``: (prepared replica copies, their ready times, the pending request with
         its length for this future, the arrivals)."""
         request, now = context.request, context.now
-        if self.config.clairvoyant:
+        cfg = self.config
+        if cfg.clairvoyant and cfg.clairvoyant_lengths:
             return context.replicas, None, request, self.true_arrivals(request, now)
-        if self.workload is None:
+        if self.workload is None and (not cfg.clairvoyant or cfg.lengths == "sampled"):
             raise ValueError("rollout_planner: no workload model to sample futures from: "
                              "bind(env) or pass workload=")
         rng = np.random.default_rng([self.config.seed, self._episode_key, request.id, k])
         prior = context.output_prior
-        if self.config.lengths == "sampled":
+        if cfg.lengths == "sampled":
             lengths = self._length_sampler()
 
             def length_of(req, generated):
@@ -447,11 +460,24 @@ class RolloutPlannerRouter(Router):
             copies.append(twin)
         pending = Request(request.id, request.arrival_time, request.prompt_tokens,
                           length_of(request, 0), request.chain)
-        arrivals = self.sample_arrivals(now, rng)
-        if self.config.lengths == "expected":
+        if cfg.clairvoyant:  # true arrivals, estimated outputs
+            arrivals = self.true_arrivals(request, now)
             for req in arrivals:
                 req.output_tokens = length_of(req, 0)
+        else:
+            arrivals = self.sample_arrivals(now, rng)
+            if cfg.lengths == "expected":
+                for req in arrivals:
+                    req.output_tokens = length_of(req, 0)
         return copies, ready, pending, arrivals
+
+    def futures_per_decision(self) -> int:
+        """Futures averaged per decision: one when nothing is sampled (the true future with
+        true or expected lengths), else ``samples``."""
+        cfg = self.config
+        if cfg.clairvoyant and (cfg.clairvoyant_lengths or cfg.lengths == "expected"):
+            return 1
+        return cfg.samples
 
     def base_scores(self, view: ClusterView) -> np.ndarray:
         """The base rule's per-replica scores (seconds): the observation's ``est_delta_s``, or
@@ -476,7 +502,7 @@ class RolloutPlannerRouter(Router):
         scores = self.base_scores(view)
         order = np.argsort(scores, kind="stable")[: cfg.candidates]
         candidates = tuple(int(i) for i in order)
-        futures = 1 if cfg.clairvoyant else cfg.samples
+        futures = self.futures_per_decision()
         costs = np.zeros((futures, len(candidates)))
         if len(candidates) == 1:
             return PlanEstimate(candidates, costs, scores)
