@@ -54,6 +54,18 @@ def test_summary_shares_on_synthetic_cells():
     assert shares[cv.ORACLE]["gap"] == pytest.approx(0.02)
     assert shares[cv.ORACLE]["cells"] == 2
     assert set(summary["shares"]) == {cv.BOTH}  # no other bound ran
+    assert summary["better_rule_per_cell"]["mean"] == pytest.approx(0.0)  # lookahead = best
+
+
+def test_better_rule_per_cell_takes_lookahead_only_where_it_wins():
+    def cell(lookahead):
+        return {"rows": {"lookahead": {"e2e_mean_per_seed": lookahead, "ms_per_decision": 1.0,
+                                       "best_per_seed": [10.0, 10.0],
+                                       "lookahead_per_seed": lookahead}}}
+    cells = {"wins": cell([9.8, 9.8]), "loses": cell([10.4, 10.4])}
+    summary = cv.summarise(cells, [])
+    assert summary["better_rule_per_cell"]["mean"] == pytest.approx(-0.01)
+    assert summary["rows"]["lookahead"]["vs_best"]["mean"] == pytest.approx(0.01)
 
 
 def test_tiny_run_writes_the_table_between_its_markers(tmp_path):
