@@ -55,6 +55,7 @@ from benchmarks.generalisation import (
     CELLS,
     HEURISTICS,
     LOOKAHEAD,
+    PLANNER,
     PLANNER_ARRIVALS,
     baseline_routers,
     gap_closed,
@@ -95,13 +96,13 @@ ROWS: dict[str, Callable[[], Any]] = {
     "clairvoyant_arrivals_reroute_10s": lambda: RolloutPlannerRouter(PlannerConfig(
         clairvoyant=True, clairvoyant_lengths=False, lengths="expected", assignment="reroute",
         horizon_s=10.0)),
-    "rollout_planner": lambda: RolloutPlannerRouter(PlannerConfig()),
+    PLANNER: lambda: RolloutPlannerRouter(PlannerConfig()),
 }
 DEFAULT_ROWS = (ORACLE, ARRIVALS, ARRIVALS_SAMPLED, BOTH)
 #: Each clairvoyant bound and the rows that know part of what it knows, with its settings.
 PARTS_OF: dict[str, tuple[str, ...]] = {
-    BOTH: (ORACLE, ARRIVALS, ARRIVALS_SAMPLED, "rollout_planner"),
-    "clairvoyant_reroute_10s": (ORACLE, "clairvoyant_arrivals_reroute_10s", "rollout_planner"),
+    BOTH: (ORACLE, ARRIVALS, ARRIVALS_SAMPLED, PLANNER),
+    "clairvoyant_reroute_10s": (ORACLE, "clairvoyant_arrivals_reroute_10s", PLANNER),
 }
 
 
@@ -109,7 +110,7 @@ def cell_rows(cell_name: str, rows: Sequence[str]) -> dict[str, Callable[[], Any
     """The factories of ``rows`` that can run on the cell (the sampled planner samples only
     Poisson and gamma arrivals)."""
     return {r: ROWS[r] for r in rows
-            if r != "rollout_planner" or CELLS[cell_name].arrival in PLANNER_ARRIVALS}
+            if r != PLANNER or CELLS[cell_name].arrival in PLANNER_ARRIVALS}
 
 
 def evaluate_cell(name: str, rows: Sequence[str], seeds: list[int], requests: int,
@@ -145,8 +146,7 @@ def summarise(cells: Mapping[str, Mapping[str, Any]], rows: Sequence[str]) -> di
             "vs_lookahead": mean_over_cells([relative(r["e2e_mean_per_seed"],
                                                       r["lookahead_per_seed"])
                                              for r in cell_rows_]),
-            "ms_per_decision": float(sorted(r["ms_per_decision"] for r in cell_rows_)[
-                len(cell_rows_) // 2])}
+            "ms_per_decision": float(np.median([r["ms_per_decision"] for r in cell_rows_]))}
     looks = [c["rows"][LOOKAHEAD] for c in cells.values() if LOOKAHEAD in c["rows"]]
     if looks:  # per cell, the better of lookahead and the best heuristic, chosen with hindsight
         gaps = [relative(r["e2e_mean_per_seed"], r["best_per_seed"]) for r in looks]

@@ -441,7 +441,7 @@ class RolloutPlannerRouter(Router):
         if self.workload is None and (not cfg.clairvoyant or cfg.lengths == "sampled"):
             raise ValueError("rollout_planner: no workload model to sample futures from: "
                              "bind(env) or pass workload=")
-        rng = np.random.default_rng([self.config.seed, self._episode_key, request.id, k])
+        rng = np.random.default_rng([cfg.seed, self._episode_key, request.id, k])
         prior = context.output_prior
         if cfg.lengths == "sampled":
             lengths = self._length_sampler()
@@ -460,15 +460,11 @@ class RolloutPlannerRouter(Router):
             copies.append(twin)
         pending = Request(request.id, request.arrival_time, request.prompt_tokens,
                           length_of(request, 0), request.chain)
-        if cfg.clairvoyant:  # true arrivals, estimated outputs
-            arrivals = self.true_arrivals(request, now)
+        arrivals = (self.true_arrivals(request, now) if cfg.clairvoyant
+                    else self.sample_arrivals(now, rng))
+        if cfg.clairvoyant or cfg.lengths == "expected":  # sampled arrivals keep their draws
             for req in arrivals:
                 req.output_tokens = length_of(req, 0)
-        else:
-            arrivals = self.sample_arrivals(now, rng)
-            if cfg.lengths == "expected":
-                for req in arrivals:
-                    req.output_tokens = length_of(req, 0)
         return copies, ready, pending, arrivals
 
     def futures_per_decision(self) -> int:
