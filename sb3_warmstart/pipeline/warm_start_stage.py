@@ -38,7 +38,7 @@ import numpy as np
 
 from llm_cluster_env.config import EnvConfig
 from sb3_warmstart.common.normalize import ReturnNormalizer
-from sb3_warmstart.pipeline.config import PPOConfig, TrainingConfig
+from sb3_warmstart.pipeline.config import ADDED_SETTINGS, PPOConfig, TrainingConfig
 from sb3_warmstart.pipeline.envs import make_base_env, training_env_spec
 from sb3_warmstart.policies.policy_file import class_path
 from sb3_warmstart.policies.replica_set import policy_class_for
@@ -141,7 +141,8 @@ def demonstrations(config: TrainingConfig, run_dir: Path, *, force: bool = False
                     "episode_requests": ws.demo_episode_requests,
                     "candidates": list(ws.demo_candidates), "margin": ws.demo_margin,
                     "steps": ws.demo_steps, "seed": config.seed}
-        if ws.demo_objective != "mean_e2e":  # earlier runs' demos keep their fingerprint
+        if ws.demo_objective != ADDED_SETTINGS["warm_start.demo_objective"]:
+            # at the behaviour it was added with, earlier runs' demos keep their fingerprint
             settings["objective"] = ws.demo_objective
     if path.is_dir() and not force:
         try:

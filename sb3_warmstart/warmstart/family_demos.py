@@ -3,12 +3,13 @@
 For every demonstration episode a scenario is drawn from the family
 (:class:`~llm_cluster_env.env.family.ScenarioFamilyEnv`, seeded from ``seed``); every candidate
 router routes that same episode (same cluster, same requests), and the trajectory of the best
-one is kept: the first candidate (in the given order, a preference) whose ``objective``
-(mean end-to-end latency by default, ``mean_ttft`` for a profile judged on first tokens;
-:mod:`llm_cluster_env.tools.objectives`) is within ``margin`` of the lowest. The margin keeps near-ties (on identical replicas
-every balanced rule is within a fraction of a percent) from switching the expert back and forth
-between similar scenarios, which would only add label noise. So the clone learns, per kind of
-cluster and workload, the rule that works best there, not one rule everywhere.
+one is kept: the first candidate (in the given order, a preference) whose ``objective`` (mean
+end-to-end latency by default, ``mean_ttft`` for a profile judged on first tokens;
+:mod:`llm_cluster_env.tools.objectives`) is within ``margin`` of the lowest. The margin keeps
+near-ties (on identical replicas every balanced rule is within a fraction of a percent) from
+switching the expert back and forth between similar scenarios, which would only add label noise.
+So the clone learns, per kind of cluster and workload, the rule that works best there, not one
+rule everywhere.
 
 Trajectories are imitation's ``TrajectoryWithRew`` (observations as the family env returns
 them: ``replica_slots`` slots, the trailing ones empty for small clusters; rewards with the
@@ -46,7 +47,6 @@ from sb3_warmstart.warmstart.demo_store import FORMAT
 DEFAULT_CANDIDATES = ("least_added_time", "lor", "weighted_lor", "least_work_time", "llm_d")
 #: Relative margin within which the earlier candidate is kept (see the module docstring).
 DEFAULT_MARGIN = 0.005
-
 _MAX_SEED = 2**63 - 1
 
 
