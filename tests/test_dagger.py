@@ -15,16 +15,20 @@ import torch as th  # noqa: E402
 
 from llm_cluster_env.env.cluster_env import LLMClusterEnv  # noqa: E402
 from llm_cluster_env.routing.heuristics import LeastAddedTimeRouter  # noqa: E402
+from llm_cluster_env.tools.evaluation import run_episode  # noqa: E402
 from llm_cluster_env.validation import ConfigError  # noqa: E402
 from sb3_warmstart.pipeline.config import BCConfig, PPOConfig  # noqa: E402
 from sb3_warmstart.warmstart.dagger import (  # noqa: E402
     DAggerConfig,
     RoundData,
+    choose_teacher,
+    fingerprint,
     label_episodes,
     load_round_policy,
     make_teacher,
     policy_agreement,
     run_dagger,
+    run_settings,
 )
 
 ENV_KWARGS = {"scenario": "a100x4_conv_70", "episode_requests": 60}
@@ -79,6 +83,39 @@ def assert_same_rounds(a: list[RoundData], b: list[RoundData]) -> None:
 def test_config_rejects_bad_value_naming_key_and_value(field, value):
     with pytest.raises(ConfigError, match=rf"^{field}={value!r}: "):
         DAggerConfig(**{field: value})
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"alternative_teachers": ("lor", "no_such")},
+     r"^alternative_teachers='no_such': must be a router name"),
+    ({"alternative_teachers": ("lookahead",)},
+     r"^alternative_teachers=\['lookahead'\]: must not repeat a router or the teacher"),
+    ({"alternative_teachers": ("lor", "lor")},
+     r"^alternative_teachers=\['lor', 'lor'\]: must not repeat"),
+    ({"alternative_teachers": "lor"}, r"^alternative_teachers='lor': must be a list"),
+    ({"teacher_margin": 1.0}, r"^teacher_margin=1.0: must be a number in \[0, 1\)"),
+    ({"teacher_margin": -0.1}, r"^teacher_margin=-0.1: "),
+    ({"objective": "goodput"}, r"^objective='goodput': must be one of"),
+])
+def test_config_rejects_bad_alternative_teachers_naming_key_and_value(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        DAggerConfig(**overrides)
+
+
+def test_alternative_teachers_enter_the_fingerprint_only_when_given():
+    """A run without alternatives keeps the settings (and so the fingerprint) it had before
+    they existed; with them, the margin and objective are part of the run."""
+    bc, ppo = TINY_BC, PPO
+    plain = run_settings(DAggerConfig(), ENV_KWARGS, bc, ppo)
+    assert not {"alternative_teachers", "teacher_margin", "objective"} & set(plain["dagger"])
+    alt = DAggerConfig(alternative_teachers=["least_added_time"])
+    assert alt.alternative_teachers == ("least_added_time",)
+    assert alt.teachers == ("lookahead", "least_added_time")
+    settings = run_settings(alt, ENV_KWARGS, bc, ppo)
+    assert settings["dagger"]["alternative_teachers"] == ["least_added_time"]
+    wider = DAggerConfig(alternative_teachers=("least_added_time",), teacher_margin=0.02)
+    assert fingerprint(settings) != fingerprint(run_settings(wider, ENV_KWARGS, bc, ppo))
+    assert fingerprint(plain) != fingerprint(settings)
 
 
 def test_config_rejects_validation_split_of_a_single_episode():
@@ -154,6 +191,72 @@ def test_context_teachers_label_the_policys_states(tmp_path, teacher):
     assert not result.rounds[1].teacher_acted.any()
 
 
+def test_choose_teacher_scores_each_as_run_episode_does_and_prefers_the_first_within_margin():
+    env = LLMClusterEnv(**{**ENV_KWARGS, "episode_requests": 120})
+    names = ["random", "least_added_time"]
+    chosen, values = choose_teacher(env, [make_teacher(n) for n in names], 7,
+                                    objective="mean_e2e", margin=0.0)
+    # each teacher's score is its own episode's mean E2E, as the evaluation measures it
+    expected = [run_episode(LLMClusterEnv(**{**ENV_KWARGS, "episode_requests": 120}),
+                            make_teacher(n), 7)[0]["e2e_mean"] for n in names]
+    np.testing.assert_allclose(values, expected, rtol=1e-12)
+    assert values[0] != values[1]
+    assert chosen == int(np.argmin(values))
+    # a margin just wide enough keeps the first (preferred) teacher; just too narrow does not
+    gap = values[0] / values[1] - 1.0
+    assert gap > 0  # random is the worse router here
+    assert choose_teacher(env, [make_teacher(n) for n in names], 7, objective="mean_e2e",
+                          margin=gap * 1.001)[0] == 0
+    assert choose_teacher(env, [make_teacher(n) for n in names], 7, objective="mean_e2e",
+                          margin=gap * 0.999)[0] == 1
+    ttft = choose_teacher(env, [make_teacher(n) for n in names], 7, objective="mean_ttft",
+                          margin=0.0)[1]
+    assert not np.allclose(ttft, values)  # the objective is the one asked for
+
+
+def test_each_episode_is_labelled_by_the_teacher_that_served_it_best():
+    env = LLMClusterEnv(**{**ENV_KWARGS, "episode_requests": 120})
+    teacher, alternative = make_teacher("random"), make_teacher("least_added_time")
+    data = label_episodes(env, teacher, None, [3, 4, 5], beta=1.0, seed=0, round_index=0,
+                          alternatives=[alternative], margin=0.0)
+    assert data.teacher_scores.shape == (3, 2)
+    names = ["random", "least_added_time"]
+    assert data.teachers.tolist() == [names[int(np.argmin(r))] for r in data.teacher_scores]
+    assert data.teacher_counts() == {n: data.teachers.tolist().count(n)
+                                     for n in set(data.teachers.tolist())}
+    start = 0
+    for e, n in enumerate(data.lengths.tolist()):
+        if data.teachers[e] == "least_added_time":  # its labels are its own rule's choices
+            lat = make_teacher("least_added_time")
+            lat.reset(env.num_replicas)
+            for row, label in zip(data.obs[start:start + n], data.labels[start:start + n]):
+                assert label in set(lat.tied_choices(env.layout.view(row)).tolist())
+        start += n
+    assert "least_added_time" in data.teachers.tolist()  # random loses at 70% load
+    # the same call labels the same states with the same teachers
+    again = label_episodes(env, teacher, None, [3, 4, 5], beta=1.0, seed=0, round_index=0,
+                           alternatives=[alternative], margin=0.0)
+    assert_same_rounds([data], [again])
+    np.testing.assert_array_equal(data.teachers, again.teachers)
+    np.testing.assert_array_equal(data.teacher_scores, again.teacher_scores)
+
+
+def test_round_files_written_before_alternative_teachers_still_load(tmp_path):
+    env = LLMClusterEnv(**ENV_KWARGS)
+    data = label_episodes(env, make_teacher("lor"), None, [1, 2], beta=1.0, seed=0,
+                          round_index=0)
+    assert data.teachers.tolist() == ["lor", "lor"] and data.teacher_scores.shape == (2, 0)
+    path = tmp_path / "round_0.npz"
+    np.savez(path, **{k: getattr(data, k) for k in ("obs", "labels", "actions",
+                                                    "teacher_acted", "lengths", "seeds",
+                                                    "final_obs")})  # the format-2 fields
+    old = RoundData.load(path)
+    assert_same_rounds([data], [old])
+    assert old.teachers.tolist() == ["", ""] and old.teacher_scores.shape == (2, 0)
+    path.write_bytes(data.to_bytes())
+    np.testing.assert_array_equal(RoundData.load(path).teachers, data.teachers)
+
+
 # ---------------------------------------------------------------------------------- resume
 @pytest.mark.parametrize("stop", [(1, "labelled"), (1, "trained")])
 def test_interrupted_run_resumes_without_relabelling_to_the_same_result(tmp_path, monkeypatch,
@@ -189,6 +292,32 @@ def test_interrupted_run_resumes_without_relabelling_to_the_same_result(tmp_path
     again = run_dagger(cfg, out=tmp_path / "cut", **kwargs)
     assert calls.count == 0 and again.bc_summaries == {}
     assert_same_rounds(whole.rounds, again.rounds)
+
+
+def test_interrupted_run_with_alternative_teachers_resumes_without_rejudging(tmp_path,
+                                                                              monkeypatch):
+    """Judging an episode runs every teacher on it; a resumed run judges and labels only the
+    rounds not on disk, and ends where the uninterrupted run ends."""
+    calls = TeacherCalls(monkeypatch)
+    cfg = DAggerConfig(teacher="lor", alternative_teachers=("least_added_time",), rounds=2,
+                       episodes_per_round=2)
+    kwargs = {"env_kwargs": ENV_KWARGS, "bc": TINY_BC, "ppo": PPO}
+    whole = run_dagger(cfg, out=tmp_path / "whole", **kwargs)
+    whole_calls = calls.count
+    assert whole_calls >= 3 * 2 * 60  # every episode of every round was judged
+    meta = json.loads((tmp_path / "whole" / "round_1.json").read_text())
+    assert sum(meta["teachers"].values()) == 2
+
+    calls.count = 0
+    with pytest.raises(Interrupt):
+        run_dagger(cfg, out=tmp_path / "cut", callback=stop_at(1, "labelled"), **kwargs)
+    before = calls.count
+    calls.count = 0
+    resumed = run_dagger(cfg, out=tmp_path / "cut", **kwargs)
+    assert before + calls.count == whole_calls  # no episode judged or labelled twice
+    assert_same_rounds(whole.rounds, resumed.rounds)
+    for a, b in zip(whole.rounds, resumed.rounds):
+        np.testing.assert_array_equal(a.teachers, b.teachers)
 
 
 def test_resume_with_another_config_is_refused_naming_the_keys(tmp_path):

@@ -78,6 +78,10 @@ def family_run(out, clone, **kwargs):
     ("teacher", "lookahed", "dagger.teacher='lookahed': unknown router"),
     ("episodes_per_round", 0, "dagger.episodes_per_round=0: must be >= 1"),
     ("beta", 1.5, "dagger.beta=1.5: must be in [0, 1]"),
+    ("alternative_teachers", ["no_such"], "dagger.alternative_teachers='no_such': unknown router"),
+    ("alternative_teachers", ["lookahead"],
+     "dagger.alternative_teachers=['lookahead']: must not repeat a router or the teacher"),
+    ("teacher_margin", 1.0, "dagger.teacher_margin=1.0: must be in [0, 1"),
 ])
 def test_bad_dagger_settings_fail_before_any_work_naming_key_and_value(key, value, message,
                                                                        tmp_path, capsys):
@@ -101,10 +105,28 @@ def test_a_teacher_that_cannot_serve_the_family_is_refused_before_any_work(tmp_p
     assert not out.exists()
 
 
+def test_an_alternative_teacher_that_cannot_serve_the_family_is_refused_naming_it(tmp_path,
+                                                                                  capsys):
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as stop:
+        warmstart.main(["--set", "dagger.alternative_teachers=[least_added_time,rollout_planner]",
+                        "--output-dir", str(out)])
+    assert stop.value.code == 2
+    assert ("dagger.alternative_teachers='rollout_planner': it samples futures of poisson and "
+            "gamma arrivals only") in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_dagger_is_part_of_the_training_identity():
     base = load_config(None)
     other = base.with_overrides({"dagger": {"rounds": base.dagger.rounds + 1}})
     assert base.training_identity()["dagger"] != other.training_identity()["dagger"]
+    # alternatives added later: absent from the identity of runs without them, present with
+    assert "alternative_teachers" not in base.training_identity()["dagger"]
+    assert "teacher_margin" not in base.training_identity()["dagger"]
+    alt = base.with_overrides({"dagger": {"alternative_teachers": ["least_added_time"]}})
+    assert alt.training_identity()["dagger"]["alternative_teachers"] == ["least_added_time"]
+    assert alt.dagger.alternative_teachers == ("least_added_time",)
 
 
 # -------------------------------------------------------------------------------- family

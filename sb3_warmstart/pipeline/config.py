@@ -355,6 +355,14 @@ class DistillationConfig:
     :param include_demos: the heuristic demonstrations stay in every round's aggregate beside
         the teacher-labelled states.
     :param epochs: BC epochs of every round (``null``: ``bc.epochs``).
+    :param alternative_teachers: routers that may label a training scenario instead of
+        ``teacher``: before labelling an episode, ``teacher`` and each of these route that same
+        episode alone, and the first of them (``teacher`` first) whose
+        ``warm_start.demo_objective`` is within ``teacher_margin`` of the lowest labels it (the
+        demonstrations' best-per-scenario rule, applied to the teacher). Empty: ``teacher``
+        labels every episode.
+    :param teacher_margin: relative margin within which an earlier teacher counts as the best
+        of a scenario, in [0, 1).
     """
 
     enabled: bool = True
@@ -368,12 +376,22 @@ class DistillationConfig:
     fine_tune: bool = True
     include_demos: bool = True
     epochs: int | None = 10
+    alternative_teachers: tuple[str, ...] = ()
+    teacher_margin: float = 0.005
 
     def __post_init__(self) -> None:
         from llm_cluster_env.routing.registry import ALL_ROUTERS
 
         require(self.teacher in ALL_ROUTERS, "teacher", self.teacher,
                 f"unknown router (known: {', '.join(ALL_ROUTERS)})")
+        for name in self.alternative_teachers:
+            require(name in ALL_ROUTERS, "alternative_teachers", name,
+                    f"unknown router (known: {', '.join(ALL_ROUTERS)})")
+        named = [self.teacher, *self.alternative_teachers]
+        require(len(set(named)) == len(named), "alternative_teachers",
+                list(self.alternative_teachers), "must not repeat a router or the teacher")
+        require(0.0 <= self.teacher_margin < 1.0, "teacher_margin", self.teacher_margin,
+                "must be in [0, 1)")
         for name in ("rounds", "episodes_per_round"):
             require(getattr(self, name) >= 1, name, getattr(self, name), "must be >= 1")
         require(self.episode_requests >= 8, "episode_requests", self.episode_requests,
@@ -730,7 +748,9 @@ MAX_SEED = 2**32 - 1
 #: holds that value, so older run folders, checkpoints and DAgger rounds still match (a
 #: setting whose default changed what is trained, such as the ``dagger`` section, is not
 #: listed).
-ADDED_SETTINGS: Mapping[str, Any] = {"warm_start.demo_objective": "mean_e2e"}
+ADDED_SETTINGS: Mapping[str, Any] = {"warm_start.demo_objective": "mean_e2e",
+                                     "dagger.alternative_teachers": [],
+                                     "dagger.teacher_margin": 0.005}
 
 
 def identity_differences(saved: Mapping[str, Any], current: Mapping[str, Any],

@@ -293,7 +293,10 @@ def dagger_loop(config: TrainingConfig):
     return DAggerConfig(teacher=d.teacher, rounds=d.rounds,
                         episodes_per_round=d.episodes_per_round, deterministic=d.deterministic,
                         beta=d.beta, beta_decay=d.beta_decay, fine_tune=d.fine_tune,
-                        seed=config.seed, episode_seed_base=int(state[0] >> np.uint64(2)))
+                        seed=config.seed, episode_seed_base=int(state[0] >> np.uint64(2)),
+                        alternative_teachers=d.alternative_teachers,
+                        teacher_margin=d.teacher_margin,
+                        objective=config.warm_start.demo_objective)
 
 
 def dagger_env_spec(config: TrainingConfig):
@@ -310,28 +313,34 @@ def dagger_bc(config: TrainingConfig):
 
 
 def check_teacher(config: TrainingConfig) -> None:
-    """Refuse a DAgger teacher that reads a feature the training env lacks, before any work.
+    """Refuse a DAgger teacher (or alternative teacher) that reads a feature the training env
+    lacks, or samples futures the family cannot give it, before any work.
 
-    :raises WarmStartError: naming ``dagger.teacher``, the value and the feature.
+    :raises WarmStartError: naming ``dagger.teacher`` (or ``dagger.alternative_teachers``),
+        the value and the reason.
     """
     from sb3_warmstart.warmstart.dagger import check_teacher as check
     from sb3_warmstart.warmstart.dagger import make_env, make_teacher
 
     if not config.dagger.enabled:
         return
-    teacher = make_teacher(config.dagger.teacher)
-    try:
-        check(make_env(spec=dagger_env_spec(config)), teacher)
-    except ValueError as err:
-        raise WarmStartError(f"dagger.teacher={config.dagger.teacher!r}: {err}") from None
+    env = make_env(spec=dagger_env_spec(config))
     family = config.family_config
-    planner = getattr(teacher, "config", None)
-    if (family is not None and hasattr(teacher, "sample_arrivals")
-            and not getattr(planner, "clairvoyant", True)
-            and any(a.kind == "phases" for a in family.arrivals)):
-        raise WarmStartError(f"dagger.teacher={config.dagger.teacher!r}: it samples futures of "
-                             f"poisson and gamma arrivals only, and the family {family.name!r} "
-                             "draws phased arrivals too")
+    named = [("dagger.teacher", config.dagger.teacher),
+             *(("dagger.alternative_teachers", n) for n in config.dagger.alternative_teachers)]
+    for key, name in named:
+        teacher = make_teacher(name)
+        try:
+            check(env, teacher)
+        except ValueError as err:
+            raise WarmStartError(f"{key}={name!r}: {err}") from None
+        planner = getattr(teacher, "config", None)
+        if (family is not None and hasattr(teacher, "sample_arrivals")
+                and not getattr(planner, "clairvoyant", True)
+                and any(a.kind == "phases" for a in family.arrivals)):
+            raise WarmStartError(f"{key}={name!r}: it samples futures of poisson and gamma "
+                                 f"arrivals only, and the family {family.name!r} draws phased "
+                                 "arrivals too")
 
 
 def distill(config: TrainingConfig, run_dir: Path, clone: Pretrained, demos: list, *,
@@ -362,7 +371,8 @@ def distill(config: TrainingConfig, run_dir: Path, clone: Pretrained, demos: lis
                         initial_policy=clone.source, demos=aggregate_demos,
                         progress=lambda line: log.info("DAgger %s", line))
     rows = dagger_rounds(folder, loop.rounds)
-    summary = {"teacher": loop.teacher, "rounds": rows, "policy": str(target),
+    summary = {"teacher": loop.teacher, "alternative_teachers": list(loop.alternative_teachers),
+               "rounds": rows, "policy": str(target),
                "seconds_this_invocation": round(time.perf_counter() - start, 1)}
     _save_distilled(config, target, result.policy_paths[-1], clone, summary,
                     fingerprint(settings))
@@ -411,8 +421,9 @@ def dagger_rounds(folder: Path, rounds: int) -> list[dict[str, Any]]:
     """Per DAgger round ``k >= 1`` of ``folder``: ``agreement`` (share of the states round
     ``k - 1``'s policy visited where its action was the teacher's label), ``states`` (labelled
     this round), ``aggregate_states`` (teacher-labelled states it was trained on),
-    ``demo_states`` (demonstrations in its aggregate) and ``train_accuracy`` (BC's, on the
-    aggregate)."""
+    ``demo_states`` (demonstrations in its aggregate), ``train_accuracy`` (BC's, on the
+    aggregate) and ``teachers`` (episodes labelled by each router, with
+    ``dagger.alternative_teachers``)."""
     from sb3_warmstart.policies.policy_file import read_metadata
 
     rows = []
@@ -423,7 +434,8 @@ def dagger_rounds(folder: Path, rounds: int) -> list[dict[str, Any]]:
                      "states": int(meta["states"]),
                      "aggregate_states": int(policy["dagger"]["aggregate_states"]),
                      "demo_states": int(policy["dagger"].get("demo_states", 0)),
-                     "train_accuracy": float(policy["bc_metrics"]["final"]["train_accuracy"])})
+                     "train_accuracy": float(policy["bc_metrics"]["final"]["train_accuracy"]),
+                     "teachers": dict(meta.get("teachers", {}))})
     return rows
 
 

@@ -64,6 +64,21 @@ phased arrivals (a fifth of its scenarios; the job's ``check_teacher`` refuses i
 there) and costs 20-30 ms per decision on 4 replicas (~100 s per
 round of 4,096 states), more on the family's 16.
 
+**Alternative teachers** (``alternative_teachers``): a teacher that is better on average can
+still lose on some scenarios (``lookahead``, greedy, is +3.2% worse than ``least_added_time``
+on the held-out grid's ``conv_3gpu_93``, and distillation copies that). With alternatives,
+before an episode is labelled :func:`choose_teacher` lets ``teacher`` and every alternative
+route that same episode alone, and the first of them (``teacher`` first) whose ``objective``
+is within ``teacher_margin`` of the lowest labels it: the demonstrations' best-per-scenario
+rule applied to the teacher. The choice is made once per episode (the learner's states are
+labelled by one rule throughout), stored with the round (``RoundData.teachers`` and the
+scores), and costs one extra episode per teacher per labelled episode. Without alternatives
+the run's settings and fingerprint are those of runs made before they existed. Measured
+2026-12-04 (the main job, ``[least_added_time]``, training seeds 0-2, the held-out grid of
+``benchmarks/generalisation.py``; ``docs/generalisation.md``): ``least_added_time`` labelled 8
+of the 72 episodes, and the distilled policy was level with the default's (-0.01%
+[-0.08, +0.05] mean E2E), so the job's default stays without alternatives.
+
 The teacher is any name of :func:`~llm_cluster_env.routing.registry.make_any_router`. It is
 driven as :func:`llm_cluster_env.tools.evaluation.run_episode` drives a router: the env is
 checked to provide the features it reads (``observe_for``), then computes the whole observation
@@ -118,6 +133,7 @@ from llm_cluster_env.env.family import ScenarioFamilyConfig, ScenarioFamilyEnv
 from llm_cluster_env.routing.base import Router
 from llm_cluster_env.routing.heuristics import ROUTERS
 from llm_cluster_env.routing.registry import ALL_ROUTERS, make_any_router
+from llm_cluster_env.tools.objectives import DEMO_OBJECTIVES, make_objective
 from llm_cluster_env.validation import ConfigError, require, to_dict
 from sb3_warmstart.pipeline.config import BCConfig, DistillationConfig, PPOConfig
 from sb3_warmstart.policies.policy_file import load_pretrained, save_pretrained
@@ -157,6 +173,12 @@ class DAggerConfig:
         scaling) instead of fresh ones.
     :param episode_seed_base: first episode seed (``None``: ``seed``); episode ``i`` of round
         ``k`` is served with ``episode_seed_base + k * episodes_per_round + i``.
+    :param alternative_teachers: routers that label an episode instead of ``teacher`` when
+        they serve it better (:func:`choose_teacher`; empty: ``teacher`` labels every one).
+    :param teacher_margin: relative ``objective`` margin within which an earlier teacher
+        (``teacher`` first) counts as the best of an episode, in [0, 1).
+    :param objective: what the teachers are ranked by, one of
+        :data:`~llm_cluster_env.tools.objectives.DEMO_OBJECTIVES`.
     """
 
     teacher: str = _SECTION.teacher
@@ -169,10 +191,27 @@ class DAggerConfig:
     seed: int = 0
     fine_tune: bool = _SECTION.fine_tune
     episode_seed_base: int | None = None
+    alternative_teachers: tuple[str, ...] = _SECTION.alternative_teachers
+    teacher_margin: float = _SECTION.teacher_margin
+    objective: str = "mean_e2e"
 
     def __post_init__(self) -> None:
         require(isinstance(self.teacher, str) and self.teacher in ALL_ROUTERS, "teacher",
                 self.teacher, f"must be a router name ({', '.join(ALL_ROUTERS)})")
+        require(isinstance(self.alternative_teachers, (tuple, list)), "alternative_teachers",
+                self.alternative_teachers, "must be a list of router names")
+        object.__setattr__(self, "alternative_teachers", tuple(self.alternative_teachers))
+        for name in self.alternative_teachers:
+            require(isinstance(name, str) and name in ALL_ROUTERS, "alternative_teachers", name,
+                    f"must be a router name ({', '.join(ALL_ROUTERS)})")
+        require(len(set(self.teachers)) == len(self.teachers), "alternative_teachers",
+                list(self.alternative_teachers), "must not repeat a router or the teacher")
+        require(isinstance(self.teacher_margin, (int, float))
+                and not isinstance(self.teacher_margin, bool)
+                and 0.0 <= self.teacher_margin < 1.0, "teacher_margin", self.teacher_margin,
+                "must be a number in [0, 1)")
+        require(self.objective in DEMO_OBJECTIVES, "objective", self.objective,
+                f"must be one of {DEMO_OBJECTIVES}")
         for name in ("rounds", "episodes_per_round"):
             value = getattr(self, name)
             require(isinstance(value, int) and not isinstance(value, bool) and value >= 1,
@@ -199,6 +238,11 @@ class DAggerConfig:
                     and 0 <= base < _SEED_BOUND, "episode_seed_base", base,
                     "must be an integer in [0, 2**62) or null")
 
+    @property
+    def teachers(self) -> tuple[str, ...]:
+        """Every router that may label an episode, in order of preference."""
+        return (self.teacher, *self.alternative_teachers)
+
     def beta_at(self, round_index: int) -> float:
         """Probability of executing the teacher's action in round ``round_index`` (1 in round
         0, where the teacher routes)."""
@@ -217,7 +261,10 @@ class RoundData:
 
     ``obs[j]`` is the observation the teacher labelled ``labels[j]`` and on which
     ``actions[j]`` was executed (``teacher_acted[j]``: the teacher's); episode ``e`` has
-    ``lengths[e]`` rows, was served with seed ``seeds[e]`` and ended in ``final_obs[e]``.
+    ``lengths[e]`` rows, was served with seed ``seeds[e]``, ended in ``final_obs[e]`` and was
+    labelled by the router ``teachers[e]`` (with alternative teachers, chosen by
+    :func:`choose_teacher`, whose objective values are ``teacher_scores[e]``; ``""`` and no
+    scores in rounds written before alternatives existed: the run's teacher).
     """
 
     obs: np.ndarray          # (N, D) float32
@@ -227,6 +274,8 @@ class RoundData:
     lengths: np.ndarray      # (E,) int64
     seeds: np.ndarray        # (E,) int64
     final_obs: np.ndarray    # (E, D) float32
+    teachers: np.ndarray     # (E,) str
+    teacher_scores: np.ndarray  # (E, T) float64, T = 0 when only one teacher could label
 
     @property
     def num_states(self) -> int:
@@ -254,10 +303,19 @@ class RoundData:
         np.savez(buffer, **{f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
         return buffer.getvalue()
 
+    def teacher_counts(self) -> dict[str, int]:
+        """Episodes labelled by each router (``""``: the run's teacher, in older rounds)."""
+        names, counts = np.unique(self.teachers.astype(str), return_counts=True)
+        return {str(n): int(c) for n, c in zip(names, counts)}
+
     @classmethod
     def load(cls, path: str | Path) -> RoundData:
         with np.load(path) as data:
-            return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls)})
+            fields = {f.name: data[f.name] for f in dataclasses.fields(cls) if f.name in data}
+        episodes = len(fields["lengths"])
+        fields.setdefault("teachers", np.full(episodes, "", dtype="<U1"))  # format-2 rounds
+        fields.setdefault("teacher_scores", np.zeros((episodes, 0)))
+        return cls(**fields)
 
 
 @dataclass(frozen=True)
@@ -319,10 +377,53 @@ def check_teacher(env: DAggerEnv, teacher: Router) -> None:
     env.observe_for(None)
 
 
+def start_episode(env: DAggerEnv, router: Router, episode_seed: int) -> None:
+    """Reset ``env`` to the episode of ``episode_seed`` and ``router`` for it, as
+    :func:`llm_cluster_env.tools.evaluation.run_episode` does: a planner is bound to the
+    scenario's env after the reset, the router draws from ``default_rng(episode_seed + 7919)``."""
+    env.reset(seed=int(episode_seed))
+    bind = getattr(router, "bind", None)
+    if bind is not None:
+        bind(scenario_env(env))
+    router.reset(env.num_replicas, np.random.default_rng(int(episode_seed) + 7_919))
+
+
+def route_alone(env: DAggerEnv, router: Router, episode_seed: int) -> dict[str, float]:
+    """The episode metrics of ``router`` routing the episode of ``episode_seed`` by itself."""
+    start_episode(env, router, episode_seed)
+    done = False
+    info: dict[str, Any] = {}
+    while not done:
+        _, _, terminated, truncated, info = env.step(int(router.select(env.view)))
+        done = terminated or truncated
+    return {k: float(v) for k, v in info["metrics"].items()}
+
+
+def choose_teacher(env: DAggerEnv, teachers: Sequence[Router], episode_seed: int, *,
+                   objective: str, margin: float) -> tuple[int, np.ndarray]:
+    """Which of ``teachers`` labels the episode of ``episode_seed``: each routes that episode
+    alone (:func:`route_alone`, the same cluster and requests for all), and the first whose
+    ``objective`` loss is within ``margin`` of the lowest wins (the demonstrations' rule,
+    :mod:`sb3_warmstart.warmstart.family_demos`: a later teacher must be better by more than
+    the margin to replace an earlier one).
+
+    :return: ``(index into teachers, every teacher's objective value)``.
+    """
+    scorer = make_objective(objective)
+    metrics = [route_alone(env, router, episode_seed) for router in teachers]
+    losses = np.array([scorer.loss(m) for m in metrics])
+    lowest = float(losses.min())
+    best = next(i for i, loss in enumerate(losses) if loss <= lowest + abs(lowest) * margin)
+    return best, np.array([scorer.value(m) for m in metrics], dtype=np.float64)
+
+
 def label_episodes(env: DAggerEnv, teacher: Router, policy: PolicyRouter | None,
-                   seeds: Sequence[int], *, beta: float, seed: int, round_index: int
-                   ) -> RoundData:
-    """Route one episode per seed and label every visited state with ``teacher``.
+                   seeds: Sequence[int], *, beta: float, seed: int, round_index: int,
+                   alternatives: Sequence[Router] = (), margin: float = 0.0,
+                   objective: str = "mean_e2e") -> RoundData:
+    """Route one episode per seed and label every visited state with ``teacher`` (or, with
+    ``alternatives``, with whichever of ``teacher, *alternatives`` :func:`choose_teacher` picks
+    for that episode by ``objective`` and ``margin``).
 
     Before each step the teacher's ``select(env.view)`` gives the label; the executed action is
     the teacher's when ``policy`` is None, else the teacher's with probability ``beta`` (drawn
@@ -335,14 +436,20 @@ def label_episodes(env: DAggerEnv, teacher: Router, policy: PolicyRouter | None,
         scenario of seed ``s``); it computes the whole observation during the episodes, and a
         planner teacher is bound to the scenario's env after every reset.
     """
-    check_teacher(env, teacher)  # refuses a teacher reading a feature this env lacks
+    candidates = [teacher, *alternatives]
+    for router in candidates:  # refuses a teacher reading a feature this env lacks
+        check_teacher(env, router)
     obs_rows, labels, actions, by_teacher, lengths, finals = [], [], [], [], [], []
+    names, scores = [], []
     for i, ep_seed in enumerate(seeds):
-        env.reset(seed=int(ep_seed))
-        bind = getattr(teacher, "bind", None)
-        if bind is not None:
-            bind(scenario_env(env))
-        teacher.reset(env.num_replicas, np.random.default_rng(int(ep_seed) + 7_919))
+        labeller = teacher
+        if alternatives:
+            chosen, values = choose_teacher(env, candidates, int(ep_seed), objective=objective,
+                                            margin=margin)
+            labeller = candidates[chosen]
+            scores.append(values)
+        names.append(labeller.name)
+        start_episode(env, labeller, int(ep_seed))
         mix = np.random.default_rng((seed, round_index, i, 1))
         if policy is not None:
             policy.reset(env.num_replicas, np.random.default_rng((seed, round_index, i, 2)))
@@ -352,7 +459,7 @@ def label_episodes(env: DAggerEnv, teacher: Router, policy: PolicyRouter | None,
         while not terminated:
             view = env.view
             row = np.array(view.obs, dtype=np.float32)
-            label = int(teacher.select(view))
+            label = int(labeller.select(view))
             act = label
             teacher_acts = True
             if policy is not None:
@@ -372,7 +479,10 @@ def label_episodes(env: DAggerEnv, teacher: Router, policy: PolicyRouter | None,
                      labels=np.asarray(labels, np.int64), actions=np.asarray(actions, np.int64),
                      teacher_acted=np.asarray(by_teacher, bool),
                      lengths=np.asarray(lengths, np.int64),
-                     seeds=np.asarray(list(seeds), np.int64), final_obs=np.stack(finals))
+                     seeds=np.asarray(list(seeds), np.int64), final_obs=np.stack(finals),
+                     teachers=np.asarray(names, dtype=str),
+                     teacher_scores=(np.stack(scores) if scores
+                                     else np.zeros((len(names), 0), np.float64)))
 
 
 def policy_agreement(env: DAggerEnv, policy: PolicyRouter, teacher: Router,
@@ -411,7 +521,11 @@ def run_settings(config: DAggerConfig, env_kwargs: Mapping[str, Any] | None, bc:
     """Everything the run's results depend on, as JSON-able data: the loop, the env (its
     keyword arguments, or the built scenario or family ``spec``), BC, the architecture, and
     the SHA-256 of the initial policy's file and of the demonstrations' arrays."""
-    settings: dict[str, Any] = {"format": FORMAT_VERSION, "dagger": to_dict(config),
+    loop = to_dict(config)
+    if not config.alternative_teachers:  # runs made before alternatives existed still match
+        for key in ("alternative_teachers", "teacher_margin", "objective"):
+            loop.pop(key)
+    settings: dict[str, Any] = {"format": FORMAT_VERSION, "dagger": loop,
                                 "env_kwargs": dict(env_kwargs or {}), "bc": to_dict(bc),
                                 "ppo": to_dict(ppo)}
     if spec is not None:
@@ -479,7 +593,8 @@ def _write_round(out: Path, k: int, fp: str, data: RoundData, beta: float) -> Pa
     atomic_write_json(out / f"round_{k}.json", {
         "fingerprint": fp, "round": k, "episodes": int(len(data.lengths)),
         "states": data.num_states, "beta": beta, "seeds": data.seeds.tolist(),
-        "teacher_acted": int(data.teacher_acted.sum()), "agreement": data.agreement()})
+        "teacher_acted": int(data.teacher_acted.sum()), "agreement": data.agreement(),
+        "teachers": data.teacher_counts()})
     return path
 
 
@@ -532,13 +647,15 @@ def run_dagger(config: DAggerConfig, *, env_kwargs: Mapping[str, Any] | None = N
     out = Path(out)
     env = make_env(env_kwargs, spec)
     teacher = make_teacher(config.teacher)
-    check_teacher(env, teacher)  # a teacher this env cannot serve is refused before any work
+    alternatives = [make_teacher(name) for name in config.alternative_teachers]
+    for router in (teacher, *alternatives):  # one this env cannot serve: refused before work
+        check_teacher(env, router)
     settings = run_settings(config, env_kwargs, bc, ppo, spec=spec,
                             initial_policy=initial_policy, demos=demos)
     fp = check_or_write_manifest(out, settings)
     say = progress or (lambda _msg: None)
     expert = (config.teacher if config.teacher in ROUTERS and not teacher.requires_context
-              and demos is None else None)
+              and demos is None and not alternatives else None)
     first = 0
     if initial_policy is not None:
         _copy_initial_policy(initial_policy, out / "policy_round_0.zip")
@@ -565,9 +682,12 @@ def run_dagger(config: DAggerConfig, *, env_kwargs: Mapping[str, Any] | None = N
                 router = load_round_policy(out, k - 1, config.deterministic)
             data = label_episodes(env, teacher, router if k > 0 else None,
                                   config.episode_seeds(k), beta=config.beta_at(k),
-                                  seed=config.seed, round_index=k)
+                                  seed=config.seed, round_index=k, alternatives=alternatives,
+                                  margin=config.teacher_margin, objective=config.objective)
             _write_round(out, k, fp, data, config.beta_at(k))
-        say(f"round {k}: {data.num_states} states in {len(data.lengths)} episodes "
+        by = (f" by {', '.join(f'{n} ({c})' for n, c in data.teacher_counts().items())}"
+              if alternatives else "")
+        say(f"round {k}: {data.num_states} states in {len(data.lengths)} episodes{by} "
             f"({'on disk' if resumed else 'labelled'}), policy agreed with the teacher on "
             f"{data.agreement():.3f}")
         rounds.append(data)
@@ -614,6 +734,6 @@ def load_round_policy(out: str | Path, k: int, deterministic: bool = True,
 
 
 __all__ = ["DAggerConfig", "DAggerResult", "RoundData", "RoundEvent", "check_or_write_manifest",
-           "check_teacher", "label_episodes", "load_round_policy", "make_env", "make_teacher",
-           "policy_agreement", "run_dagger", "run_settings", "scenario_env",
-           "trajectories_digest"]
+           "check_teacher", "choose_teacher", "label_episodes", "load_round_policy", "make_env",
+           "make_teacher", "policy_agreement", "route_alone", "run_dagger", "run_settings",
+           "scenario_env", "start_episode", "trajectories_digest"]
