@@ -186,7 +186,8 @@ def compare(a: Sequence[RunRows], b: Sequence[RunRows], kinds: Sequence[str] = K
     result: dict[str, Any] = {}
     for kind in kinds:
         b_kind = versus or kind
-        cells = [c for c in shared_cells(a, kind) if c in shared_cells(b, b_kind)]
+        in_b = set(shared_cells(b, b_kind))
+        cells = [c for c in shared_cells(a, kind) if c in in_b]
         if not cells:
             continue
         pairs = [[relative(x.row(c, kind)["e2e_mean_per_seed"],
