@@ -149,21 +149,20 @@ def _verdict(pooled: Mapping[str, float], per_seed_means: Sequence[float]) -> st
 def configuration_summary(runs: Sequence[RunRows], kind: str, cells: Sequence[str],
                           lookahead: Mapping[str, np.ndarray]) -> dict[str, Any]:
     """One configuration's ``kind`` rows, averaged over its training seeds."""
-    vs_best = [np.mean([relative(r.row(c, kind)["e2e_mean_per_seed"],
-                                 r.row(c, kind)["best_per_seed"]) for r in runs], axis=0)
-               for c in cells]
-    per_run = [mean_over_cells([relative(r.row(c, kind)["e2e_mean_per_seed"],
-                                         r.row(c, kind)["best_per_seed"]) for c in cells])
-               for r in runs]
+    e2e = [[np.asarray(r.row(c, kind)["e2e_mean_per_seed"], np.float64) for c in cells]
+           for r in runs]  # [run][cell] -> per-seed mean E2E
+    by_run = [[relative(x, r.row(c, kind)["best_per_seed"]) for c, x in zip(cells, per_cell)]
+              for r, per_cell in zip(runs, e2e)]
+    vs_best = [np.mean([d[j] for d in by_run], axis=0) for j in range(len(cells))]
     worst = int(np.argmax([v.mean() for v in vs_best]))
     out: dict[str, Any] = {
         "runs": [f"{r.path}#{r.run}" for r in runs], "vs_best": mean_over_cells(vs_best),
-        "vs_best_per_run": per_run, "worst_cell": cells[worst],
+        "vs_best_per_run": [mean_over_cells(d) for d in by_run], "worst_cell": cells[worst],
         "worst_vs_best": float(vs_best[worst].mean())}
     if all(c in lookahead for c in cells):
         out["vs_lookahead"] = mean_over_cells([
-            np.mean([relative(r.row(c, kind)["e2e_mean_per_seed"], lookahead[c]) for r in runs],
-                    axis=0) for c in cells])
+            np.mean([relative(per_cell[j], lookahead[c]) for per_cell in e2e], axis=0)
+            for j, c in enumerate(cells)])
     return out
 
 
@@ -221,7 +220,7 @@ def markdown(result: Mapping[str, Any], a_name: str = "A", b_name: str = "B") ->
                   "|---|---|---|---|---|"]
         for label, key in ((f"{a_name} `{kind}`", "a"), (b_label, "b")):
             s = r[key]
-            seeds = ", ".join(interval_text(x).split(" [")[0] for x in s["vs_best_per_run"])
+            seeds = ", ".join(f"{100 * x['mean']:+.2f}%" for x in s["vs_best_per_run"])
             lines.append(f"| {label} | {interval_text(s['vs_best'])} | {seeds} | "
                          f"`{s['worst_cell']}` {100 * s['worst_vs_best']:+.2f}% | "
                          f"{interval_text(s.get('vs_lookahead'))} |")

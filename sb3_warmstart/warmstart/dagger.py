@@ -135,7 +135,12 @@ from llm_cluster_env.routing.heuristics import ROUTERS
 from llm_cluster_env.routing.registry import ALL_ROUTERS, make_any_router
 from llm_cluster_env.tools.objectives import DEMO_OBJECTIVES, make_objective
 from llm_cluster_env.validation import ConfigError, require, to_dict
-from sb3_warmstart.pipeline.config import BCConfig, DistillationConfig, PPOConfig
+from sb3_warmstart.pipeline.config import (
+    BCConfig,
+    DistillationConfig,
+    PPOConfig,
+    WarmStartConfig,
+)
 from sb3_warmstart.policies.policy_file import load_pretrained, save_pretrained
 from sb3_warmstart.policies.router import PolicyRouter
 from sb3_warmstart.warmstart.cloning import clone_demonstrations
@@ -178,7 +183,8 @@ class DAggerConfig:
     :param teacher_margin: relative ``objective`` margin within which an earlier teacher
         (``teacher`` first) counts as the best of an episode, in [0, 1).
     :param objective: what the teachers are ranked by, one of
-        :data:`~llm_cluster_env.tools.objectives.DEMO_OBJECTIVES`.
+        :data:`~llm_cluster_env.tools.objectives.DEMO_OBJECTIVES` (the main job passes its
+        ``warm_start.demo_objective``, whose default this is).
     """
 
     teacher: str = _SECTION.teacher
@@ -193,7 +199,7 @@ class DAggerConfig:
     episode_seed_base: int | None = None
     alternative_teachers: tuple[str, ...] = _SECTION.alternative_teachers
     teacher_margin: float = _SECTION.teacher_margin
-    objective: str = "mean_e2e"
+    objective: str = WarmStartConfig.demo_objective
 
     def __post_init__(self) -> None:
         require(isinstance(self.teacher, str) and self.teacher in ALL_ROUTERS, "teacher",
