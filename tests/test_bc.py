@@ -695,3 +695,64 @@ def test_progress_prints_plain_bc_lines_when_piped_and_nothing_else(small_demos,
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == "[BC] 0/2 epochs (0%)" and lines[-1].startswith("[BC] 2/2 epochs (100%)")
     assert all(line.startswith("[BC] ") for line in lines) and len(lines) <= 3
+
+
+# ------------------------------------------------------------------------- action targets
+def _trained_weights(env, trajs, targets, recurrent: bool):
+    model = lstm_model(env) if recurrent else mlp_model(env)
+    bc = make_bc(policy=model.policy, trajectories=trajs, rng=np.random.default_rng(0),
+                 obs_normalizer=fit_obs_normalizer(trajs), epochs=2, batch_size=2,
+                 sequence_length=16, value_pretraining=False, action_targets=targets)
+    history = bc.train()
+    return [p.detach().clone() for p in model.policy.parameters()], history
+
+
+@pytest.mark.parametrize("recurrent", [False, True])
+def test_one_hot_action_targets_train_exactly_as_the_recorded_actions(small_demos, recurrent):
+    """Targets that put all weight on the recorded action are the recorded actions: the same
+    losses and the same weights, bit for bit (a ``None`` entry stands for them too)."""
+    env, trajs = small_demos
+    n = env.action_space.n
+    one_hot = [np.eye(n, dtype=np.float32)[t.acts] for t in trajs]
+    one_hot[1] = None
+    plain, plain_history = _trained_weights(env, trajs, None, recurrent)
+    targeted, targeted_history = _trained_weights(env, trajs, one_hot, recurrent)
+    for a, b in zip(plain, targeted):
+        assert th.allclose(a, b, rtol=0, atol=1e-6)
+    assert [m.train_neglogp for m in targeted_history] == pytest.approx(
+        [m.train_neglogp for m in plain_history], rel=1e-5)
+
+
+def test_soft_action_targets_are_learned_as_distributions(small_demos):
+    """Trained long enough on one fixed target distribution, the policy's probabilities
+    approach it (the loss is the cross-entropy to the targets, not to their argmax)."""
+    env, trajs = small_demos
+    n = env.action_space.n
+    wanted = np.array([0.6, 0.3, 0.1, 0.0][:n] + [0.0] * max(0, n - 4), np.float32)
+    targets = [np.tile(wanted, (len(t.acts), 1)) for t in trajs]
+    model = mlp_model(env)
+    bc = make_bc(policy=model.policy, trajectories=trajs, rng=np.random.default_rng(0),
+                 obs_normalizer=fit_obs_normalizer(trajs), epochs=40, batch_size=8,
+                 sequence_length=16, value_pretraining=False, learning_rate=3e-3,
+                 ent_coef=0.0, action_targets=targets, validation_fraction=0.0)
+    bc.train()
+    with th.no_grad():
+        obs = bc.train_data.obs[:-1]  # the normalised training observations
+        probs = model.policy.get_distribution(obs).distribution.probs.numpy()
+    np.testing.assert_allclose(probs.mean(axis=0), wanted, atol=0.03)
+
+
+@pytest.mark.parametrize("targets, message", [
+    (lambda trajs, n: [np.full((len(t.acts), n), 1.0 / n) for t in trajs[:-1]],
+     r"action_targets: 5 entries for 6 trajectories"),
+    (lambda trajs, n: [np.full((len(t.acts), n + 1), 1.0 / (n + 1)) for t in trajs],
+     r"^action_targets\[0\]\.shape=\(96, 5\): must be \(96, 4\)"),
+    (lambda trajs, n: [np.full((len(t.acts), n), 0.5) for t in trajs],
+     r"^action_targets\[0\]='rows': must be distributions"),
+])
+def test_bad_action_targets_are_refused_naming_the_entry(small_demos, targets, message):
+    env, trajs = small_demos
+    with pytest.raises(ValueError, match=message):
+        make_bc(policy=mlp_model(env).policy, trajectories=trajs, rng=np.random.default_rng(0),
+                obs_normalizer=fit_obs_normalizer(trajs), value_pretraining=False,
+                action_targets=targets(trajs, env.action_space.n))

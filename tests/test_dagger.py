@@ -29,6 +29,7 @@ from sb3_warmstart.warmstart.dagger import (  # noqa: E402
     policy_agreement,
     run_dagger,
     run_settings,
+    soft_labels,
 )
 
 ENV_KWARGS = {"scenario": "a100x4_conv_70", "episode_requests": 60}
@@ -96,6 +97,9 @@ def test_config_rejects_bad_value_naming_key_and_value(field, value):
     ({"teacher_margin": 1.0}, r"^teacher_margin=1.0: must be a number in \[0, 1\)"),
     ({"teacher_margin": -0.1}, r"^teacher_margin=-0.1: "),
     ({"objective": "goodput"}, r"^objective='goodput': must be one of"),
+    ({"cost_temperature": -0.01}, r"^cost_temperature=-0.01: must be a finite number >= 0"),
+    ({"cost_temperature": float("inf")}, r"^cost_temperature=inf: "),
+    ({"cost_temperature": True}, r"^cost_temperature=True: "),
 ])
 def test_config_rejects_bad_alternative_teachers_naming_key_and_value(overrides, message):
     with pytest.raises(ConfigError, match=message):
@@ -116,6 +120,85 @@ def test_alternative_teachers_enter_the_fingerprint_only_when_given():
     wider = DAggerConfig(alternative_teachers=("least_added_time",), teacher_margin=0.02)
     assert fingerprint(settings) != fingerprint(run_settings(wider, ENV_KWARGS, bc, ppo))
     assert fingerprint(plain) != fingerprint(settings)
+
+
+def test_cost_temperature_enters_the_fingerprint_only_when_used():
+    plain = run_settings(DAggerConfig(), ENV_KWARGS, TINY_BC, PPO)
+    assert "cost_temperature" not in plain["dagger"]
+    soft = run_settings(DAggerConfig(cost_temperature=0.02), ENV_KWARGS, TINY_BC, PPO)
+    assert soft["dagger"]["cost_temperature"] == 0.02
+    assert fingerprint(plain) != fingerprint(soft)
+
+
+def test_soft_labels_weigh_each_replica_by_its_relative_extra_cost():
+    inf, nan = float("inf"), float("nan")
+    costs = np.array([[10.0, 10.2, 12.0, inf],   # replica 3 does not exist
+                      [nan, nan, nan, nan],       # a labeller without costs
+                      [5.0, 5.0, 5.0, 5.0],       # a four-way tie
+                      [0.0, 1.0, 2.0, 3.0]])      # best cost 0: no scale, the label
+    labels = np.array([0, 2, 1, 0])
+    got = soft_labels(costs, labels, 5, 0.02)
+    w = np.exp([0.0, -1.0, -10.0])
+    np.testing.assert_allclose(got[0], [*(w / w.sum()), 0.0, 0.0], rtol=1e-6)
+    np.testing.assert_array_equal(got[1], [0, 0, 1, 0, 0])
+    np.testing.assert_allclose(got[2], [0.25, 0.25, 0.25, 0.25, 0.0])
+    np.testing.assert_array_equal(got[3], [1, 0, 0, 0, 0])
+    assert got.dtype == np.float32 and np.allclose(got.sum(axis=1), 1.0)
+    # temperature 0, or rounds kept before costs (width 0): the labels, one-hot
+    np.testing.assert_array_equal(soft_labels(costs, labels, 5, 0.0), np.eye(5)[labels])
+    np.testing.assert_array_equal(soft_labels(np.zeros((4, 0)), labels, 5, 0.02),
+                                  np.eye(5)[labels])
+    # colder targets approach the label
+    cold = soft_labels(costs[:1], labels[:1], 5, 1e-4)
+    np.testing.assert_allclose(cold[0], [1, 0, 0, 0, 0], atol=1e-12)
+
+
+def test_lookahead_labels_keep_its_costs_and_other_teachers_none(tmp_path):
+    env = LLMClusterEnv(**ENV_KWARGS)
+    data = label_episodes(env, make_teacher("lookahead"), None, [3], beta=1.0, seed=0,
+                          round_index=0)
+    assert data.costs.shape == (60, env.action_space.n) and np.isfinite(data.costs).all()
+    np.testing.assert_array_equal(np.argmin(data.costs, axis=1), data.labels)
+    # the costs are the teacher's on the stored state: replay the episode and compare
+    teacher = make_teacher("lookahead")
+    env.reset(seed=3)
+    teacher.reset(env.num_replicas, np.random.default_rng(3))
+    for j, act in enumerate(data.actions[:10]):
+        np.testing.assert_allclose(teacher.costs(env.view), data.costs[j], rtol=1e-12)
+        env.step(int(act))
+    targets = data.action_targets(env.action_space.n, 0.02)
+    assert [len(t) for t in targets] == [60]
+    assert np.all(np.argmax(targets[0], axis=1) == data.labels)
+    plain = label_episodes(env, make_teacher("lor"), None, [3], beta=1.0, seed=0,
+                           round_index=0)
+    assert np.isnan(plain.costs).all()
+    np.testing.assert_array_equal(plain.action_targets(4, 0.02)[0], np.eye(4)[plain.labels])
+    path = tmp_path / "round_0.npz"
+    path.write_bytes(data.to_bytes())
+    np.testing.assert_array_equal(RoundData.load(path).costs, data.costs)
+
+
+def test_run_dagger_clones_on_the_soft_labels_of_every_round(tmp_path, monkeypatch):
+    import sb3_warmstart.warmstart.dagger as dagger
+
+    seen = []
+    original = dagger.clone_demonstrations
+
+    def spy(trajectories, **kwargs):
+        seen.append((len(trajectories), kwargs["action_targets"]))
+        return original(trajectories, **kwargs)
+
+    monkeypatch.setattr(dagger, "clone_demonstrations", spy)
+    cfg = DAggerConfig(rounds=1, episodes_per_round=1, cost_temperature=0.02)
+    result = run_dagger(cfg, env_kwargs=ENV_KWARGS, bc=TINY_BC, ppo=PPO, out=tmp_path)
+    assert [n for n, _ in seen] == [1, 2]  # round 0's episode, then both rounds'
+    width = LLMClusterEnv(**ENV_KWARGS).action_space.n
+    for (_, targets), upto in zip(seen, (1, 2)):
+        expected = [t for r in result.rounds[:upto] for t in r.action_targets(width, 0.02)]
+        assert len(targets) == len(expected)
+        for got, want in zip(targets, expected):
+            np.testing.assert_array_equal(got, want)
+            assert (got.max(axis=1) < 1).any()  # soft somewhere, not the one-hot labels
 
 
 def test_config_rejects_validation_split_of_a_single_episode():
@@ -253,6 +336,7 @@ def test_round_files_written_before_alternative_teachers_still_load(tmp_path):
     old = RoundData.load(path)
     assert_same_rounds([data], [old])
     assert old.teachers.tolist() == ["", ""] and old.teacher_scores.shape == (2, 0)
+    assert old.costs.shape == (data.num_states, 0)  # no costs kept: the labels, one-hot
     path.write_bytes(data.to_bytes())
     np.testing.assert_array_equal(RoundData.load(path).teachers, data.teachers)
 

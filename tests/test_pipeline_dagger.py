@@ -82,6 +82,7 @@ def family_run(out, clone, **kwargs):
     ("alternative_teachers", ["lookahead"],
      "dagger.alternative_teachers=['lookahead']: must not repeat a router or the teacher"),
     ("teacher_margin", 1.0, "dagger.teacher_margin=1.0: must be in [0, 1"),
+    ("cost_temperature", -0.5, "dagger.cost_temperature=-0.5: must be a finite number >= 0"),
 ])
 def test_bad_dagger_settings_fail_before_any_work_naming_key_and_value(key, value, message,
                                                                        tmp_path, capsys):
@@ -127,6 +128,10 @@ def test_dagger_is_part_of_the_training_identity():
     alt = base.with_overrides({"dagger": {"alternative_teachers": ["least_added_time"]}})
     assert alt.training_identity()["dagger"]["alternative_teachers"] == ["least_added_time"]
     assert alt.dagger.alternative_teachers == ("least_added_time",)
+    # soft labels, added later too: in the identity only when used
+    assert "cost_temperature" not in base.training_identity()["dagger"]
+    soft = base.with_overrides({"dagger": {"cost_temperature": 0.02}})
+    assert soft.training_identity()["dagger"]["cost_temperature"] == 0.02
 
 
 # -------------------------------------------------------------------------------- family

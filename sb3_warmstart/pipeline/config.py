@@ -363,6 +363,11 @@ class DistillationConfig:
         labels every episode.
     :param teacher_margin: relative margin within which an earlier teacher counts as the best
         of a scenario, in [0, 1).
+    :param cost_temperature: where the labelling router gives a cost per replica
+        (``lookahead``: the added request-seconds), BC learns from all of them instead of the
+        cheapest alone: the target puts ``exp(-(c - c_min) / (cost_temperature * c_min))`` on
+        each replica (normalised), so near-ties share the weight and costly mistakes weigh
+        most. Relative to the best cost, >= 0; 0 learns the teacher's choice alone.
     """
 
     enabled: bool = True
@@ -378,9 +383,13 @@ class DistillationConfig:
     epochs: int | None = 10
     alternative_teachers: tuple[str, ...] = ()
     teacher_margin: float = 0.005
+    cost_temperature: float = 0.0
 
     def __post_init__(self) -> None:
         from llm_cluster_env.routing.registry import ALL_ROUTERS
+
+        require(0.0 <= self.cost_temperature < float("inf"), "cost_temperature",
+                self.cost_temperature, "must be a finite number >= 0")
 
         require(self.teacher in ALL_ROUTERS, "teacher", self.teacher,
                 f"unknown router (known: {', '.join(ALL_ROUTERS)})")
@@ -750,7 +759,8 @@ MAX_SEED = 2**32 - 1
 #: listed).
 ADDED_SETTINGS: Mapping[str, Any] = {"warm_start.demo_objective": "mean_e2e",
                                      "dagger.alternative_teachers": [],
-                                     "dagger.teacher_margin": 0.005}
+                                     "dagger.teacher_margin": 0.005,
+                                     "dagger.cost_temperature": 0.0}
 
 
 def identity_differences(saved: Mapping[str, Any], current: Mapping[str, Any],

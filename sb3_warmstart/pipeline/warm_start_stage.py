@@ -295,7 +295,7 @@ def dagger_loop(config: TrainingConfig):
                         beta=d.beta, beta_decay=d.beta_decay, fine_tune=d.fine_tune,
                         seed=config.seed, episode_seed_base=int(state[0] >> np.uint64(2)),
                         alternative_teachers=d.alternative_teachers,
-                        teacher_margin=d.teacher_margin,
+                        teacher_margin=d.teacher_margin, cost_temperature=d.cost_temperature,
                         objective=config.warm_start.demo_objective)
 
 

@@ -127,9 +127,17 @@ class BCLossCalculator:
     vf_coef: float
 
     def __call__(self, dist: Distribution, actions: th.Tensor, values: th.Tensor | None,
-                 returns: th.Tensor | None, mask: th.Tensor) -> BCLoss:
+                 returns: th.Tensor | None, mask: th.Tensor,
+                 targets: th.Tensor | None = None) -> BCLoss:
+        """``targets`` (``(B, num_actions)`` distributions, optional) replaces the one-hot
+        ``actions``: the imitation term is then the cross-entropy ``-sum_a q_a log pi_a``."""
         denom = mask.sum().clamp_min(1.0)
-        neglogp = -(dist.log_prob(actions) * mask).sum() / denom
+        if targets is None:
+            logp = dist.log_prob(actions)
+        else:
+            log_pi = th.log_softmax(dist.distribution.logits, dim=-1)
+            logp = (targets * log_pi).sum(dim=-1)
+        neglogp = -(logp * mask).sum() / denom
         entropy = (dist.entropy() * mask).sum() / denom
         if values is not None and returns is not None:
             value_loss = (((values - returns) ** 2) * mask).sum() / denom
@@ -243,6 +251,7 @@ class _Split:
     lengths: np.ndarray
     offsets: np.ndarray
     ties: np.ndarray | None  # (num_steps, num_actions) bool
+    targets: th.Tensor | None = None  # (num_steps + 1, num_actions) float, rows sum to 1
     trajectory_ids: list[int] = field(default_factory=list)
 
     @property
@@ -292,6 +301,11 @@ class SequenceBC:
     :param progress: show the epochs' progress (a bar on a terminal, a line every 10 s when
         the output is piped; :mod:`sb3_warmstart.pipeline.progress`).
     :param logger: SB3 logger; every epoch's metrics are recorded and dumped at step = epoch.
+    :param action_targets: per trajectory, ``(len(acts), num_actions)`` distributions over
+        the actions (rows summing to 1) to learn instead of the recorded actions, e.g. the
+        cost-sensitive labels of :func:`~sb3_warmstart.warmstart.dagger.soft_labels`; a
+        ``None`` entry stands for the one-hot recorded actions. Accuracy is still measured
+        against the recorded actions.
     """
 
     def __init__(
@@ -310,6 +324,7 @@ class SequenceBC:
         | Sequence[Callable[[np.ndarray], np.ndarray]] | None = None,
         progress: bool = False,
         logger: Logger | None = None,
+        action_targets: Sequence[np.ndarray | None] | None = None,
     ) -> None:
         if not isinstance(policy, ActorCriticPolicy):
             raise TypeError(f"policy: expected an SB3 ActorCriticPolicy or sb3-contrib "
@@ -347,6 +362,7 @@ class SequenceBC:
             raise ValueError(f"tied_choices: {len(tied_choices)} tie rules for "
                              f"{len(trajectories)} trajectories (one per trajectory)")
         self._check_trajectories(trajectories)
+        self.action_targets = self._checked_targets(action_targets, trajectories)
         n = len(trajectories)
         perm = rng.permutation(n)
         n_val = int(round(validation_fraction * n)) if validation_fraction > 0 else 0
@@ -393,8 +409,30 @@ class SequenceBC:
                 raise ValueError(f"value_pretraining=True: trajectories[{i}] has no rews "
                                  "(need imitation TrajectoryWithRew)")
 
+    def _checked_targets(self, targets: Sequence[np.ndarray | None] | None,
+                         trajectories: list) -> list[np.ndarray | None] | None:
+        if targets is None or all(t is None for t in targets):
+            return None
+        if len(targets) != len(trajectories):
+            raise ValueError(f"action_targets: {len(targets)} entries for "
+                             f"{len(trajectories)} trajectories (one per trajectory)")
+        out: list[np.ndarray | None] = []
+        for j, (t, traj) in enumerate(zip(targets, trajectories)):
+            if t is None:
+                out.append(None)
+                continue
+            t = np.asarray(t, dtype=np.float32)
+            shape = (len(traj.acts), self.num_actions)
+            _require(t.shape == shape, f"action_targets[{j}].shape", t.shape,
+                     f"must be {shape} (steps, actions)")
+            _require(bool(np.all(t >= 0)) and np.allclose(t.sum(axis=1), 1.0, atol=1e-4),
+                     f"action_targets[{j}]", "rows", "must be distributions (>= 0, sum 1)")
+            out.append(t)
+        return out
+
     def _build_split(self, trajectories: list, ids: list[int], with_ties: bool) -> _Split:
         obs_parts, act_parts, ret_parts, tie_parts = [], [], [], []
+        target_parts = []
         lengths = []
         for j in ids:
             traj = trajectories[j]
@@ -403,6 +441,11 @@ class SequenceBC:
                              else raw.astype(np.float32))
             act_parts.append(np.asarray(traj.acts, dtype=np.int64))
             lengths.append(len(traj.acts))
+            if self.action_targets is not None:
+                given = self.action_targets[j]
+                if given is None:
+                    given = np.eye(self.num_actions, dtype=np.float32)[act_parts[-1]]
+                target_parts.append(given)
             if self.value_pretraining:
                 rews = np.asarray(traj.rews, dtype=np.float64)
                 if self.return_normalizer is not None:
@@ -421,6 +464,8 @@ class SequenceBC:
         acts = np.concatenate(act_parts + [np.zeros(1, np.int64)])
         returns = (np.concatenate(ret_parts + [np.zeros(1)]).astype(np.float32)
                    if self.value_pretraining else None)
+        targets = (np.concatenate(target_parts + [np.eye(self.num_actions, dtype=np.float32)[:1]])
+                   if target_parts else None)
         lengths_arr = np.asarray(lengths, dtype=np.int64)
         offsets = np.concatenate([[0], np.cumsum(lengths_arr)[:-1]]).astype(np.int64)
         dev = self.device
@@ -428,7 +473,9 @@ class SequenceBC:
             obs=th.as_tensor(obs, device=dev), acts=th.as_tensor(acts, device=dev),
             returns=th.as_tensor(returns, device=dev) if returns is not None else None,
             lengths=lengths_arr, offsets=offsets,
-            ties=np.concatenate(tie_parts) if tie_parts else None, trajectory_ids=list(ids))
+            ties=np.concatenate(tie_parts) if tie_parts else None,
+            targets=th.as_tensor(targets, device=dev) if targets is not None else None,
+            trajectory_ids=list(ids))
 
     # ---------------------------------------------------------------------------- batches
     def _chunk_batches(self, split: _Split, order: Sequence[int], sequence_length: int
@@ -574,7 +621,8 @@ class SequenceBC:
                                              with_values=self.value_pretraining):
             acts = split.acts[batch.rows]
             returns = split.returns[batch.rows] if split.returns is not None else None
-            loss = self.loss_calculator(dist, acts, values, returns, batch.mask)
+            targets = split.targets[batch.rows] if split.targets is not None else None
+            loss = self.loss_calculator(dist, acts, values, returns, batch.mask, targets)
             self.optimizer.zero_grad(set_to_none=True)
             loss.total.backward()
             if self.config.max_grad_norm is not None:

@@ -78,6 +78,7 @@ def clone_demonstrations(
     init_obs_rms: RunningMeanStd | None = None,
     logger=None,
     progress: bool = False,
+    action_targets: Sequence[np.ndarray | None] | None = None,
 ) -> CloneResult:
     """Clone ``trajectories`` into a fresh policy (or fine-tune ``init_model``'s).
 
@@ -99,6 +100,9 @@ def clone_demonstrations(
         policy's inputs keep their meaning); fitted on the demos when None.
     :param logger: SB3 logger for per-epoch metrics.
     :param progress: show progress (:mod:`sb3_warmstart.pipeline.progress`).
+    :param action_targets: per trajectory, a distribution over actions to learn at each step
+        instead of the recorded action (``None`` entries: the action); see
+        :class:`~sb3_warmstart.warmstart.bc.SequenceBC`.
     """
     layout = env.unwrapped.layout
     if init_model is not None:
@@ -136,7 +140,7 @@ def clone_demonstrations(
                          validation_fraction=validation_fraction,
                          value_pretraining=value_pretraining, gamma=ppo.gamma,
                          return_normalizer=returns, tied_choices=ties,
-                         progress=progress, logger=logger)
+                         progress=progress, logger=logger, action_targets=action_targets)
     history = trainer.train()
     final = history[-1]
     val = final.val

@@ -79,6 +79,18 @@ the run's settings and fingerprint are those of runs made before they existed. M
 of the 72 episodes, and the distilled policy was level with the default's (-0.01%
 [-0.08, +0.05] mean E2E), so the job's default stays without alternatives.
 
+**Soft labels from the teacher's costs** (``cost_temperature``): a teacher that prices every
+replica (``lookahead``: :meth:`~llm_cluster_env.routing.lookahead.LookaheadRouter.costs`, the
+added request-seconds) says more than its choice. Every round keeps those costs
+(``RoundData.costs``) and, with ``cost_temperature > 0``, BC learns the distribution
+:func:`soft_labels` makes of them instead of the choice alone: near-ties share the weight and
+a costly mistake gets almost none. Without it the settings and fingerprint are those of runs
+made before it existed. Measured 2026-12-05 (the main job at ``0.02``, training seeds 0-2;
+``docs/generalisation.md``): the distilled policy's regret in ``lookahead``'s costs on the
+states it visits fell by a tenth (0.64 to 0.57 s per decision, ``benchmarks/teacher_regret.py``;
+``least_added_time`` on the same states: 0.58-0.59 s), yet its mean E2E on the held-out grid
+did not move (-0.01% [-0.07, +0.05] vs the default's), so the default stays at 0.
+
 The teacher is any name of :func:`~llm_cluster_env.routing.registry.make_any_router`. It is
 driven as :func:`llm_cluster_env.tools.evaluation.run_episode` drives a router: the env is
 checked to provide the features it reads (``observe_for``), then computes the whole observation
@@ -132,6 +144,7 @@ from llm_cluster_env.env.cluster_env import LLMClusterEnv
 from llm_cluster_env.env.family import ScenarioFamilyConfig, ScenarioFamilyEnv
 from llm_cluster_env.routing.base import Router
 from llm_cluster_env.routing.heuristics import ROUTERS
+from llm_cluster_env.routing.lookahead import LookaheadRouter
 from llm_cluster_env.routing.registry import ALL_ROUTERS, make_any_router
 from llm_cluster_env.tools.objectives import DEMO_OBJECTIVES, make_objective
 from llm_cluster_env.validation import ConfigError, require, to_dict
@@ -182,6 +195,9 @@ class DAggerConfig:
         they serve it better (:func:`choose_teacher`; empty: ``teacher`` labels every one).
     :param teacher_margin: relative ``objective`` margin within which an earlier teacher
         (``teacher`` first) counts as the best of an episode, in [0, 1).
+    :param cost_temperature: BC learns from the teacher's costs instead of its choices where
+        it gives them (``lookahead``): :func:`soft_labels` at this relative temperature, >= 0
+        (0: the teacher's choice alone).
     :param objective: what the teachers are ranked by, one of
         :data:`~llm_cluster_env.tools.objectives.DEMO_OBJECTIVES` (the main job passes its
         ``warm_start.demo_objective``, whose default this is).
@@ -200,8 +216,13 @@ class DAggerConfig:
     alternative_teachers: tuple[str, ...] = _SECTION.alternative_teachers
     teacher_margin: float = _SECTION.teacher_margin
     objective: str = WarmStartConfig.demo_objective
+    cost_temperature: float = _SECTION.cost_temperature
 
     def __post_init__(self) -> None:
+        require(isinstance(self.cost_temperature, (int, float))
+                and not isinstance(self.cost_temperature, bool)
+                and 0.0 <= self.cost_temperature < float("inf"), "cost_temperature",
+                self.cost_temperature, "must be a finite number >= 0")
         require(isinstance(self.teacher, str) and self.teacher in ALL_ROUTERS, "teacher",
                 self.teacher, f"must be a router name ({', '.join(ALL_ROUTERS)})")
         require(isinstance(self.alternative_teachers, (tuple, list)), "alternative_teachers",
@@ -261,6 +282,36 @@ class DAggerConfig:
 
 
 # ------------------------------------------------------------------------------ round data
+def soft_labels(costs: np.ndarray, labels: np.ndarray, num_actions: int,
+                temperature: float) -> np.ndarray:
+    """Cost-sensitive labels: row ``j`` is ``softmax(-(c - c_min) / (temperature * c_min))``
+    over the teacher's costs ``c = costs[j]`` (seconds; ``+inf`` for actions that do not exist,
+    which get 0), so replicas nearly as good as the best share the probability and a costly
+    mistake gets almost none. ``temperature`` is relative to the best cost (``0.02``: a
+    replica 2% worse than the best gets ``1/e`` of its weight). One-hot ``labels`` where
+    ``temperature`` is 0, the costs are missing (``costs`` of width 0, or a NaN row) or the
+    best cost is not positive. Returns ``(N, num_actions)`` float32 rows summing to 1."""
+    n = len(labels)
+    out = np.zeros((n, num_actions), np.float32)
+    out[np.arange(n), labels] = 1.0
+    if temperature <= 0 or costs.shape[1] == 0 or n == 0:
+        return out
+    width = min(costs.shape[1], num_actions)
+    c = np.asarray(costs[:, :width], np.float64)
+    best = np.min(c, axis=1)
+    usable = np.isfinite(best) & (best > 0) & ~np.isnan(c).any(axis=1)
+    if not usable.any():
+        return out
+    c, best = c[usable], best[usable]
+    with np.errstate(invalid="ignore", over="ignore"):
+        logits = -(c - best[:, None]) / (temperature * best[:, None])
+    weights = np.where(np.isfinite(c), np.exp(logits), 0.0)
+    rows = np.zeros((len(c), num_actions), np.float64)
+    rows[:, :width] = weights / weights.sum(axis=1, keepdims=True)
+    out[usable] = rows.astype(np.float32)
+    return out
+
+
 @dataclass(frozen=True)
 class RoundData:
     """The labelled states of one round, episode after episode.
@@ -282,6 +333,10 @@ class RoundData:
     final_obs: np.ndarray    # (E, D) float32
     teachers: np.ndarray     # (E,) str
     teacher_scores: np.ndarray  # (E, T) float64, T = 0 when only one teacher could label
+    costs: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros((0, 0)))
+    #: (N, A) float64: the labeller's cost (s) of each action at each state, +inf past the
+    #: scenario's replicas, NaN rows where the labeller gives no costs; (N, 0) in rounds
+    #: written before costs were kept.
 
     @property
     def num_states(self) -> int:
@@ -297,6 +352,12 @@ class RoundData:
                                   infos=None, terminal=True))
             start += n
         return out
+
+    def action_targets(self, num_actions: int, temperature: float) -> list[np.ndarray]:
+        """Per episode, the ``(steps, num_actions)`` soft labels :func:`soft_labels` makes of
+        the stored costs at relative ``temperature`` (one-hot labels where none were kept)."""
+        targets = soft_labels(self.costs, self.labels, num_actions, temperature)
+        return np.split(targets, np.cumsum(self.lengths)[:-1])
 
     def agreement(self) -> float:
         """Share of the states where the executed action was the teacher's label."""
@@ -321,6 +382,7 @@ class RoundData:
         episodes = len(fields["lengths"])
         fields.setdefault("teachers", np.full(episodes, "", dtype="<U1"))  # format-2 rounds
         fields.setdefault("teacher_scores", np.zeros((episodes, 0)))
+        fields.setdefault("costs", np.zeros((len(fields["labels"]), 0)))  # before costs
         return cls(**fields)
 
 
@@ -431,7 +493,9 @@ def label_episodes(env: DAggerEnv, teacher: Router, policy: PolicyRouter | None,
     ``alternatives``, with whichever of ``teacher, *alternatives`` :func:`choose_teacher` picks
     for that episode by ``objective`` and ``margin``).
 
-    Before each step the teacher's ``select(env.view)`` gives the label; the executed action is
+    Before each step the teacher's ``select(env.view)`` gives the label (a ``lookahead``
+    teacher's is the least of its ``costs(env.view)``, which are kept; see
+    :func:`soft_labels`); the executed action is
     the teacher's when ``policy`` is None, else the teacher's with probability ``beta`` (drawn
     from ``default_rng((seed, round_index, i, 1))``) and the policy's otherwise (the policy
     selects on every step, so a recurrent policy keeps its state; sampling draws from
@@ -446,7 +510,8 @@ def label_episodes(env: DAggerEnv, teacher: Router, policy: PolicyRouter | None,
     for router in candidates:  # refuses a teacher reading a feature this env lacks
         check_teacher(env, router)
     obs_rows, labels, actions, by_teacher, lengths, finals = [], [], [], [], [], []
-    names, scores = [], []
+    names, scores, cost_rows = [], [], []
+    width = int(env.action_space.n)
     for i, ep_seed in enumerate(seeds):
         labeller = teacher
         if alternatives:
@@ -465,7 +530,15 @@ def label_episodes(env: DAggerEnv, teacher: Router, policy: PolicyRouter | None,
         while not terminated:
             view = env.view
             row = np.array(view.obs, dtype=np.float32)
-            label = int(labeller.select(view))
+            costs = np.full(width, np.nan)
+            if isinstance(labeller, LookaheadRouter):  # its label is the least of its costs
+                costs[:] = np.inf
+                found = labeller.costs(view)
+                costs[:len(found)] = found
+                label = int(np.argmin(found))
+            else:
+                label = int(labeller.select(view))
+            cost_rows.append(costs)
             act = label
             teacher_acts = True
             if policy is not None:
@@ -488,7 +561,8 @@ def label_episodes(env: DAggerEnv, teacher: Router, policy: PolicyRouter | None,
                      seeds=np.asarray(list(seeds), np.int64), final_obs=np.stack(finals),
                      teachers=np.asarray(names, dtype=str),
                      teacher_scores=(np.stack(scores) if scores
-                                     else np.zeros((len(names), 0), np.float64)))
+                                     else np.zeros((len(names), 0), np.float64)),
+                     costs=np.stack(cost_rows))
 
 
 def policy_agreement(env: DAggerEnv, policy: PolicyRouter, teacher: Router,
@@ -531,6 +605,8 @@ def run_settings(config: DAggerConfig, env_kwargs: Mapping[str, Any] | None, bc:
     if not config.alternative_teachers:  # runs made before alternatives existed still match
         for key in ("alternative_teachers", "teacher_margin", "objective"):
             loop.pop(key)
+    if not config.cost_temperature:  # nor before soft labels existed
+        loop.pop("cost_temperature")
     settings: dict[str, Any] = {"format": FORMAT_VERSION, "dagger": loop,
                                 "env_kwargs": dict(env_kwargs or {}), "bc": to_dict(bc),
                                 "ppo": to_dict(ppo)}
@@ -701,6 +777,12 @@ def run_dagger(config: DAggerConfig, *, env_kwargs: Mapping[str, Any] | None = N
             callback(RoundEvent(k, "labelled", out / f"round_{k}.npz", resumed))
         aggregate = sum(r.num_states for r in rounds)
         trajectories = [*(demos or ()), *(t for r in rounds for t in r.trajectories())]
+        targets = None
+        if config.cost_temperature:
+            width = int(env.action_space.n)
+            targets = [*([None] * len(demos or ())),
+                       *(t for r in rounds for t in r.action_targets(width,
+                                                                     config.cost_temperature))]
         init_model = init_obs_rms = None
         if config.fine_tune and k > 0:
             init_model, _, init_obs_rms = load_pretrained(out / f"policy_round_{k - 1}.zip")
@@ -708,7 +790,7 @@ def run_dagger(config: DAggerConfig, *, env_kwargs: Mapping[str, Any] | None = N
             trajectories, env=env, bc=bc, ppo=ppo, seed=config.seed,
             validation_fraction=config.validation_fraction,
             value_pretraining=False, expert=expert, init_model=init_model,
-            init_obs_rms=init_obs_rms)
+            init_obs_rms=init_obs_rms, action_targets=targets)
         metadata = result.metadata(dagger={"round": k, "fingerprint": fp,
                                            "aggregate_states": aggregate,
                                            "demo_states": sum(len(t.acts) for t in demos or ()),
