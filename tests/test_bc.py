@@ -710,7 +710,7 @@ def _trained_weights(env, trajs, targets, recurrent: bool):
 @pytest.mark.parametrize("recurrent", [False, True])
 def test_one_hot_action_targets_train_exactly_as_the_recorded_actions(small_demos, recurrent):
     """Targets that put all weight on the recorded action are the recorded actions: the same
-    losses and the same weights, bit for bit (a ``None`` entry stands for them too)."""
+    losses and the same weights, to float rounding (a ``None`` entry stands for them too)."""
     env, trajs = small_demos
     n = env.action_space.n
     one_hot = [np.eye(n, dtype=np.float32)[t.acts] for t in trajs]
