@@ -14,7 +14,12 @@ pytestmark = pytest.mark.train
 from llm_cluster_env.tools.evaluation import RouterResult, plot_latency_cdf  # noqa: E402
 from sb3_warmstart.pipeline import run_folder  # noqa: E402
 from sb3_warmstart.pipeline.config import TrainingConfig, load_config  # noqa: E402
-from sb3_warmstart.pipeline.logs import ResumableCSVOutputFormat, rows_up_to  # noqa: E402
+from sb3_warmstart.pipeline.logs import (  # noqa: E402
+    ResumableCSVOutputFormat,
+    ResumableTensorBoardOutputFormat,
+    rows_up_to,
+    wait_for_a_later_second,
+)
 from sb3_warmstart.pipeline.progress import ProgressPrinter  # noqa: E402
 from sb3_warmstart.pipeline.report import plot_learning_curve, relative_to_reference  # noqa: E402
 
@@ -110,6 +115,46 @@ class FakeClock:
 
     def __call__(self) -> float:
         return self.now
+
+
+def test_resumed_event_file_waits_for_a_later_second_than_every_earlier_file(tmp_path, caplog):
+    (tmp_path / "events.out.tfevents.1000.host.99.0").touch()
+    (tmp_path / "events.out.tfevents.0999.host.7.0").touch()
+    (tmp_path / "notes.txt").touch()
+    slept = []
+    assert wait_for_a_later_second(tmp_path, clock=lambda: 1000.25, sleep=slept.append) == 0.75
+    assert slept == [0.75]  # the next writer's name carries second 1001
+    assert wait_for_a_later_second(tmp_path, clock=lambda: 1001.0, sleep=slept.append) == 0
+    assert wait_for_a_later_second(tmp_path / "none", clock=lambda: 0.0, sleep=slept.append) == 0
+    assert wait_for_a_later_second(tmp_path, clock=lambda: 990.0, sleep=slept.append) == 0
+    assert slept == [0.75] and "stamped 10.0 s in the future" in caplog.text  # clock skew
+
+
+def test_resumed_tensorboard_events_follow_the_earlier_ones_even_in_the_same_second(tmp_path):
+    """An earlier writer whose name sorts after ours within a second (here: a larger pid, one
+    second ahead) must still be read first, or TensorBoard shows the resumed rows first."""
+    import time
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from torch.utils.tensorboard import SummaryWriter
+
+    first = SummaryWriter(log_dir=str(tmp_path))
+    for step in (1, 2, 3):
+        first.add_scalar("x", float(step), step)
+    first.close()
+    (old,) = tmp_path.glob("events.out.tfevents.*")
+    second = int(time.time()) + 1
+    old.rename(tmp_path / f"events.out.tfevents.{second:010d}.host.99999999.0")
+    resumed = ResumableTensorBoardOutputFormat(str(tmp_path), resume_step=2)
+    resumed.writer.add_scalar("x", 30.0, 3)
+    resumed.writer.add_scalar("x", 40.0, 4)
+    resumed.close()
+    names = sorted(p.name for p in tmp_path.glob("events.out.tfevents.*"))
+    assert names[0].startswith(f"events.out.tfevents.{second:010d}.host.99999999")
+    accumulator = EventAccumulator(str(tmp_path), size_guidance={"scalars": 0})
+    accumulator.Reload()
+    assert [(e.step, e.value) for e in accumulator.Scalars("x")] == [
+        (1, 1.0), (2, 2.0), (3, 30.0), (4, 40.0)]
 
 
 def test_piped_progress_prints_plain_lines_at_least_every_interval():

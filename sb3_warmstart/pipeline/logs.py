@@ -8,7 +8,11 @@ by the interrupted process is about to be logged again, so:
   stock SB3 opens it with ``"w+"`` and loses every earlier row;
 * TensorBoard (:class:`ResumableTensorBoardOutputFormat`) opens its writer with
   ``purge_step=S + 1``: TensorBoard's own mechanism for a restart, which hides the events of
-  the earlier files at steps after ``S``.
+  the earlier files at steps after ``S``. TensorBoard reads a folder's event files in name
+  order, and a name is ``events.out.tfevents.<unix second>.<host>.<pid>...``: a resume within
+  the same second as the earlier writer could sort *before* it (by host or pid) and have its
+  rows purged and shown first. The resumed writer therefore waits, at most a second or two,
+  until its second is later than every existing file's (:func:`wait_for_a_later_second`).
 
 Rows are values SB3 dumps once per rollout at ``step = num_timesteps``. Values recorded after a
 dump and before the checkpoint (the ``train/`` metrics of the update that follows a rollout) are
@@ -20,7 +24,11 @@ from __future__ import annotations
 
 import csv
 import io
+import logging
 import os
+import re
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 from stable_baselines3.common.logger import (
@@ -34,6 +42,12 @@ from torch.utils.tensorboard import SummaryWriter
 from llm_cluster_env.atomic import atomic_write_text
 
 STEP_KEY = "time/total_timesteps"
+#: An event file's name and the unix second in it (TensorBoard's ``EventFileWriter`` naming).
+EVENT_FILE = re.compile(r"^events\.out\.tfevents\.(\d+)\.")
+#: Longest wait (s) for a later second; beyond it (a file stamped in the future: clock skew)
+#: the writer opens anyway and says so.
+MAX_EVENT_FILE_WAIT_S = 2.0
+logger = logging.getLogger(__name__)
 
 
 def rows_up_to(path: Path, step: int) -> tuple[list[str], str]:
@@ -90,14 +104,39 @@ class ResumableCSVOutputFormat(CSVOutputFormat):
         self.quotechar = '"'
 
 
+def wait_for_a_later_second(folder: Path, clock: Callable[[], float] = time.time,
+                            sleep: Callable[[float], None] = time.sleep,
+                            max_wait_s: float = MAX_EVENT_FILE_WAIT_S) -> float:
+    """Sleep until the unix second is later than that in every event file name in ``folder``,
+    so a writer opened next sorts after them all. Returns the seconds waited (0 when no wait
+    was needed, or when it would exceed ``max_wait_s``: then a warning names the file)."""
+    stamps = [(int(m.group(1)), p.name) for p in Path(folder).glob("events.out.tfevents.*")
+              if (m := EVENT_FILE.match(p.name))]
+    if not stamps:
+        return 0.0
+    latest, name = max(stamps)
+    wait = latest + 1 - clock()
+    if wait <= 0:
+        return 0.0
+    if wait > max_wait_s:
+        logger.warning("%s is stamped %.1f s in the future (clock skew?); TensorBoard may show "
+                       "the resumed run's events out of order", Path(folder) / name, wait - 1)
+        return 0.0
+    sleep(wait)
+    return wait
+
+
 class ResumableTensorBoardOutputFormat(TensorBoardOutputFormat):
     """SB3's TensorBoard output; when resuming from step ``S``, events the earlier process
-    wrote after ``S`` are purged (``SummaryWriter(purge_step=S + 1)``).
+    wrote after ``S`` are purged (``SummaryWriter(purge_step=S + 1)``), and the new event file
+    is named to sort after the earlier ones (:func:`wait_for_a_later_second`).
 
     :param folder: the event folder. :param resume_step: the checkpoint's step, or ``None``.
     """
 
     def __init__(self, folder: str, resume_step: int | None = None) -> None:
+        if resume_step is not None and Path(folder).is_dir():
+            wait_for_a_later_second(Path(folder))
         self.writer = SummaryWriter(log_dir=folder, purge_step=None if resume_step is None
                                     else int(resume_step) + 1)
         self._is_closed = False
