@@ -5,6 +5,7 @@ policy's agreement with its teacher on the states the policy itself visits."""
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -247,6 +248,21 @@ def test_labels_are_the_teachers_choice_on_the_visited_state_and_aggregate_grows
     assert np.array_equal(result.rounds[0].actions, result.rounds[0].labels)
     assert not result.rounds[1].teacher_acted.any()
     assert [p.name for p in result.policy_paths] == [f"policy_round_{k}.zip" for k in range(3)]
+
+
+def test_rounds_show_their_labelling_and_cloning_progress_only_when_asked(tmp_path, capsys):
+    cfg = DAggerConfig(teacher="least_added_time", rounds=1, episodes_per_round=2)
+    run_dagger(cfg, env_kwargs=ENV_KWARGS, bc=TINY_BC, ppo=PPO, out=tmp_path / "quiet")
+    assert capsys.readouterr().out == ""
+    run_dagger(cfg, env_kwargs=ENV_KWARGS, bc=TINY_BC, ppo=PPO, out=tmp_path / "shown",
+               show_progress=True)
+    lines = capsys.readouterr().out.splitlines()  # piped: plain lines, start and end
+    for k in (0, 1):
+        start = lines.index(f"[DAgger {k}] 0/2 episodes (0%)")
+        assert re.fullmatch(rf"\[DAgger {k}\] 2/2 episodes \(100%\) in [\d.]+ s; "
+                            r"120 states labelled", lines[start + 1])
+        assert lines[start + 2] == "[BC] 0/2 epochs (0%)"  # then the round's cloning
+    assert sum(line.startswith("[BC] 2/2 epochs (100%)") for line in lines) == 2
 
 
 def test_beta_one_executes_the_teacher_and_sampling_is_reproducible(tmp_path):

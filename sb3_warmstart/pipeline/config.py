@@ -344,7 +344,9 @@ class DistillationConfig:
         arrivals).
     :param rounds: DAgger rounds after the clone (each labels ``episodes_per_round`` episodes
         routed by the previous round's policy, then retrains).
-    :param episodes_per_round: episodes routed and labelled per round.
+    :param episodes_per_round: episodes routed and labelled per round (64: eight times the
+        labels of 8 made the distilled policy 0.20% better on the held-out grid, on every
+        training seed; the DAgger module's docstring).
     :param episode_requests: requests per DAgger episode.
     :param deterministic: the learner takes its most likely replica (True) or samples one.
     :param beta: probability, in round 1, of executing the teacher's action instead of the
@@ -373,7 +375,7 @@ class DistillationConfig:
     enabled: bool = True
     teacher: str = "lookahead"
     rounds: int = 3
-    episodes_per_round: int = 8
+    episodes_per_round: int = 64
     episode_requests: int = 512
     deterministic: bool = True
     beta: float = 0.0

@@ -119,7 +119,8 @@ class ProgressPrinter:
         if final:
             text += f" in {elapsed:.1f} s"
         elif self.done > self.initial and rate > 0:
-            text += f", {rate:,.0f} {self.unit}/s, ~{(self.total - self.done) / rate:.0f} s left"
+            shown = f"{rate:,.0f}" if rate >= 10 else f"{rate:.2g}"  # 0.84 episodes/s, not 1
+            text += f", {shown} {self.unit}/s, ~{(self.total - self.done) / rate:.0f} s left"
         if self.note:
             text += f"; {self.note}"
         return text

@@ -363,7 +363,7 @@ class WarmStartPipeline:
             start = time.perf_counter()
             pretrained = warm_start_stage.distill(
                 self.config, self.run_dir, pretrained, trajectories,
-                force=options.force_warmstart)
+                force=options.force_warmstart, progress=options.progress)
             self.timings["dagger_s"] = time.perf_counter() - start
         return pretrained
 

@@ -344,7 +344,7 @@ def check_teacher(config: TrainingConfig) -> None:
 
 
 def distill(config: TrainingConfig, run_dir: Path, clone: Pretrained, demos: list, *,
-            force: bool = False) -> Pretrained:
+            force: bool = False, progress: bool = True) -> Pretrained:
     """DAgger from the clone into ``run_dir/pretrained/dagger`` (resumed when it holds a run of
     these settings, started again when it holds another), then its last round's policy as
     ``run_dir/pretrained/distilled_policy.zip`` (the clone's return statistics kept, so PPO's
@@ -354,6 +354,7 @@ def distill(config: TrainingConfig, run_dir: Path, clone: Pretrained, demos: lis
     :param demos: the demonstrations it was cloned from (in every round's aggregate with
         ``dagger.include_demos``).
     :param force: start DAgger again even when the folder holds a run of these settings.
+    :param progress: show each round's labelling and cloning as it goes.
     :return: the distilled policy; ``summary["dagger"]`` is :func:`dagger_summary`.
     """
     from sb3_warmstart.policies.policy_file import load_pretrained
@@ -369,7 +370,8 @@ def distill(config: TrainingConfig, run_dir: Path, clone: Pretrained, demos: lis
     start = time.perf_counter()
     result = run_dagger(loop, spec=spec, bc=bc, ppo=config.ppo, out=folder,
                         initial_policy=clone.source, demos=aggregate_demos,
-                        progress=lambda line: log.info("DAgger %s", line))
+                        progress=lambda line: log.info("DAgger %s", line),
+                        show_progress=progress)
     rows = dagger_rounds(folder, loop.rounds)
     summary = {"teacher": loop.teacher, "alternative_teachers": list(loop.alternative_teachers),
                "rounds": rows, "policy": str(target),

@@ -45,9 +45,8 @@ Round 0 is the job's clone (64 episodes, 16,384 states of the best heuristic per
 
 So the aggregate keeps the heuristic-labelled demonstrations beside the teacher-labelled
 states, every round fine-tunes the previous one, and the episodes are 512 requests long
-(``include_demos: true``, ``fine_tune: true``, ``episodes_per_round: 8``,
-``episode_requests: 512``): the lowest mean and the smallest worst case, at the same number
-of labels. Without the demonstrations the policy drifts to ``lookahead``'s choices where it
+(``include_demos: true``, ``fine_tune: true``, ``episode_requests: 512``): the lowest mean
+and the smallest worst case, at the same number of labels. Without the demonstrations the policy drifts to ``lookahead``'s choices where it
 cannot tell them apart from the observation (its on-policy agreement with ``lookahead`` stays
 at 0.52-0.58 over the rounds in every variant, BC's train accuracy at 0.69-0.71 on the labels
 alone, 0.76-0.81 with the demos), which costs most on the scenarios where ``lookahead``
@@ -59,6 +58,14 @@ More rounds did not help monotonically (256-request variant: round 1 +0.00%, rou
 round 3 -0.03% vs ``least_added_time``). Cost: 10-14 s of CPU to label a round (4,096
 states, 2.3-3.3 ms per state with the policy's own step), 12-20 s to retrain on the demos
 plus the aggregate: 72 s (256-request episodes) or 85 s (512) for 3 rounds.
+
+**The amount of labels** (2026-12-05, on the held-out 12-cell grid of
+``docs/generalisation.md``: 10 paired seeds x 1,500 requests per cell, training seeds 0-2):
+the table above used 8 episodes per round (12,288 labels in 3 rounds). 16 episodes changed
+nothing shown (-0.07% [-0.13, -0.01] vs 8, the seeds disagreeing); **64 episodes** (98,304
+labels, the default since then) made the distilled policy -0.20% [-0.26, -0.13] vs 8, better
+on every training seed, -0.14% [-0.23, -0.05] vs each cell's best heuristic and +0.30%
+[+0.22, +0.39] behind ``lookahead``. It costs ~4 min more of CPU (the whole job ~7.5 min).
 ``rollout_planner`` is not the default teacher: it cannot sample the futures of the family's
 phased arrivals (a fifth of its scenarios; the job's ``check_teacher`` refuses it
 there) and costs 20-30 ms per decision on 4 replicas (~100 s per
@@ -154,6 +161,7 @@ from sb3_warmstart.pipeline.config import (
     PPOConfig,
     WarmStartConfig,
 )
+from sb3_warmstart.pipeline.progress import ProgressPrinter
 from sb3_warmstart.policies.policy_file import load_pretrained, save_pretrained
 from sb3_warmstart.policies.router import PolicyRouter
 from sb3_warmstart.warmstart.cloning import clone_demonstrations
@@ -488,7 +496,8 @@ def choose_teacher(env: DAggerEnv, teachers: Sequence[Router], episode_seed: int
 def label_episodes(env: DAggerEnv, teacher: Router, policy: PolicyRouter | None,
                    seeds: Sequence[int], *, beta: float, seed: int, round_index: int,
                    alternatives: Sequence[Router] = (), margin: float = 0.0,
-                   objective: str = "mean_e2e") -> RoundData:
+                   objective: str = "mean_e2e",
+                   on_episode: Callable[[int, int], None] | None = None) -> RoundData:
     """Route one episode per seed and label every visited state with ``teacher`` (or, with
     ``alternatives``, with whichever of ``teacher, *alternatives`` :func:`choose_teacher` picks
     for that episode by ``objective`` and ``margin``).
@@ -505,6 +514,7 @@ def label_episodes(env: DAggerEnv, teacher: Router, policy: PolicyRouter | None,
         :class:`~llm_cluster_env.env.family.ScenarioFamilyEnv` (``reset(seed=s)`` draws the
         scenario of seed ``s``); it computes the whole observation during the episodes, and a
         planner teacher is bound to the scenario's env after every reset.
+    :param on_episode: called after every episode with (episodes done, states labelled).
     """
     candidates = [teacher, *alternatives]
     for router in candidates:  # refuses a teacher reading a feature this env lacks
@@ -554,6 +564,8 @@ def label_episodes(env: DAggerEnv, teacher: Router, policy: PolicyRouter | None,
             steps += 1
         lengths.append(steps)
         finals.append(np.asarray(obs, dtype=np.float32))
+        if on_episode is not None:
+            on_episode(i + 1, len(labels))
     return RoundData(obs=np.stack(obs_rows).astype(np.float32),
                      labels=np.asarray(labels, np.int64), actions=np.asarray(actions, np.int64),
                      teacher_acted=np.asarray(by_teacher, bool),
@@ -706,7 +718,8 @@ def run_dagger(config: DAggerConfig, *, env_kwargs: Mapping[str, Any] | None = N
                callback: Callable[[RoundEvent], None] | None = None,
                progress: Callable[[str], None] | None = None,
                initial_policy: str | Path | None = None,
-               demos: Sequence[Trajectory] | None = None) -> DAggerResult:
+               demos: Sequence[Trajectory] | None = None,
+               show_progress: bool = False) -> DAggerResult:
     """Run (or resume) DAgger into ``out`` (see the module docstring).
 
     :param config: the loop's settings.
@@ -723,6 +736,9 @@ def run_dagger(config: DAggerConfig, *, env_kwargs: Mapping[str, Any] | None = N
         that *is* round 0 (copied to ``policy_round_0.zip``; nothing is labelled in round 0).
     :param demos: trajectories added to every round's aggregate (labelled by whoever routed
         them, e.g. the heuristic demonstrations the initial policy was cloned from).
+    :param show_progress: show each round's labelling (episodes) and cloning (epochs) as it
+        goes (a bar on a terminal, a line every 10 s when the output is piped;
+        :mod:`sb3_warmstart.pipeline.progress`).
     """
     if not isinstance(config, DAggerConfig):
         raise TypeError(f"config: expected a DAggerConfig, got {type(config).__name__}")
@@ -762,10 +778,15 @@ def run_dagger(config: DAggerConfig, *, env_kwargs: Mapping[str, Any] | None = N
         if data is None:
             if k > 0 and router is None:
                 router = load_round_policy(out, k - 1, config.deterministic)
+            printer = ProgressPrinter(f"DAgger {k}", config.episodes_per_round, "episodes",
+                                      enabled=show_progress)
             data = label_episodes(env, teacher, router if k > 0 else None,
                                   config.episode_seeds(k), beta=config.beta_at(k),
                                   seed=config.seed, round_index=k, alternatives=alternatives,
-                                  margin=config.teacher_margin, objective=config.objective)
+                                  margin=config.teacher_margin, objective=config.objective,
+                                  on_episode=lambda done, states, shown=printer: shown.update(
+                                      done, f"{states:,} states labelled"))
+            printer.close()
             _write_round(out, k, fp, data, config.beta_at(k))
         by = (f" by {', '.join(f'{n} ({c})' for n, c in data.teacher_counts().items())}"
               if alternatives else "")
@@ -790,7 +811,7 @@ def run_dagger(config: DAggerConfig, *, env_kwargs: Mapping[str, Any] | None = N
             trajectories, env=env, bc=bc, ppo=ppo, seed=config.seed,
             validation_fraction=config.validation_fraction,
             value_pretraining=False, expert=expert, init_model=init_model,
-            init_obs_rms=init_obs_rms, action_targets=targets)
+            init_obs_rms=init_obs_rms, action_targets=targets, progress=show_progress)
         metadata = result.metadata(dagger={"round": k, "fingerprint": fp,
                                            "aggregate_states": aggregate,
                                            "demo_states": sum(len(t.acts) for t in demos or ()),
