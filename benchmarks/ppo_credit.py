@@ -9,7 +9,10 @@ trains the same PPO budget through the pipeline's own session (``ppo_stage.build
 * ``paired``: ``ppo.paired_baseline`` = ``--baseline`` (reward minus the baseline's on a
   shadow copy of the episode, :mod:`llm_cluster_env.env.paired_reward`);
 * ``paired_no_kl``: ``paired`` without the KL toward the start (``kl_ref_coef`` 0);
-* ``paired_no_temp``: ``paired`` without temperature control.
+* ``paired_no_temp``: ``paired`` without temperature control;
+* ``paired_warmup``: ``paired`` with ``--warmup-steps`` of critic warm-up (the critic alone
+  learns the paired values before the actor moves, ``stabilization.critic_warmup_steps``);
+* ``warmup``: the default reward with the same critic warm-up.
 
 Each trained policy, the start policy and the ``--context`` heuristics then route the same
 held-out episodes (the job's
@@ -44,7 +47,7 @@ from llm_cluster_env.routing.registry import make_any_router
 from llm_cluster_env.tools.paired_stats import compare_paired
 from sb3_warmstart.common.checkpoint import CheckpointManager
 from sb3_warmstart.common.normalize import ReturnNormalizer
-from sb3_warmstart.pipeline.config import TrainingConfig
+from sb3_warmstart.pipeline.config import TrainingConfig, dump_config
 from sb3_warmstart.pipeline.envs import make_base_env, training_env_spec
 from sb3_warmstart.pipeline.ppo_stage import PPOTrainer, build_session
 from sb3_warmstart.pipeline.report import evaluate_held_out
@@ -61,7 +64,12 @@ VARIANTS: dict[str, dict[str, Any]] = {
                      "kl": {"kl_ref_coef_initial": 0.0, "kl_ref_coef_final": 0.0}},
     "paired_no_temp": {"ppo": {"paired_baseline": "{baseline}"},
                        "temperature": {"enabled": False}},
+    "paired_warmup": {"ppo": {"paired_baseline": "{baseline}"},
+                      "stabilization": {"critic_warmup_steps": "{warmup}"}},
+    "warmup": {"stabilization": {"critic_warmup_steps": "{warmup}"}},
 }
+#: The variants the benchmark trains unless ``--variants`` says otherwise.
+DEFAULT_VARIANTS = ("default", "paired", "paired_no_kl", "paired_no_temp")
 #: Seeds of the variance episodes (training never draws them; evaluation starts at 100000).
 VARIANCE_SEED0 = 50_000
 
@@ -78,14 +86,16 @@ class Args:
     """PPO budget per variant, env steps"""
     baseline: str = "least_added_time"
     """paired baseline router"""
-    variants: str = ",".join(VARIANTS)
+    warmup_steps: int = 8192
+    """critic warm-up of the ``*warmup`` variants, env steps"""
+    variants: str = ",".join(DEFAULT_VARIANTS)
     """comma-separated variants to train"""
     eval_seeds: int = 10
     """held-out evaluation episodes (paired seeds)"""
     eval_requests: int = 1000
     """requests per held-out episode"""
     variance_episodes: int = 16
-    """episodes of the raw-vs-paired variance measurement"""
+    """episodes of the raw-vs-paired variance measurement (0: skip it)"""
     seed: int = 0
     """PPO seed (all variants)"""
     context: str = "least_added_time,lor"
@@ -105,7 +115,11 @@ def load_start(run: Path) -> Pretrained:
 
 
 def variant_config(base: TrainingConfig, name: str, args: Args) -> TrainingConfig:
-    overrides = json.loads(json.dumps(VARIANTS[name]).replace("{baseline}", args.baseline))
+    if name not in VARIANTS:
+        raise ValueError(f"variants: unknown variant {name!r} (known: {', '.join(VARIANTS)})")
+    text = (json.dumps(VARIANTS[name]).replace("{baseline}", args.baseline)
+            .replace('"{warmup}"', str(int(args.warmup_steps))))
+    overrides = json.loads(text)
     return base.with_overrides({**overrides, "total_requests": args.steps, "seed": args.seed,
                                 "checkpointing": {"checkpoint_interval": args.steps}})
 
@@ -113,6 +127,8 @@ def variant_config(base: TrainingConfig, name: str, args: Args) -> TrainingConfi
 def train_variant(config: TrainingConfig, run: Path, folder: Path) -> tuple[Any, float]:
     """One PPO run from a fresh copy of the warm start; the trained session and CPU seconds."""
     start = time.process_time()
+    folder.mkdir(parents=True, exist_ok=True)
+    dump_config(config, folder / "config.yaml")  # a run folder the policy loaders can read
     pretrained = load_start(run)
     session = build_session(config, pretrained)
     manager = CheckpointManager(folder / "checkpoints", config.checkpointing.max_checkpoints)
@@ -155,22 +171,23 @@ def reward_variance(config: TrainingConfig, start: Pretrained, args: Args) -> di
 def main(args: Args) -> dict[str, Any]:
     th.set_num_threads(1)
     run, out = Path(args.run), Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     base = TrainingConfig()
+    configs = {name: variant_config(base, name, args) for name in args.variants.split(",")}
+    out.mkdir(parents=True, exist_ok=True)
     start = load_start(run)
     summary: dict[str, Any] = {"args": asdict(args), "start": start.source}
     print(f"[ppo_credit] warm start {start.source}", flush=True)
-    summary["variance"] = variance = reward_variance(base, start, args)
-    print(f"[ppo_credit] variance over {variance['steps']} steps: per-step var raw "
-          f"{variance['step_var_raw']:.4g} vs paired {variance['step_var_paired']:.4g} "
-          f"({variance['step_var_ratio']:.0f}x); return std raw {variance['return_std_raw']:.4g} "
-          f"vs paired {variance['return_std_paired']:.4g} ({variance['return_std_ratio']:.1f}x)",
-          flush=True)
+    if args.variance_episodes > 0:
+        summary["variance"] = variance = reward_variance(base, start, args)
+        print(f"[ppo_credit] variance over {variance['steps']} steps: per-step var raw "
+              f"{variance['step_var_raw']:.4g} vs paired {variance['step_var_paired']:.4g} "
+              f"({variance['step_var_ratio']:.0f}x); return std raw "
+              f"{variance['return_std_raw']:.4g} vs paired {variance['return_std_paired']:.4g} "
+              f"({variance['return_std_ratio']:.1f}x)", flush=True)
     routers: dict[str, Any] = {START: lambda: PolicyRouter(start.policy, start.obs_rms,
                                                            name=START)}
     summary["cpu_s"] = {}
-    for name in args.variants.split(","):
-        config = variant_config(base, name, args)
+    for name, config in configs.items():
         session, cpu = train_variant(config, run, out / name)
         summary["cpu_s"][name] = round(cpu, 1)
         print(f"[ppo_credit] trained {name}: {args.steps} steps, {cpu:.0f} CPU-s", flush=True)

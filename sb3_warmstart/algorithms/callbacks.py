@@ -7,15 +7,18 @@ stabilisation and monitoring.
 * :class:`NormalizerStabilization` makes the policy act like the ``random`` router and defers
   optimiser updates for the first ``stabilization_steps`` env steps, so the ``VecNormalize``
   statistics settle before any gradient step.
+* :class:`CriticWarmup` then lets only the critic learn for ``critic_warmup_steps`` env steps
+  while the policy acts, so a critic fitted to other rewards catches up before the actor moves.
 * :class:`TrainingMonitor` logs the action distribution, balance score, rewards and episode
   latency metrics, and keeps a history for learning curves and CSV export.
 * :class:`HyperparameterLogger` writes the run's hyperparameters once, at the start of
   training, as TensorBoard hparams (SB3's ``HParam``).
 
-The first two only set attributes that our policy and algorithm honour
+The first three only set attributes that our policy and algorithm honour
 (``sb3_warmstart.policies.recurrent.Temperature*Policy``: ``temperature``, ``uniform_actions``;
-``sb3_warmstart.algorithms.ppo.KL*PPO``: ``updates_deferred``). On a model without them they would have no
-effect, so they raise a ``TypeError`` when the callback is initialised instead.
+``sb3_warmstart.algorithms.ppo.KL*PPO``: ``updates_deferred``, ``critic_only_updates``). On a
+model without them they would have no effect, so they raise a ``TypeError`` when the callback
+is initialised instead.
 
 All per-rollout work happens in ``_on_rollout_start``/``_on_rollout_end``; the state that must
 survive a resume is exposed through ``state_dict()``/``load_state_dict()`` (plain, JSON-able
@@ -387,6 +390,52 @@ class NormalizerStabilization(BaseCallback):
     def _on_training_end(self) -> None:
         self._set_flags(False)
         self._rollout_active = False
+
+
+class CriticWarmup(BaseCallback):
+    """Value-only updates for the first ``warmup_steps`` env steps after stabilisation.
+
+    Every rollout that *starts* at ``model.num_timesteps`` in ``[stabilization_steps,
+    stabilization_steps + warmup_steps)`` is a warm-up rollout: the policy acts as usual (so
+    the critic learns the values of the policy PPO will improve) and the callback sets
+    ``model.critic_only_updates = True``, so the ``train()`` after it fits only the critic's own
+    parameters (:meth:`sb3_warmstart.algorithms.ppo.KLRegularisedMixin._train_critic_only`).
+    Rollouts of the stabilisation itself are deferred and not affected. Like
+    :class:`NormalizerStabilization` the decision keys off ``model.num_timesteps`` alone, so the
+    callback is stateless and a resumed run continues the same schedule; at training end the
+    flag is reset to False.
+
+    :param stabilization_steps: env steps of normaliser stabilisation before the warm-up, >= 0.
+    :param warmup_steps: env steps of the warm-up, >= 0 (0: never active).
+    """
+
+    def __init__(self, stabilization_steps: int, warmup_steps: int, verbose: int = 0) -> None:
+        super().__init__(verbose=verbose)
+        for name, value in (("stabilization_steps", stabilization_steps),
+                            ("warmup_steps", warmup_steps)):
+            if int(value) != value or value < 0:
+                raise ValueError(f"{name}={value!r}: must be an integer >= 0")
+        self.start = int(stabilization_steps)
+        self.end = int(stabilization_steps) + int(warmup_steps)
+
+    @property
+    def active(self) -> bool:
+        """Whether the current (or next) rollout is a warm-up rollout."""
+        return self.start <= int(self.model.num_timesteps) < self.end
+
+    def _init_callback(self) -> None:
+        _require_attribute(self.model, "critic_only_updates", type(self).__name__,
+                           "use sb3_warmstart.algorithms.ppo.KLPPO / KLRecurrentPPO (a stock "
+                           "algorithm would update the actor during the warm-up)")
+
+    def _on_rollout_start(self) -> None:
+        self.model.critic_only_updates = self.active
+
+    def _on_step(self) -> bool:
+        return True
+
+    def _on_training_end(self) -> None:
+        self.model.critic_only_updates = False
 
 
 # ------------------------------------------------------------------------ monitor

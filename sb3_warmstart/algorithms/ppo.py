@@ -21,7 +21,8 @@ Optimisation options: a per-optimiser-step LR scheduler (:mod:`sb3_warmstart.alg
 gradient accumulation with global-norm clipping of the accumulated gradient, an adaptive
 minibatch size, gradient checkpointing (each minibatch's actor-critic forward runs under
 ``torch.utils.checkpoint``: its activations are recomputed during the backward pass instead of
-kept; the same losses and gradients), ``updates_deferred`` (skip all gradient steps), and
+kept; the same losses and gradients), ``updates_deferred`` (skip all gradient steps),
+``critic_only_updates`` (fit the value head alone: the critic warm-up), and
 ``schedule_total_timesteps`` (SB3's progress-based schedules follow one global budget across
 chunked ``learn()`` calls).
 
@@ -69,13 +70,14 @@ from stable_baselines3.common.policies import ActorCriticPolicy, BasePolicy
 from stable_baselines3.common.utils import explained_variance
 from torch.utils.checkpoint import checkpoint
 
-from sb3_warmstart.algorithms.kl import PPOLossTerms, ppo_loss_terms
+from sb3_warmstart.algorithms.kl import PPOLossTerms, masked_mean, ppo_loss_terms
 from sb3_warmstart.algorithms.recurrent_buffers import (
     RefLogitsRecurrentRolloutBuffer,
     SequenceRolloutBuffer,
 )
 from sb3_warmstart.algorithms.schedules import EntropyCoefficient, LinearDecay, build_lr_scheduler
 from sb3_warmstart.pipeline.config import AdvancedOptimizationConfig, KLConfig
+from sb3_warmstart.policies.parameters import critic_only_parameters
 from sb3_warmstart.policies.recurrent import (
     TemperatureMlpGruPolicy,
     TemperatureMlpLstmPolicy,
@@ -207,6 +209,9 @@ class KLRegularisedMixin:
         self.init_policy = None if init_policy is None else os.fspath(init_policy)
         #: When True, ``train()`` takes no gradient step (it logs ``train/updates_deferred``).
         self.updates_deferred = False
+        #: When True, ``train()`` fits only the critic-only parameters to the rollout's returns
+        #: (:meth:`_train_critic_only`); the actor and every schedule stay where they are.
+        self.critic_only_updates = False
         #: Frozen eval-mode copy of the reference policy, or None. Not an optimiser parameter.
         self.reference_policy: BasePolicy | None = None
         self._reference_lstm_states: tuple[th.Tensor, th.Tensor] | None = None
@@ -438,6 +443,10 @@ class KLRegularisedMixin:
         self.logger.record("train/updates_deferred", float(self.updates_deferred))  # type: ignore[attr-defined]
         if self.updates_deferred:
             return
+        self.logger.record("train/critic_only", float(self.critic_only_updates))  # type: ignore[attr-defined]
+        if self.critic_only_updates:
+            self._train_critic_only()
+            return
         if self._lr_scheduler is None:
             # Update optimizer learning rate
             self._update_learning_rate(self.policy.optimizer)  # type: ignore[attr-defined]
@@ -565,6 +574,48 @@ class KLRegularisedMixin:
         logger.record("train/early_stop", float(not continue_training))
         logger.record("train/target_kl_exceeded", float(target_kl_exceeded))
         logger.record("train/minibatch_steps", self._num_minibatch_steps)
+
+    def _train_critic_only(self) -> None:
+        """The critic warm-up's update: ``n_epochs`` passes over the rollout's minibatches of
+        squared error between the value prediction and the GAE returns, stepping only
+        :func:`~sb3_warmstart.policies.parameters.critic_only_parameters` (clipped to
+        ``max_grad_norm``). The actor, the shared features extractor, the optimiser-step
+        counter (KL decay, entropy warm-up, LR scheduler) and the adaptive batch size are left
+        as they are, so the policy acts exactly as before and its schedules start with its
+        first update.
+
+        :raises ValueError: the policy has no critic-only parameters (nothing could be fitted
+            without moving the actor).
+        """
+        policy = self.policy  # type: ignore[attr-defined]
+        critic = critic_only_parameters(policy)
+        if not critic:
+            raise ValueError(f"critic warm-up: {type(policy).__name__} has no critic-only "
+                             f"parameters (its value head shares every weight with the actor)")
+        critic_ids = {id(p) for p in critic}
+        losses: list[float] = []
+        for _ in range(self.n_epochs):  # type: ignore[attr-defined]
+            for rollout_data in self.rollout_buffer.get(self.current_batch_size):  # type: ignore[attr-defined]
+                actions = rollout_data.actions
+                if isinstance(self.action_space, spaces.Discrete):  # type: ignore[attr-defined]
+                    actions = rollout_data.actions.long().flatten()
+                values, _, _, mask, _ = self._forward_minibatch(rollout_data, actions,
+                                                                with_logits=False)
+                loss = masked_mean((rollout_data.returns - values.flatten()) ** 2, mask)
+                policy.optimizer.zero_grad()
+                loss.backward()
+                for param in policy.parameters():
+                    if id(param) not in critic_ids:
+                        param.grad = None  # Adam skips parameters without a gradient
+                th.nn.utils.clip_grad_norm_(critic, self.max_grad_norm)  # type: ignore[attr-defined]
+                policy.optimizer.step()
+                losses.append(float(loss.item()))
+        self._n_updates += self.n_epochs  # type: ignore[attr-defined]
+        logger = self.logger  # type: ignore[attr-defined]
+        logger.record("train/value_loss", float(np.mean(losses)) if losses else float("nan"))
+        logger.record("train/explained_variance", explained_variance(
+            self.rollout_buffer.values.flatten(), self.rollout_buffer.returns.flatten()))  # type: ignore[attr-defined]
+        logger.record("train/n_updates", self._n_updates, exclude="tensorboard")  # type: ignore[attr-defined]
 
     # ------------------------------------------------------------------ state
     def get_training_state(self) -> dict[str, Any]:

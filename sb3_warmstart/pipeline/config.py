@@ -493,13 +493,21 @@ class StabilizationConfig:
         statistics settle; optimiser updates are deferred until then (rounded up to rollouts).
     :param update_obs_stats: let observation statistics move. ``None``: yes for a cold start;
         no when warm-started, so the clone's inputs keep the meaning they had in BC.
+    :param critic_warmup_steps: env steps after stabilisation in which the policy acts as
+        usual but each update fits only the critic's own parameters to the returns (rounded
+        up to rollouts; 0 = off): a warm-started critic was fitted to the demonstrations'
+        rewards, which under ``ppo.paired_baseline`` are not the rewards PPO trains on, and
+        its value loss would otherwise reach the actor through the shared features.
     """
 
     stabilization_steps: int = 1024
     update_obs_stats: bool | None = None
+    critic_warmup_steps: int = 0
 
     def __post_init__(self) -> None:
         require(self.stabilization_steps >= 0, "stabilization_steps", self.stabilization_steps,
+                "must be >= 0")
+        require(self.critic_warmup_steps >= 0, "critic_warmup_steps", self.critic_warmup_steps,
                 "must be >= 0")
 
 
@@ -762,7 +770,8 @@ MAX_SEED = 2**32 - 1
 ADDED_SETTINGS: Mapping[str, Any] = {"warm_start.demo_objective": "mean_e2e",
                                      "dagger.alternative_teachers": [],
                                      "dagger.teacher_margin": 0.005,
-                                     "dagger.cost_temperature": 0.0}
+                                     "dagger.cost_temperature": 0.0,
+                                     "stabilization.critic_warmup_steps": 0}
 
 
 def identity_differences(saved: Mapping[str, Any], current: Mapping[str, Any],

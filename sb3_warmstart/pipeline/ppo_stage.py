@@ -23,6 +23,7 @@ from stable_baselines3.common.callbacks import CallbackList
 
 from llm_cluster_env.atomic import atomic_write_json
 from sb3_warmstart.algorithms.callbacks import (
+    CriticWarmup,
     HyperparameterLogger,
     NormalizerStabilization,
     TemperatureController,
@@ -122,6 +123,8 @@ def build_session(config: TrainingConfig, pretrained: Pretrained | None, *,
         stateful["temperature"] = TemperatureController(config.temperature)
     stateful["stabilization"] = NormalizerStabilization(st.stabilization_steps,
                                                         update_obs_stats=update_obs)
+    if st.critic_warmup_steps > 0:
+        stateful["critic_warmup"] = CriticWarmup(st.stabilization_steps, st.critic_warmup_steps)
     return TrainingSession(model=model, venv=venv, stateful=_stateful_only(stateful),
                            fingerprint=session_fingerprint(config, venv), extra=dict(extra),
                            callbacks=stateful)
@@ -175,6 +178,8 @@ class PPOTrainer:
                                               config.checkpointing.checkpoint_interval,
                                               after_save=self._after_save)
         callbacks = [self.checkpoints, session.callbacks["stabilization"]]
+        if "critic_warmup" in session.callbacks:
+            callbacks.append(session.callbacks["critic_warmup"])
         if "temperature" in session.callbacks:
             callbacks.append(session.callbacks["temperature"])
         callbacks += [self.monitor, HyperparameterLogger({"seed": config.seed}),

@@ -49,6 +49,7 @@ from stable_baselines3.common.running_mean_std import RunningMeanStd
 
 from sb3_warmstart.common.normalize import ObsNormalizer, ReturnNormalizer, acting_observations
 from sb3_warmstart.pipeline.config import BCConfig, PPOConfig
+from sb3_warmstart.policies.parameters import critic_only_parameters
 
 if TYPE_CHECKING:  # pragma: no cover
     from imitation.data.types import Trajectory
@@ -285,8 +286,8 @@ class SequenceBC:
         sequence_length`` samples per step), truncated-BPTT length, AdamW rate and weight decay,
         ``constant`` or ``cosine`` schedule (``torch.optim.lr_scheduler.CosineAnnealingLR`` over
         the epochs, stepped once per epoch, down to ``min_learning_rate``), entropy and value
-        weights, gradient clip applied separately to the critic-only parameters
-        (:func:`critic_only_parameters`) and to all others, so a large value error never
+        weights, gradient clip applied separately to the critic's own modules
+        (:func:`separately_clipped_critic`) and to all others, so a large value error never
         shrinks the imitation gradient).
     :param validation_fraction: fraction of whole trajectories held out for validation
         (rounded; at least one each side when > 0).
@@ -377,7 +378,7 @@ class SequenceBC:
         self.val_data = (self._build_split(trajectories, val_ids, with_ties=True)
                          if val_ids else None)
 
-        critic = critic_only_parameters(policy)
+        critic = separately_clipped_critic(policy)
         self._clip_groups = [[p for p in policy.parameters() if all(p is not c for c in critic)],
                              critic]
         self.optimizer = th.optim.AdamW(policy.parameters(), lr=config.learning_rate,
@@ -704,15 +705,18 @@ class SequenceBC:
             num_steps=n)
 
 
-def critic_only_parameters(policy: ActorCriticPolicy) -> list[th.nn.Parameter]:
-    """Parameters only the value prediction uses: ``value_net``, the critic MLP, the critic
-    LSTM or linear layer, and a separate critic features extractor. The actor never reads
-    them, so fitting the value head cannot change the cloned action distribution."""
-    prefixes = ["value_net.", "mlp_extractor.value_net.", "lstm_critic.", "critic."]
-    if not policy.share_features_extractor:
-        prefixes.append("vf_features_extractor.")
-    return [p for name, p in policy.named_parameters()
-            if any(name.startswith(prefix) for prefix in prefixes)]
+def separately_clipped_critic(policy: ActorCriticPolicy) -> list[th.nn.Parameter]:
+    """The critic parameters behaviour cloning clips apart from all others: the
+    :func:`~sb3_warmstart.policies.parameters.critic_only_parameters` of SB3's critic modules
+    (``value_net``, ``mlp_extractor.value_net``, ``lstm_critic``, ``critic``, a separate
+    ``vf_features_extractor``). The replica-set heads' value MLP (``mlp_extractor.value``)
+    stays in the joint clip: its gradient reaches the shared, trained replica encoder anyway,
+    so clipping the head apart cannot keep the value error off the imitation gradient, and when
+    tried (2026-12-05, three training seeds, docs/ppo_credit.md) it left the distilled policy
+    level (+0.02% [-0.05, +0.09]) and PPO from it 0.30% worse on two of three seeds."""
+    shared_head = {id(p) for name, p in policy.named_parameters()
+                   if name.startswith("mlp_extractor.value.")}
+    return [p for p in critic_only_parameters(policy) if id(p) not in shared_head]
 
 
 def format_epoch_short(m: BCEpochMetrics) -> str:
@@ -783,6 +787,7 @@ __all__ = [
     "SequenceBC",
     "discounted_returns",
     "critic_only_parameters",
+    "separately_clipped_critic",
     "format_epoch",
     "plan_lanes",
 ]
