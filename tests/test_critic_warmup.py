@@ -158,6 +158,21 @@ def test_critic_warmup_needs_a_supporting_algorithm_and_valid_lengths():
         stock.learn(N_STEPS, callback=CriticWarmup(0, N_STEPS))
     with pytest.raises(ValueError, match="warmup_steps=-1"):
         CriticWarmup(0, -1)
+    # a policy whose value head shares every weight with the actor is refused before training
+    no_critic = replica_set_model()
+    before = {k: v.clone() for k, v in no_critic.policy.state_dict().items()}
+    no_critic.policy.mlp_extractor.value.requires_grad_(False)
+    with th.no_grad():  # hide the head from named_parameters: re-register its weights as buffers
+        for name, p in list(no_critic.policy.mlp_extractor.value.named_parameters()):
+            module_name, attr = name.rsplit(".", 1)
+            module = no_critic.policy.mlp_extractor.value.get_submodule(module_name)
+            delattr(module, attr)
+            module.register_buffer(attr, p.detach())
+    with pytest.raises(ValueError, match="critic_warmup_steps=64: ReplicaSetPolicy has no "
+                                         "critic-only parameters"):
+        no_critic.learn(ROLLOUT, callback=CriticWarmup(0, ROLLOUT))
+    assert no_critic.num_timesteps == 0
+    assert all(th.equal(before[k], v) for k, v in no_critic.policy.state_dict().items())
     with pytest.raises(ConfigError, match="critic_warmup_steps=-5"):
         TrainingConfig().with_overrides({"stabilization": {"critic_warmup_steps": -5}})
 

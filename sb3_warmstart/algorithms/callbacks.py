@@ -45,6 +45,7 @@ from llm_cluster_env.atomic import atomic_write_text
 from llm_cluster_env.tools.evaluation import balance_score
 from sb3_warmstart.common.normalize import freeze_obs_stats, obs_stats_frozen
 from sb3_warmstart.pipeline.config import TemperatureConfig
+from sb3_warmstart.policies.parameters import critic_only_parameters
 
 EPISODE_METRICS = ("e2e_mean", "e2e_p99", "ttft_mean", "tpot_mean", "slo_attainment",
                    "balance", "throughput_rps")
@@ -427,6 +428,10 @@ class CriticWarmup(BaseCallback):
         _require_attribute(self.model, "critic_only_updates", type(self).__name__,
                            "use sb3_warmstart.algorithms.ppo.KLPPO / KLRecurrentPPO (a stock "
                            "algorithm would update the actor during the warm-up)")
+        if self.end > self.start and not critic_only_parameters(self.model.policy):
+            raise ValueError(f"critic_warmup_steps={self.end - self.start}: "
+                             f"{type(self.model.policy).__name__} has no critic-only parameters "
+                             "(its value head shares every weight with the actor)")
 
     def _on_rollout_start(self) -> None:
         self.model.critic_only_updates = self.active
